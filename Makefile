@@ -1,0 +1,31 @@
+# `make test` and `make demo` work on a fresh machine: they build .venv on first use.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines get the local CPU build of torch before anything else: a plain `torch`
+# requirement would otherwise pull a multi-GB CUDA build.
+TORCH_CPU := torch==2.13.0
+
+.PHONY: test demo install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VPY) -m pip install -q $(TORCH_CPU); fi
+	$(VPY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -m "not gpu" tests
+
+demo: $(STAMP)
+	$(VPY) -m parallelism.demo
+
+bench: $(STAMP)
+	$(VPY) benchmarks/ring_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,123 @@
+"""The one owner of process groups.
+
+`ParallelDims` validates the parallel degrees against the world size and builds every
+process group longview uses. Nothing else in the code base calls `new_group`: kernels
+and models receive the group they need from here, explicitly.
+
+Rank layout: rank = dp_index * cp + cp_index. Context-parallel ranks are adjacent, so
+on a multi-GPU node the ring's neighbour-to-neighbour traffic stays on the fast
+intra-node links, and the less frequent data-parallel gradient reduction crosses nodes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelDims:
+    world_size: int
+    dp: int = 1  # data-parallel degree (replicas that see different samples)
+    cp: int = 1  # context-parallel degree (ranks that share one sample's sequence)
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "dp", "cp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ParallelDims.{name} must be a positive integer, got {value!r}")
+        if self.dp * self.cp != self.world_size:
+            raise ValueError(
+                f"ParallelDims: dp ({self.dp}) x cp ({self.cp}) = {self.dp * self.cp} "
+                f"does not match world_size ({self.world_size})"
+            )
+
+    @classmethod
+    def infer(cls, *, world_size: int, cp: int) -> "ParallelDims":
+        """Fills in dp from the world size; cp must divide it."""
+        if cp < 1 or world_size % cp:
+            raise ValueError(f"ParallelDims: cp={cp} does not divide world_size={world_size}")
+        return cls(world_size=world_size, dp=world_size // cp, cp=cp)
+
+    def cp_ranks(self, dp_index: int) -> list[int]:
+        return [dp_index * self.cp + i for i in range(self.cp)]
+
+    def dp_ranks(self, cp_index: int) -> list[int]:
+        return [d * self.cp + cp_index for d in range(self.dp)]
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(dp_index, cp_index) of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
+        return divmod(rank, self.cp)
+
+    def build(self) -> "ParallelGroups":
+        """Creates the groups. Collective: every rank must call it, in the same order."""
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelDims.build() needs torch.distributed to be initialised first")
+        if dist.get_world_size() != self.world_size:
+            raise ValueError(
+                f"ParallelDims.world_size={self.world_size} but the process group has {dist.get_world_size()} ranks"
+            )
+        rank = dist.get_rank()
+        dp_index, cp_index = self.coords(rank)
+        cp_group = dp_group = None
+        # new_group is collective over the whole world: all ranks create all groups.
+        for d in range(self.dp):
+            g = dist.new_group(self.cp_ranks(d))
+            if d == dp_index:
+                cp_group = g
+        for c in range(self.cp):
+            g = dist.new_group(self.dp_ranks(c))
+            if c == cp_index:
+                dp_group = g
+        return ParallelGroups(dims=self, rank=rank, cp_group=cp_group, dp_group=dp_group)
+
+
+@dataclass(kw_only=True)
+class ParallelGroups:
+    dims: ParallelDims
+    rank: int
+    cp_group: dist.ProcessGroup = field(repr=False)
+    dp_group: dist.ProcessGroup = field(repr=False)
+
+    @property
+    def cp_rank(self) -> int:
+        return self.dims.coords(self.rank)[1]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.coords(self.rank)[0]
+
+
+def init_distributed(
+    *,
+    backend: str | None = None,
+    timeout_s: float = 600.0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+) -> None:
+    """Initialises the default process group with a collective timeout from config.
+
+    A peer that dies or never joins makes collectives fail after `timeout_s` instead of
+    hanging forever. With no arguments it reads the torchrun / Ray Train environment
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    """
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    rank = int(os.environ["RANK"]) if rank is None else rank
+    world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method or "env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=_dt.timedelta(seconds=timeout_s),
+    )

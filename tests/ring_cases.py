@@ -1,0 +1,78 @@
+"""Functions that run on every rank of a LocalWorld (they must be importable by name)."""
+
+import torch
+import torch.distributed as dist
+
+from parallelism.ring_attention import ring_attention
+from parallelism.sharding import zigzag_shard
+
+
+def ring_fwd_bwd(q, k, v, dout, *, causal, cu_seqlens=None, kernel="auto"):
+    """Shards the full tensors for this rank, runs ring attention forward and backward.
+
+    Returns this rank's (out, dq, dk, dv) shards.
+    """
+    W, r = dist.get_world_size(), dist.get_rank()
+    qs, ks, vs, ds = (zigzag_shard(t, W, r, cu_seqlens=cu_seqlens).clone() for t in (q, k, v, dout))
+    for t in (qs, ks, vs):
+        t.requires_grad_(True)
+    out = ring_attention(qs, ks, vs, causal=causal, cu_seqlens=cu_seqlens, kernel=kernel)
+    out.backward(ds)
+    return out.detach(), qs.grad, ks.grad, vs.grad
+
+
+def ring_error(q, k, v, *, cu_seqlens=None, per_rank_q=None):
+    """Calls ring_attention expecting a ValueError; returns its message."""
+    if per_rank_q is not None:
+        q = per_rank_q[dist.get_rank()]
+    try:
+        ring_attention(q, k, v, cu_seqlens=cu_seqlens)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def mismatched_inputs(kind):
+    """Rank 0 and rank 1 get inputs that disagree: the ring must raise, not hang or abort."""
+    r = dist.get_rank()
+    cu = None
+    if kind == "length":
+        x = torch.randn(1, 4 if r == 0 else 6, 2, 8)
+    else:  # same shapes, different document boundaries
+        x = torch.randn(1, 8, 2, 8)
+        cu = torch.tensor([0, 8, 16] if r == 0 else [0, 4, 16], dtype=torch.int32)
+    try:
+        ring_attention(x, x, x, cu_seqlens=cu)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def build_groups(cp):
+    from parallelism.dims import ParallelDims  # noqa: PLC0415
+
+    groups = ParallelDims.infer(world_size=dist.get_world_size(), cp=cp).build()
+    return dist.get_process_group_ranks(groups.cp_group), dist.get_process_group_ranks(groups.dp_group)
+
+
+def ring_in_cp_groups(q_by_replica, k_by_replica, v_by_replica, dout_by_replica, cp):
+    """dp x cp layout: each data-parallel replica runs its own ring on its own sample."""
+    from parallelism.dims import ParallelDims  # noqa: PLC0415
+
+    groups = ParallelDims.infer(world_size=dist.get_world_size(), cp=cp).build()
+    d, c = groups.dp_rank, groups.cp_rank
+    qs, ks, vs, ds = (zigzag_shard(t[d], cp, c).clone() for t in (q_by_replica, k_by_replica, v_by_replica, dout_by_replica))
+    for t in (qs, ks, vs):
+        t.requires_grad_(True)
+    out = ring_attention(qs, ks, vs, group=groups.cp_group, causal=True)
+    out.backward(ds)
+    return d, c, out.detach(), qs.grad, ks.grad, vs.grad
+
+
+def only_rank0_calls_ring():
+    """Rank 1 never joins: rank 0 must fail after the configured timeout, not hang."""
+    if dist.get_rank() == 1:
+        return "skipped"
+    x = torch.randn(1, 4, 2, 8)
+    ring_attention(x, x, x)
+    return "finished"
