@@ -64,24 +64,60 @@ def plan_step(rank: int, src: int, causal: bool, docs: Sequence[tuple[int, int]]
     return blocks
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-    """Folds a block result into the running (out, lse) rows, in place, in float32.
+# Block outputs wait until this many bytes are pending, then merge in one pass.
+# Merging every block on arrival costs ~6 element-wise passes over the float32 output
+# per block, which dominates at short local lengths (DESIGN.md §6: 259 TFLOP/s per rank
+# at W=32 against 548 at W=4). A multi-way merge costs one pass per block plus one.
+# The merge's share of the time falls as S_local grows (blocks cost S_local^2, merges
+# S_local), so a fixed budget batches many small blocks and only a few large ones,
+# and bounds the extra memory at 256 MiB plus one block.
+MERGE_BUDGET_BYTES = 256 << 20
 
-    out: (B, n, H, D) fp32, lse: (B, H, n) fp32, o_b: (B, n, H, D), lse_b: (B, H, n).
-    Written as out -= sigmoid(lse_b - lse) * (out - o_b), the same as
-    out*exp(lse-lse') + o_b*exp(lse_b-lse') with lse' = logaddexp(lse, lse_b), but
-    in fewer element-wise passes and without forming exp of large numbers.
+
+class _Merger:
+    """Accumulates block results (o_b, lse_b) into the float32 (out, lse) of all rows.
+
+    out: (B, S_local, H, D) fp32, lse: (B, H, S_local) fp32, starting at 0 and -inf.
+    Blocks are grouped by their row range; a flush merges each group as
+        lse' = logsumexp(lse, lse_1, ..., lse_n)
+        out' = out * exp(lse - lse') + sum_i o_i * exp(lse_i - lse')
+    which is exact in float32 and never exponentiates a positive number.
     """
-    w = torch.sigmoid(lse_b - lse).transpose(1, 2).unsqueeze(-1)  # (B, n, H, 1)
-    out.sub_(w * (out - o_b.float()))
-    lse.sub_(torch.nn.functional.logsigmoid(lse - lse_b))
+
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, budget_bytes: int | None = None):
+        self.out, self.lse = out, lse
+        self.budget = MERGE_BUDGET_BYTES if budget_bytes is None else budget_bytes
+        self.pending: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.bytes = 0
+
+    def add(self, q0: int, nq: int, o_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        self.pending.setdefault((q0, nq), []).append((o_b, lse_b))
+        self.bytes += o_b.numel() * o_b.element_size()
+        if self.bytes >= self.budget:
+            self.flush()
+
+    def flush(self) -> None:
+        for (q0, nq), blocks in self.pending.items():
+            out = self.out[:, q0 : q0 + nq]  # (B, n, H, D)
+            lse = self.lse[:, :, q0 : q0 + nq]  # (B, H, n)
+            lses = torch.stack([lse] + [l_b for _, l_b in blocks])  # (1+n_blocks, B, H, n)
+            new = torch.logsumexp(lses, dim=0)
+            # Rows never merged before have lse=-inf: exp(-inf - new) = 0, as wanted.
+            w = torch.exp(lses - new).transpose(2, 3).unsqueeze(-1)  # (1+n_blocks, B, n, H, 1)
+            out.mul_(w[0])
+            for i, (o_b, _) in enumerate(blocks, start=1):
+                out.addcmul_(o_b, w[i])
+            lse.copy_(new)
+        self.pending.clear()
+        self.bytes = 0
 
 
 def _ring_forward(q, k, v, ring: Ring, causal, scale, kernel: BlockKernel, docs):
     """Returns out (B, S_local, H_q, D) in fp32 and lse (B, H_q, S_local) in fp32."""
     W, r = ring.world_size, ring.rank
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    merger = _Merger(out, lse)
     k_cur, v_cur = k, v
     for step in range(W):
         pending = ring.start_kv([k_cur, v_cur], step) if step + 1 < W else None
@@ -90,14 +126,10 @@ def _ring_forward(q, k, v, ring: Ring, causal, scale, kernel: BlockKernel, docs)
             o_b, lse_b = kernel.forward(
                 q[:, b.q0 : b.q0 + b.nq], k_cur[:, b.k0 : b.k0 + b.nk], v_cur[:, b.k0 : b.k0 + b.nk], b.causal, scale
             )
-            rows_o, rows_l = out[:, b.q0 : b.q0 + b.nq], lse[:, :, b.q0 : b.q0 + b.nq]
-            if step == 0:  # the diagonal step covers every row exactly once
-                rows_o.copy_(o_b)
-                rows_l.copy_(lse_b)
-            else:
-                _merge(rows_o, rows_l, o_b, lse_b)
+            merger.add(b.q0, b.nq, o_b, lse_b)
         if pending is not None:
             k_cur, v_cur = pending.wait()
+    merger.flush()
     return out, lse
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import parallelism.ring_attention as ring_attention_module
 from parallelism.ring_attention import ring_attention, simulated_ring_attention
 from parallelism.sharding import zigzag_shard, zigzag_unshard
 from tests import ring_cases
@@ -91,8 +92,11 @@ def test_packed_documents_do_not_see_each_other(gloo_world):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_simulated_ring_forward_matches(world_size):
-    """The one-process schedule used by the GPU benchmark gives the exact forward."""
+@pytest.mark.parametrize("merge_budget", [1, 1 << 30])
+def test_simulated_ring_forward_matches(world_size, merge_budget, monkeypatch):
+    """The one-process schedule used by the GPU benchmark gives the exact forward,
+    whether blocks merge one at a time (budget 1 byte) or all at the end."""
+    monkeypatch.setattr(ring_attention_module, "MERGE_BUDGET_BYTES", merge_budget)
     q, k, v, dout = make_inputs(1, 64, 4, 2, torch.float32, seed=3)
     kv = [(zigzag_shard(k, world_size, r), zigzag_shard(v, world_size, r)) for r in range(world_size)]
     outs = [simulated_ring_attention(zigzag_shard(q, world_size, r), kv, r) for r in range(world_size)]
