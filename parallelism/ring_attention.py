@@ -311,6 +311,27 @@ class _SingleRank:
         raise AssertionError("a single rank never exchanges dK/dV")
 
 
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """The same attention on one process, whatever torch.distributed is doing.
+
+    For a model that is not context-parallel (or a data-parallel-only run, where
+    `group=None` would wrongly mean the whole world). Handles packed documents.
+    """
+    docs = _validate(q, k, v, 1, cu_seqlens)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    blk = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
+    return _RingAttention.apply(q, k, v, _SingleRank(), causal, scale, blk, docs)
+
+
 def simulated_ring_attention(
     q: torch.Tensor,
     kv_by_rank: Sequence[Sequence[torch.Tensor]],

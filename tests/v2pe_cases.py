@@ -1,0 +1,29 @@
+"""Functions run on every rank of a LocalWorld for the V2PE tests."""
+
+import torch
+import torch.distributed as dist
+
+from tests.v2pe_helpers import tiny_config
+from workloads.v2pe.data import shard_batch
+from workloads.v2pe.model import V2PEModel
+from workloads.v2pe.train import TrainStepConfig, forward_loss, parallelize
+
+
+def cp_loss_and_grads(state, batch, checkpointing):
+    """Whole world = one context-parallel group. Returns (summed loss, summed grads) on rank 0."""
+    W, r = dist.get_world_size(), dist.get_rank()
+    model = V2PEModel(tiny_config())
+    model.load_state_dict(state)
+    cfg = TrainStepConfig(loss_chunk_tokens=16, activation_checkpointing=checkpointing)
+    parallelize(model, cfg)
+    group = dist.group.WORLD
+    loss, _ = forward_loss(model, shard_batch(batch, W, r), cp_group=group, loss_group=group, cfg=cfg)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        grads[name] = g
+    return (total, grads) if r == 0 else None

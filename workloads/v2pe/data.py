@@ -1,0 +1,377 @@
+"""V2PE data: InternVL chat JSONL, dynamic tiling, packing and context-parallel sharding.
+
+Input format (InternVL / V2PE fine-tuning data), one JSON object per line:
+
+    {"id": "...", "image": ["a.png", "b.png"],
+     "conversations": [{"from": "human", "value": "<image>\\n<image>\\nWhich ...?"},
+                       {"from": "gpt", "value": "Image 2"}]}
+
+Image paths are relative to the JSONL file's folder (local or s3://, through fsspec).
+Each `<image>` placeholder becomes `<img>` + tokens_per_tile x tiles context tokens +
+`</img>`. Loss is taken on the assistant turns only. Nothing is truncated: a sample
+longer than the configured maximum is an error that names it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from parallelism.collectives import split_evenly
+from parallelism.sharding import IGNORE_INDEX, zigzag_shard
+
+from .positions import v2pe_position_ids
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the sample."""
+
+
+# --- tokenizer --------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """Bytes as tokens (0..255) plus InternVL2's special tokens.
+
+    Used by the tiny model and the synthetic data: it needs no download and makes token
+    counts exact (one byte, one token). A real InternVL2 tokenizer fits the same
+    interface (encode, special ids).
+    """
+
+    SPECIALS = ("<pad>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<|im_start|>", "<|im_end|>")
+    vocab_size = 272
+
+    def __init__(self):
+        self.special_ids = {tok: 256 + i for i, tok in enumerate(self.SPECIALS)}
+        self.pad_id = self.special_ids["<pad>"]
+        self.img_start_id = self.special_ids["<img>"]
+        self.img_end_id = self.special_ids["</img>"]
+        self.img_context_id = self.special_ids["<IMG_CONTEXT>"]
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        i = 0
+        while i < len(text):
+            for tok, tid in self.special_ids.items():
+                if text.startswith(tok, i):
+                    out.append(tid)
+                    i += len(tok)
+                    break
+            else:
+                j = text.find("<", i + 1)
+                j = len(text) if j < 0 else j
+                out.extend(text[i:j].encode("utf-8"))
+                i = j
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        inv = {v: k for k, v in self.special_ids.items()}
+        buf, parts = bytearray(), []
+        for t in ids:
+            if t < 256:
+                buf.append(t)
+            else:
+                parts.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+                parts.append(inv.get(t, f"<{t}>"))
+        parts.append(buf.decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+def _closest_grid(width: int, height: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """(columns, rows) whose aspect ratio is closest to the image's (InternVL2 rule).
+
+    Among equally close grids the larger one wins if the image has enough pixels to fill
+    more than half of it.
+    """
+    aspect = width / height
+    grids = sorted(
+        {(c, r) for n in range(1, max_tiles + 1) for c in range(1, n + 1) for r in range(1, n + 1) if c * r <= max_tiles},
+        key=lambda g: g[0] * g[1],
+    )
+    best, best_diff = (1, 1), float("inf")
+    for c, r in grids:
+        diff = abs(aspect - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * c * r:
+            best = (c, r)
+    return best
+
+
+def tile_image(image, *, tile: int, max_tiles: int, thumbnail: bool = True) -> torch.Tensor:
+    """InternVL2 dynamic tiling: (N_tiles, 3, tile, tile) normalised float32 pixels.
+
+    The image is resized to the closest grid of tiles and cut; with more than one tile a
+    thumbnail of the whole image is appended.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    image = image.convert("RGB")
+    cols, rows = _closest_grid(image.width, image.height, max_tiles, tile)
+    resized = image.resize((cols * tile, rows * tile), Image.BICUBIC)
+    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    if thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((tile, tile), Image.BICUBIC))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = []
+    for t in tiles:
+        x = torch.frombuffer(bytearray(t.tobytes()), dtype=torch.uint8).view(tile, tile, 3).permute(2, 0, 1)
+        out.append((x.float() / 255.0 - mean) / std)
+    return torch.stack(out)
+
+
+def open_image(path: str, *, sample: str):
+    import fsspec  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"sample {sample}: image file {path} does not exist") from None
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"sample {sample}: image file {path} cannot be read ({e})") from None
+
+
+# --- samples ------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    max_tokens: int = 8192  # longest sample accepted (and the packing budget)
+    max_tiles: int = 6  # InternVL2 dynamic tiling: tiles per image, thumbnail excluded
+    tile: int = 448
+    tokens_per_tile: int = 256
+    thumbnail: bool = True
+
+
+@dataclass
+class EncodedSample:
+    sample_id: str
+    input_ids: torch.Tensor  # (S,) long
+    targets: torch.Tensor  # (S,) long: the next token where it is supervised, else IGNORE_INDEX
+    pixels: torch.Tensor  # (N_tiles, 3, tile, tile)
+
+    def __len__(self) -> int:
+        return self.input_ids.numel()
+
+
+def _roles(conversations, sample: str) -> list[tuple[str, str]]:
+    out = []
+    for i, turn in enumerate(conversations):
+        who, value = turn.get("from"), turn.get("value")
+        if who not in ("human", "gpt", "system") or not isinstance(value, str):
+            raise DataError(f"sample {sample}: conversations[{i}] needs 'from' in human/gpt/system and a string 'value'")
+        out.append(({"human": "user", "gpt": "assistant", "system": "system"}[who], value))
+    return out
+
+
+def encode_sample(
+    record: dict,
+    *,
+    tokenizer: ByteTokenizer,
+    cfg: DataConfig,
+    base_dir: str = "",
+    sample: str | None = None,
+) -> EncodedSample:
+    """One JSONL record -> token ids, shifted targets and image tiles."""
+    sample = sample or str(record.get("id", "?"))
+    images = record.get("image", [])
+    images = [images] if isinstance(images, str) else list(images)
+    convs = _roles(record.get("conversations", []), sample)
+    n_placeholders = sum(v.count(IMAGE_PLACEHOLDER) for _, v in convs)
+    if n_placeholders != len(images):
+        raise DataError(f"sample {sample}: {len(images)} image(s) but {n_placeholders} '<image>' placeholder(s)")
+    tiles = []
+    for name in images:
+        path = name if "://" in name or name.startswith("/") else posixpath.join(base_dir, name)
+        tiles.append(tile_image(open_image(path, sample=sample), tile=cfg.tile, max_tiles=cfg.max_tiles,
+                                thumbnail=cfg.thumbnail))
+    ids: list[int] = []
+    supervised: list[bool] = []
+    img_i = 0
+    for role, value in convs:
+        pieces = value.split(IMAGE_PLACEHOLDER)
+        text = [f"<|im_start|>{role}\n"]
+        for j, piece in enumerate(pieces):
+            if j:
+                n_ctx = cfg.tokens_per_tile * tiles[img_i].shape[0]
+                text.append("<img>" + "<IMG_CONTEXT>" * n_ctx + "</img>")
+                img_i += 1
+            text.append(piece)
+        head = tokenizer.encode(text[0])
+        body = tokenizer.encode("".join(text[1:]) + "<|im_end|>") + tokenizer.encode("\n")
+        ids += head + body
+        # The assistant's reply and its <|im_end|> are learned; its role header is not.
+        supervised += [False] * len(head) + [role == "assistant"] * len(body)
+    if len(ids) > cfg.max_tokens:
+        raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is truncated)")
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    sup = torch.tensor(supervised)
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    # target[t] is token t+1 when token t+1 is supervised: shifted here, before any sharding.
+    targets[:-1] = torch.where(sup[1:], input_ids[1:], torch.full_like(input_ids[1:], IGNORE_INDEX))
+    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, cfg.tile, cfg.tile)
+    return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets, pixels=pixels)
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    import fsspec  # noqa: PLC0415
+
+    with fsspec.open(path, "rt") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
+
+
+def load_samples(path: str, *, tokenizer: ByteTokenizer, cfg: DataConfig) -> list[EncodedSample]:
+    base = posixpath.dirname(path)
+    return [
+        encode_sample(rec, tokenizer=tokenizer, cfg=cfg, base_dir=base, sample=f"{rec.get('id', '?')} ({path}:{n})")
+        for n, rec in read_jsonl(path)
+    ]
+
+
+# --- packed batches -------------------------------------------------------------------------
+
+
+@dataclass
+class V2PEBatch:
+    """One packed row of documents, on one rank (whole, or its context-parallel shard).
+
+    Per-token tensors are (1, S); `visual_index[0, t]` is the row of the batch's visual
+    tokens (tile-major, all tiles of the batch) that replaces token t, or -1.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor  # float64
+    visual_index: torch.Tensor
+    loss_weight: torch.Tensor  # float32, 0 where the target is ignored
+    pixels: torch.Tensor  # (N_tiles, 3, H, W): all the batch's tiles, or this rank's share
+    cu_seqlens: torch.Tensor  # int32 global document offsets
+    num_tiles: int  # tiles of the whole batch
+    tile_range: tuple[int, int] = (0, -1)  # tiles [lo, hi) this rank encodes
+    sample_ids: tuple[str, ...] = ()
+
+
+def pack(
+    samples: Sequence[EncodedSample],
+    *,
+    tokenizer: ByteTokenizer,
+    tokens_per_tile: int,
+    multiple: int,
+    mode: str,
+    stride: int | None = None,
+    generator: torch.Generator | None = None,
+) -> V2PEBatch:
+    """Packs samples into one row; each document is padded to a multiple of `multiple`
+    (2 x context-parallel degree) and gets its own V2PE positions."""
+    ids, tgts, pos, vis, docs = [], [], [], [], [0]
+    next_visual = 0
+    for s in samples:
+        p = v2pe_position_ids(
+            s.input_ids, img_start_id=tokenizer.img_start_id, img_context_id=tokenizer.img_context_id,
+            img_end_id=tokenizer.img_end_id, mode=mode, stride=stride, generator=generator,
+        )
+        is_ctx = s.input_ids == tokenizer.img_context_id
+        n_ctx = int(is_ctx.sum())
+        if n_ctx != s.pixels.shape[0] * tokens_per_tile:
+            raise DataError(
+                f"sample {s.sample_id}: {n_ctx} image context tokens but {s.pixels.shape[0]} tiles x {tokens_per_tile}"
+            )
+        v = torch.full_like(s.input_ids, -1)
+        v[is_ctx] = torch.arange(next_visual, next_visual + n_ctx)
+        next_visual += n_ctx
+        n = len(s)
+        pad = (-n) % multiple
+        # Padding continues the positions past the document's end; its targets are ignored
+        # and, being last under a causal mask, no real token attends to it.
+        last = float(p[-1]) if n else -1.0
+        ids.append(torch.cat([s.input_ids, torch.full((pad,), tokenizer.pad_id)]))
+        tgts.append(torch.cat([s.targets, torch.full((pad,), IGNORE_INDEX)]))
+        pos.append(torch.cat([p, last + torch.arange(1, pad + 1, dtype=torch.float64)]))
+        vis.append(torch.cat([v, torch.full((pad,), -1)]))
+        docs.append(docs[-1] + n + pad)
+    input_ids = torch.cat(ids).unsqueeze(0)
+    targets = torch.cat(tgts).unsqueeze(0)
+    pixels = torch.cat([s.pixels for s in samples]) if samples else torch.zeros(0, 3, 1, 1)
+    return V2PEBatch(
+        input_ids=input_ids,
+        targets=targets,
+        positions=torch.cat(pos).unsqueeze(0),
+        visual_index=torch.cat(vis).unsqueeze(0),
+        loss_weight=(targets != IGNORE_INDEX).float(),
+        pixels=pixels,
+        cu_seqlens=torch.tensor(docs, dtype=torch.int32),
+        num_tiles=pixels.shape[0],
+        tile_range=(0, pixels.shape[0]),
+        sample_ids=tuple(s.sample_id for s in samples),
+    )
+
+
+def shard_batch(batch: V2PEBatch, world_size: int, rank: int) -> V2PEBatch:
+    """This rank's context-parallel share: every per-token tensor zigzag-sharded with the
+    same function, and an even share of the tiles to encode (features are gathered)."""
+    cu = batch.cu_seqlens
+
+    def sh(t):
+        return zigzag_shard(t, world_size, rank, dim=1, cu_seqlens=cu)
+
+    lo, hi = split_evenly(batch.num_tiles, world_size, rank)
+    return V2PEBatch(
+        input_ids=sh(batch.input_ids),
+        targets=sh(batch.targets),
+        positions=sh(batch.positions),
+        visual_index=sh(batch.visual_index),
+        loss_weight=sh(batch.loss_weight),
+        pixels=batch.pixels[lo:hi],
+        cu_seqlens=cu,
+        num_tiles=batch.num_tiles,
+        tile_range=(lo, hi),
+        sample_ids=batch.sample_ids,
+    )
+
+
+def pack_greedy(samples: Sequence[EncodedSample], budget: int, multiple: int) -> list[list[EncodedSample]]:
+    """Groups samples in order into rows whose padded length stays within `budget`."""
+    rows, cur, used = [], [], 0
+    for s in samples:
+        n = math.ceil(len(s) / multiple) * multiple
+        if n > budget:
+            raise DataError(f"sample {s.sample_id}: {len(s)} tokens (padded {n}) exceed the packing budget {budget}")
+        if used + n > budget and cur:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(s)
+        used += n
+    if cur:
+        rows.append(cur)
+    return rows
+
+
+__all__ = [
+    "ByteTokenizer", "DataConfig", "DataError", "EncodedSample", "V2PEBatch", "encode_sample", "load_samples",
+    "pack", "pack_greedy", "read_jsonl", "shard_batch", "tile_image",
+]

@@ -1,0 +1,316 @@
+"""InternVL2-style vision-language model with V2PE rotary positions.
+
+- Vision: InternViT-style encoder (14-pixel patches on 448-pixel tiles, a class token,
+  learned position embeddings, pre-norm blocks with layer scale), the last layer's
+  patch features, pixel shuffle 0.5 (32x32 patches -> 16x16 = 256 tokens per tile).
+- Projector: LayerNorm -> Linear -> GELU -> Linear into the language model's width.
+- Decoder: InternLM2-style (RMSNorm, SwiGLU, grouped-query attention with InternLM2's
+  packed `wqkv` layout, rotary embeddings from float64 V2PE positions).
+
+This file holds no distributed code. The decoder's attention takes an explicit
+`AttentionSpec`: with a context-parallel group it calls `parallelism.ring_attention`,
+otherwise single-process attention. Parameter names are longview's own;
+`checkpoint_io.py` maps them to and from the InternVL2 Hugging Face names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from parallelism.ring_attention import local_attention, ring_attention
+
+from .positions import V2PERotary, apply_rotary
+
+
+@dataclass(kw_only=True, frozen=True)
+class VisionConfig:
+    image_size: int = 448
+    patch_size: int = 14
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    intermediate_size: int
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision.hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(kw_only=True, frozen=True)
+class LLMConfig:
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    num_layers: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1_000_000.0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"llm.hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"llm.num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(kw_only=True, frozen=True)
+class V2PEModelConfig:
+    vision: VisionConfig
+    llm: LLMConfig
+    downsample_ratio: float = 0.5
+
+    def __post_init__(self):
+        if self.downsample_ratio != 0.5:
+            raise ValueError(f"downsample_ratio {self.downsample_ratio} is not supported (InternVL2 uses 0.5)")
+        if self.vision.grid % 2:
+            raise ValueError(f"vision grid {self.vision.grid} must be even for pixel shuffle 0.5")
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return (self.vision.grid // 2) ** 2
+
+
+# Vocabulary of the byte tokenizer used by the tiny model (see data.py): 256 bytes + specials.
+TINY_VOCAB = 272
+
+SIZES: dict[str, V2PEModelConfig] = {
+    "tiny": V2PEModelConfig(
+        vision=VisionConfig(hidden_size=32, num_heads=2, num_layers=2, intermediate_size=64),
+        llm=LLMConfig(vocab_size=TINY_VOCAB, hidden_size=64, num_heads=4, num_kv_heads=2, num_layers=2,
+                      intermediate_size=128),
+    ),
+    # InternViT-300M + InternLM2-chat-1.8B dimensions
+    "internvl2-2b": V2PEModelConfig(
+        vision=VisionConfig(hidden_size=1024, num_heads=16, num_layers=24, intermediate_size=4096),
+        llm=LLMConfig(vocab_size=92553, hidden_size=2048, num_heads=16, num_kv_heads=8, num_layers=24,
+                      intermediate_size=8192),
+    ),
+    # InternViT-300M + InternLM2.5-7B-chat dimensions
+    "internvl2-8b": V2PEModelConfig(
+        vision=VisionConfig(hidden_size=1024, num_heads=16, num_layers=24, intermediate_size=4096),
+        llm=LLMConfig(vocab_size=92553, hidden_size=4096, num_heads=32, num_kv_heads=8, num_layers=32,
+                      intermediate_size=14336),
+    ),
+}
+
+
+def model_config(size: str, **overrides: Any) -> V2PEModelConfig:
+    """A named size, optionally with `vision`/`llm` fields replaced (e.g. image_size for tests)."""
+    if size not in SIZES:
+        raise ValueError(f"model size {size!r} is unknown; choose one of {', '.join(SIZES)}")
+    cfg = SIZES[size]
+    vision = {k[len("vision_"):]: v for k, v in overrides.items() if k.startswith("vision_")}
+    llm = {k[len("llm_"):]: v for k, v in overrides.items() if k.startswith("llm_")}
+    unknown = [k for k in overrides if not k.startswith(("vision_", "llm_"))]
+    if unknown:
+        raise ValueError(f"model overrides {unknown} must start with 'vision_' or 'llm_'")
+    return replace(cfg, vision=replace(cfg.vision, **vision), llm=replace(cfg.llm, **llm))
+
+
+# --- vision ----------------------------------------------------------------------------
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        c = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.norm1 = nn.LayerNorm(c, eps=cfg.layer_norm_eps)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.ls1 = nn.Parameter(torch.full((c,), 0.1))
+        self.norm2 = nn.LayerNorm(c, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(c, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, c)
+        self.ls2 = nn.Parameter(torch.full((c,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, T, C)
+        n, t, c = x.shape
+        qkv = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, T, Dh)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c)
+        x = x + self.ls1 * self.proj(a)
+        return x + self.ls2 * self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.hidden_size
+        self.patch_embed = nn.Conv2d(3, c, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, c))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: (N, 3, H, W) -> patch features (N, grid, grid, C), class token dropped."""
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (N, grid², C)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        g = self.cfg.grid
+        return x[:, 1:].reshape(x.shape[0], g, g, -1)
+
+
+def pixel_shuffle_half(x: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) -> (N, H/2, W/2, 4C): each 2x2 patch neighbourhood becomes one token.
+
+    Same element order as InternVL2's pixel shuffle (ps_version v2), so its projector
+    weights apply unchanged.
+    """
+    n, h, w, c = x.shape
+    x = x.reshape(n, h, w // 2, 2 * c).permute(0, 2, 1, 3)  # (N, W/2, H, 2C)
+    x = x.reshape(n, w // 2, h // 2, 4 * c).permute(0, 2, 1, 3)  # (N, H/2, W/2, 4C)
+    return x.contiguous()
+
+
+class Projector(nn.Module):
+    def __init__(self, vision_width: int, llm_width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(vision_width * 4)
+        self.fc1 = nn.Linear(vision_width * 4, llm_width)
+        self.fc2 = nn.Linear(llm_width, llm_width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+# --- decoder ---------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+@dataclass(kw_only=True)
+class AttentionSpec:
+    """How the decoder's attention sees the sequence this call.
+
+    group: the context-parallel group the sequence is zigzag-sharded over, or None for
+    a whole sequence on this process. cu_seqlens: global document offsets (packed rows).
+    """
+
+    group: Any = None
+    cu_seqlens: torch.Tensor | None = None
+    kernel: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.h, self.h_kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.groups = self.h // self.h_kv
+        # InternLM2 layout: for each KV head, its `groups` query heads, then K, then V.
+        self.wqkv = nn.Linear(cfg.hidden_size, (self.h + 2 * self.h_kv) * self.d, bias=False)
+        self.wo = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, spec: AttentionSpec):
+        b, s, _ = x.shape
+        qkv = self.wqkv(x).view(b, s, self.h_kv, self.groups + 2, self.d)
+        q = qkv[..., : self.groups, :].reshape(b, s, self.h, self.d)  # (B, S, H, D)
+        k, v = qkv[..., -2, :], qkv[..., -1, :]  # (B, S, H_kv, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if spec.group is not None:
+            o = ring_attention(q, k, v, group=spec.group, causal=True, cu_seqlens=spec.cu_seqlens, kernel=spec.kernel)
+        else:
+            o = local_attention(q, k, v, causal=True, cu_seqlens=spec.cu_seqlens, kernel=spec.kernel)
+        return self.wo(o.reshape(b, s, self.h * self.d))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = DecoderAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # down
+
+    def forward(self, x, cos, sin, spec: AttentionSpec):
+        x = x + self.attn(self.attn_norm(x), cos, sin, spec)
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = V2PERotary(cfg.head_dim, cfg.rope_theta)
+        # Set by parallelize(): recompute each layer in the backward instead of storing
+        # its activations (memory per layer drops to its input).
+        self.checkpoint_layers = False
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        """h: (B, S, C) input embeddings, positions: (B, S) float64 -> normed hidden (B, S, C)."""
+        cos, sin = self.rotary(positions, h.dtype)  # (B, S, D)
+        for layer in self.layers:
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, spec, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, spec)
+        return self.norm(h)
+
+
+class V2PEModel(nn.Module):
+    def __init__(self, cfg: V2PEModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.projector = Projector(cfg.vision.hidden_size, cfg.llm.hidden_size)
+        self.decoder = Decoder(cfg.llm)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: (N_tiles, 3, H, W) -> visual tokens (N_tiles * tokens_per_tile, C_llm)."""
+        if pixels.shape[0] == 0:
+            return pixels.new_zeros(0, self.cfg.llm.hidden_size)
+        feats = pixel_shuffle_half(self.vision(pixels))  # (N, g/2, g/2, 4C_vit)
+        return self.projector(feats.flatten(1, 2)).flatten(0, 1)
+
+    def embed(self, input_ids: torch.Tensor, visual: torch.Tensor, visual_index: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with visual tokens placed where visual_index >= 0.
+
+        input_ids, visual_index: (B, S); visual: (N_visual, C). visual_index[b, s] is the
+        row of `visual` that replaces token (b, s), or -1 for a text token.
+        """
+        h = self.decoder.embed(input_ids)  # (B, S, C)
+        mask = visual_index >= 0
+        if visual.shape[0] == 0 or not bool(mask.any()):
+            return h + 0 * visual.sum()  # keep the graph connected for every rank
+        picked = visual[visual_index.clamp(min=0)]  # (B, S, C)
+        return torch.where(mask.unsqueeze(-1), picked.to(h.dtype), h)
+
+    def forward_hidden(self, input_ids, positions, visual, visual_index, spec: AttentionSpec) -> torch.Tensor:
+        return self.decoder(self.embed(input_ids, visual, visual_index), positions, spec)

@@ -1,0 +1,111 @@
+"""V2PE training step under context and data parallelism.
+
+Order of work in one step (see `forward_loss`):
+1. Vision: each context-parallel rank encodes an even share of the batch's tiles and
+   the visual tokens are all-gathered (with autograd), instead of every rank encoding
+   every image.
+2. Decoder on this rank's zigzag shard of the packed row; attention rings over the
+   context-parallel group.
+3. Loss: cross-entropy in chunks over the supervised tokens, each chunk recomputed in
+   the backward, so the (tokens x vocabulary) logits never exist at once.
+
+Normalisation: every rank divides its summed loss by the number of supervised tokens
+in the whole step (all ranks, data- and context-parallel), so the rank losses add up to
+the mean over all tokens and the gradients must be *summed* over all ranks. DeepSpeed
+averages over its data-parallel world (here: all ranks), so `engine_loss_scale`
+multiplies by the world size before `engine.backward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from parallelism.collectives import gather_rows, split_evenly
+from parallelism.sharding import IGNORE_INDEX
+
+from .data import V2PEBatch
+from .model import AttentionSpec, V2PEModel
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainStepConfig:
+    loss_chunk_tokens: int = 4096  # tokens per cross-entropy chunk: memory O(chunk x vocab)
+    activation_checkpointing: bool = True
+    kernel: str = "auto"
+
+
+def _ce_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    logits = hidden.float() @ weight.float().t()  # (chunk, V) float32: log-softmax needs the range
+    return (F.cross_entropy(logits, targets, reduction="none") * w).sum()
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_weight: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed weighted cross-entropy and the number of supervised tokens.
+
+    hidden: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX for skipped tokens,
+    loss_weight: (N,). Only supervised rows are projected to the vocabulary, `chunk`
+    rows at a time, each under activation checkpointing.
+    """
+    keep = (targets != IGNORE_INDEX).nonzero().flatten()
+    h, t, w = hidden[keep], targets[keep], loss_weight[keep].float()
+    total = hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()  # connected even if empty
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i : i + chunk], weight, t[i : i + chunk], w[i : i + chunk])
+        total = total + (checkpoint(_ce_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _ce_chunk(*args))
+    return total, torch.tensor(float(keep.numel()), device=hidden.device)
+
+
+def parallelize(model: V2PEModel, cfg: TrainStepConfig) -> V2PEModel:
+    """Applies, in order: (1) context parallelism — nothing to wrap, the decoder's
+    attention receives the group per call through AttentionSpec; (2) activation
+    checkpointing per decoder layer; (3) parameter/optimizer sharding happens when the
+    engine is built (DeepSpeed ZeRO, `build_engine`)."""
+    model.decoder.checkpoint_layers = cfg.activation_checkpointing
+    return model
+
+
+def encode_visual(model: V2PEModel, batch: V2PEBatch, cp_group) -> torch.Tensor:
+    """All visual tokens of the batch, each tile encoded on exactly one CP rank."""
+    if batch.num_tiles == 0:
+        return model.encode_images(batch.pixels[:0])
+    mine = model.encode_images(batch.pixels)  # this rank's share of the tiles
+    if cp_group is None or dist.get_world_size(cp_group) == 1:
+        return mine
+    W = dist.get_world_size(cp_group)
+    per_tile = model.cfg.tokens_per_tile
+    counts = [(hi - lo) * per_tile for lo, hi in (split_evenly(batch.num_tiles, W, r) for r in range(W))]
+    return gather_rows(mine, cp_group, counts)
+
+
+def forward_loss(
+    model: V2PEModel,
+    batch: V2PEBatch,
+    *,
+    cp_group=None,
+    loss_group=None,
+    cfg: TrainStepConfig = TrainStepConfig(),
+) -> tuple[torch.Tensor, dict]:
+    """Loss of this rank's share, normalised by the supervised tokens of all ranks.
+
+    cp_group: the group the batch is zigzag-sharded over (None: whole rows here).
+    loss_group: the ranks whose tokens make up the step (None: this process only).
+    """
+    visual = encode_visual(model, batch, cp_group)
+    spec = AttentionSpec(group=cp_group, cu_seqlens=batch.cu_seqlens, kernel=cfg.kernel)
+    hidden = model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index, spec)
+    loss_sum, n_tokens = chunked_cross_entropy(
+        hidden.flatten(0, 1), model.decoder.lm_head.weight, batch.targets.flatten(), batch.loss_weight.flatten(),
+        cfg.loss_chunk_tokens,
+    )
+    global_tokens = n_tokens.clone()
+    if loss_group is not None and dist.get_world_size(loss_group) > 1:
+        dist.all_reduce(global_tokens, group=loss_group)
+    loss = loss_sum / global_tokens.clamp(min=1.0)
+    return loss, {"tokens": float(n_tokens), "global_tokens": float(global_tokens), "seq_local": batch.input_ids.shape[1]}
