@@ -174,6 +174,8 @@ class EncodedSample:
 
 
 def _roles(conversations, sample: str) -> list[tuple[str, str]]:
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError(f"sample {sample}: 'conversations' must be a non-empty list of turns")
     out = []
     for i, turn in enumerate(conversations):
         who, value = turn.get("from"), turn.get("value")
@@ -181,6 +183,33 @@ def _roles(conversations, sample: str) -> list[tuple[str, str]]:
             raise DataError(f"sample {sample}: conversations[{i}] needs 'from' in human/gpt/system and a string 'value'")
         out.append(({"human": "user", "gpt": "assistant", "system": "system"}[who], value))
     return out
+
+
+def render_tokens(
+    convs: Sequence[tuple[str, str]], tiles_per_image: Sequence[int], *, tokenizer: ByteTokenizer, tokens_per_tile: int
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a chat in the InternLM2 template, and which tokens are learned.
+
+    convs: (role, text) turns with `<image>` placeholders; tiles_per_image: the tile count
+    of each image in order of appearance.
+    """
+    ids: list[int] = []
+    supervised: list[bool] = []
+    img_i = 0
+    for role, value in convs:
+        pieces = value.split(IMAGE_PLACEHOLDER)
+        text = []
+        for j, piece in enumerate(pieces):
+            if j:
+                text.append("<img>" + "<IMG_CONTEXT>" * (tokens_per_tile * tiles_per_image[img_i]) + "</img>")
+                img_i += 1
+            text.append(piece)
+        head = tokenizer.encode(f"<|im_start|>{role}\n")
+        body = tokenizer.encode("".join(text) + "<|im_end|>") + tokenizer.encode("\n")
+        ids += head + body
+        # The assistant's reply and its <|im_end|> are learned; its role header is not.
+        supervised += [False] * len(head) + [role == "assistant"] * len(body)
+    return ids, supervised
 
 
 def encode_sample(
@@ -204,27 +233,12 @@ def encode_sample(
         path = name if "://" in name or name.startswith("/") else posixpath.join(base_dir, name)
         tiles.append(tile_image(open_image(path, sample=sample), tile=cfg.tile, max_tiles=cfg.max_tiles,
                                 thumbnail=cfg.thumbnail))
-    ids: list[int] = []
-    supervised: list[bool] = []
-    img_i = 0
-    for role, value in convs:
-        pieces = value.split(IMAGE_PLACEHOLDER)
-        text = [f"<|im_start|>{role}\n"]
-        for j, piece in enumerate(pieces):
-            if j:
-                n_ctx = cfg.tokens_per_tile * tiles[img_i].shape[0]
-                text.append("<img>" + "<IMG_CONTEXT>" * n_ctx + "</img>")
-                img_i += 1
-            text.append(piece)
-        head = tokenizer.encode(text[0])
-        body = tokenizer.encode("".join(text[1:]) + "<|im_end|>") + tokenizer.encode("\n")
-        ids += head + body
-        # The assistant's reply and its <|im_end|> are learned; its role header is not.
-        supervised += [False] * len(head) + [role == "assistant"] * len(body)
+    ids, supervised = render_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer,
+                                    tokens_per_tile=cfg.tokens_per_tile)
     if len(ids) > cfg.max_tokens:
         raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is truncated)")
     input_ids = torch.tensor(ids, dtype=torch.long)
-    sup = torch.tensor(supervised)
+    sup = torch.tensor(supervised, dtype=torch.bool)
     targets = torch.full_like(input_ids, IGNORE_INDEX)
     # target[t] is token t+1 when token t+1 is supervised: shifted here, before any sharding.
     targets[:-1] = torch.where(sup[1:], input_ids[1:], torch.full_like(input_ids[1:], IGNORE_INDEX))

@@ -1,0 +1,122 @@
+import json
+import os
+
+import pytest
+import torch
+
+from parallelism.sharding import zigzag_unshard
+from tests.v2pe_helpers import TILE, data_config, make_records, write_image
+from workloads.v2pe.data import (
+    ByteTokenizer,
+    DataError,
+    encode_sample,
+    load_samples,
+    pack,
+    pack_greedy,
+    shard_batch,
+    tile_image,
+)
+
+TOK = ByteTokenizer()
+
+
+def test_tokenizer_round_trip_with_specials():
+    text = "<|im_start|>user\n<img><IMG_CONTEXT></img> héllo<|im_end|>"
+    ids = TOK.encode(text)
+    assert TOK.decode(ids) == text
+    assert ids.count(TOK.img_context_id) == 1 and ids[1] < 256
+
+
+def test_dynamic_tiling_follows_aspect_ratio(tmp_path):
+    from PIL import Image
+
+    square = Image.new("RGB", (TILE, TILE))
+    wide = Image.new("RGB", (3 * TILE, TILE))
+    assert tile_image(square, tile=TILE, max_tiles=6).shape == (1, 3, TILE, TILE)  # no thumbnail for one tile
+    assert tile_image(wide, tile=TILE, max_tiles=6).shape == (4, 3, TILE, TILE)  # 3x1 grid + thumbnail
+    assert tile_image(wide, tile=TILE, max_tiles=2).shape == (3, 3, TILE, TILE)  # capped at 2x1 + thumbnail
+
+
+def test_encode_expands_images_and_supervises_only_the_answer(tmp_path):
+    path, recs = make_records(str(tmp_path))
+    s = load_samples(path, tokenizer=TOK, cfg=data_config())[2]  # two images: 3 tiles + 1 tile
+    assert int((s.input_ids == TOK.img_context_id).sum()) == (3 + 1) * 4
+    assert int((s.input_ids == TOK.img_start_id).sum()) == 2 and s.pixels.shape[0] == 4
+    # The supervised targets spell the assistant's answer followed by <|im_end|> and "\n".
+    sup = s.targets[s.targets != -100].tolist()
+    assert TOK.decode(sup) == "the first<|im_end|>\n"
+    # targets are the next token: wherever supervised, target[t] == input_ids[t+1]
+    idx = (s.targets != -100).nonzero().flatten()
+    assert torch.equal(s.targets[idx], s.input_ids[idx + 1])
+
+
+def test_bad_samples_name_themselves(tmp_path):
+    write_image(str(tmp_path / "a.png"), 0)
+    cfg = data_config()
+    rec = {"id": "s7", "image": ["a.png", "a.png"],
+           "conversations": [{"from": "human", "value": "<image> one"}, {"from": "gpt", "value": "x"}]}
+    with pytest.raises(DataError, match=r"sample s7: 2 image\(s\) but 1 '<image>' placeholder"):
+        encode_sample(rec, tokenizer=TOK, cfg=cfg, base_dir=str(tmp_path))
+    rec = {"id": "s8", "image": "missing.png",
+           "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}
+    with pytest.raises(DataError, match=r"sample s8: image file .*missing.png does not exist"):
+        encode_sample(rec, tokenizer=TOK, cfg=cfg, base_dir=str(tmp_path))
+    rec = {"id": "s9", "conversations": [{"from": "human", "value": "q" * 100}, {"from": "gpt", "value": "a"}]}
+    with pytest.raises(DataError, match=r"sample s9: 1\d\d tokens exceed max_tokens=64 \(nothing is truncated\)"):
+        encode_sample(rec, tokenizer=TOK, cfg=data_config(max_tokens=64), base_dir=str(tmp_path))
+    rec = {"id": "s10", "conversations": [{"from": "robot", "value": "x"}]}
+    with pytest.raises(DataError, match=r"sample s10: conversations\[0\]"):
+        encode_sample(rec, tokenizer=TOK, cfg=cfg)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "conversations": [{"from": "gpt", "value": "x"}]}\n{oops\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: not valid JSON"):
+        load_samples(str(bad), tokenizer=TOK, cfg=cfg)
+
+
+def test_packing_pads_documents_and_keeps_every_label(tmp_path):
+    path, _ = make_records(str(tmp_path))
+    samples = load_samples(path, tokenizer=TOK, cfg=data_config())
+    batch = pack(samples, tokenizer=TOK, tokens_per_tile=4, multiple=6, mode="default")
+    lens = torch.diff(batch.cu_seqlens).tolist()
+    assert all(n % 6 == 0 for n in lens)
+    # Every supervised target of every sample survives packing, in order.
+    want = torch.cat([s.targets[s.targets != -100] for s in samples])
+    assert torch.equal(batch.targets[batch.targets != -100], want)
+    # Positions restart at 0 for each document.
+    assert all(float(batch.positions[0, a]) == 0.0 for a in batch.cu_seqlens[:-1].tolist())
+
+
+def test_context_parallel_shards_reassemble(tmp_path):
+    path, _ = make_records(str(tmp_path))
+    samples = load_samples(path, tokenizer=TOK, cfg=data_config())
+    batch = pack(samples, tokenizer=TOK, tokens_per_tile=4, multiple=8, mode="v2pe_fix", stride=64)
+    shards = [shard_batch(batch, 4, r) for r in range(4)]
+    for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight"):
+        assert torch.equal(zigzag_unshard([getattr(s, name) for s in shards], cu_seqlens=batch.cu_seqlens),
+                           getattr(batch, name)), name
+    # The tiles are split without overlap and cover the batch.
+    assert torch.equal(torch.cat([s.pixels for s in shards]), batch.pixels)
+
+
+def test_greedy_packing_respects_the_budget(tmp_path):
+    path, _ = make_records(str(tmp_path))
+    samples = load_samples(path, tokenizer=TOK, cfg=data_config())
+    rows = pack_greedy(samples, budget=max(len(s) for s in samples) + 8, multiple=4)
+    assert [s.sample_id for r in rows for s in r] == [s.sample_id for s in samples]
+    with pytest.raises(DataError, match="exceed the packing budget 8"):
+        pack_greedy(samples, budget=8, multiple=4)
+
+
+def test_reads_through_fsspec_urls(tmp_path):
+    """Paths go through fsspec, so s3:// works like any other filesystem URL."""
+    import fsspec
+
+    path, recs = make_records(str(tmp_path))
+    mem = fsspec.filesystem("memory")
+    for name in ("a.png", "b.png", "c.png"):
+        mem.pipe(f"/v2pe/{name}", open(os.path.join(tmp_path, name), "rb").read())
+    mem.pipe("/v2pe/data.jsonl", "\n".join(json.dumps(r) for r in recs).encode())
+    local = load_samples(path, tokenizer=TOK, cfg=data_config())
+    remote = load_samples("memory://v2pe/data.jsonl", tokenizer=TOK, cfg=data_config())
+    for a, b in zip(local, remote):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixels, b.pixels)

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+
+from tests.v2pe_helpers import TILE, data_config
+from workloads.v2pe.data import ByteTokenizer, DataError, load_samples
+from workloads.v2pe.synth import PALETTE, SynthConfig, make_sample, write_dataset
+
+TOK = ByteTokenizer()
+
+
+@pytest.mark.parametrize("task", ["marked", "count", "colour"])
+@pytest.mark.parametrize("tokens", [1024, 8192])
+def test_token_counts_are_exact(tmp_path, task, tokens):
+    cfg = SynthConfig(tokens=tokens, images=5, task=task, tile=TILE, tokens_per_tile=4, seed=1)
+    path = write_dataset(str(tmp_path / task), cfg, samples=2)
+    samples = load_samples(path, tokenizer=TOK, cfg=data_config(max_tokens=tokens))
+    assert [len(s) for s in samples] == [tokens, tokens]
+    assert all(s.pixels.shape[0] == 5 for s in samples)  # square images: one tile each
+
+
+def test_long_sample_is_exact_at_a_million_tokens():
+    """A 1M-token sample (64 images of 256 tokens): counted on the rendered ids."""
+    from workloads.v2pe.data import render_tokens
+
+    cfg = SynthConfig(tokens=2**20, images=64, task="colour", tile=16, tokens_per_tile=256)  # small pictures
+    record, images = make_sample(cfg, 0, TOK)
+    convs = [("user", record["conversations"][0]["value"]), ("assistant", record["answer"])]
+    ids, _ = render_tokens(convs, [1] * 64, tokenizer=TOK, tokens_per_tile=256)
+    assert len(ids) == 2**20 and len(images) == 64
+    assert ids.count(TOK.img_context_id) == 64 * 256
+
+
+def _pixel(img, x, y):
+    return img.getpixel((x, y))
+
+
+@pytest.mark.parametrize("task", ["marked", "count", "colour"])
+def test_answer_key_matches_the_pictures(tmp_path, task):
+    from PIL import Image
+
+    cfg = SynthConfig(tokens=4096, images=6, task=task, tile=TILE, tokens_per_tile=4, seed=7)
+    path = write_dataset(str(tmp_path), cfg, samples=5)
+    for line in open(path):
+        rec = json.loads(line)
+        imgs = [Image.open(tmp_path / name).convert("RGB") for name in rec["image"]]
+        # A marker is a black square over the centre; backgrounds are never that dark.
+        has_marker = [max(_pixel(im, TILE // 2, TILE // 2)) < 20 for im in imgs]
+        if task == "marked":
+            assert sum(has_marker) == 1 and rec["answer"] == f"Image {has_marker.index(True) + 1}"
+        elif task == "count":
+            assert rec["answer"] == str(sum(has_marker))
+        else:
+            k = int(rec["conversations"][0]["value"].split("colour of image ")[1].split("?")[0]) - 1
+            corner = torch.tensor(_pixel(imgs[k], 1, 1), dtype=torch.float)
+            nearest = min(PALETTE, key=lambda c: float((torch.tensor(PALETTE[c], dtype=torch.float) - corner).norm()))
+            assert rec["answer"] == nearest
+        assert rec["conversations"][1]["value"] == rec["answer"]
+
+
+def test_too_short_for_its_images_is_an_error():
+    with pytest.raises(DataError, match=r"synthetic sample 0: 40 images and the question need \d+ tokens"):
+        make_sample(SynthConfig(tokens=512, images=40, tokens_per_tile=256), 0, TOK)

@@ -1,0 +1,151 @@
+"""Long interleaved image-text samples with a needle task, made from nothing.
+
+In the spirit of V2PE's Long-VQA / Long-MR data: a document of numbered images, each
+framed by filler text, then one question about the images:
+
+- "marked":  exactly one image carries a marker; which one?      -> "Image k"
+- "count":   several images carry a marker; how many?             -> "n"
+- "colour":  what is the background colour of image k?            -> colour name
+
+Images are square tiles (one tile each under dynamic tiling) drawn procedurally: a
+solid colour from a fixed palette with noise, and for a marked image a black square in
+its centre. The filler text is sized so that the encoded sample has exactly the
+requested number of tokens; `answer` in every record is the key the images support.
+Written as JSONL + PNG files to any fsspec URL (local folder, s3://...).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import random
+from dataclasses import dataclass
+
+from .data import ByteTokenizer, DataError, render_tokens
+
+PALETTE = {
+    "red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40),
+    "purple": (130, 50, 160), "orange": (230, 130, 30), "teal": (30, 150, 150), "grey": (128, 128, 128),
+}
+TASKS = ("marked", "count", "colour")
+_WORDS = (
+    "the river bends past quiet hills where old stone walls divide the fields and a narrow road climbs toward "
+    "a village of slate roofs under a pale morning sky while distant bells mark the hour"
+).split()
+
+
+@dataclass(kw_only=True, frozen=True)
+class SynthConfig:
+    tokens: int  # exact length of each encoded sample
+    images: int  # images per sample
+    task: str = "marked"
+    tile: int = 448
+    tokens_per_tile: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is not one of {TASKS}")
+        if self.images < 1:
+            raise ValueError(f"images must be >= 1, got {self.images}")
+
+
+def draw_image(colour: str, marked: bool, tile: int, rng: random.Random):
+    import torch  # noqa: PLC0415
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    noise = torch.randint(-12, 13, (tile, tile, 3), generator=gen) + torch.tensor(PALETTE[colour])
+    img = Image.frombytes("RGB", (tile, tile), noise.clamp(0, 255).to(torch.uint8).numpy().tobytes())
+    if marked:
+        s = tile // 4
+        ImageDraw.Draw(img).rectangle([tile // 2 - s // 2, tile // 2 - s // 2, tile // 2 + s // 2, tile // 2 + s // 2],
+                                      fill=(0, 0, 0))
+    return img
+
+
+def _filler(n: int, rng: random.Random) -> str:
+    """Exactly n ASCII characters (= n tokens under the byte tokenizer) of plain words."""
+    out, size = [], 0
+    while size < n:
+        w = rng.choice(_WORDS) + " "
+        out.append(w)
+        size += len(w)
+    return "".join(out)[:n]
+
+
+def _question(task: str, colours: list[str], marked: list[bool], k: int) -> tuple[str, str]:
+    if task == "marked":
+        return "Which image carries a black square? Answer with its number.", f"Image {marked.index(True) + 1}"
+    if task == "count":
+        return "How many images carry a black square? Answer with a number.", str(sum(marked))
+    return f"What is the background colour of image {k + 1}? Answer with one word.", colours[k]
+
+
+def make_sample(cfg: SynthConfig, index: int, tokenizer: ByteTokenizer) -> tuple[dict, list]:
+    """One record (with `answer` and `tokens`) and its PIL images, deterministic in (seed, index)."""
+    rng = random.Random(cfg.seed * 1_000_003 + index)
+    n = cfg.images
+    colours = [rng.choice(list(PALETTE)) for _ in range(n)]
+    if cfg.task == "marked":
+        marked = [False] * n
+        marked[rng.randrange(n)] = True
+    elif cfg.task == "count":
+        marked = [rng.random() < 0.4 for _ in range(n)]
+    else:
+        marked = [False] * n
+    k = rng.randrange(n)
+    question, answer = _question(cfg.task, colours, marked, k)
+
+    def conversation(fillers: list[str]) -> list[tuple[str, str]]:
+        parts = []
+        for i in range(n):
+            parts.append(f"{fillers[i]}\nImage {i + 1}: <image>\n")
+        parts.append(fillers[n] + "\n" + question)
+        return [("user", "".join(parts)), ("assistant", answer)]
+
+    base, _ = render_tokens(conversation([""] * (n + 1)), [1] * n, tokenizer=tokenizer,
+                            tokens_per_tile=cfg.tokens_per_tile)
+    spare = cfg.tokens - len(base)
+    if spare < 0:
+        raise DataError(
+            f"synthetic sample {index}: {n} images and the question need {len(base)} tokens, "
+            f"more than the requested {cfg.tokens}"
+        )
+    # Spread the filler over the n+1 gaps; the byte tokenizer makes this exact.
+    sizes = [spare // (n + 1) + (1 if i < spare % (n + 1) else 0) for i in range(n + 1)]
+    convs = conversation([_filler(s, rng) for s in sizes])
+    ids, _ = render_tokens(convs, [1] * n, tokenizer=tokenizer, tokens_per_tile=cfg.tokens_per_tile)
+    assert len(ids) == cfg.tokens, (len(ids), cfg.tokens)  # construction invariant, not input checking
+    record = {
+        "id": f"{cfg.task}-{cfg.tokens}-{index}",
+        "image": [f"images/{cfg.task}-{cfg.tokens}-{index}-{i}.png" for i in range(n)],
+        "conversations": [{"from": "human", "value": convs[0][1]}, {"from": "gpt", "value": answer}],
+        "answer": answer,
+        "tokens": cfg.tokens,
+        "task": cfg.task,
+        "marked": marked,
+        "colours": colours,
+    }
+    return record, [draw_image(c, m, cfg.tile, rng) for c, m in zip(colours, marked)]
+
+
+def write_dataset(url: str, cfg: SynthConfig, samples: int, tokenizer: ByteTokenizer | None = None) -> str:
+    """Writes `samples` records to URL/data.jsonl and their images under URL/images/."""
+    import fsspec  # noqa: PLC0415
+
+    tokenizer = tokenizer or ByteTokenizer()
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(posixpath.join(root, "images"), exist_ok=True)
+    lines = []
+    for i in range(samples):
+        record, images = make_sample(cfg, i, tokenizer)
+        for name, img in zip(record["image"], images):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            fs.pipe_file(posixpath.join(root, name), buf.getvalue())
+        lines.append(json.dumps(record))
+    jsonl = posixpath.join(root, "data.jsonl")
+    fs.pipe_file(jsonl, ("\n".join(lines) + "\n").encode())
+    return url.rstrip("/") + "/data.jsonl"
