@@ -1,0 +1,147 @@
+"""InternVL2-format checkpoints: a tiny one is written here by hand, in the published layout."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from workloads.v2pe.checkpoint_io import load_pretrained, save_pretrained
+
+V = dict(hidden=32, heads=2, layers=2, inter=64, image=56, patch=14)
+L = dict(vocab=272, hidden=64, heads=4, kv=2, layers=2, inter=128)
+
+
+def hf_config():
+    return {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "downsample_ratio": 0.5,
+        "force_image_size": V["image"], "select_layer": -1, "ps_version": "v2", "template": "internlm2-chat",
+        "max_dynamic_patch": 12, "use_thumbnail": True,
+        "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": V["hidden"],
+                          "num_attention_heads": V["heads"], "num_hidden_layers": V["layers"],
+                          "intermediate_size": V["inter"], "image_size": V["image"], "patch_size": V["patch"],
+                          "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
+                          "layer_norm_eps": 1e-6, "drop_path_rate": 0.0},
+        "llm_config": {"architectures": ["InternLM2ForCausalLM"], "vocab_size": L["vocab"],
+                       "hidden_size": L["hidden"], "num_attention_heads": L["heads"],
+                       "num_key_value_heads": L["kv"], "num_hidden_layers": L["layers"],
+                       "intermediate_size": L["inter"], "rms_norm_eps": 1e-5, "rope_theta": 1000000,
+                       "bias": False, "tie_word_embeddings": False, "max_position_embeddings": 32768},
+    }
+
+
+def hf_tensors(seed=0):
+    """Every tensor of an InternVL2 checkpoint, by its published name and shape."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    c, n_patch = V["hidden"], (V["image"] // V["patch"]) ** 2
+    t = {
+        "vision_model.embeddings.class_embedding": r(1, 1, c),
+        "vision_model.embeddings.patch_embedding.weight": r(c, 3, V["patch"], V["patch"]),
+        "vision_model.embeddings.patch_embedding.bias": r(c),
+        "vision_model.embeddings.position_embedding": r(1, n_patch + 1, c),
+        "mlp1.0.weight": r(4 * c), "mlp1.0.bias": r(4 * c),
+        "mlp1.1.weight": r(L["hidden"], 4 * c), "mlp1.1.bias": r(L["hidden"]),
+        "mlp1.3.weight": r(L["hidden"], L["hidden"]), "mlp1.3.bias": r(L["hidden"]),
+        "language_model.model.tok_embeddings.weight": r(L["vocab"], L["hidden"]),
+        "language_model.model.norm.weight": r(L["hidden"]),
+        "language_model.output.weight": r(L["vocab"], L["hidden"]),
+    }
+    for i in range(V["layers"]):
+        p = f"vision_model.encoder.layers.{i}."
+        t |= {p + "attn.qkv.weight": r(3 * c, c), p + "attn.qkv.bias": r(3 * c), p + "attn.proj.weight": r(c, c),
+              p + "attn.proj.bias": r(c), p + "ls1": r(c), p + "ls2": r(c), p + "norm1.weight": r(c),
+              p + "norm1.bias": r(c), p + "norm2.weight": r(c), p + "norm2.bias": r(c),
+              p + "mlp.fc1.weight": r(V["inter"], c), p + "mlp.fc1.bias": r(V["inter"]),
+              p + "mlp.fc2.weight": r(c, V["inter"]), p + "mlp.fc2.bias": r(c)}
+    d = L["hidden"] // L["heads"]
+    for i in range(L["layers"]):
+        p = f"language_model.model.layers.{i}."
+        t |= {p + "attention.wqkv.weight": r((L["heads"] + 2 * L["kv"]) * d, L["hidden"]),
+              p + "attention.wo.weight": r(L["hidden"], L["hidden"]),
+              p + "attention_norm.weight": r(L["hidden"]), p + "ffn_norm.weight": r(L["hidden"]),
+              p + "feed_forward.w1.weight": r(L["inter"], L["hidden"]),
+              p + "feed_forward.w3.weight": r(L["inter"], L["hidden"]),
+              p + "feed_forward.w2.weight": r(L["hidden"], L["inter"])}
+    return t
+
+
+def write_checkpoint(folder, tensors, sharded=False, config=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or hf_config()))
+    if not sharded:
+        save_file(tensors, str(folder / "model.safetensors"))
+        return
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / fname))
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_every_published_tensor_lands_in_its_parameter(tmp_path, sharded):
+    tensors = hf_tensors()
+    write_checkpoint(tmp_path / "ckpt", tensors, sharded)
+    model = load_pretrained(str(tmp_path / "ckpt"))
+    assert model.cfg.tokens_per_tile == 4 and model.cfg.llm.num_kv_heads == 2
+    assert torch.equal(model.decoder.layers[1].attn.wqkv.weight, tensors["language_model.model.layers.1.attention.wqkv.weight"])
+    assert torch.equal(model.decoder.layers[0].w3.weight, tensors["language_model.model.layers.0.feed_forward.w3.weight"])
+    assert torch.equal(model.vision.blocks[1].fc2.bias, tensors["vision_model.encoder.layers.1.mlp.fc2.bias"])
+    assert torch.equal(model.projector.fc2.weight, tensors["mlp1.3.weight"])
+    assert torch.equal(model.decoder.lm_head.weight, tensors["language_model.output.weight"])
+    assert torch.equal(model.vision.cls_token, tensors["vision_model.embeddings.class_embedding"])
+    n_params = sum(1 for _ in model.parameters())
+    assert n_params == len(tensors)  # nothing left at its initial value
+
+
+def test_save_writes_the_same_format_back(tmp_path):
+    tensors = hf_tensors(seed=1)
+    write_checkpoint(tmp_path / "in", tensors)
+    save_pretrained(load_pretrained(str(tmp_path / "in")), str(tmp_path / "out"))
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(saved) == set(tensors)
+    for k in tensors:
+        assert torch.equal(saved[k], tensors[k]), k
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    want = hf_config()
+    for section in ("vision_config", "llm_config"):
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
+            assert cfg[section][key] == want[section][key], (section, key)
+    assert cfg["llm_config"]["num_key_value_heads"] == 2 and cfg["force_image_size"] == 56
+
+
+def test_round_trip_through_an_fsspec_url(tmp_path):
+    import fsspec
+
+    tensors = hf_tensors(seed=2)
+    write_checkpoint(tmp_path / "in", tensors)
+    model = load_pretrained(str(tmp_path / "in"))
+    save_pretrained(model, "memory://ckpt/tiny")
+    again = load_pretrained("memory://ckpt/tiny")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert fsspec.filesystem("memory").exists("/ckpt/tiny/config.json")
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    tensors = hf_tensors()
+    extra = dict(tensors, **{"vision_model.encoder.layers.0.attn.q_norm.weight": torch.ones(32)})
+    write_checkpoint(tmp_path / "extra", extra)
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) have no longview parameter: \['vision_model.encoder.layers.0.attn.q_norm.weight'\]"):
+        load_pretrained(str(tmp_path / "extra"))
+    partial = {k: v for k, v in tensors.items() if k != "mlp1.1.bias"}
+    write_checkpoint(tmp_path / "partial", partial)
+    with pytest.raises(ValueError, match=r"missing tensors for 1 parameter\(s\): \['mlp1.1.bias'\]"):
+        load_pretrained(str(tmp_path / "partial"))
+    cfg = hf_config()
+    cfg["vision_config"]["qk_normalization"] = True
+    write_checkpoint(tmp_path / "qknorm", tensors, config=cfg)
+    with pytest.raises(ValueError, match=r"vision_config.qk_normalization=True is not supported"):
+        load_pretrained(str(tmp_path / "qknorm"))
+    cfg = hf_config()
+    del cfg["llm_config"]["vocab_size"]
+    write_checkpoint(tmp_path / "novocab", tensors, config=cfg)
+    with pytest.raises(ValueError, match=r"llm_config.vocab_size is missing"):
+        load_pretrained(str(tmp_path / "novocab"))
