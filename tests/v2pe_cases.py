@@ -27,3 +27,13 @@ def cp_loss_and_grads(state, batch, checkpointing):
         dist.all_reduce(g)
         grads[name] = g
     return (total, grads) if r == 0 else None
+
+
+def cp_score(state, samples, stride):
+    from workloads.v2pe.data import ByteTokenizer  # noqa: PLC0415
+    from workloads.v2pe.evaluate import score_sample  # noqa: PLC0415
+
+    model = V2PEModel(tiny_config())
+    model.load_state_dict(state)
+    return [score_sample(model, s, tokenizer=ByteTokenizer(), mode="v2pe_fix", stride=stride,
+                         cp_group=dist.group.WORLD) for s in samples]

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from tests import v2pe_cases
+from tests.v2pe_helpers import TILE, data_config, tiny_model
+from workloads.v2pe.data import ByteTokenizer, load_samples, pack
+from workloads.v2pe.evaluate import accuracy_table, format_table, score_sample
+from workloads.v2pe.model import AttentionSpec
+from workloads.v2pe.synth import SynthConfig, write_dataset
+
+TOK = ByteTokenizer()
+
+
+def synth_samples(tmp_path, lengths=(256, 512), per_length=2):
+    out = []
+    for n in lengths:
+        path = write_dataset(str(tmp_path / f"len{n}"), SynthConfig(tokens=n, images=3, task="marked", tile=TILE,
+                                                                   tokens_per_tile=4, seed=n), per_length)
+        out += load_samples(path, tokenizer=TOK, cfg=data_config(max_tokens=n))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_one_sample_over_the_group_scores_like_one_process(gloo_world, tmp_path, world_size):
+    samples = synth_samples(tmp_path)
+    model = tiny_model()
+    want = [score_sample(model, s, tokenizer=TOK, mode="v2pe_fix", stride=64) for s in samples]
+    got = gloo_world(world_size).run(v2pe_cases.cp_score, model.state_dict(), samples, 64)
+    for rank_scores in got:  # every rank reports the same, all-reduced score
+        for g, w in zip(rank_scores, want):
+            assert g.answer_tokens == w.answer_tokens > 0
+            # float32 model, float64 sums: ring vs plain attention differ by ~1e-6 per logit.
+            assert g.log_likelihood == pytest.approx(w.log_likelihood, rel=1e-5, abs=1e-4)
+            assert g.exact_match == w.exact_match
+
+
+def test_exact_match_means_greedy_agrees_everywhere(tmp_path):
+    sample = synth_samples(tmp_path, lengths=(256,), per_length=1)[0]
+    model = tiny_model()
+    # Make the answer key equal to the model's own greedy choices, then spoil one.
+    batch = pack([sample], tokenizer=TOK, tokens_per_tile=4, multiple=2, mode="v2pe_fix", stride=64)
+    with torch.no_grad():
+        h = model.forward_hidden(batch.input_ids, batch.positions, model.encode_images(batch.pixels),
+                                 batch.visual_index, AttentionSpec(cu_seqlens=batch.cu_seqlens))[0]
+        greedy = (h @ model.decoder.lm_head.weight.t()).argmax(-1)
+    answer = (sample.targets != -100).nonzero().flatten()
+    sample.targets[answer] = greedy[answer]
+    assert score_sample(model, sample, tokenizer=TOK, mode="v2pe_fix", stride=64).exact_match
+    sample.targets[answer[-1]] = (greedy[answer[-1]] + 1) % TOK.vocab_size
+    assert not score_sample(model, sample, tokenizer=TOK, mode="v2pe_fix", stride=64).exact_match
+
+
+def test_accuracy_table_has_a_row_per_length_and_delta(tmp_path):
+    samples = synth_samples(tmp_path, lengths=(256, 384))
+    rows = accuracy_table(tiny_model(), samples, tokenizer=TOK, strides=[256, 64])
+    assert [(r.tokens, r.delta, r.samples) for r in rows] == [(256, "1", 2), (384, "1", 2), (256, "1/4", 2), (384, "1/4", 2)]
+    assert all(0.0 <= r.accuracy <= 1.0 and r.mean_log_likelihood < 0 for r in rows)
+    assert "| 384 | 1/4 | 2 |" in format_table(rows)
+    # δ reaches the model: the same samples score differently under another stride.
+    assert rows[0].mean_log_likelihood != pytest.approx(rows[2].mean_log_likelihood, rel=1e-6)
