@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -35,6 +36,9 @@ def _worker(rank, world_size, port, timeout_s, threads, inbox, outbox):
     from .dims import init_distributed  # noqa: PLC0415
 
     torch.set_num_threads(threads)
+    # What torchrun / Ray Train set for each worker; libraries such as DeepSpeed read them.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         init_distributed(
             backend="gloo",
@@ -106,14 +110,21 @@ class LocalWorld:
     def _collect(self, expected: str) -> list[Any]:
         results: list[Any] = [None] * self.world_size
         errors = []
-        for _ in range(self.world_size):
+        # Longer than the collective timeout, so a rank stuck in a collective reports its
+        # own timeout error before we give up on it; a rank that dies is noticed at once.
+        deadline = time.monotonic() + self._answer_timeout_s
+        pending = self.world_size
+        while pending:
             try:
-                # Longer than the collective timeout, so a rank stuck in a collective
-                # reports its own timeout error before we give up on it.
-                rank, status, value = self._outbox.get(timeout=self._answer_timeout_s)
+                rank, status, value = self._outbox.get(timeout=1.0)
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
-                raise RankError(f"no answer within {self._answer_timeout_s}s (dead ranks: {dead or 'none'})") from None
+                if dead:
+                    raise RankError(f"rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]})") from None
+                if time.monotonic() > deadline:
+                    raise RankError(f"no answer within {self._answer_timeout_s}s") from None
+                continue
+            pending -= 1
             if status == "error":
                 errors.append(f"--- rank {rank} ---\n{value}")
             results[rank] = value

@@ -42,7 +42,7 @@ def test_exact_match_means_greedy_agrees_everywhere(tmp_path):
     with torch.no_grad():
         h = model.forward_hidden(batch.input_ids, batch.positions, model.encode_images(batch.pixels),
                                  batch.visual_index, AttentionSpec(cu_seqlens=batch.cu_seqlens))[0]
-        greedy = (h @ model.decoder.lm_head.weight.t()).argmax(-1)
+        greedy = model.decoder.lm_head(h).argmax(-1)
     answer = (sample.targets != -100).nonzero().flatten()
     sample.targets[answer] = greedy[answer]
     assert score_sample(model, sample, tokenizer=TOK, mode="v2pe_fix", stride=64).exact_match

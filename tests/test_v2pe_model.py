@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from tests import v2pe_cases
 from tests.v2pe_helpers import encoded, tiny_model
 from workloads.v2pe.data import pack
+from workloads.v2pe.model import LMHead
 from workloads.v2pe.train import TrainStepConfig, chunked_cross_entropy, forward_loss, parallelize
 
 # float32 throughout. Context parallelism changes only the order of additions (attention
@@ -18,11 +19,12 @@ GRAD_TOL = dict(atol=1e-6, rtol=1e-4)
 def test_chunked_loss_equals_full_loss():
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
-    weight = torch.randn(30, 16, requires_grad=True)
+    head = LMHead(16, 30)
+    weight = head.weight
     targets = torch.randint(0, 30, (50,))
     targets[::3] = -100
     lw = torch.ones(50)
-    s, n = chunked_cross_entropy(hidden, weight, targets, lw, chunk=7)
+    s, n = chunked_cross_entropy(hidden, head, targets, lw, chunk=7)
     s.backward()
     g = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

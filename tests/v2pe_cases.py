@@ -37,3 +37,31 @@ def cp_score(state, samples, stride):
     model.load_state_dict(state)
     return [score_sample(model, s, tokenizer=ByteTokenizer(), mode="v2pe_fix", stride=stride,
                          cp_group=dist.group.WORLD) for s in samples]
+
+
+def cp_engine_step(state, batch, zero_stage, steps):
+    """CP over the whole world; DeepSpeed ZeRO shards over the same ranks. Returns rank 0's params."""
+    from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    model = V2PEModel(tiny_config())
+    model.load_state_dict(state)
+    engine = build_engine(model, OptimConfig(lr=1e-2, eps=1e-3, grad_clip=0.0, total_steps=10),
+                          ShardingConfig(sharding="deepspeed", zero_stage=zero_stage))
+    group = dist.group.WORLD
+    losses = []
+    for _ in range(steps):
+        loss, _ = forward_loss(engine.module, shard_batch(batch, W, r), cp_group=group, loss_group=group)
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total))
+    if zero_stage == 3:
+        import deepspeed  # noqa: PLC0415
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    else:
+        params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return (losses, params) if r == 0 else None

@@ -58,12 +58,11 @@ def score_sample(
                                   local.visual_index.to(device), spec)[0]  # (S_local, C)
     targets = local.targets[0].to(device)
     keep = (targets != IGNORE_INDEX).nonzero().flatten()
-    weight = model.decoder.lm_head.weight
     loglik = torch.zeros((), dtype=torch.float64, device=device)
     wrong = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, keep.numel(), chunk):  # logits for answer tokens only, a chunk at a time
         idx = keep[i : i + chunk]
-        logp = torch.log_softmax(hidden[idx].float() @ weight.float().t(), dim=-1)
+        logp = torch.log_softmax(model.decoder.lm_head(hidden[idx]), dim=-1)
         t = targets[idx]
         loglik += logp.gather(1, t[:, None]).sum().double()
         wrong += (logp.argmax(-1) != t).sum().double()

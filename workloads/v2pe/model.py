@@ -168,7 +168,7 @@ class VisionEncoder(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         g = self.cfg.grid
-        return x[:, 1:].reshape(x.shape[0], g, g, -1)
+        return x[:, 1:].reshape(x.shape[0], g, g, x.shape[-1])
 
 
 def pixel_shuffle_half(x: torch.Tensor) -> torch.Tensor:
@@ -260,6 +260,20 @@ class DecoderLayer(nn.Module):
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 
 
+class LMHead(nn.Linear):
+    """Vocabulary projection that returns float32 logits (the log-softmax needs the range).
+
+    A module call rather than a bare use of `.weight`, so parameter-sharding wrappers
+    (ZeRO-3) gather the weight around it.
+    """
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__(hidden, vocab, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -267,7 +281,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.rotary = V2PERotary(cfg.head_dim, cfg.rope_theta)
         # Set by parallelize(): recompute each layer in the backward instead of storing
         # its activations (memory per layer drops to its input).
@@ -294,8 +308,8 @@ class V2PEModel(nn.Module):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: (N_tiles, 3, H, W) -> visual tokens (N_tiles * tokens_per_tile, C_llm)."""
-        if pixels.shape[0] == 0:
-            return pixels.new_zeros(0, self.cfg.llm.hidden_size)
+        # With no tiles (a rank's share can be empty) the same modules still run on the
+        # empty batch, so every vision parameter gets a (zero) gradient on every rank.
         feats = pixel_shuffle_half(self.vision(pixels))  # (N, g/2, g/2, 4C_vit)
         return self.projector(feats.flatten(1, 2)).flatten(0, 1)
 

@@ -39,26 +39,42 @@ class TrainStepConfig:
     kernel: str = "auto"
 
 
-def _ce_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    logits = hidden.float() @ weight.float().t()  # (chunk, V) float32: log-softmax needs the range
-    return (F.cross_entropy(logits, targets, reduction="none") * w).sum()
+def _ce_chunk(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)  # (chunk, V) float32
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * w).sum()
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_weight: torch.Tensor, chunk: int
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    loss_weight: torch.Tensor,
+    chunk: int,
+    group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed weighted cross-entropy and the number of supervised tokens.
 
-    hidden: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX for skipped tokens,
-    loss_weight: (N,). Only supervised rows are projected to the vocabulary, `chunk`
-    rows at a time, each under activation checkpointing.
+    hidden: (N, C), head: the vocabulary projection (C -> V), targets: (N,) with
+    IGNORE_INDEX for skipped tokens, loss_weight: (N,). Only supervised rows are
+    projected to the vocabulary, `chunk` rows at a time, each under activation
+    checkpointing, so memory is O(chunk x V) instead of O(N x V).
+
+    With `group`, every rank of it runs the same number of chunks (the largest; the
+    extra ones are empty). Parameter sharding (ZeRO-3) gathers the head's weight at
+    every call, a collective, so the calls must line up across ranks; and a rank with
+    no supervised token still gives every parameter a (zero) gradient, which
+    per-parameter gradient hooks of data-parallel reducers rely on.
     """
     keep = (targets != IGNORE_INDEX).nonzero().flatten()
     h, t, w = hidden[keep], targets[keep], loss_weight[keep].float()
-    total = hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()  # connected even if empty
-    for i in range(0, h.shape[0], chunk):
-        args = (h[i : i + chunk], weight, t[i : i + chunk], w[i : i + chunk])
-        total = total + (checkpoint(_ce_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _ce_chunk(*args))
+    n_chunks = torch.tensor(max(1, -(-keep.numel() // chunk)), device=hidden.device)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX, group=group)
+    total = None
+    for i in range(int(n_chunks) * chunk)[::chunk]:
+        args = (h[i : i + chunk], head, t[i : i + chunk], w[i : i + chunk])
+        part = checkpoint(_ce_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _ce_chunk(*args)
+        total = part if total is None else total + part
     return total, torch.tensor(float(keep.numel()), device=hidden.device)
 
 
@@ -101,8 +117,8 @@ def forward_loss(
     spec = AttentionSpec(group=cp_group, cu_seqlens=batch.cu_seqlens, kernel=cfg.kernel)
     hidden = model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index, spec)
     loss_sum, n_tokens = chunked_cross_entropy(
-        hidden.flatten(0, 1), model.decoder.lm_head.weight, batch.targets.flatten(), batch.loss_weight.flatten(),
-        cfg.loss_chunk_tokens,
+        hidden.flatten(0, 1), model.decoder.lm_head, batch.targets.flatten(), batch.loss_weight.flatten(),
+        cfg.loss_chunk_tokens, group=loss_group,
     )
     global_tokens = n_tokens.clone()
     if loss_group is not None and dist.get_world_size(loss_group) > 1:

@@ -1,0 +1,159 @@
+"""Optimizer, schedule and parameter/optimizer-state sharding for both workloads.
+
+`build_engine` returns an `Engine` with one interface whatever shards the state:
+
+- `sharding="deepspeed"`: DeepSpeed ZeRO with the configured stage (V2PE's reference
+  trains with ZeRO-3, PIIP's with ZeRO-1). All ranks, context-parallel ones included,
+  form DeepSpeed's data-parallel world: every rank holds a full model replica's worth
+  of parameters logically, so ZeRO shards optimizer state (1), gradients (2) and
+  parameters (3) over all of them.
+- `sharding="none"`: plain torch optimizer, gradients summed with all-reduce (for one
+  process, tests and debugging).
+
+Loss convention (workloads/v2pe/train.py): each rank's loss is its share of the
+global token mean, so gradients must be *summed* over ranks. DeepSpeed averages over
+its world, so the engine multiplies the loss by the world size first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(kw_only=True, frozen=True)
+class ShardingConfig:
+    sharding: str = "deepspeed"  # "deepspeed" | "none"
+    zero_stage: int = 1
+    bf16: bool = False
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        if self.sharding not in ("deepspeed", "none"):
+            raise ValueError(f"sharding={self.sharding!r} is not one of 'deepspeed', 'none'")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage!r} is not one of 0, 1, 2, 3")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+
+
+def lr_lambda(cfg: OptimConfig):
+    """Linear warm-up to lr, then cosine decay to min_lr_ratio * lr at total_steps."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.total_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _adamw(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+class Engine:
+    """backward / step / state for one model, sharded or not."""
+
+    def __init__(self, model, optimizer, scheduler, ds_engine=None, *, grad_clip: float, grad_accum: int):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.ds = ds_engine
+        self.grad_clip = grad_clip
+        self.grad_accum = grad_accum
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self._micro = 0
+        self.last_grad_norm = float("nan")
+
+    @property
+    def module(self):
+        return self.ds.module if self.ds is not None else self.model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.ds is not None:
+            # DeepSpeed averages over ranks and divides by grad_accum: undo both, since
+            # our rank losses are already shares of the global mean per micro-step.
+            self.ds.backward(loss * self.world * self.grad_accum)
+        else:
+            loss.backward()
+        self._micro += 1
+
+    def step(self) -> bool:
+        """Optimizer step once every grad_accum micro-steps; True when it stepped."""
+        if self.ds is not None:
+            boundary = self.ds.is_gradient_accumulation_boundary()
+            self.ds.step()
+            if boundary:
+                norm = self.ds.get_global_grad_norm()
+                self.last_grad_norm = float(norm) if norm is not None else float("nan")
+            return boundary
+        if self._micro % self.grad_accum:
+            return False
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)  # sum: rank losses are shares of the global mean
+        if self.grad_accum > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.grad_accum)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.last_grad_norm = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def build_engine(model: torch.nn.Module, optim: OptimConfig, shard: ShardingConfig) -> Engine:
+    if shard.sharding == "none":
+        opt = _adamw(model.parameters(), optim)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim))
+        return Engine(model, opt, sched, grad_clip=optim.grad_clip, grad_accum=shard.grad_accum)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    try:
+        import deepspeed  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError("sharding='deepspeed' needs deepspeed: pip install longview (core dependency)") from e
+    opt = _adamw(model.parameters(), optim)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": shard.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": shard.zero_stage},
+        "bf16": {"enabled": shard.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    ds_engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                          config=ds_config)
+    return Engine(model, ds_opt, ds_sched, ds_engine, grad_clip=optim.grad_clip, grad_accum=shard.grad_accum)
