@@ -120,3 +120,19 @@ def test_reads_through_fsspec_urls(tmp_path):
     remote = load_samples("memory://v2pe/data.jsonl", tokenizer=TOK, cfg=data_config())
     for a, b in zip(local, remote):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixels, b.pixels)
+
+
+def test_position_mode_comes_from_config(tmp_path):
+    from workloads.v2pe.data import make_batch
+
+    path, _ = make_records(str(tmp_path))
+    samples = load_samples(path, tokenizer=TOK, cfg=data_config())
+    fix = make_batch(samples, tokenizer=TOK, cfg=data_config(position_mode="v2pe_fix", position_stride=64), cp=2)
+    plain = make_batch(samples, tokenizer=TOK, cfg=data_config(position_mode="default"), cp=2)
+    ctx = fix.input_ids == TOK.img_context_id
+    steps = torch.diff(fix.positions[ctx])
+    assert (steps == 0.25).any() and not (torch.diff(plain.positions[ctx]) == 0.25).any()
+    with pytest.raises(ValueError, match=r"data.position_stride must be an integer in 1..256 for 'v2pe_fix', got None"):
+        data_config(position_mode="v2pe_fix")
+    with pytest.raises(ValueError, match=r"data.position_mode='rnd'"):
+        data_config(position_mode="rnd")

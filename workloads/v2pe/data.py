@@ -160,6 +160,18 @@ class DataConfig:
     tile: int = 448
     tokens_per_tile: int = 256
     thumbnail: bool = True
+    # V2PE position mode: "v2pe_rnd" for training (δ drawn per image), "v2pe_fix" with
+    # a stride (δ = stride/256) for evaluation, "default" for plain RoPE positions.
+    position_mode: str = "v2pe_rnd"
+    position_stride: int | None = None
+
+    def __post_init__(self):
+        from .positions import MODES  # noqa: PLC0415
+
+        if self.position_mode not in MODES:
+            raise ValueError(f"data.position_mode={self.position_mode!r} is not one of {MODES}")
+        if self.position_mode == "v2pe_fix" and not (isinstance(self.position_stride, int) and 1 <= self.position_stride <= 256):
+            raise ValueError(f"data.position_stride must be an integer in 1..256 for 'v2pe_fix', got {self.position_stride!r}")
 
 
 @dataclass
@@ -345,6 +357,19 @@ def pack(
     )
 
 
+def make_batch(
+    samples: Sequence[EncodedSample],
+    *,
+    tokenizer: ByteTokenizer,
+    cfg: DataConfig,
+    cp: int,
+    generator: torch.Generator | None = None,
+) -> V2PEBatch:
+    """`pack` with the position mode and stride from config, padded for a CP degree."""
+    return pack(samples, tokenizer=tokenizer, tokens_per_tile=cfg.tokens_per_tile, multiple=2 * cp,
+                mode=cfg.position_mode, stride=cfg.position_stride, generator=generator)
+
+
 def shard_batch(batch: V2PEBatch, world_size: int, rank: int) -> V2PEBatch:
     """This rank's context-parallel share: every per-token tensor zigzag-sharded with the
     same function, and an even share of the tiles to encode (features are gathered)."""
@@ -387,5 +412,5 @@ def pack_greedy(samples: Sequence[EncodedSample], budget: int, multiple: int) ->
 
 __all__ = [
     "ByteTokenizer", "DataConfig", "DataError", "EncodedSample", "V2PEBatch", "encode_sample", "load_samples",
-    "pack", "pack_greedy", "read_jsonl", "shard_batch", "tile_image",
+    "make_batch", "pack", "pack_greedy", "read_jsonl", "shard_batch", "tile_image",
 ]

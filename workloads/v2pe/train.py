@@ -125,3 +125,21 @@ def forward_loss(
         dist.all_reduce(global_tokens, group=loss_group)
     loss = loss_sum / global_tokens.clamp(min=1.0)
     return loss, {"tokens": float(n_tokens), "global_tokens": float(global_tokens), "seq_local": batch.input_ids.shape[1]}
+
+
+def train_step(engine, batch: V2PEBatch, *, cp_group=None, loss_group=None, cfg: TrainStepConfig = TrainStepConfig()) -> dict:
+    """One micro-step: forward, backward, and the optimizer step at accumulation boundaries.
+
+    Returns the step's global loss (mean over every supervised token of every rank),
+    token counts, and, when the optimizer stepped, the gradient norm and learning rate.
+    """
+    loss, stats = forward_loss(engine.module, batch, cp_group=cp_group, loss_group=loss_group, cfg=cfg)
+    engine.backward(loss)
+    stepped = engine.step()
+    total = loss.detach().clone()
+    if loss_group is not None and dist.get_world_size(loss_group) > 1:
+        dist.all_reduce(total, group=loss_group)
+    out = {"loss": float(total), "tokens": stats["global_tokens"], "stepped": stepped}
+    if stepped:
+        out.update(grad_norm=engine.last_grad_norm, lr=engine.lr)
+    return out
