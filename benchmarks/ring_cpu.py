@@ -29,23 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._measure import reset_peak, status_mib  # noqa: E402
 from parallelism.local_world import LocalWorld  # noqa: E402
 from parallelism.ring_attention import ring_attention  # noqa: E402
 from parallelism.sharding import zigzag_shard  # noqa: E402
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise KeyError(field)
-
-
-def _reset_peak() -> None:
-    """Sets the peak-RSS mark (VmHWM) back to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _inputs(S, H, Hkv, D):
@@ -63,8 +50,8 @@ def _run(S_total, H, Hkv, D, repeats, use_ring, warm=True):
         q, k, v, dout = (zigzag_shard(t, W, r).clone() for t in (q, k, v, dout))
     for t in (q, k, v):
         t.requires_grad_(True)
-    _reset_peak()  # earlier peaks (imports, the unsharded inputs) must not count
-    base = _status_mib("VmRSS")
+    reset_peak()  # earlier peaks (imports, the unsharded inputs) must not count
+    base = status_mib("VmRSS")
     best = float("inf")
     for _ in range(repeats):
         for t in (q, k, v):
@@ -80,7 +67,7 @@ def _run(S_total, H, Hkv, D, repeats, use_ring, warm=True):
         out.backward(dout)
         best = min(best, time.perf_counter() - t0)
         del out
-    return best, _status_mib("VmHWM") - base
+    return best, status_mib("VmHWM") - base
 
 
 def measure(W, S_local, H, Hkv, D, repeats):

@@ -1,0 +1,148 @@
+"""One-GPU V2PE capacity for internvl2-2b dimensions (one prepared run, prints a report).
+
+    python benchmarks/v2pe_gpu.py [--lengths 16384 32768 65536 131072 262144] [--out v2pe_gpu.json]
+
+1. Training: bf16 model with activation checkpointing and the chunked loss, AdamW in
+   bf16 (no sharding: one GPU). For growing sequence lengths (one image of 256 visual
+   tokens per 4K tokens, δ drawn per image) it runs steps until memory runs out and
+   reports tokens/s, model FLOPs utilisation and peak memory.
+2. Evaluation: forward only at the same lengths, peak memory.
+3. From the measured peak memory m(S) = a + b·S (least squares over the lengths that
+   fit), the per-GPU memory of a 256K-token training sample on 8 GPUs (S_local = 32K)
+   and of a 1M-token evaluation on 16 and 32 GPUs (S_local = 64K, 32K).
+
+Model FLOPs per token: 6·N_decoder (matmuls forward+backward) + 6·L·S·H·D/2·2 for causal
+attention (QK and PV), plus the ViT's 6·N_vit·1025 per tile; recomputation from
+activation checkpointing is not counted (the usual MFU convention). Peak: 989 TFLOP/s
+dense bf16 (H100/H200 SXM). Needs only torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: E402
+from workloads.v2pe.data import ByteTokenizer, EncodedSample, pack  # noqa: E402
+from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config  # noqa: E402
+from workloads.v2pe.train import TrainStepConfig, parallelize, train_step  # noqa: E402
+
+PEAK_TFLOPS = 989.0
+
+
+def synthetic_sample(S: int, tok: ByteTokenizer, tokens_per_tile: int, tile: int, every: int = 4096) -> EncodedSample:
+    """S tokens of random text with one single-tile image per `every` tokens, answer at the end."""
+    g = torch.Generator().manual_seed(S)
+    ids = torch.randint(0, 256, (S,), generator=g)
+    n_img = max(1, S // every)
+    for i in range(n_img):
+        at = i * every + 8
+        ids[at] = tok.img_start_id
+        ids[at + 1 : at + 1 + tokens_per_tile] = tok.img_context_id
+        ids[at + 1 + tokens_per_tile] = tok.img_end_id
+    targets = torch.full((S,), -100)
+    targets[-65:-1] = ids[-64:]  # 64 supervised answer tokens
+    pixels = torch.randn(n_img, 3, tile, tile, generator=g)
+    return EncodedSample(sample_id=f"synthetic-{S}", input_ids=ids, targets=targets, pixels=pixels)
+
+
+def model_flops_per_token(model: V2PEModel, S: int, n_tiles: int) -> float:
+    cfg = model.cfg
+    n_dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder.") and "embed" not in n)
+    n_vit = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("vision.", "projector.")))
+    attn = 6 * cfg.llm.num_layers * S * cfg.llm.num_heads * cfg.llm.head_dim  # causal: half of 12·L·S·H·D
+    vit = 6 * n_vit * (cfg.vision.grid**2 + 1) * n_tiles / S
+    return 6 * n_dec + attn + vit
+
+
+def fit_line(xs, ys):
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mx) ** 2 for x in xs))
+    return my - b * mx, b
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="internvl2-2b")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072, 262144])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    dev = torch.device("cuda")
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    model = V2PEModel(model_config(args.size)).to(dev, torch.bfloat16)
+    cfg = TrainStepConfig(loss_chunk_tokens=4096, activation_checkpointing=True)
+    parallelize(model, cfg)
+    engine = build_engine(model, OptimConfig(lr=1e-5), ShardingConfig(sharding="none"))
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
+              "params": sum(p.numel() for p in model.parameters()), "train": [], "eval": []}
+    print(report, flush=True)
+    for S in args.lengths:
+        sample = synthetic_sample(S, tok, model.cfg.tokens_per_tile, model.cfg.vision.image_size)
+        batch = pack([sample], tokenizer=tok, tokens_per_tile=model.cfg.tokens_per_tile, multiple=2, mode="v2pe_rnd",
+                     generator=torch.Generator().manual_seed(0))
+        for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight", "cu_seqlens"):
+            setattr(batch, name, getattr(batch, name).to(dev))
+        batch.pixels = batch.pixels.to(dev, torch.bfloat16)
+        row = {"S": S}
+        try:
+            train_step(engine, batch, cfg=cfg)  # warm-up (and optimizer state allocation)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            train_step(engine, batch, cfg=cfg)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            f = model_flops_per_token(model, S, batch.num_tiles) * S
+            row.update(step_s=dt, tokens_per_s=S / dt, mfu=f / dt / 1e12 / PEAK_TFLOPS,
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+        report["train"].append(row)
+        print("train", row, flush=True)
+        torch.cuda.empty_cache()
+        erow = {"S": S}
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                visual = model.encode_images(batch.pixels)
+                model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index,
+                                     AttentionSpec(cu_seqlens=batch.cu_seqlens))
+            torch.cuda.synchronize()
+            erow["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        except torch.OutOfMemoryError:
+            erow["oom"] = True
+        report["eval"].append(erow)
+        print("eval", erow, flush=True)
+        torch.cuda.empty_cache()
+        if row.get("oom") and erow.get("oom"):
+            break
+    fits = [r for r in report["train"] if "peak_gib" in r]
+    efits = [r for r in report["eval"] if "peak_gib" in r]
+    if len(fits) >= 2:
+        a, b = fit_line([r["S"] for r in fits], [r["peak_gib"] for r in fits])
+        report["train_memory_model"] = {"fixed_gib": a, "gib_per_token": b,
+                                        "256k_on_8_gpus_gib": a + b * 262144 / 8,
+                                        "longest_trained": max(r["S"] for r in fits)}
+    if len(efits) >= 2:
+        a, b = fit_line([r["S"] for r in efits], [r["peak_gib"] for r in efits])
+        report["eval_memory_model"] = {"fixed_gib": a, "gib_per_token": b,
+                                       "1m_on_16_gpus_gib": a + b * 2**20 / 16, "1m_on_32_gpus_gib": a + b * 2**20 / 32,
+                                       "longest_evaluated": max(r["S"] for r in efits)}
+    print(json.dumps({k: v for k, v in report.items() if k.endswith("model")}, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
