@@ -1,0 +1,62 @@
+import glob
+
+import pytest
+
+from orchestrator.config import ConfigError, flatten, load_config, to_dict
+
+BASE = """
+name: t1
+workload: v2pe
+resources: {workers: 2}
+parallelism: {cp: 2}
+"""
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/v2pe-*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.workload == "v2pe" and cfg.resources.workers % cfg.parallelism.cp == 0
+
+
+def test_defaults_and_derived_values():
+    cfg = load_config(BASE)
+    assert cfg.dp == 1 and cfg.experiment == "longview-v2pe" and cfg.training.sharding == "none"
+    flat = flatten(to_dict(cfg))
+    assert flat["parallelism.cp"] == 2 and flat["training.lr"] == 1e-4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"training.stpes": 3}, r"training.stpes: unknown key; did you mean 'steps'\?"),
+        ({"training.steps": "ten"}, r"training.steps: expected an integer, got 'ten'"),
+        ({"training.steps": 0}, r"training.steps: must be > 0, got 0"),
+        ({"training.lr": True}, r"training.lr: expected a number, got True"),
+        ({"parallelism.cp": 3}, r"parallelism.cp: 3 does not divide resources.workers=2"),
+        ({"training.sharding": "fsdp"}, r"training.sharding: 'fsdp' is not allowed; choose one of 'deepspeed' \| 'none'"),
+        ({"data.position_mode": "v2pe_fix"}, r"data.position_stride: required when data.position_mode is 'v2pe_fix'"),
+        ({"data.position_stride": 300}, r"data.position_stride: 300 is not in 1..256"),
+        ({"model.size": "gpt5"}, r"model: model size 'gpt5' is unknown"),
+        ({"storage.uri": "s3://Bad_Bucket/x"}, r"storage.uri: 's3://Bad_Bucket/x' is not an s3://bucket/prefix URI"),
+        ({"evaluation.strides": [64, 0]}, r"evaluation.strides: 0 is not an integer in 1..256"),
+        ({"resources.cpus_per_worker": -1}, r"resources.cpus_per_worker: must be >= 0, got -1"),
+        ({"training.zero_stage": 3}, r"training.zero_stage: only meaningful with training.sharding='deepspeed'"),
+        ({"name": "bad name!"}, r"name: 'bad name!' must be 1-100 letters"),
+    ],
+)
+def test_errors_name_key_value_and_allowed(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(BASE, overrides=override)
+
+
+def test_structural_errors():
+    with pytest.raises(ConfigError, match="workload: required key is missing"):
+        load_config("name: x\n")
+    with pytest.raises(ConfigError, match="workload: 'piip2' is not allowed"):
+        load_config("name: x\nworkload: piip2\n")
+    with pytest.raises(ConfigError, match="training: expected a mapping of TrainingSection keys, got 5"):
+        load_config(BASE + "training: 5\n")
+    with pytest.raises(ConfigError, match="top level"):
+        load_config("- a\n- b\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("name: [unclosed\n")
