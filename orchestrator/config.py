@@ -63,6 +63,7 @@ class TrainingSection:
     grad_clip: float = 1.0
     checkpoint_every: int = 5
     keep_checkpoints: int = 2
+    max_failures: int = 3  # worker failures Ray Train recovers from (resuming the last checkpoint)
     seed: int = 0
     sharding: Literal["deepspeed", "none"] = "none"
     zero_stage: int = 1

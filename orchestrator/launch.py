@@ -1,0 +1,282 @@
+"""Job config -> Ray Train `TorchTrainer`, and the function every worker runs.
+
+Driver (`run_training`): prepares the data (synthetic samples are written to storage
+once), finds or creates the job's MLflow run, and fits a TorchTrainer whose storage is
+the configured S3 prefix (through s3fs), with `FailureConfig` so a failed worker group
+restarts from the last checkpoint, and `CheckpointConfig` keeping the last N.
+
+Worker (`train_loop`): builds the process groups through `parallelism.dims`, the model,
+engine and data through the workload, resumes from `ray.train.get_checkpoint()` if
+there is one, and runs steps. Batches are a pure function of (seed, step, replica), so
+a resumed run sees exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import sys
+import tempfile
+import time
+
+import torch
+
+from .config import JobConfig, build, flatten, to_dict
+
+# Test hook for fault injection (issue: a worker raises at step k, the run resumes).
+FAULT_STEP_ENV = "LONGVIEW_FAULT_AT_STEP"
+FAULT_MARKER_ENV = "LONGVIEW_FAULT_MARKER"
+
+
+# --- storage -----------------------------------------------------------------------------------
+
+
+def s3_endpoint(cfg: JobConfig) -> str | None:
+    return cfg.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+
+
+def storage_for_ray(cfg: JobConfig):
+    """(storage_path, storage_filesystem) for RunConfig: s3://b/p becomes "b/p" + s3fs."""
+    uri = cfg.storage.uri
+    if not uri.startswith("s3://"):
+        return (uri or os.path.abspath("longview-runs")), None
+    import pyarrow.fs  # noqa: PLC0415
+    import s3fs  # noqa: PLC0415
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint(cfg))
+    return uri[len("s3://"):].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def run_uri(cfg: JobConfig, *parts: str) -> str:
+    base = cfg.storage.uri.rstrip("/") or os.path.abspath("longview-runs")
+    return posixpath.join(base, cfg.name, *parts)
+
+
+def worker_env(cfg: JobConfig) -> dict[str, str]:
+    """Environment the workers need: S3 endpoint and credentials from *this* environment."""
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("AWS_") or k in ("MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE")}
+    endpoint = s3_endpoint(cfg)
+    if endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = endpoint
+        env["FSSPEC_S3_ENDPOINT_URL"] = endpoint  # fsspec reads s3fs options from FSSPEC_S3_*
+    for k in (FAULT_STEP_ENV, FAULT_MARKER_ENV):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.resources.cpus_per_worker))))
+    return env
+
+
+# --- the V2PE workload as the worker loop sees it ---------------------------------------------------
+
+
+class V2PERunner:
+    def __init__(self, cfg: JobConfig, groups, device: torch.device):
+        from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
+        from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, pack_greedy  # noqa: PLC0415
+        from workloads.v2pe.model import V2PEModel, model_config  # noqa: PLC0415
+        from workloads.v2pe.train import TrainStepConfig, parallelize  # noqa: PLC0415
+
+        self.cfg, self.groups, self.device = cfg, groups, device
+        t = cfg.training
+        torch.manual_seed(t.seed)  # same initial weights on every rank
+        if cfg.model.pretrained:
+            from workloads.v2pe.checkpoint_io import load_pretrained  # noqa: PLC0415
+
+            model = load_pretrained(cfg.model.pretrained)
+        else:
+            model = V2PEModel(model_config(cfg.model.size, **cfg.model.overrides))
+        model.to(device, torch.bfloat16 if t.bf16 and not t.sharding == "deepspeed" else torch.float32)
+        self.step_cfg = TrainStepConfig(loss_chunk_tokens=t.loss_chunk_tokens,
+                                        activation_checkpointing=t.activation_checkpointing)
+        parallelize(model, self.step_cfg)
+        self.engine = build_engine(
+            model,
+            OptimConfig(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                        grad_clip=t.grad_clip),
+            ShardingConfig(sharding=t.sharding, zero_stage=t.zero_stage, bf16=t.bf16, grad_accum=t.grad_accum),
+        )
+        mc = model.cfg
+        self.tokenizer = ByteTokenizer()
+        self.data_cfg = DataConfig(max_tokens=cfg.data.max_tokens, max_tiles=cfg.data.max_tiles,
+                                   tile=mc.vision.image_size, tokens_per_tile=mc.tokens_per_tile,
+                                   position_mode=cfg.data.position_mode, position_stride=cfg.data.position_stride)
+        train_path = cfg.data.train if cfg.data.train != "synthetic" else run_uri(cfg, "data", "train", "data.jsonl")
+        samples = load_samples(train_path, tokenizer=self.tokenizer, cfg=self.data_cfg)
+        self.rows = pack_greedy(samples, budget=cfg.data.max_tokens, multiple=2 * cfg.parallelism.cp)
+
+    def batch(self, micro: int):
+        """The packed row of micro-step `micro` for this data-parallel replica, CP-sharded."""
+        from workloads.v2pe.data import make_batch, shard_batch  # noqa: PLC0415
+
+        dp, d = self.groups.dims.dp, self.groups.dp_rank
+        i = micro * dp + d
+        epoch, j = divmod(i, len(self.rows))
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.cfg.training.seed + epoch))
+        gen = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + i)  # δ draws of this batch
+        batch = make_batch(self.rows[int(order[j])], tokenizer=self.tokenizer, cfg=self.data_cfg,
+                           cp=self.groups.dims.cp, generator=gen)
+        local = shard_batch(batch, self.groups.dims.cp, self.groups.cp_rank)
+        for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight", "cu_seqlens"):
+            setattr(local, name, getattr(local, name).to(self.device))
+        local.pixels = local.pixels.to(self.device, next(self.engine.module.parameters()).dtype)
+        return local
+
+    def step(self, micro: int) -> dict:
+        from workloads.v2pe.train import train_step  # noqa: PLC0415
+
+        import torch.distributed as dist  # noqa: PLC0415
+
+        cp_group = self.groups.cp_group if self.groups.dims.cp > 1 else None
+        loss_group = dist.group.WORLD if self.groups.dims.world_size > 1 else None
+        return train_step(self.engine, self.batch(micro), cp_group=cp_group, loss_group=loss_group, cfg=self.step_cfg)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # noqa: PLC0415
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _maybe_fail(step: int, rank: int) -> None:
+    at, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if at is not None and int(at) == step and rank == 0 and marker and not os.path.exists(marker):
+        open(marker, "w").close()  # fail once: the restarted worker finds the marker
+        raise RuntimeError(f"injected fault at step {step}")
+
+
+def train_loop(config: dict) -> None:
+    import ray.train  # noqa: PLC0415
+
+    from parallelism.dims import ParallelDims  # noqa: PLC0415
+
+    from .checkpoint import TrainState, restore_checkpoint, save_checkpoint  # noqa: PLC0415
+    from .tracking import Tracker  # noqa: PLC0415
+
+    cfg = build(JobConfig, config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    groups = ParallelDims.infer(world_size=world, cp=cfg.parallelism.cp).build()
+    runner = V2PERunner(cfg, groups, device)
+
+    state = TrainState(mlflow_run_id=config.get("mlflow_run_id"))
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            state = restore_checkpoint(folder, rank=rank, world_size=world, engine=runner.engine)
+        if rank == 0:
+            print(f"[longview] resumed from {ckpt.path} at step {state.step}", flush=True)
+    tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
+
+    t = cfg.training
+    while state.step < t.steps:
+        _maybe_fail(state.step, rank)
+        t0 = time.perf_counter()
+        losses, tokens = [], 0.0
+        for m in range(t.grad_accum):
+            out = runner.step(state.step * t.grad_accum + m)
+            losses.append(out["loss"])
+            tokens += out["tokens"]
+        dt = time.perf_counter() - t0
+        loss = sum(losses) / len(losses)
+        metrics = {"loss": loss, "lr": out.get("lr", float("nan")), "grad_norm": out.get("grad_norm", float("nan")),
+                   "tokens_per_s": tokens / dt, "samples_per_s": groups.dims.dp * t.grad_accum / dt,
+                   "peak_memory_mib": _peak_memory_mib(device)}
+        state.step += 1
+        state.losses.append([state.step, loss])
+        tracker.log_metrics(metrics, step=state.step)
+        if state.step % t.checkpoint_every == 0 or state.step == t.steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, rank=rank, state=state, engine=runner.engine)
+                ray.train.report({"step": state.step, "loss": loss},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"step-{state.step:07d}")
+    tracker.flush()
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: JobConfig) -> str | None:
+    """Writes the synthetic training set to storage once (skipped if it is there)."""
+    if cfg.data.train != "synthetic":
+        return None
+    import fsspec  # noqa: PLC0415
+
+    from workloads.v2pe.model import model_config  # noqa: PLC0415
+    from workloads.v2pe.synth import SynthConfig, write_dataset  # noqa: PLC0415
+
+    url = run_uri(cfg, "data", "train")
+    opts = {"endpoint_url": s3_endpoint(cfg)} if url.startswith("s3://") and s3_endpoint(cfg) else {}
+    fs, root = fsspec.core.url_to_fs(url, **opts)
+    if fs.exists(posixpath.join(root, "data.jsonl")):
+        return url + "/data.jsonl"
+    mc = model_config(cfg.model.size, **cfg.model.overrides)
+    s = cfg.data.synthetic
+    synth = SynthConfig(tokens=s.tokens, images=s.images, task=s.task, tile=mc.vision.image_size,
+                        tokens_per_tile=mc.tokens_per_tile, seed=s.seed)
+    if opts:
+        os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", opts["endpoint_url"])
+    return write_dataset(url, synth, s.samples)
+
+
+def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict | None = None):
+    """Fits the job on the Ray cluster at `ray_address` ("local": in-process). Returns the Result."""
+    import ray  # noqa: PLC0415
+    import ray.train  # noqa: PLC0415
+    from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
+
+    from .tracking import find_or_create_run  # noqa: PLC0415
+
+    prepare_data(cfg)
+    run_id = None
+    if cfg.tracking.uri:
+        run_id, created = find_or_create_run(cfg.tracking.uri, cfg.experiment, cfg.name, {
+            "longview.checkpoint_uri": run_uri(cfg), "longview.workload": cfg.workload, **(tags or {}),
+        })
+        if created:
+            from .tracking import Tracker  # noqa: PLC0415
+
+            tr = Tracker(cfg.tracking.uri, run_id)
+            params = flatten(to_dict(cfg))
+            from mlflow.entities import Param  # noqa: PLC0415
+
+            tr.call("log_batch", [], [Param(k, str(v)[:500]) for k, v in params.items()])
+    if not ray.is_initialized():
+        # The job's environment reaches every actor, the Train controller included (it
+        # opens the S3 storage too), not only the training workers.
+        ray.init(address=ray_address or "local", log_to_driver=True, runtime_env={"env_vars": worker_env(cfg)})
+    storage_path, fs = storage_for_ray(cfg)
+    use_gpu = cfg.resources.gpus_per_worker > 0
+    resources = {"CPU": cfg.resources.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": cfg.tracking.uri},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.parallelism.timeout_s)),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.resources.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.training.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+    result = trainer.fit()
+    if run_id:
+        from .tracking import Tracker  # noqa: PLC0415
+
+        Tracker(cfg.tracking.uri, run_id).call("set_tag", "longview.final_checkpoint", str(result.checkpoint.path))
+    return result, run_id
+
+
+if __name__ == "__main__":  # pragma: no cover - used by `longview submit` as the job entrypoint
+    from .cli import main
+
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Local services on 127.0.0.1 for tests and the demo: S3 endpoint, MLflow, Ray head.
+
+Each service is a child process in its own process group, on free ports, with its
+state (PID, URL, log file) in a JSON state file, and is stopped by PID (never
+`ray stop`, which would kill every Ray process on the machine).
+
+- S3: moto's standalone server, an S3-protocol endpoint (any credentials accepted).
+- MLflow: `mlflow server` on a sqlite store, artifacts proxied to s3://BUCKET/mlflow,
+  so workers need no S3 credentials to log artifacts.
+- Ray: `ray start --head --block` with its own ports and temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from parallelism.local_world import free_port
+
+# moto accepts any key; these only exist so that boto/s3fs sign requests to it.
+LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "longview-local", "AWS_SECRET_ACCESS_KEY": "longview-local-secret",
+                     "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def _bin(name: str) -> str:
+    """An executable of the running Python environment (the venv's, not the PATH's)."""
+    path = Path(sys.executable).with_name(name)
+    return str(path) if path.exists() else name
+
+
+def ray_env() -> dict:
+    """Environment for Ray CLI/clients: token auth when this machine has a token (DESIGN §5)."""
+    env = {}
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    url: str
+    log: str
+    extra: dict = field(default_factory=dict)
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = Path(log).read_text()[-2000:] if Path(log).exists() else ""
+            raise ServiceError(f"{url}: the process exited with {proc.returncode} before answering\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.3)
+    raise ServiceError(f"{url} did not answer within {timeout_s:.0f}s (log: {log})")
+
+
+def _spawn(cmd: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    with open(log, "ab") as f:
+        # Own session = own process group: stopping it stops everything it started.
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                                stdin=subprocess.DEVNULL)
+
+
+def stop_pid(pid: int, timeout_s: float = 40.0) -> None:
+    """SIGTERM to the service's process group, SIGKILL if it has not gone after timeout_s."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap it if it is our child
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                break
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Service:
+    port = free_port()
+    log = str(state_dir / "s3.log")
+    proc = _spawn([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)], log)
+    url = f"http://{host}:{port}"
+    _wait_http(url + "/moto-api/", 60, proc, log)
+    import boto3  # noqa: PLC0415
+
+    client = boto3.client("s3", endpoint_url=url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    for b in buckets:
+        client.create_bucket(Bucket=b)
+    return Service("s3", proc.pid, url, log, {"buckets": buckets})
+
+
+def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0.1") -> Service:
+    port = free_port()
+    log = str(state_dir / "mlflow.log")
+    db = state_dir / "mlflow.db"
+    cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
+           f"s3://{bucket}/mlflow", "--host", host, "--port", str(port), "--workers", "1"]
+    env = dict(LOCAL_CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
+    proc = _spawn(cmd, log, env)
+    url = f"http://{host}:{port}"
+    _wait_http(url + "/health", 120, proc, log)
+    return Service("mlflow", proc.pid, url, log)
+
+
+def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1") -> Service:
+    gcs, dash, client = free_port(), free_port(), free_port()
+    log = str(state_dir / "ray.log")
+    # Ray's unix socket paths must stay short: a temp dir under /tmp, named by port.
+    tmp = f"/tmp/lv-ray-{gcs}"
+    cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address", host, "--port", str(gcs),
+           "--dashboard-host", host, "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+           "--temp-dir", tmp, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats"]
+    proc = _spawn(cmd, log, ray_env())
+    url = f"http://{host}:{dash}"
+    _wait_http(url + "/api/version", 120, proc, log)
+    return Service("ray", proc.pid, url, log, {"address": f"{host}:{gcs}", "temp_dir": tmp})
+
+
+class LocalServices:
+    """`longview up` / `down`: the three services and their state file."""
+
+    def __init__(self, state_dir: str | Path):
+        self.state_dir = Path(state_dir)
+        self.state_file = self.state_dir / "services.json"
+
+    def read(self) -> dict[str, Service]:
+        if not self.state_file.exists():
+            return {}
+        return {k: Service(**v) for k, v in json.loads(self.state_file.read_text()).items()}
+
+    def _write(self, services: dict[str, Service]) -> None:
+        self.state_file.write_text(json.dumps({k: asdict(v) for k, v in services.items()}, indent=1))
+
+    def up(self, *, ray_cpus: int = 2, bucket: str = "longview", ray: bool = True, mlflow: bool = True) -> dict:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        running = self.read()
+        if running:
+            raise ServiceError(f"services already recorded in {self.state_file}; run `longview down` first")
+        started: dict[str, Service] = {}
+        try:
+            started["s3"] = start_s3(self.state_dir, [bucket])
+            self._write(started)
+            if mlflow:
+                started["mlflow"] = start_mlflow(self.state_dir, started["s3"], bucket)
+                self._write(started)
+            if ray:
+                started["ray"] = start_ray(self.state_dir, ray_cpus)
+                self._write(started)
+        except BaseException:
+            self.down()
+            raise
+        return started
+
+    def down(self) -> list[str]:
+        stopped = []
+        for name, svc in reversed(list(self.read().items())):
+            stop_pid(svc.pid)
+            stopped.append(name)
+        if self.state_file.exists():
+            self.state_file.unlink()
+        return stopped
+
+    def env(self) -> dict[str, str]:
+        """Environment for clients of the running services (S3 endpoint, credentials)."""
+        s = self.read()
+        env = dict(LOCAL_CREDENTIALS)
+        if "s3" in s:
+            env["AWS_ENDPOINT_URL_S3"] = s["s3"].url
+            env["MLFLOW_S3_ENDPOINT_URL"] = s["s3"].url
+        if "mlflow" in s:
+            env["MLFLOW_TRACKING_URI"] = s["mlflow"].url
+        env.update(ray_env())
+        return env

@@ -1,0 +1,92 @@
+"""MLflow tracking from rank 0, kept across restarts, never fatal.
+
+- One MLflow run per job: the driver finds the run tagged with the job's name in the
+  workload's experiment (a resubmitted job continues it) or creates it, and passes its
+  id to the workers.
+- No step is logged twice: on (re)start the tracker asks for the last logged step and
+  drops metrics at or below it; an exact resume reproduces those values anyway.
+- A tracking outage never stops training: failed calls are kept in a buffer, a
+  warning is printed once, and the buffer is flushed when the server answers again.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+RUN_NAME_TAG = "longview.run_name"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
+    """(run id, created) for the job `run_name` in `experiment`."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+    return run.info.run_id, True
+
+
+class Tracker:
+    """Buffered metric logging to one MLflow run (rank 0 only)."""
+
+    def __init__(self, uri: str | None, run_id: str | None, *, metric_key: str = "loss"):
+        self.uri, self.run_id = uri, run_id
+        self.enabled = bool(uri and run_id)
+        self.pending: list = []  # metrics not yet accepted by the server
+        self._warned = False
+        self.last_logged_step = -1
+        if self.enabled:
+            try:
+                hist = _client(uri).get_metric_history(run_id, metric_key)
+                self.last_logged_step = max((m.step for m in hist), default=-1)
+            except Exception as e:  # noqa: BLE001 - outage at start: log everything later
+                self._warn(e)
+
+    def _warn(self, e: Exception) -> None:
+        if not self._warned:
+            print(f"[longview] MLflow at {self.uri} unreachable ({type(e).__name__}); metrics are kept and "
+                  "sent when it answers again", file=sys.stderr, flush=True)
+            self._warned = True
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled or step <= self.last_logged_step:
+            return
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        ts = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.flush()
+
+    def flush(self) -> bool:
+        if not self.enabled or not self.pending:
+            return True
+        try:
+            _client(self.uri).log_batch(self.run_id, metrics=self.pending[:1000])
+        except Exception as e:  # noqa: BLE001
+            self._warn(e)
+            return False
+        self.last_logged_step = max([self.last_logged_step] + [m.step for m in self.pending[:1000]])
+        self.pending = self.pending[1000:]
+        self._warned = False
+        return self.flush()
+
+    def call(self, method: str, *args: Any) -> bool:
+        """Any other MlflowClient call (params, tags, artifacts), tolerant of outages."""
+        if not self.enabled:
+            return False
+        try:
+            getattr(_client(self.uri), method)(self.run_id, *args)
+            return True
+        except Exception as e:  # noqa: BLE001
+            self._warn(e)
+            return False
