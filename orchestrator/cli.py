@@ -1,27 +1,278 @@
 """The `longview` command line.
 
-Subcommands grow with the orchestrator; for now:
-    longview ring-demo [--seq N --worlds 1 2 4]   ring attention across local processes
+    longview up | down                      local S3 endpoint, MLflow server, Ray head on 127.0.0.1
+    longview train CONFIG [--address A]     run a job on a Ray cluster (default: the local head)
+    longview submit CONFIG [--address URL]  submit it through Ray job submission; prints the job id
+    longview status|logs|stop JOB_ID        follow a submitted job
+    longview eval CONFIG [--checkpoint URI] accuracy per (context length, δ) of a trained model
+    longview runs CONFIG                    the experiment's MLflow runs with their key metrics
+    longview ring-demo                      ring attention across local processes
+
+`--set key=value` (repeatable) overrides any config key, e.g. `--set training.steps=5`.
+Endpoints left out of the config are taken from the services `longview up` started
+(state in $LONGVIEW_HOME, default ~/.longview).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
+
+CONFIG_ENV = "LONGVIEW_JOB_CONFIG"  # a submitted job's resolved config, as JSON
+
+
+def home() -> Path:
+    return Path(os.environ.get("LONGVIEW_HOME", Path.home() / ".longview"))
+
+
+def _services():
+    from .services import LocalServices  # noqa: PLC0415
+
+    return LocalServices(home())
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    import yaml  # noqa: PLC0415
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)  # so numbers and booleans keep their types
+    return out
+
+
+def load_job(args):
+    """The job config from a file (or the submitted job's environment), with --set and the
+    local services' endpoints filled in where the config leaves them out."""
+    from .config import ConfigError, load_config  # noqa: PLC0415
+
+    overrides = _parse_sets(getattr(args, "set", []))
+    services = _services().read()
+    source = args.config
+    if source == "-":
+        source = json.dumps(json.loads(os.environ[CONFIG_ENV]))  # YAML is a superset of JSON
+    try:
+        cfg = load_config(source, overrides=overrides)
+        if "mlflow" in services and not cfg.tracking.uri:
+            cfg = load_config(source, overrides={**overrides, "tracking.uri": services["mlflow"].url})
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    if "s3" in services:
+        os.environ.setdefault("AWS_ENDPOINT_URL_S3", services["s3"].url)
+        for k, v in _services().env().items():
+            os.environ.setdefault(k, v)
+    return cfg
+
+
+def cmd_up(args) -> int:
+    svc = _services()
+    _say(f"starting local services (state in {svc.state_file}) ...")
+    t0 = time.time()
+    started = svc.up(ray_cpus=args.ray_cpus, bucket=args.bucket, ray=not args.no_ray)
+    for name, s in started.items():
+        extra = f"  ray address {s.extra['address']}" if name == "ray" else ""
+        _say(f"  {name:6s} {s.url}  pid {s.pid}{extra}")
+    _say(f"up in {time.time() - t0:.0f}s; bucket s3://{args.bucket}; `longview down` stops them")
+    return 0
+
+
+def cmd_down(args) -> int:
+    stopped = _services().down()
+    _say(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    return 0
+
+
+def _ray_address(args) -> str | None:
+    if args.address:
+        return args.address
+    s = _services().read()
+    return s["ray"].extra["address"] if "ray" in s else None
+
+
+def cmd_train(args) -> int:
+    from .launch import checkpoint_uri, run_training, run_uri  # noqa: PLC0415
+
+    cfg = load_job(args)
+    _say(f"training {cfg.name}: {cfg.resources.workers} workers (dp {cfg.dp} x cp {cfg.parallelism.cp}), "
+         f"{cfg.training.steps} steps; checkpoints {run_uri(cfg)}")
+    tags = {"longview.ray_job_id": os.environ.get("RAY_JOB_ID", ""), "longview.code_version": _code_version()}
+    result, run_id = run_training(cfg, ray_address=_ray_address(args), tags=tags)
+    _say(f"finished: last checkpoint {checkpoint_uri(cfg, result.checkpoint)}")
+    if run_id:
+        _say(f"MLflow run: {cfg.tracking.uri}/#/experiments/{_experiment_id(cfg)}/runs/{run_id}")
+    return 0
+
+
+def _code_version() -> str:
+    import subprocess  # noqa: PLC0415
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _experiment_id(cfg) -> str:
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    exp = MlflowClient(cfg.tracking.uri).get_experiment_by_name(cfg.experiment)
+    return exp.experiment_id if exp else "?"
+
+
+def _job_client(args):
+    from ray.job_submission import JobSubmissionClient  # noqa: PLC0415
+
+    from .services import ray_env  # noqa: PLC0415
+
+    os.environ.update(ray_env())
+    address = args.address
+    if not address:
+        s = _services().read()
+        if "ray" not in s:
+            raise SystemExit("no --address and no local Ray head (run `longview up`)")
+        address = s["ray"].url
+    return JobSubmissionClient(address)
+
+
+def cmd_submit(args) -> int:
+    from .config import to_dict  # noqa: PLC0415
+    from .launch import run_uri, worker_env  # noqa: PLC0415
+
+    cfg = load_job(args)
+    client = _job_client(args)
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(worker_env(cfg))
+    env[CONFIG_ENV] = json.dumps(to_dict(cfg))
+    env["LONGVIEW_HOME"] = str(home())
+    job_id = client.submit_job(
+        entrypoint=f"{sys.executable} -m orchestrator.cli train -",
+        runtime_env={"working_dir": str(repo), "env_vars": env,
+                     "excludes": [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]},
+        metadata={"longview.run_name": cfg.name},
+    )
+    _say(f"submitted job {job_id}")
+    _say(f"  checkpoints: {run_uri(cfg)}")
+    if cfg.tracking.uri:
+        _say(f"  MLflow: {cfg.tracking.uri} (experiment {cfg.experiment}, run {cfg.name})")
+    if args.wait:
+        return _wait(client, job_id)
+    return 0
+
+
+def _wait(client, job_id: str) -> int:
+    from ray.job_submission import JobStatus  # noqa: PLC0415
+
+    t0, last = time.time(), None
+    while True:
+        status = client.get_job_status(job_id)
+        if status != last:
+            _say(f"  [{time.time() - t0:5.0f}s] {status}")
+            last = status
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            if status != JobStatus.SUCCEEDED:
+                _say(client.get_job_logs(job_id)[-3000:])
+            return 0 if status == JobStatus.SUCCEEDED else 1
+        time.sleep(2)
+
+
+def cmd_status(args) -> int:
+    client = _job_client(args)
+    info = client.get_job_info(args.job_id)
+    _say(f"{args.job_id}: {info.status} {info.message or ''}".rstrip())
+    return 0
+
+
+def cmd_logs(args) -> int:
+    _say(_job_client(args).get_job_logs(args.job_id))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    _say(f"stop requested: {_job_client(args).stop_job(args.job_id)}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    cfg = load_job(args)
+    if not cfg.tracking.uri:
+        raise SystemExit("no tracking.uri in the config and no local MLflow server")
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        _say(f"experiment {cfg.experiment} has no runs yet")
+        return 0
+    _say(f"| run | status | steps | last loss | checkpoint |\n|---|---|---|---|---|")
+    for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]):
+        hist = client.get_metric_history(r.info.run_id, "loss")
+        last = max(hist, key=lambda m: m.step) if hist else None
+        _say(f"| {r.info.run_name} | {r.info.status} | {last.step if last else 0} | "
+             f"{last.value:.4f} | {r.data.tags.get('longview.final_checkpoint', '-')} |" if last else
+             f"| {r.info.run_name} | {r.info.status} | 0 | - | - |")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_evaluation  # noqa: PLC0415
+
+    cfg = load_job(args)
+    table = run_evaluation(cfg, checkpoint=args.checkpoint, ray_address=_ray_address(args))
+    _say(table)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="longview", description="long-context training on Ray Train")
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("ring-demo", help="ring attention across local gloo processes: exactness and throughput",
-                   add_help=False)
+
+    p = sub.add_parser("up", help="start S3 endpoint, MLflow server and Ray head on 127.0.0.1")
+    p.add_argument("--ray-cpus", type=int, default=max(2, os.cpu_count() or 2))
+    p.add_argument("--bucket", default="longview")
+    p.add_argument("--no-ray", action="store_true")
+    p.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the local services (by PID)").set_defaults(fn=cmd_down)
+    for name, fn, hlp in [("train", cmd_train, "run a job on a Ray cluster"),
+                          ("submit", cmd_submit, "submit a job through Ray job submission"),
+                          ("eval", cmd_eval, "evaluate a trained model: accuracy per (length, δ)"),
+                          ("runs", cmd_runs, "the experiment's MLflow runs")]:
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("config", help="job config YAML ('-' reads a submitted job's config)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--address", default=None, help="Ray address (GCS host:port, or dashboard URL for submit)")
+        if name == "submit":
+            p.add_argument("--wait", action="store_true", help="wait for the job, showing its status")
+        if name == "eval":
+            p.add_argument("--checkpoint", default=None, help="checkpoint URI (default: the run's latest)")
+        p.set_defaults(fn=fn)
+    for name, fn in [("status", cmd_status), ("logs", cmd_logs), ("stop", cmd_stop)]:
+        p = sub.add_parser(name, help=f"{name} of a submitted job")
+        p.add_argument("job_id")
+        p.add_argument("--address", default=None)
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("ring-demo", help="ring attention across local gloo processes", add_help=False)
+    p.set_defaults(fn=None)
     args, rest = ap.parse_known_args(argv)
     if args.command == "ring-demo":
         from parallelism.demo import main as ring_demo  # noqa: PLC0415
 
         ring_demo(rest)
-    return 0
+        return 0
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,24 @@ def train_loop(config: dict) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{state.step:07d}")
     tracker.flush()
+    export_model(runner, cfg, rank)
+
+
+def export_model(runner: "V2PERunner", cfg: JobConfig, rank: int) -> None:
+    """The trained model in InternVL2 Hugging Face format at <run>/export (rank 0 writes)."""
+    from workloads.v2pe.checkpoint_io import save_pretrained  # noqa: PLC0415
+
+    module = runner.engine.module
+    url = run_uri(cfg, "export")
+    if runner.engine.ds is not None and cfg.training.zero_stage == 3:
+        import deepspeed  # noqa: PLC0415
+
+        # ZeRO-3 holds shards: gather the full parameters (collective), rank 0 writes.
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            if rank == 0:
+                save_pretrained(module, url)
+    elif rank == 0:
+        save_pretrained(module, url)
 
 
 # --- driver ------------------------------------------------------------------------------------------
@@ -268,12 +286,28 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
-    result = trainer.fit()
+    tracker = None
     if run_id:
         from .tracking import Tracker  # noqa: PLC0415
 
-        Tracker(cfg.tracking.uri, run_id).call("set_tag", "longview.final_checkpoint", str(result.checkpoint.path))
+        tracker = Tracker(cfg.tracking.uri, run_id)
+    try:
+        result = trainer.fit()  # raises once FailureConfig's retries are used up
+    except BaseException:
+        if tracker:
+            tracker.call("set_terminated", "FAILED")
+        raise
+    if tracker:
+        tracker.call("set_tag", "longview.final_checkpoint", checkpoint_uri(cfg, result.checkpoint))
+        tracker.call("set_tag", "longview.export", run_uri(cfg, "export"))
+        tracker.call("set_terminated", "FINISHED")
     return result, run_id
+
+
+def checkpoint_uri(cfg: JobConfig, checkpoint) -> str:
+    """A Ray checkpoint's location as users write it (s3://bucket/... for S3 storage)."""
+    path = str(checkpoint.path)
+    return f"s3://{path}" if cfg.storage.uri.startswith("s3://") else path
 
 
 if __name__ == "__main__":  # pragma: no cover - used by `longview submit` as the job entrypoint
