@@ -100,12 +100,12 @@ def _ray_address(args) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from .launch import checkpoint_uri, run_training, run_uri  # noqa: PLC0415
+    from .launch import checkpoint_uri, run_training, run_uri, submitted_job_id  # noqa: PLC0415
 
     cfg = load_job(args)
     _say(f"training {cfg.name}: {cfg.resources.workers} workers (dp {cfg.dp} x cp {cfg.parallelism.cp}), "
          f"{cfg.training.steps} steps; checkpoints {run_uri(cfg)}")
-    tags = {"longview.ray_job_id": os.environ.get("RAY_JOB_ID", ""), "longview.code_version": _code_version()}
+    tags = {"longview.ray_job_id": submitted_job_id() or "", "longview.code_version": _code_version()}
     result, run_id = run_training(cfg, ray_address=_ray_address(args), tags=tags)
     _say(f"finished: last checkpoint {checkpoint_uri(cfg, result.checkpoint)}")
     if run_id:
@@ -116,6 +116,8 @@ def cmd_train(args) -> int:
 def _code_version() -> str:
     import subprocess  # noqa: PLC0415
 
+    if os.environ.get("LONGVIEW_CODE_VERSION"):  # a submitted job's copy has no .git
+        return os.environ["LONGVIEW_CODE_VERSION"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
@@ -155,6 +157,7 @@ def cmd_submit(args) -> int:
     env = dict(worker_env(cfg))
     env[CONFIG_ENV] = json.dumps(to_dict(cfg))
     env["LONGVIEW_HOME"] = str(home())
+    env["LONGVIEW_CODE_VERSION"] = _code_version()
     job_id = client.submit_job(
         entrypoint=f"{sys.executable} -m orchestrator.cli train -",
         runtime_env={"working_dir": str(repo), "env_vars": env,

@@ -16,7 +16,7 @@ import posixpath
 import torch
 
 from .config import JobConfig, build, to_dict
-from .launch import run_uri, s3_endpoint, storage_for_ray, worker_env
+from .launch import connect_ray, run_uri, s3_endpoint, storage_for_ray, worker_env
 
 EXPORT = "export"  # InternVL2-format model written at the end of training
 
@@ -94,7 +94,6 @@ def _log_nested(cfg: JobConfig, parent: str, rows, table: str) -> None:
 
 
 def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address: str | None = None) -> str:
-    import ray  # noqa: PLC0415
     import ray.train  # noqa: PLC0415
     from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
 
@@ -108,8 +107,7 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     parent = None
     if cfg.tracking.uri:
         parent, _ = find_or_create_run(cfg.tracking.uri, cfg.experiment, cfg.name, {})
-    if not ray.is_initialized():
-        ray.init(address=ray_address or "local", runtime_env={"env_vars": worker_env(cfg)})
+    connect_ray(cfg, ray_address)
     storage_path, fs = storage_for_ray(cfg)
     use_gpu = cfg.resources.gpus_per_worker > 0
     trainer = TorchTrainer(

@@ -219,6 +219,30 @@ def export_model(runner: "V2PERunner", cfg: JobConfig, rank: int) -> None:
 # --- driver ------------------------------------------------------------------------------------------
 
 
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a submitted job's entrypoint
+
+
+def submitted_job_id() -> str | None:
+    """The Ray job id when this process is a submitted job's entrypoint."""
+    import json  # noqa: PLC0415
+
+    raw = os.environ.get(SUBMITTED_JOB_ENV)
+    return json.loads(raw).get("metadata", {}).get("job_submission_id") if raw else None
+
+
+def connect_ray(cfg: JobConfig, address: str | None) -> None:
+    import ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        return
+    if os.environ.get(SUBMITTED_JOB_ENV):
+        ray.init()  # inside a submitted job: its cluster and runtime env (set at submission)
+        return
+    # The job's environment reaches every actor, the Train controller included (it opens
+    # the S3 storage too), not only the training workers.
+    ray.init(address=address or "local", log_to_driver=True, runtime_env={"env_vars": worker_env(cfg)})
+
+
 def prepare_data(cfg: JobConfig) -> str | None:
     """Writes the synthetic training set to storage once (skipped if it is there)."""
     if cfg.data.train != "synthetic":
@@ -264,10 +288,7 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
             from mlflow.entities import Param  # noqa: PLC0415
 
             tr.call("log_batch", [], [Param(k, str(v)[:500]) for k, v in params.items()])
-    if not ray.is_initialized():
-        # The job's environment reaches every actor, the Train controller included (it
-        # opens the S3 storage too), not only the training workers.
-        ray.init(address=ray_address or "local", log_to_driver=True, runtime_env={"env_vars": worker_env(cfg)})
+    connect_ray(cfg, ray_address)
     storage_path, fs = storage_for_ray(cfg)
     use_gpu = cfg.resources.gpus_per_worker > 0
     resources = {"CPU": cfg.resources.cpus_per_worker}

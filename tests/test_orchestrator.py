@@ -1,0 +1,152 @@
+"""End to end on real components: a Ray head, an S3-protocol endpoint (moto) and an
+MLflow server (sqlite), all on 127.0.0.1, started here and stopped by PID.
+
+The jobs run through the `longview` CLI in subprocesses, as a user runs them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from orchestrator.checkpoint import CheckpointError, verify
+from orchestrator.services import LocalServices
+
+STEPS = 6
+COMMON = ["--set", "storage.uri=s3://lvtest/runs", "--set", f"training.steps={STEPS}",
+          "--set", "training.checkpoint_every=2", "--set", "data.synthetic.samples=4"]
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    home = tmp_path_factory.mktemp("lvhome")
+    svc = LocalServices(home)
+    started = svc.up(ray_cpus=2, bucket="lvtest")
+    env = dict(os.environ, LONGVIEW_HOME=str(home), **svc.env())
+    yield started, env
+    svc.down()
+    for s in started.values():  # every PID is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(s.pid, 0)
+
+
+def cli(env, *args, timeout=600, check=True):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"longview {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def s3(env):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL_S3"], key=env["AWS_ACCESS_KEY_ID"],
+                             secret=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def mlflow_run(env, name):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("longview-v2pe")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")
+    assert len(runs) == 1, f"one MLflow run per job, got {len(runs)}"
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(services):
+    _, env = services
+    name = f"a-{uuid.uuid4().hex[:8]}"
+    out = cli(env, "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *COMMON).stdout
+    client, run = mlflow_run(env, name)
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    return name, out, losses
+
+
+def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, uninterrupted):
+    _, env = services
+    name, out, losses = uninterrupted
+    fs = s3(env)
+    ckpts = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"lvtest/runs/{name}") if "step-" in p)
+    assert ckpts == ["step-0000004", "step-0000006"]  # keep_checkpoints: 2
+    last = f"lvtest/runs/{name}/step-0000006"
+    names = {p.rsplit("/", 1)[1] for p in fs.ls(last)}
+    assert {"manifest-rank0.json", "manifest-rank1.json", "model.pt", "optimizer.pt", "state.json",
+            "rng-rank0.pt", "rng-rank1.pt"} <= names
+    state = json.loads(fs.cat_file(f"{last}/state.json"))
+    assert state["step"] == STEPS and len(state["losses"]) == STEPS
+    assert fs.exists(f"lvtest/runs/{name}/export/model.safetensors")
+    assert fs.exists(f"lvtest/runs/{name}/export/config.json")
+    assert f"s3://lvtest/runs/{name}/step-0000006" in out
+
+    client, run = mlflow_run(env, name)
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+    assert losses[-1][1] < losses[0][1]  # it learns
+    assert run.data.params["parallelism.cp"] == "2" and run.data.params["model.size"] == "tiny"
+    for key in ("tokens_per_s", "samples_per_s", "lr", "grad_norm", "peak_memory_mib"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == STEPS, key
+    assert run.data.tags["longview.checkpoint_uri"] == f"s3://lvtest/runs/{name}"
+    assert run.info.status == "FINISHED"
+    # Losses in the checkpoint's record and in MLflow agree.
+    assert [l for _, l in state["losses"]] == pytest.approx([v for _, v in losses], rel=1e-6)
+
+
+def test_failed_worker_resumes_with_identical_losses(services, uninterrupted, tmp_path):
+    _, env = services
+    _, _, want = uninterrupted
+    name = f"b-{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "fault-happened"
+    fenv = dict(env, LONGVIEW_FAULT_AT_STEP="3", LONGVIEW_FAULT_MARKER=str(marker))
+    proc = cli(fenv, "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *COMMON)
+    assert marker.exists(), "the fault was not injected"
+    assert "injected fault at step 3" in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout + proc.stderr and "at step 2" in proc.stdout + proc.stderr
+    client, run = mlflow_run(env, name)
+    got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [s for s, _ in got] == list(range(1, STEPS + 1))  # no step logged twice, none missing
+    # CPU, float32, one thread per worker, batches a function of (seed, step): the resumed
+    # run recomputes the same numbers; 1e-6 only absorbs printing/transport of floats.
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+
+
+def test_job_submission_runs_the_same_job(services):
+    started, env = services
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    proc = cli(env, "submit", "configs/v2pe-demo.yaml", "--set", f"name={name}", "--wait", *COMMON[:2],
+               "--set", "training.steps=2", "--set", "training.checkpoint_every=2", "--set", "data.synthetic.samples=2")
+    job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
+    assert "SUCCEEDED" in proc.stdout
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(started["ray"].url)
+    assert str(client.get_job_status(job_id)) in ("SUCCEEDED", "JobStatus.SUCCEEDED")
+    assert "finished: last checkpoint s3://lvtest/runs/" in client.get_job_logs(job_id)
+    assert "SUCCEEDED" in cli(env, "status", job_id).stdout
+    _, run = mlflow_run(env, name)
+    assert run.data.tags.get("longview.ray_job_id") == job_id
+
+
+def test_bad_config_fails_before_anything_starts(services):
+    _, env = services
+    proc = cli(env, "train", "configs/v2pe-demo.yaml", "--set", "parallelism.cp=3", check=False, timeout=60)
+    assert proc.returncode != 0
+    assert "config error: parallelism.cp: 3 does not divide resources.workers=2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_manifest_catches_missing_and_corrupted_files(tmp_path):
+    from orchestrator.checkpoint import _write_manifest
+
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    _write_manifest(tmp_path, 0, ["a.bin"])
+    verify(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="manifest of rank 1 is missing"):
+        verify(tmp_path, 2)
+    (tmp_path / "a.bin").write_bytes(b"y" * 100)
+    with pytest.raises(CheckpointError, match="a.bin fails its checksum"):
+        verify(tmp_path, 1)
