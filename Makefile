@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # requirement would otherwise pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: test demo install bench clean
+.PHONY: test demo ring-demo install bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ test: $(STAMP)
 	$(VPY) -m pytest -q -m "not gpu" tests
 
 demo: $(STAMP)
+	$(VPY) -m orchestrator.demo
+
+ring-demo: $(STAMP)
 	$(VPY) -m parallelism.demo
 
 bench: $(STAMP)
