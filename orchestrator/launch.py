@@ -197,6 +197,10 @@ def train_loop(config: dict) -> None:
                                  checkpoint_dir_name=f"step-{state.step:07d}")
     tracker.flush()
     export_model(runner, cfg, rank)
+    if rank == 0 and tracker.enabled:
+        from .tracking import loss_curve_png  # noqa: PLC0415
+
+        tracker.log_artifact_bytes(loss_curve_png(state.losses, cfg.name), "plots/loss.png")
 
 
 def export_model(runner: "V2PERunner", cfg: JobConfig, rank: int) -> None:
@@ -288,6 +292,9 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
             from mlflow.entities import Param  # noqa: PLC0415
 
             tr.call("log_batch", [], [Param(k, str(v)[:500]) for k, v in params.items()])
+            import yaml  # noqa: PLC0415
+
+            tr.log_artifact_bytes(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(), "config/job.yaml")
     connect_ray(cfg, ray_address)
     storage_path, fs = storage_for_ray(cfg)
     use_gpu = cfg.resources.gpus_per_worker > 0

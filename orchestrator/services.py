@@ -120,8 +120,8 @@ def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Se
     return Service("s3", proc.pid, url, log, {"buckets": buckets})
 
 
-def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0.1") -> Service:
-    port = free_port()
+def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0.1", port: int | None = None) -> Service:
+    port = port or free_port()
     log = str(state_dir / "mlflow.log")
     db = state_dir / "mlflow.db"
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",

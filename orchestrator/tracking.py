@@ -80,6 +80,19 @@ class Tracker:
         self._warned = False
         return self.flush()
 
+    def log_artifact_bytes(self, data: bytes, path: str) -> bool:
+        """Uploads bytes as an artifact (through the tracking server's artifact proxy)."""
+        if not self.enabled:
+            return False
+        import os  # noqa: PLC0415
+        import tempfile  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            with open(local, "wb") as f:
+                f.write(data)
+            return self.call("log_artifact", local, os.path.dirname(path) or None)
+
     def call(self, method: str, *args: Any) -> bool:
         """Any other MlflowClient call (params, tags, artifacts), tolerant of outages."""
         if not self.enabled:
@@ -90,3 +103,25 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             self._warn(e)
             return False
+
+
+def loss_curve_png(losses: list, title: str) -> bytes:
+    """A PNG of loss against step (steps and losses as recorded in TrainState)."""
+    import io  # noqa: PLC0415
+
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([s for s, _ in losses], [v for _, v in losses], marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -92,6 +92,11 @@ def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, uninterrup
         assert len(client.get_metric_history(run.info.run_id, key)) == STEPS, key
     assert run.data.tags["longview.checkpoint_uri"] == f"s3://lvtest/runs/{name}"
     assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
+        {a.path for d in ("config", "plots") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"config/job.yaml", "plots/loss.png"} <= artifacts, artifacts
+    # Artifacts went through the server's proxy into the S3 bucket.
+    assert any(p.endswith("loss.png") for p in fs.find("lvtest/mlflow"))
     # Losses in the checkpoint's record and in MLflow agree.
     assert [l for _, l in state["losses"]] == pytest.approx([v for _, v in losses], rel=1e-6)
 
@@ -150,3 +155,40 @@ def test_manifest_catches_missing_and_corrupted_files(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"y" * 100)
     with pytest.raises(CheckpointError, match="a.bin fails its checksum"):
         verify(tmp_path, 1)
+
+
+def test_resubmitting_a_finished_job_resumes_from_its_last_checkpoint(services, uninterrupted):
+    _, env = services
+    name, _, before = uninterrupted
+    proc = cli(env, "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *COMMON,
+               "--set", f"training.steps={STEPS + 2}")
+    assert f"at step {STEPS}" in proc.stdout + proc.stderr  # resumed, not restarted
+    client, run = mlflow_run(env, name)  # still one run for the job
+    got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [s for s, _ in got] == list(range(1, STEPS + 3))
+    assert got[:STEPS] == before  # the first six steps were not logged again
+
+
+def test_tracking_outage_keeps_metrics_until_the_server_is_back(services, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.services import start_mlflow, stop_pid
+    from orchestrator.tracking import Tracker, find_or_create_run
+
+    started, env = services
+    server = start_mlflow(tmp_path, started["s3"], "lvtest")
+    port = int(server.url.rsplit(":", 1)[1])
+    run_id, _ = find_or_create_run(server.url, "outage", "outage-run", {})
+    tracker = Tracker(server.url, run_id)
+    tracker.log_metrics({"loss": 3.0}, step=1)
+    stop_pid(server.pid)
+    tracker.log_metrics({"loss": 2.0}, step=2)  # server down: kept, not raised
+    assert [m.step for m in tracker.pending] == [2]
+    server = start_mlflow(tmp_path, started["s3"], "lvtest", port=port)  # same store, same port
+    try:
+        tracker.log_metrics({"loss": 1.0}, step=3)
+        assert tracker.pending == []
+        hist = MlflowClient(server.url).get_metric_history(run_id, "loss")
+        assert sorted((m.step, m.value) for m in hist) == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    finally:
+        stop_pid(server.pid)
