@@ -40,6 +40,13 @@ class Tracker:
     """Buffered metric logging to one MLflow run (rank 0 only)."""
 
     def __init__(self, uri: str | None, run_id: str | None, *, metric_key: str = "loss"):
+        import os  # noqa: PLC0415
+
+        # MLflow's client retries a dead server for minutes by default; training must not
+        # wait on it. One quick retry, then the metrics wait in `pending` instead.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.uri, self.run_id = uri, run_id
         self.enabled = bool(uri and run_id)
         self.pending: list = []  # metrics not yet accepted by the server

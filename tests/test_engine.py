@@ -56,3 +56,18 @@ def test_train_steps_fit_a_batch(tmp_path):
     assert log[-1]["loss"] < 0.5 * log[0]["loss"], [round(m["loss"], 3) for m in log]
     # lr reported after each step: warm-up step 2 of 2 reaches 3e-3; step 30 ends the cosine at 10%.
     assert log[0]["lr"] == pytest.approx(3e-3) and log[-1]["lr"] == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("sharding, zero_stage", [("none", 0), ("deepspeed", 1), ("deepspeed", 3)])
+def test_checkpoint_restore_continues_exactly(gloo_world, tmp_path, sharding, zero_stage):
+    """Saved per rank, merged like Ray Train merges rank folders, restored into a fresh
+    engine: the next steps' losses equal those of an uninterrupted run."""
+    batch = _batch(tmp_path, multiple=4)
+    state = tiny_model().state_dict()
+    want, got, step, lr_resumed, lr_straight = gloo_world(2).run(
+        v2pe_cases.checkpoint_roundtrip, state, batch, sharding, zero_stage, str(tmp_path / "ckpt"))[0]
+    assert step == 1
+    assert lr_resumed == lr_straight  # the schedule resumed where it was
+    # Same data, same restored weights and Adam moments: bit-identical in practice;
+    # 1e-6 relative only allows for a different reduction order after a restore.
+    assert got == pytest.approx(want, rel=1e-6)

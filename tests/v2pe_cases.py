@@ -65,3 +65,47 @@ def cp_engine_step(state, batch, zero_stage, steps):
     else:
         params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     return (losses, params) if r == 0 else None
+
+
+def checkpoint_roundtrip(state, batch, sharding, zero_stage, folder):
+    """Three steps straight vs. one step, checkpoint (each rank in its own folder, then
+    merged as Ray Train does), restore into a fresh engine, one more step."""
+    import shutil  # noqa: PLC0415
+
+    from orchestrator.checkpoint import TrainState, restore_checkpoint, save_checkpoint  # noqa: PLC0415
+    from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    group = dist.group.WORLD
+
+    def fresh():
+        model = V2PEModel(tiny_config())
+        model.load_state_dict(state)
+        return build_engine(model, OptimConfig(lr=1e-2, total_steps=10, warmup_steps=1),
+                            ShardingConfig(sharding=sharding, zero_stage=zero_stage))
+
+    def step(engine):
+        loss, _ = forward_loss(engine.module, shard_batch(batch, W, r), cp_group=group, loss_group=group)
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return float(total)
+
+    straight = fresh()
+    want = [step(straight), step(straight), step(straight)]
+    engine = fresh()
+    first = step(engine)
+    mine = f"{folder}/rank{r}"
+    save_checkpoint(mine, rank=r, state=TrainState(step=1, losses=[[1, first]]), engine=engine)
+    dist.barrier()
+    merged = f"{folder}/merged"
+    if r == 0:
+        for k in range(W):
+            shutil.copytree(f"{folder}/rank{k}", merged, dirs_exist_ok=True)
+    dist.barrier()
+    resumed = fresh()
+    st = restore_checkpoint(merged, rank=r, world_size=W, engine=resumed)
+    # Step 2 checks the restored weights, step 3 the restored Adam moments and schedule.
+    later = [step(resumed), step(resumed)]
+    return want, [first, *later], st.step, resumed.lr, straight.lr
