@@ -147,6 +147,23 @@ def _maybe_fail(step: int, rank: int) -> None:
         raise RuntimeError(f"injected fault at step {step}")
 
 
+def _system_metrics(tracker):
+    """MLflow's system-metrics monitor (CPU, memory, GPU) on rank 0's node, into the job's run."""
+    if not tracker.enabled:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
+
+        # resume_logging: after a restart, continue the monitor's step numbers.
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10, samples_before_logging=1,
+                                       resume_logging=True, tracking_uri=tracker.uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - optional: never fatal
+        print(f"[longview] system metrics off: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 def train_loop(config: dict) -> None:
     import ray.train  # noqa: PLC0415
 
@@ -171,6 +188,7 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"[longview] resumed from {ckpt.path} at step {state.step}", flush=True)
     tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
+    system = _system_metrics(tracker)
 
     t = cfg.training
     while state.step < t.steps:
@@ -196,6 +214,8 @@ def train_loop(config: dict) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{state.step:07d}")
     tracker.flush()
+    if system is not None:
+        system.finish()
     export_model(runner, cfg, rank)
     if rank == 0 and tracker.enabled:
         from .tracking import loss_curve_png  # noqa: PLC0415
