@@ -357,8 +357,3 @@ def checkpoint_uri(cfg: JobConfig, checkpoint) -> str:
     path = str(checkpoint.path)
     return f"s3://{path}" if cfg.storage.uri.startswith("s3://") else path
 
-
-if __name__ == "__main__":  # pragma: no cover - used by `longview submit` as the job entrypoint
-    from .cli import main
-
-    sys.exit(main())
