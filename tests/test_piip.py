@@ -1,0 +1,117 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from workloads.piip.flops import backbone_flops
+from workloads.piip.model import PIIP, DeformableCrossAttention, make_pyramid, piip_config
+
+
+def counted_macs(model: PIIP, images) -> float:
+    """Multiply-adds of the backbone as PyTorch's operator counter sees them (it counts 2 per MAC).
+
+    Attention runs on SDPA's math backend here, as explicit matrix products the counter
+    sees (it has no formula for the fused CPU kernel).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+        model.forward_features(images)
+    return fc.get_total_flops() / 2
+
+
+@pytest.mark.parametrize(
+    "variant, resolutions, kw",
+    [
+        ("vit-t", [96], {}),  # ViTDet layout: windowed blocks (padded 6x6 grid -> 14x14 windows) + 4 global
+        ("vit-s", [256], {"window_size": 7}),  # 16x16 grid, windows of 7 with padding
+        ("piip-tsb", [64, 96, 128], {"interactions": 3}),  # deformable interactions
+        ("piip-tsb", [64, 96, 128], {"interactions": 2, "attn_type": "plain"}),
+        ("piip-sbl", [32, 48, 64], {"interactions": 4}),  # L has 24 blocks: 6 per interaction
+    ],
+)
+def test_flop_count_matches_pytorch_counter(variant, resolutions, kw):
+    cfg = piip_config(variant, resolutions, **kw)
+    model = PIIP(cfg)
+    images = make_pyramid(torch.randn(1, 3, max(resolutions), max(resolutions)), cfg)
+    # Exact: the analytic count walks the same matrix products the model runs (bilinear
+    # sampling, normalisation and activations are in neither).
+    assert backbone_flops(cfg)["total"] == pytest.approx(counted_macs(model, images), rel=1e-9)
+
+
+def test_zero_gates_leave_each_branch_a_plain_vit():
+    """Interaction gates start at zero: every branch computes what it computes alone."""
+    cfg = piip_config("piip-tsb", [64, 96, 128], interactions=3)
+    model = PIIP(cfg).eval()
+    images = make_pyramid(torch.randn(2, 3, 128, 128), cfg)
+    with torch.no_grad():
+        xs, _ = model.forward_features(images)
+        for i, (br, im) in enumerate(zip(model.branches, images)):
+            x, cls = br.embed(im)
+            x, _ = br.run_blocks(x, cls, 0, br.cfg.depth)
+            torch.testing.assert_close(xs[i], x, rtol=0, atol=0)  # same ops, same order: identical
+        for u in model.units[0]:
+            torch.nn.init.constant_(u.into_a.attn_gate, 0.5)
+        xs2, _ = model.forward_features(images)
+    assert not torch.allclose(xs2[0], xs[0])  # once opened, the gate lets branch b in
+
+
+def test_heads_and_merge_shapes_and_gradients():
+    cfg = piip_config("piip-tsb", [64, 96, 128], interactions=2, num_classes=10, seg_classes=5, merge_dim=64)
+    model = PIIP(cfg)
+    out = model(make_pyramid(torch.randn(2, 3, 128, 128), cfg))
+    assert out["logits"].shape == (2, 10) and out["seg"].shape == (2, 5, 8, 8)  # finest grid: 128/16
+    (out["logits"].sum() + out["seg"].mean()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert no_grad == [], no_grad
+
+
+def test_deformable_attention_matches_direct_bilinear_sampling():
+    torch.manual_seed(0)
+    dim, heads, points, hq, hf = 16, 2, 3, 3, 5
+    att = DeformableCrossAttention(dim, heads, points, ratio=1.0)
+    with torch.no_grad():
+        att.offsets.weight.normal_(0, 0.5)
+    q, feat = torch.randn(1, hq * hq, dim), torch.randn(1, hf * hf, dim)
+    got = att(q, hq, feat, hf)
+    # Direct: sample value map at (x, y) in pixel units with bilinear weights, zero outside.
+    value = att.value(feat)[0].view(hf, hf, heads, dim // heads)  # (y, x, h, dh)
+    off = att.offsets(q)[0].view(hq * hq, heads, points, 2)
+    w = att.weights(q)[0].view(hq * hq, heads, points).softmax(-1)
+    out = torch.zeros(hq * hq, heads, dim // heads)
+    for i in range(hq * hq):
+        ry, rx = (i // hq + 0.5) / hq, (i % hq + 0.5) / hq
+        for h in range(heads):
+            for p in range(points):
+                x = (rx + off[i, h, p, 0] / hf) * hf - 0.5  # continuous pixel coordinates
+                y = (ry + off[i, h, p, 1] / hf) * hf - 0.5
+                x0, y0 = int(torch.floor(x)), int(torch.floor(y))
+                acc = torch.zeros(dim // heads)
+                for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                    if 0 <= yy < hf and 0 <= xx < hf:
+                        acc = acc + (1 - abs(x - xx)) * (1 - abs(y - yy)) * value[yy, xx, h]
+                out[i, h] += w[i, h, p] * acc
+    want = att.out(out.reshape(1, hq * hq, dim))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # float32 sums in another order
+
+
+def test_published_backbone_flops():
+    """Within 5% of the paper where the layout is known (see BENCHMARKS.md for ViT-L)."""
+    published = {("vit-b", (1024,)): 463, ("piip-tsb", (448, 896, 1568)): 287, ("piip-tsb", (448, 896, 1120)): 243,
+                 ("piip-sbl", (448, 896, 1344)): 1002}
+    for (variant, res), gflops in published.items():
+        got = backbone_flops(piip_config(variant, list(res)))["total"] / 1e9
+        assert abs(got / gflops - 1) < 0.05, (variant, res, got, gflops)
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="resolution 100 is not divisible by the patch size 16"):
+        piip_config("piip-tsb", [64, 96, 100])
+    with pytest.raises(ValueError, match="piip-tsb has 3 branches but 2 resolutions were given"):
+        piip_config("piip-tsb", [64, 96])
+    with pytest.raises(ValueError, match="variant 'piip-xyz' is unknown"):
+        piip_config("piip-xyz", [64])
+    with pytest.raises(ValueError, match="depth 12 is not a multiple of interactions=5"):
+        piip_config("piip-tsb", [64, 96, 128], interactions=5)
+    cfg = piip_config("piip-tsb", [64, 96, 128], interactions=2)
+    with pytest.raises(ValueError, match=r"branch b expects 64x64 images, got \(96, 96\)"):
+        PIIP(cfg).forward_features([torch.zeros(1, 3, 96, 96)] * 3)

@@ -1,0 +1,61 @@
+"""Backbone FLOPs of PIIP models, counted as the PIIP paper counts them: one
+multiply-add = one FLOP, over the matrix products and convolutions of the backbone
+(patch embeddings, ViT blocks with their windowed or global attention, interaction
+units). Normalisations, activations, softmax and bilinear sampling are left out (a
+fraction of a percent). Task heads and the branch merge are not backbone.
+
+The count follows the modules of `model.py` one by one; `tests/test_piip.py` checks it
+against PyTorch's own operator counter on small configs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .model import BranchConfig, PIIPConfig
+
+
+def block_macs(b: BranchConfig, global_attn: bool) -> float:
+    n, d = b.grid**2, b.dim
+    hidden = int(d * b.mlp_ratio)
+    linear = (n + 1) * (3 * d * d + d * d + 2 * d * hidden)  # qkv, proj, MLP (CLS token included)
+    if global_attn:
+        attn = 2 * (n + 1) ** 2 * d  # QK^T and PV over all tokens
+    else:
+        ws = b.window_size
+        padded = math.ceil(b.grid / ws) ** 2 * ws * ws
+        attn = 2 * padded * ws * ws * d  # within each (zero-padded) window
+        attn += 2 * (n + 1) * d  # the CLS token attends to every token
+    return linear + attn
+
+
+def branch_macs(b: BranchConfig) -> float:
+    embed = b.grid**2 * b.dim * 3 * b.patch_size**2
+    return embed + sum(block_macs(b, i in b.global_blocks) for i in range(b.depth))
+
+
+def injector_macs(dim: int, n_q: int, n_feat: int, cfg: PIIPConfig) -> float:
+    hidden = int(dim * cfg.cffn_ratio)
+    ffn = n_q * (2 * dim * hidden + 9 * hidden)  # fc1, fc2, depth-wise 3x3
+    if cfg.attn_type == "deform":
+        inner = int(dim * cfg.deform_ratio)
+        hp = cfg.interaction_heads * cfg.n_points
+        attn = n_feat * dim * inner + n_q * dim * 3 * hp + n_q * inner * dim  # value, offsets+weights, out
+    else:
+        attn = n_q * dim * dim + n_feat * 2 * dim * dim + 2 * n_q * n_feat * dim + n_q * dim * dim
+    return attn + ffn
+
+
+def unit_macs(a: BranchConfig, b: BranchConfig, cfg: PIIPConfig) -> float:
+    na, nb = a.grid**2, b.grid**2
+    proj = nb * b.dim * a.dim + na * a.dim * b.dim
+    return proj + injector_macs(a.dim, na, nb, cfg) + injector_macs(b.dim, nb, na, cfg)
+
+
+def backbone_flops(cfg: PIIPConfig) -> dict[str, float]:
+    """{"branches": [...], "interactions": x, "total": y} in FLOPs (multiply-adds)."""
+    per_branch = [branch_macs(b) for b in cfg.branches]
+    units = 0.0
+    if len(cfg.branches) > 1:
+        units = cfg.interactions * sum(unit_macs(a, b, cfg) for a, b in zip(cfg.branches[:-1], cfg.branches[1:]))
+    return {"branches": per_branch, "interactions": units, "total": sum(per_branch) + units}
