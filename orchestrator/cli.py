@@ -6,6 +6,7 @@
     longview status|logs|stop JOB_ID        follow a submitted job
     longview eval CONFIG [--checkpoint URI] accuracy per (context length, δ) of a trained model
     longview runs CONFIG                    the experiment's MLflow runs with their key metrics
+    longview flops VARIANT --resolutions R1,R2,...   PIIP backbone GFLOPs (paper's counting)
     longview ring-demo                      ring attention across local processes
 
 `--set key=value` (repeatable) overrides any config key, e.g. `--set training.steps=5`.
@@ -236,6 +237,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_flops(args) -> int:
+    from workloads.piip.flops import backbone_flops  # noqa: PLC0415
+    from workloads.piip.model import VARIANTS, piip_config  # noqa: PLC0415
+
+    try:
+        res = [int(r) for r in args.resolutions.split(",")]
+        cfg = piip_config(args.variant, res)
+    except ValueError as e:
+        raise SystemExit(f"flops: {e}") from None
+    f = backbone_flops(cfg)
+    gflops = f["total"] / 1e9
+    if args.json:
+        _say(json.dumps({"variant": args.variant, "resolutions": res, "gflops": round(gflops, 2)}))
+        return 0
+    _say(f"{args.variant} @ {'/'.join(map(str, sorted(res, reverse=True)))}: {gflops:.1f} GFLOPs "
+         "(backbone, one multiply-add = one FLOP)")
+    for b, x in zip(cfg.branches, f["branches"]):
+        _say(f"  ViT-{b.size.upper()} @ {b.resolution}: {x / 1e9:.1f}")
+    if len(cfg.branches) > 1:
+        _say(f"  interactions ({cfg.interactions} x {len(cfg.branches) - 1} units): {f['interactions'] / 1e9:.1f}")
+        for b in cfg.branches:  # the single-branch baselines at the highest resolution
+            base = piip_config(f"vit-{b.size}", [max(res)])
+            _say(f"  baseline ViT-{b.size.upper()} @ {max(res)}: {backbone_flops(base)['total'] / 1e9:.1f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="longview", description="long-context training on Ray Train")
@@ -265,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("job_id")
         p.add_argument("--address", default=None)
         p.set_defaults(fn=fn)
+    p = sub.add_parser("flops", help="backbone GFLOPs of a PIIP variant or ViT baseline")
+    p.add_argument("variant")
+    p.add_argument("--resolutions", required=True, help="comma-separated, one per branch, e.g. 1568,896,448")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_flops)
     p = sub.add_parser("ring-demo", help="ring attention across local gloo processes", add_help=False)
     p.set_defaults(fn=None)
     args, rest = ap.parse_known_args(argv)

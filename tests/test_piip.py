@@ -115,3 +115,16 @@ def test_bad_configs_are_named():
     cfg = piip_config("piip-tsb", [64, 96, 128], interactions=2)
     with pytest.raises(ValueError, match=r"branch b expects 64x64 images, got \(96, 96\)"):
         PIIP(cfg).forward_features([torch.zeros(1, 3, 96, 96)] * 3)
+
+
+def test_flops_command_prints_json():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "flops", "piip-tsb", "--resolutions",
+                          "1568,896,448", "--json"], capture_output=True, text=True, timeout=120, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["variant"] == "piip-tsb" and got["resolutions"] == [1568, 896, 448]
+    assert got["gflops"] == pytest.approx(backbone_flops(piip_config("piip-tsb", [448, 896, 1568]))["total"] / 1e9,
+                                          abs=0.01)
