@@ -254,7 +254,10 @@ def _check_ranks_agree(group, q, k, cu_seqlens) -> None:
     a wrong answer. One all-reduce of a few integers per call costs microseconds next to
     the attention itself.
     """
-    cu_sig = 0 if cu_seqlens is None else int((cu_seqlens.long() * torch.arange(1, cu_seqlens.numel() + 1)).sum())
+    cu_sig = 0
+    if cu_seqlens is not None:  # order-sensitive checksum of the document offsets
+        weights = torch.arange(1, cu_seqlens.numel() + 1, device=cu_seqlens.device)
+        cu_sig = int((cu_seqlens.long() * weights).sum())
     sig = [*q.shape, k.shape[2], _DTYPE_CODES.get(q.dtype, 0), 0 if cu_seqlens is None else cu_seqlens.numel(), cu_sig]
     dev = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     t = torch.tensor(sig + [-x for x in sig], dtype=torch.int64, device=dev)
