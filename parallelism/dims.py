@@ -121,3 +121,56 @@ def init_distributed(
         world_size=world_size,
         timeout=_dt.timedelta(seconds=timeout_s),
     )
+
+
+@dataclass(kw_only=True, frozen=True)
+class BranchLayout:
+    """PIIP branch placement: branch i runs on a contiguous range of ranks_per_branch[i]
+    ranks; the ranks of one branch are data parallel among themselves (each takes an
+    even share of the batch)."""
+
+    ranks_per_branch: tuple[int, ...]
+    world_size: int
+
+    def __post_init__(self):
+        if not self.ranks_per_branch or any(not isinstance(r, int) or r < 1 for r in self.ranks_per_branch):
+            raise ValueError(f"BranchLayout: ranks per branch must be positive integers, got {self.ranks_per_branch}")
+        if sum(self.ranks_per_branch) != self.world_size:
+            raise ValueError(
+                f"BranchLayout: ranks per branch {list(self.ranks_per_branch)} add up to "
+                f"{sum(self.ranks_per_branch)}, not the world size {self.world_size}"
+            )
+
+    def ranks(self, branch: int) -> list[int]:
+        start = sum(self.ranks_per_branch[:branch])
+        return list(range(start, start + self.ranks_per_branch[branch]))
+
+    def branch_of(self, rank: int) -> int:
+        for b in range(len(self.ranks_per_branch)):
+            if rank in self.ranks(b):
+                return b
+        raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
+
+    def build(self) -> "BranchGroups":
+        """Creates one process group per branch (collective: every rank calls it)."""
+        if not dist.is_initialized() or dist.get_world_size() != self.world_size:
+            raise RuntimeError(f"BranchLayout.build() needs an initialised world of {self.world_size} ranks")
+        rank = dist.get_rank()
+        mine = None
+        for b in range(len(self.ranks_per_branch)):
+            g = dist.new_group(self.ranks(b))
+            if b == self.branch_of(rank):
+                mine = g
+        return BranchGroups(layout=self, rank=rank, branch=self.branch_of(rank), group=mine)
+
+
+@dataclass(kw_only=True)
+class BranchGroups:
+    layout: BranchLayout
+    rank: int
+    branch: int
+    group: dist.ProcessGroup = field(repr=False)
+
+    @property
+    def index_in_branch(self) -> int:
+        return self.layout.ranks(self.branch).index(self.rank)

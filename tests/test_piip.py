@@ -128,3 +128,52 @@ def test_flops_command_prints_json():
     assert got["variant"] == "piip-tsb" and got["resolutions"] == [1568, 896, 448]
     assert got["gflops"] == pytest.approx(backbone_flops(piip_config("piip-tsb", [448, 896, 1568]))["total"] / 1e9,
                                           abs=0.01)
+
+
+def _single_process(cfg, state, images, labels):
+    model = PIIP(cfg)
+    model.load_state_dict(state)
+    logits = torch.stack([h(c[:, 0]) for h, c in zip(model.cls_heads, model.forward_features(make_pyramid(images, cfg))[1])]).mean(0)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    return float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("ranks_per_branch", [(1, 1, 1), (2, 1, 1)])
+def test_branch_parallel_matches_single_process(gloo_world, ranks_per_branch):
+    from tests import piip_cases
+
+    torch.manual_seed(0)
+    cfg = piip_config("piip-tsb", [32, 48, 64], interactions=3, num_classes=7)
+    model = PIIP(cfg)
+    with torch.no_grad():  # open the gates fully so the interactions weigh in the result
+        for name, p in model.named_parameters():
+            if name.endswith("_gate"):
+                p.fill_(1.0)
+            elif p.abs().sum() == 0:
+                p.normal_(0, 0.1)
+    state = model.state_dict()
+    images, labels = torch.randn(4, 3, 64, 64), torch.tensor([1, 3, 0, 6])
+    want_loss, want = _single_process(cfg, state, images, labels)
+    res = gloo_world(sum(ranks_per_branch)).run(piip_cases.branch_parallel_step, cfg, state, images, labels,
+                                               list(ranks_per_branch))
+    # float32; only summation order differs (per-slice loss sums, gradient all-reduce).
+    assert res[0][1] == pytest.approx(want_loss, rel=1e-5)
+    got = {}
+    for branch, _, grads in res:
+        for name, g in grads.items():
+            assert name not in got or torch.allclose(got[name], g), name
+            got[name] = g
+    unit_or_branch_params = {n for n in want if not n.startswith(("merge.", "seg_head."))}
+    assert set(got) == unit_or_branch_params  # every parameter has its gradient on its own group
+    for name in unit_or_branch_params:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_branch_layout_must_match_the_world():
+    from parallelism.dims import BranchLayout
+
+    with pytest.raises(ValueError, match=r"ranks per branch \[2, 1, 1\] add up to 4, not the world size 3"):
+        BranchLayout(ranks_per_branch=(2, 1, 1), world_size=3)
+    with pytest.raises(ValueError, match="positive integers"):
+        BranchLayout(ranks_per_branch=(1, 0, 2), world_size=3)

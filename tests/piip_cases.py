@@ -1,0 +1,29 @@
+"""Functions run on every rank of a LocalWorld for the PIIP branch-parallel tests."""
+
+import torch
+import torch.distributed as dist
+
+from parallelism.branch import batch_slice
+from parallelism.dims import BranchLayout
+from workloads.piip.model import PIIP, make_pyramid
+from workloads.piip.parallel import classification_loss
+
+
+def branch_parallel_step(cfg, state, images, labels, ranks_per_branch):
+    layout = BranchLayout(ranks_per_branch=tuple(ranks_per_branch), world_size=dist.get_world_size())
+    groups = layout.build()
+    model = PIIP(cfg)
+    model.load_state_dict(state)
+    lo, hi = batch_slice(layout, groups.branch, groups.rank, images.shape[0])
+    pyramid = make_pyramid(images[lo:hi], cfg)
+    loss = classification_loss(model, pyramid[groups.branch], labels[lo:hi], groups, images.shape[0])
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    # Gradients are reduced within the branch group only (its ranks hold the same branch).
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=groups.group)
+            grads[name] = p.grad
+    return groups.branch, float(total), grads if groups.index_in_branch == 0 else {}

@@ -1,0 +1,72 @@
+"""PIIP with each branch on its own device group (see parallelism/branch.py).
+
+Every rank runs only its branch's blocks, and its side of the interaction units next
+to it: unit (k-1, k) as its "b" side, unit (k, k+1) as its "a" side. At each
+interaction the two sides exchange projected features (each computes the message for
+the other from its own features), then update themselves — the same order and values
+as `PIIP.forward_features` in one process. Classification logits (each branch's head on
+its CLS token, averaged) are gathered on branch 0's ranks, which compute the loss; the
+other ranks' backward is driven through the exchanges.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parallelism.branch import exchange, routes
+from parallelism.dims import BranchGroups
+
+from .model import PIIP
+
+
+def _tag(stage: int, pair: int, n_pairs: int) -> int:
+    return 2 * (stage * (n_pairs + 1) + pair) + 2  # even; exchange's backward uses tag + 1
+
+
+def forward_branch(model: PIIP, image: torch.Tensor, groups: BranchGroups, batch: int):
+    """This rank's branch on its batch slice: (tokens, cls) after all stages."""
+    k, n = groups.branch, len(model.cfg.branches)
+    layout, rank = groups.layout, groups.rank
+    cfgs = model.cfg.branches
+    br = model.branches[k]
+    x, cls = br.embed(image)
+    up = routes(layout, rank, k - 1, batch) if k > 0 else None
+    down = routes(layout, rank, k + 1, batch) if k < n - 1 else None
+    for s in range(model.cfg.interactions):
+        x, cls = br.run_blocks(x, cls, *model.stage_bounds(k, s))
+        if n == 1:
+            continue
+        new = x
+        if k > 0:  # unit (k-1, k): I am its b side; I send b_to_a(x), get a_to_b(x_{k-1})
+            u = model.units[s][k - 1]
+            got = exchange(u.message_for_a(x), (cfgs[k - 1].grid ** 2, cfgs[k].dim), up, _tag(s, k - 1, n - 1))
+            new = u.update_b(new, got)
+        if k < n - 1:  # unit (k, k+1): I am its a side; I send a_to_b(x), get b_to_a(x_{k+1})
+            u = model.units[s][k]
+            got = exchange(u.message_for_b(x), (cfgs[k + 1].grid ** 2, cfgs[k].dim), down, _tag(s, k, n - 1))
+            new = u.update_a(new, got)
+        x = new
+    return x, cls
+
+
+def classification_loss(model: PIIP, image: torch.Tensor, labels: torch.Tensor, groups: BranchGroups,
+                         batch: int) -> torch.Tensor:
+    """This rank's part of the mean cross-entropy over the whole batch.
+
+    image, labels: this rank's batch slice (image at its branch's resolution). The parts
+    of all ranks add up to the loss of the single-process model; call backward on each.
+    """
+    k, n = groups.branch, len(model.cfg.branches)
+    _, cls = forward_branch(model, image, groups, batch)
+    logits = model.cls_heads[k](cls[:, 0]) / n  # this branch's share of the averaged logits
+    final = _tag(model.cfg.interactions, 0, n - 1)
+    if k == 0:
+        # A (B, 1) stand-in tied to the graph, so the exchanges have a backward here too.
+        stub = cls[:, 0, :1] * 0
+        for other in range(1, n):
+            logits = logits + exchange(stub, (logits.shape[1],), routes(groups.layout, groups.rank, other, batch),
+                                       final + 2 * other)
+        return F.cross_entropy(logits, labels, reduction="sum") / batch
+    got = exchange(logits, (1,), routes(groups.layout, groups.rank, 0, batch), final + 2 * k)
+    return 0.0 * got.sum()  # no loss here: the gradient of `logits` comes back from branch 0
