@@ -177,3 +177,54 @@ def test_branch_layout_must_match_the_world():
         BranchLayout(ranks_per_branch=(2, 1, 1), world_size=3)
     with pytest.raises(ValueError, match="positive integers"):
         BranchLayout(ranks_per_branch=(1, 0, 2), world_size=3)
+
+
+def test_layout_proposal_balances_flops():
+    from workloads.piip.flops import branch_macs, propose_layout
+
+    cfg = piip_config("piip-sbl", [448, 896, 1344])
+    assert propose_layout(cfg, 3) == (1, 1, 1)
+    layout = propose_layout(cfg, 16)
+    assert sum(layout) == 16 and min(layout) >= 1
+    # Per-rank work of the busiest group is within one rank's worth of the ideal split.
+    per_rank = [branch_macs(b) / r for b, r in zip(cfg.branches, layout)]
+    ideal = sum(branch_macs(b) for b in cfg.branches) / 16
+    assert max(per_rank) < 1.6 * ideal, (layout, per_rank, ideal)
+    with pytest.raises(ValueError, match="3 branches need at least 3 ranks"):
+        propose_layout(cfg, 2)
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_procedural_shapes_read_back_through_image_folders(tmp_path, where):
+    from workloads.piip.data import SHAPES, ImageFolder, batch, write_shapes
+
+    url = str(tmp_path / "shapes") if where == "local" else "memory://piip-shapes"
+    counts = write_shapes(url, 12, size=48, seed=3)
+    cls = ImageFolder(url + "/classification", "classification")
+    seg = ImageFolder(url + "/segmentation", "segmentation")
+    assert len(cls) == len(seg) == 12
+    assert cls.classes == sorted(s for s in SHAPES if counts[s])
+    assert sum(1 for _, label in cls.items if cls.classes[label] == "disc") == counts["disc"]
+    ex = seg[0]
+    # The mask marks the shape with 1 + class and the shape's pixels are the bright ones.
+    ids = ex.mask.unique().tolist()
+    assert ids[0] == 0 and len(ids) == 2
+    bright = ex.image.mean(0) > 0.1
+    assert (bright == (ex.mask > 0)).float().mean() > 0.97  # edges may differ by anti-aliasing
+    imgs, labels, masks = batch([seg[i] for i in range(4)], 64)
+    assert imgs.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64) and labels.tolist() == [-1] * 4
+
+
+def test_image_folder_errors_name_the_file(tmp_path):
+    from workloads.piip.data import DataError, ImageFolder
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"a.png has no mask"):
+        ImageFolder(str(tmp_path), "segmentation")
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a.png").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"image .*a.png cannot be read"):
+        ImageFolder(str(tmp_path), "segmentation")[0]
+    with pytest.raises(DataError, match="no images in the classification layout"):
+        ImageFolder(str(tmp_path / "masks"), "classification")

@@ -59,3 +59,26 @@ def backbone_flops(cfg: PIIPConfig) -> dict[str, float]:
     if len(cfg.branches) > 1:
         units = cfg.interactions * sum(unit_macs(a, b, cfg) for a, b in zip(cfg.branches[:-1], cfg.branches[1:]))
     return {"branches": per_branch, "interactions": units, "total": sum(per_branch) + units}
+
+
+def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
+    """Ranks per branch, proportional to each branch's FLOPs (its blocks and its sides
+    of the interaction units), at least one each, so the groups finish a stage together.
+
+    Largest-remainder rounding of world_size x share, then, while a rank is left, it goes
+    to the branch with the most FLOPs per rank.
+    """
+    n = len(cfg.branches)
+    if world_size < n:
+        raise ValueError(f"{n} branches need at least {n} ranks, got world_size={world_size}")
+    work = [branch_macs(b) for b in cfg.branches]
+    if n > 1:
+        for k, (a, b) in enumerate(zip(cfg.branches[:-1], cfg.branches[1:])):
+            na, nb = a.grid**2, b.grid**2
+            work[k] += cfg.interactions * (na * a.dim * b.dim + injector_macs(a.dim, na, nb, cfg))
+            work[k + 1] += cfg.interactions * (nb * b.dim * a.dim + injector_macs(b.dim, nb, na, cfg))
+    ranks = [1] * n
+    while sum(ranks) < world_size:
+        k = max(range(n), key=lambda i: work[i] / ranks[i])
+        ranks[k] += 1
+    return tuple(ranks)
