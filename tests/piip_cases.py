@@ -6,17 +6,20 @@ import torch.distributed as dist
 from parallelism.branch import batch_slice
 from parallelism.dims import BranchLayout
 from workloads.piip.model import PIIP, make_pyramid
-from workloads.piip.parallel import classification_loss
+from workloads.piip.parallel import classification_loss, segmentation_loss
 
 
-def branch_parallel_step(cfg, state, images, labels, ranks_per_branch):
+def branch_parallel_step(cfg, state, images, labels, ranks_per_branch, masks=None):
     layout = BranchLayout(ranks_per_branch=tuple(ranks_per_branch), world_size=dist.get_world_size())
     groups = layout.build()
     model = PIIP(cfg)
     model.load_state_dict(state)
     lo, hi = batch_slice(layout, groups.branch, groups.rank, images.shape[0])
     pyramid = make_pyramid(images[lo:hi], cfg)
-    loss = classification_loss(model, pyramid[groups.branch], labels[lo:hi], groups, images.shape[0])
+    if masks is None:
+        loss = classification_loss(model, pyramid[groups.branch], labels[lo:hi], groups, images.shape[0])
+    else:
+        loss = segmentation_loss(model, pyramid[groups.branch], masks[lo:hi], groups, images.shape[0])
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)

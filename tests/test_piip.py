@@ -130,21 +130,28 @@ def test_flops_command_prints_json():
                                           abs=0.01)
 
 
-def _single_process(cfg, state, images, labels):
+def _single_process(cfg, state, images, labels, masks=None):
+    from workloads.piip.parallel import segmentation_criterion
+
     model = PIIP(cfg)
     model.load_state_dict(state)
-    logits = torch.stack([h(c[:, 0]) for h, c in zip(model.cls_heads, model.forward_features(make_pyramid(images, cfg))[1])]).mean(0)
-    loss = torch.nn.functional.cross_entropy(logits, labels)
+    xs, cls = model.forward_features(make_pyramid(images, cfg))
+    if masks is None:
+        logits = torch.stack([h(c[:, 0]) for h, c in zip(model.cls_heads, cls)]).mean(0)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+    else:
+        loss = segmentation_criterion(model, xs, masks)
     loss.backward()
     return float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
 @pytest.mark.parametrize("ranks_per_branch", [(1, 1, 1), (2, 1, 1)])
-def test_branch_parallel_matches_single_process(gloo_world, ranks_per_branch):
+def test_branch_parallel_matches_single_process(gloo_world, ranks_per_branch, task):
     from tests import piip_cases
 
     torch.manual_seed(0)
-    cfg = piip_config("piip-tsb", [32, 48, 64], interactions=3, num_classes=7)
+    cfg = piip_config("piip-tsb", [32, 48, 64], interactions=3, num_classes=7, seg_classes=4, merge_dim=32)
     model = PIIP(cfg)
     with torch.no_grad():  # open the gates fully so the interactions weigh in the result
         for name, p in model.named_parameters():
@@ -154,9 +161,10 @@ def test_branch_parallel_matches_single_process(gloo_world, ranks_per_branch):
                 p.normal_(0, 0.1)
     state = model.state_dict()
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([1, 3, 0, 6])
-    want_loss, want = _single_process(cfg, state, images, labels)
+    masks = torch.randint(0, 4, (4, 64, 64)) if task == "segmentation" else None
+    want_loss, want = _single_process(cfg, state, images, labels, masks)
     res = gloo_world(sum(ranks_per_branch)).run(piip_cases.branch_parallel_step, cfg, state, images, labels,
-                                               list(ranks_per_branch))
+                                               list(ranks_per_branch), masks)
     # float32; only summation order differs (per-slice loss sums, gradient all-reduce).
     assert res[0][1] == pytest.approx(want_loss, rel=1e-5)
     got = {}
@@ -164,9 +172,8 @@ def test_branch_parallel_matches_single_process(gloo_world, ranks_per_branch):
         for name, g in grads.items():
             assert name not in got or torch.allclose(got[name], g), name
             got[name] = g
-    unit_or_branch_params = {n for n in want if not n.startswith(("merge.", "seg_head."))}
-    assert set(got) == unit_or_branch_params  # every parameter has its gradient on its own group
-    for name in unit_or_branch_params:
+    assert set(got) == set(want)  # every parameter that learns in one process learns on its group
+    for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 

@@ -70,3 +70,34 @@ def classification_loss(model: PIIP, image: torch.Tensor, labels: torch.Tensor, 
         return F.cross_entropy(logits, labels, reduction="sum") / batch
     got = exchange(logits, (1,), routes(groups.layout, groups.rank, 0, batch), final + 2 * k)
     return 0.0 * got.sum()  # no loss here: the gradient of `logits` comes back from branch 0
+
+
+def segmentation_loss(model: PIIP, image: torch.Tensor, masks: torch.Tensor, groups: BranchGroups,
+                      batch: int) -> torch.Tensor:
+    """This rank's part of the per-pixel cross-entropy (mean over the whole batch).
+
+    Every branch sends its final tokens to branch 0's ranks, where the merge and the
+    segmentation head run; masks are this rank's (B_local, H, W) class maps, compared
+    at the finest token grid (nearest-neighbour resize).
+    """
+    k, n = groups.branch, len(model.cfg.branches)
+    x, cls = forward_branch(model, image, groups, batch)
+    final = _tag(model.cfg.interactions + 1, 0, n - 1)
+    cfgs = model.cfg.branches
+    if k == 0:
+        stub = cls[:, 0, :1] * 0
+        feats = [x] + [
+            exchange(stub, (cfgs[o].grid ** 2, cfgs[o].dim), routes(groups.layout, groups.rank, o, batch),
+                     final + 2 * o)
+            for o in range(1, n)
+        ]
+        return segmentation_criterion(model, feats, masks) * masks.shape[0] / batch
+    got = exchange(x, (1,), routes(groups.layout, groups.rank, 0, batch), final + 2 * k)
+    return 0.0 * got.sum()
+
+
+def segmentation_criterion(model: PIIP, feats: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel cross-entropy of the merged map against masks at the finest grid."""
+    seg = model.seg_head(model.merge(feats))  # (B, classes, G, G)
+    target = F.interpolate(masks[:, None].float(), size=seg.shape[-2:], mode="nearest")[:, 0].long()
+    return F.cross_entropy(seg, target)
