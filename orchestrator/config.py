@@ -101,9 +101,22 @@ class ResourcesSection:
 
 
 @dataclass(kw_only=True, frozen=True)
+class PIIPSection:
+    variant: str = "piip-tiny"
+    resolutions: list = field(default_factory=lambda: [32, 48, 64])  # one per branch, any order
+    interactions: int | None = None  # default: the smallest branch depth
+    attn_type: Literal["deform", "plain"] = "deform"
+    task: Literal["classification", "segmentation"] = "classification"
+    ranks_per_branch: list = field(default_factory=list)  # empty: proposed from the branches' FLOPs
+    data: str = "synthetic"  # "synthetic" (procedural shapes) or an image-folder URL
+    synthetic_samples: int = 64
+    batch_size: int = 4  # global batch; each branch splits it over its ranks
+
+
+@dataclass(kw_only=True, frozen=True)
 class JobConfig:
     name: str
-    workload: Literal["v2pe"]
+    workload: Literal["v2pe", "piip"]
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     parallelism: ParallelismSection = field(default_factory=ParallelismSection)
@@ -112,6 +125,7 @@ class JobConfig:
     storage: StorageSection = field(default_factory=StorageSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
+    piip: PIIPSection = field(default_factory=PIIPSection)
 
     @property
     def dp(self) -> int:
@@ -252,12 +266,56 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"storage.uri: {cfg.storage.uri!r} is not an s3://bucket/prefix URI")
     if cfg.training.sharding == "none" and cfg.training.zero_stage not in (0, 1):
         raise ConfigError("training.zero_stage: only meaningful with training.sharding='deepspeed'")
+    if cfg.workload == "piip":
+        return _validate_piip(cfg)
     try:
         from workloads.v2pe.model import model_config  # noqa: PLC0415
 
         model_config(cfg.model.size, **cfg.model.overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
+    return cfg
+
+
+def piip_model_config(cfg: JobConfig):
+    from workloads.piip.model import piip_config  # noqa: PLC0415
+
+    p = cfg.piip
+    kw = {"attn_type": p.attn_type}
+    if p.interactions is not None:
+        kw["interactions"] = p.interactions
+    return piip_config(p.variant, [int(r) for r in p.resolutions], **kw)
+
+
+def piip_layout(cfg: JobConfig) -> tuple[int, ...]:
+    from workloads.piip.flops import propose_layout  # noqa: PLC0415
+
+    if cfg.piip.ranks_per_branch:
+        return tuple(cfg.piip.ranks_per_branch)
+    return propose_layout(piip_model_config(cfg), cfg.resources.workers)
+
+
+def _validate_piip(cfg: JobConfig) -> JobConfig:
+    if cfg.parallelism.cp != 1:
+        raise ConfigError("parallelism.cp: PIIP places branches on groups instead; it must be 1")
+    for r in cfg.piip.resolutions:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ConfigError(f"piip.resolutions: {r!r} is not a positive integer")
+    try:
+        model = piip_model_config(cfg)
+        layout = piip_layout(cfg)
+    except ValueError as e:
+        raise ConfigError(f"piip: {e}") from None
+    if len(layout) != len(model.branches):
+        raise ConfigError(f"piip.ranks_per_branch: {list(layout)} has {len(layout)} entries for "
+                          f"{len(model.branches)} branches")
+    if sum(layout) != cfg.resources.workers:
+        raise ConfigError(f"piip.ranks_per_branch: {list(layout)} adds up to {sum(layout)}, "
+                          f"not resources.workers={cfg.resources.workers}")
+    if cfg.piip.batch_size < max(layout):
+        raise ConfigError(f"piip.batch_size: {cfg.piip.batch_size} is smaller than the largest branch group "
+                          f"({max(layout)} ranks): every rank needs at least one sample")
+    _positive("piip.synthetic_samples", cfg.piip.synthetic_samples)
     return cfg
 
 

@@ -60,3 +60,22 @@ def test_structural_errors():
         load_config("- a\n- b\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config("name: [unclosed\n")
+
+
+def test_piip_configs_and_errors():
+    from orchestrator.config import piip_layout
+
+    cfg = load_config("configs/piip-tsb.yaml")
+    assert sum(piip_layout(cfg)) == 8 and len(piip_layout(cfg)) == 3
+    base = "name: p\nworkload: piip\nresources: {workers: 3}\n"
+    assert piip_layout(load_config(base)) == (1, 1, 1)
+    for override, message in [
+        ({"piip.ranks_per_branch": [2, 1, 1]}, r"adds up to 4, not resources.workers=3"),
+        ({"piip.resolutions": [32, 48]}, r"piip: piip-tiny has 3 branches but 2 resolutions"),
+        ({"piip.resolutions": [32, 48, 60]}, r"piip: resolution 60 is not divisible by the patch size 16"),
+        ({"parallelism.cp": 3}, r"parallelism.cp: PIIP places branches on groups instead"),
+        ({"piip.variant": "piip-xl"}, r"variant 'piip-xl' is unknown"),
+        ({"piip.batch_size": 0}, r"piip.batch_size: 0 is smaller than the largest branch group"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(base, overrides=override)

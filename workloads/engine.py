@@ -75,7 +75,12 @@ def _adamw(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 class Engine:
     """backward / step / state for one model, sharded or not."""
 
-    def __init__(self, model, optimizer, scheduler, ds_engine=None, *, grad_clip: float, grad_accum: int):
+    def __init__(self, model, optimizer, scheduler, ds_engine=None, *, grad_clip: float, grad_accum: int,
+                 owned: dict[str, object] | None = None):
+        # owned: parameter name -> process group that shares it. Set for models whose
+        # ranks hold different parts (PIIP branches): each gradient is summed within its
+        # group only, and parameters this rank does not own are never stepped here.
+        self.owned = owned
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -110,33 +115,71 @@ class Engine:
             return boundary
         if self._micro % self.grad_accum:
             return False
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)  # sum: rank losses are shares of the global mean
+        if self.owned is not None:
+            params = self._reduce_owned()
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if self.world > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)  # sum: rank losses are shares of the global mean
         if self.grad_accum > 1:
             for p in params:
                 if p.grad is not None:
                     p.grad.div_(self.grad_accum)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        if self.owned is not None:
+            norm = self._global_norm(params)
+            if self.grad_clip > 0 and norm > self.grad_clip:
+                for p in params:
+                    p.grad.mul_(self.grad_clip / (norm + 1e-6))
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.last_grad_norm = float(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
+    def _reduce_owned(self) -> list:
+        params = []
+        for name, p in self.model.named_parameters():
+            group = self.owned.get(name)
+            if group is None or not p.requires_grad:
+                p.grad = None  # not ours: the optimizer skips it
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(p.grad, group=group)
+            params.append(p)
+        return params
+
+    def _global_norm(self, params) -> float:
+        """L2 norm of the whole model's gradient, each parameter counted once."""
+        sq = torch.zeros((), dtype=torch.float64)
+        for name, p in self.model.named_parameters():
+            group = self.owned.get(name)
+            if group is not None and p.grad is not None:
+                # Every rank of the group holds the same reduced gradient: count 1/size each.
+                sq += p.grad.double().pow(2).sum().cpu() / dist.get_world_size(group)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sq)
+        return float(sq.sqrt())
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
 
-def build_engine(model: torch.nn.Module, optim: OptimConfig, shard: ShardingConfig) -> Engine:
+def build_engine(model: torch.nn.Module, optim: OptimConfig, shard: ShardingConfig,
+                 owned: dict[str, object] | None = None) -> Engine:
     if shard.sharding == "none":
         opt = _adamw(model.parameters(), optim)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim))
-        return Engine(model, opt, sched, grad_clip=optim.grad_clip, grad_accum=shard.grad_accum)
+        return Engine(model, opt, sched, grad_clip=optim.grad_clip, grad_accum=shard.grad_accum, owned=owned)
+    if owned is not None:
+        raise ValueError("per-group ownership (PIIP branches) needs sharding='none' for now")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     try:

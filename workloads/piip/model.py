@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (width, depth, heads) of the DeiT-style ViTs, patch 16.
-VIT_SIZES = {"t": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "h": (1280, 32, 16)}
+# (width, depth, heads) of the DeiT-style ViTs, patch 16; n/m/p are CPU-sized stand-ins
+# (nano, micro, pico) with the same inverted layout, for tests and the demo.
+VIT_SIZES = {"t": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "h": (1280, 32, 16),
+             "n": (32, 4, 2), "m": (64, 4, 4), "p": (96, 4, 4)}
 
 
 def vitdet_global_blocks(depth: int) -> tuple[int, ...]:
@@ -92,6 +94,7 @@ VARIANTS = {
     "piip-tsb": ("b", "s", "t"),
     "piip-sbl": ("l", "b", "s"),
     "piip-tsbl": ("l", "b", "s", "t"),
+    "piip-tiny": ("p", "m", "n"),
     "vit-t": ("t",), "vit-s": ("s",), "vit-b": ("b",), "vit-l": ("l",), "vit-h": ("h",),
 }
 

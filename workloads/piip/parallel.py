@@ -101,3 +101,26 @@ def segmentation_criterion(model: PIIP, feats: list[torch.Tensor], masks: torch.
     seg = model.seg_head(model.merge(feats))  # (B, classes, G, G)
     target = F.interpolate(masks[:, None].float(), size=seg.shape[-2:], mode="nearest")[:, 0].long()
     return F.cross_entropy(seg, target)
+
+
+def owned_parameters(model: PIIP, groups: BranchGroups) -> dict[str, object]:
+    """Parameter name -> the branch group that computes with it, for this rank's branch.
+
+    A branch owns its ViT, its classification head, and its side of each neighbouring
+    interaction unit (unit k: a_to_b and into_a on branch k; b_to_a and into_b on branch
+    k+1); branch 0 also owns the merge and the segmentation head.
+    """
+    k, n = groups.branch, len(model.cfg.branches)
+    mine = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] in ("branches", "cls_heads"):
+            own = int(parts[1]) == k
+        elif parts[0] == "units":
+            unit = int(parts[2])
+            own = (unit == k and parts[3] in ("a_to_b", "into_a")) or (unit == k - 1 and parts[3] in ("b_to_a", "into_b"))
+        else:  # merge, seg_head
+            own = k == 0
+        if own:
+            mine[name] = groups.group
+    return mine
