@@ -60,9 +60,13 @@ def verify(folder: str | Path, world_size: int) -> None:
                 raise CheckpointError(f"{folder}: {name} fails its checksum (corrupted)")
 
 
-def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, engine) -> None:
-    """Writes this rank's part: rank 0 the model, optimizer, schedule and state; every
-    rank its RNG state. With DeepSpeed every rank writes its ZeRO shard."""
+def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, engine, shard: str = "",
+                    writer: bool | None = None) -> None:
+    """Writes this rank's part: the writer (rank 0 by default) the model, optimizer and
+    schedule (named with `shard`, e.g. "-branch1" when ranks hold different parts);
+    rank 0 the state; every rank its RNG state. With DeepSpeed every rank writes its
+    ZeRO shard."""
+    writer = rank == 0 if writer is None else writer
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -70,10 +74,10 @@ def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, engine)
                folder / f"rng-rank{rank}.pt")
     if engine.ds is not None:
         engine.ds.save_checkpoint(str(folder / "deepspeed"), tag="state")  # every rank: its ZeRO shard
-    elif rank == 0:
-        torch.save(engine.module.state_dict(), folder / "model.pt")
-        torch.save(engine.optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(engine.scheduler.state_dict(), folder / "scheduler.pt")
+    elif writer:
+        torch.save(engine.module.state_dict(), folder / f"model{shard}.pt")
+        torch.save(engine.optimizer.state_dict(), folder / f"optimizer{shard}.pt")
+        torch.save(engine.scheduler.state_dict(), folder / f"scheduler{shard}.pt")
     if rank == 0:
         (folder / "state.json").write_text(json.dumps(asdict(state)))
     # Each rank writes into its own local folder (Ray Train merges them in storage), so
@@ -83,16 +87,16 @@ def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, engine)
     _write_manifest(folder, rank, files)
 
 
-def restore_checkpoint(folder: str | Path, *, rank: int, world_size: int, engine) -> TrainState:
+def restore_checkpoint(folder: str | Path, *, rank: int, world_size: int, engine, shard: str = "") -> TrainState:
     folder = Path(folder)
     verify(folder, world_size)
     state = TrainState(**json.loads((folder / "state.json").read_text()))
     if engine.ds is not None:
         engine.ds.load_checkpoint(str(folder / "deepspeed"), tag="state")
     else:
-        engine.module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-        engine.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        engine.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        engine.module.load_state_dict(torch.load(folder / f"model{shard}.pt", weights_only=True))
+        engine.optimizer.load_state_dict(torch.load(folder / f"optimizer{shard}.pt", weights_only=True))
+        engine.scheduler.load_state_dict(torch.load(folder / f"scheduler{shard}.pt", weights_only=True))
     rng = torch.load(folder / f"rng-rank{rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))

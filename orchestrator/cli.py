@@ -104,7 +104,13 @@ def cmd_train(args) -> int:
     from .launch import checkpoint_uri, run_training, run_uri, submitted_job_id  # noqa: PLC0415
 
     cfg = load_job(args)
-    _say(f"training {cfg.name}: {cfg.resources.workers} workers (dp {cfg.dp} x cp {cfg.parallelism.cp}), "
+    if cfg.workload == "piip":
+        from .config import piip_layout  # noqa: PLC0415
+
+        layout = f"ranks per branch {list(piip_layout(cfg))}"
+    else:
+        layout = f"dp {cfg.dp} x cp {cfg.parallelism.cp}"
+    _say(f"training {cfg.name}: {cfg.resources.workers} workers ({layout}), "
          f"{cfg.training.steps} steps; checkpoints {run_uri(cfg)}")
     tags = {"longview.ray_job_id": submitted_job_id() or "", "longview.code_version": _code_version()}
     result, run_id = run_training(cfg, ray_address=_ray_address(args), tags=tags)

@@ -71,7 +71,12 @@ def worker_env(cfg: JobConfig) -> dict[str, str]:
 
 
 class V2PERunner:
-    def __init__(self, cfg: JobConfig, groups, device: torch.device):
+    """V2PE as the worker loop sees it: engine, step(micro), checkpoint shard, export."""
+
+    def __init__(self, cfg: JobConfig, world: int, device: torch.device):
+        from parallelism.dims import ParallelDims  # noqa: PLC0415
+
+        groups = ParallelDims.infer(world_size=world, cp=cfg.parallelism.cp).build()
         from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
         from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, pack_greedy  # noqa: PLC0415
         from workloads.v2pe.model import V2PEModel, model_config  # noqa: PLC0415
@@ -131,6 +136,93 @@ class V2PERunner:
         loss_group = dist.group.WORLD if self.groups.dims.world_size > 1 else None
         return train_step(self.engine, self.batch(micro), cp_group=cp_group, loss_group=loss_group, cfg=self.step_cfg)
 
+    @property
+    def samples_per_micro(self) -> int:
+        return self.groups.dims.dp
+
+    def checkpoint_shard(self, rank: int) -> tuple[str, bool]:
+        return "", rank == 0  # every rank holds the same model: rank 0 writes it
+
+    def export(self, rank: int) -> None:
+        export_model(self, self.cfg, rank)
+
+
+class PIIPRunner:
+    """PIIP with each branch on its own group of workers (parallelism.dims.BranchLayout)."""
+
+    def __init__(self, cfg: JobConfig, world: int, device: torch.device):
+        from parallelism.dims import BranchLayout  # noqa: PLC0415
+        from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
+        from workloads.piip.data import ImageFolder  # noqa: PLC0415
+        from workloads.piip.model import PIIP  # noqa: PLC0415
+        from workloads.piip.parallel import owned_parameters  # noqa: PLC0415
+
+        from .config import piip_layout, piip_model_config  # noqa: PLC0415
+
+        self.cfg, self.device = cfg, device
+        self.groups = BranchLayout(ranks_per_branch=piip_layout(cfg), world_size=world).build()
+        t = cfg.training
+        torch.manual_seed(t.seed)  # same initial weights on every rank
+        self.mcfg = piip_model_config(cfg)
+        model = PIIP(self.mcfg).to(device)
+        self.engine = build_engine(
+            model,
+            OptimConfig(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                        grad_clip=t.grad_clip),
+            ShardingConfig(sharding=t.sharding, zero_stage=t.zero_stage, bf16=t.bf16, grad_accum=t.grad_accum),
+            owned=owned_parameters(model, self.groups),
+        )
+        root = cfg.piip.data if cfg.piip.data != "synthetic" else run_uri(cfg, "data", "shapes")
+        self.data = ImageFolder(root.rstrip("/") + "/" + cfg.piip.task, cfg.piip.task)
+        self.size = max(b.resolution for b in self.mcfg.branches)
+
+    @property
+    def samples_per_micro(self) -> int:
+        return self.cfg.piip.batch_size
+
+    def step(self, micro: int) -> dict:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        from parallelism.branch import batch_slice  # noqa: PLC0415
+        from workloads.piip.data import batch  # noqa: PLC0415
+        from workloads.piip.model import make_pyramid  # noqa: PLC0415
+        from workloads.piip.parallel import classification_loss, segmentation_loss  # noqa: PLC0415
+
+        g, B, n = self.groups, self.cfg.piip.batch_size, len(self.data)
+        rows = []
+        for i in range(micro * B, (micro + 1) * B):  # the global batch: a function of (seed, micro)
+            epoch, j = divmod(i, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.training.seed + epoch))
+            rows.append(int(order[j]))
+        lo, hi = batch_slice(g.layout, g.branch, g.rank, B)
+        images, labels, masks = batch([self.data[r] for r in rows[lo:hi]], self.size)
+        image = make_pyramid(images.to(self.device), self.mcfg)[g.branch]
+        t0 = time.perf_counter()
+        if self.cfg.piip.task == "classification":
+            loss = classification_loss(self.engine.module, image, labels.to(self.device), g, B)
+        else:
+            loss = segmentation_loss(self.engine.module, image, masks.to(self.device), g, B)
+        self.engine.backward(loss)
+        stepped = self.engine.step()
+        dt = torch.tensor([time.perf_counter() - t0, float(g.branch)])
+        times = [torch.zeros(2) for _ in range(dist.get_world_size())]
+        dist.all_gather(times, dt)
+        total = loss.detach().clone().cpu()
+        dist.all_reduce(total)
+        out = {"loss": float(total), "stepped": stepped}
+        for b in range(len(self.mcfg.branches)):  # a branch's time: its slowest rank
+            out[f"branch{b}_step_s"] = max(float(t[0]) for t in times if int(t[1]) == b)
+        if stepped:
+            out.update(grad_norm=self.engine.last_grad_norm, lr=self.engine.lr)
+        return out
+
+    def checkpoint_shard(self, rank: int) -> tuple[str, bool]:
+        # Each branch group's first rank writes that group's model and optimizer state.
+        return f"-branch{self.groups.branch}", self.groups.index_in_branch == 0
+
+    def export(self, rank: int) -> None:
+        return None  # PIIP checkpoints are the deliverable for now
+
 
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
@@ -167,8 +259,6 @@ def _system_metrics(tracker):
 def train_loop(config: dict) -> None:
     import ray.train  # noqa: PLC0415
 
-    from parallelism.dims import ParallelDims  # noqa: PLC0415
-
     from .checkpoint import TrainState, restore_checkpoint, save_checkpoint  # noqa: PLC0415
     from .tracking import Tracker  # noqa: PLC0415
 
@@ -177,14 +267,14 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    groups = ParallelDims.infer(world_size=world, cp=cfg.parallelism.cp).build()
-    runner = V2PERunner(cfg, groups, device)
+    runner = (PIIPRunner if cfg.workload == "piip" else V2PERunner)(cfg, world, device)
+    shard, writer = runner.checkpoint_shard(rank)
 
     state = TrainState(mlflow_run_id=config.get("mlflow_run_id"))
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as folder:
-            state = restore_checkpoint(folder, rank=rank, world_size=world, engine=runner.engine)
+            state = restore_checkpoint(folder, rank=rank, world_size=world, engine=runner.engine, shard=shard)
         if rank == 0:
             print(f"[longview] resumed from {ckpt.path} at step {state.step}", flush=True)
     tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
@@ -198,25 +288,28 @@ def train_loop(config: dict) -> None:
         for m in range(t.grad_accum):
             out = runner.step(state.step * t.grad_accum + m)
             losses.append(out["loss"])
-            tokens += out["tokens"]
+            tokens += out.get("tokens", 0.0)
         dt = time.perf_counter() - t0
         loss = sum(losses) / len(losses)
         metrics = {"loss": loss, "lr": out.get("lr", float("nan")), "grad_norm": out.get("grad_norm", float("nan")),
-                   "tokens_per_s": tokens / dt, "samples_per_s": groups.dims.dp * t.grad_accum / dt,
+                   "samples_per_s": runner.samples_per_micro * t.grad_accum / dt,
                    "peak_memory_mib": _peak_memory_mib(device)}
+        if tokens:
+            metrics["tokens_per_s"] = tokens / dt
+        metrics.update({k: v for k, v in out.items() if k.endswith("_step_s")})  # per-branch times (PIIP)
         state.step += 1
         state.losses.append([state.step, loss])
         tracker.log_metrics(metrics, step=state.step)
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, rank=rank, state=state, engine=runner.engine)
+                save_checkpoint(tmp, rank=rank, state=state, engine=runner.engine, shard=shard, writer=writer)
                 ray.train.report({"step": state.step, "loss": loss},
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step-{state.step:07d}")
     tracker.flush()
     if system is not None:
         system.finish()
-    export_model(runner, cfg, rank)
+    runner.export(rank)
     if rank == 0 and tracker.enabled:
         from .tracking import loss_curve_png  # noqa: PLC0415
 
@@ -269,9 +362,24 @@ def connect_ray(cfg: JobConfig, address: str | None) -> None:
 
 def prepare_data(cfg: JobConfig) -> str | None:
     """Writes the synthetic training set to storage once (skipped if it is there)."""
+    import fsspec  # noqa: PLC0415
+
+    if cfg.workload == "piip":
+        if cfg.piip.data != "synthetic":
+            return None
+        from workloads.piip.data import write_shapes  # noqa: PLC0415
+
+        url = run_uri(cfg, "data", "shapes")
+        opts = {"endpoint_url": s3_endpoint(cfg)} if url.startswith("s3://") and s3_endpoint(cfg) else {}
+        fs, root = fsspec.core.url_to_fs(url, **opts)
+        if not fs.exists(posixpath.join(root, cfg.piip.task)):
+            if opts:
+                os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", opts["endpoint_url"])
+            size = max(int(r) for r in cfg.piip.resolutions)
+            write_shapes(url, cfg.piip.synthetic_samples, size=size, seed=cfg.training.seed)
+        return url
     if cfg.data.train != "synthetic":
         return None
-    import fsspec  # noqa: PLC0415
 
     from workloads.v2pe.model import model_config  # noqa: PLC0415
     from workloads.v2pe.synth import SynthConfig, write_dataset  # noqa: PLC0415

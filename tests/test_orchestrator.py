@@ -49,13 +49,7 @@ def s3(env):
 
 
 def mlflow_run(env, name):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("longview-v2pe")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")
-    assert len(runs) == 1, f"one MLflow run per job, got {len(runs)}"
-    return client, runs[0]
+    return mlflow_run_in(env, "longview-v2pe", name)
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +186,39 @@ def test_tracking_outage_keeps_metrics_until_the_server_is_back(services, tmp_pa
         assert sorted((m.step, m.value) for m in hist) == [(1, 3.0), (2, 2.0), (3, 1.0)]
     finally:
         stop_pid(server.pid)
+
+
+def test_piip_job_places_branches_and_resumes_exactly(services, tmp_path):
+    """PIIP over three Ray workers, one branch each: per-branch checkpoints and step times,
+    and a fault at step 3 resumes with the uninterrupted run's losses."""
+    _, env = services
+    sets = ["--set", "storage.uri=s3://lvtest/runs", "--set", "training.steps=4", "--set", "training.checkpoint_every=2"]
+    a = f"pa-{uuid.uuid4().hex[:8]}"
+    cli(env, "train", "configs/piip-demo.yaml", "--set", f"name={a}", *sets)
+    client, run = mlflow_run_in(env, "longview-piip", a)
+    want = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [s for s, _ in want] == [1, 2, 3, 4]
+    for b in range(3):
+        assert len(client.get_metric_history(run.info.run_id, f"branch{b}_step_s")) == 4
+    names = {p.rsplit("/", 1)[1] for p in s3(env).ls(f"lvtest/runs/{a}/step-0000004")}
+    assert {f"model-branch{b}.pt" for b in range(3)} | {"manifest-rank2.json", "state.json"} <= names
+
+    b_name = f"pb-{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "piip-fault"
+    proc = cli(dict(env, LONGVIEW_FAULT_AT_STEP="3", LONGVIEW_FAULT_MARKER=str(marker)), "train",
+               "configs/piip-demo.yaml", "--set", f"name={b_name}", *sets)
+    assert marker.exists() and "at step 2" in proc.stdout + proc.stderr
+    client, run = mlflow_run_in(env, "longview-piip", b_name)
+    got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # deterministic CPU float32
+
+
+def mlflow_run_in(env, experiment, name):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")
+    assert len(runs) == 1, f"one MLflow run per job, got {len(runs)}"
+    return client, runs[0]
