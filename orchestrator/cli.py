@@ -100,10 +100,22 @@ def _ray_address(args) -> str | None:
     return s["ray"].extra["address"] if "ray" in s else None
 
 
+def _check_cluster(cfg, args) -> None:
+    if getattr(args, "cluster_yaml", None):
+        from .cluster import check_job_fits, load_cluster_yaml  # noqa: PLC0415
+        from .config import ConfigError  # noqa: PLC0415
+
+        try:
+            check_job_fits(cfg, load_cluster_yaml(args.cluster_yaml), args.cluster_yaml)
+        except ConfigError as e:
+            raise SystemExit(f"refused: {e}") from None
+
+
 def cmd_train(args) -> int:
     from .launch import checkpoint_uri, run_training, run_uri, submitted_job_id  # noqa: PLC0415
 
     cfg = load_job(args)
+    _check_cluster(cfg, args)
     if cfg.workload == "piip":
         from .config import piip_layout  # noqa: PLC0415
 
@@ -159,6 +171,7 @@ def cmd_submit(args) -> int:
     from .launch import run_uri, worker_env  # noqa: PLC0415
 
     cfg = load_job(args)
+    _check_cluster(cfg, args)
     client = _job_client(args)
     repo = Path(__file__).resolve().parent.parent
     env = dict(worker_env(cfg))
@@ -288,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="job config YAML ('-' reads a submitted job's config)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--address", default=None, help="Ray address (GCS host:port, or dashboard URL for submit)")
+        if name in ("submit", "train"):
+            p.add_argument("--cluster-yaml", default=None,
+                           help="Ray cluster YAML: refuse the job if no node type can hold its workers")
         if name == "submit":
             p.add_argument("--wait", action="store_true", help="wait for the job, showing its status")
         if name == "eval":

@@ -98,6 +98,7 @@ class ResourcesSection:
     workers: int = 1
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
+    custom: dict = field(default_factory=dict)  # custom Ray resources per worker, e.g. {accelerator_h100: 1}
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -426,7 +426,7 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
     connect_ray(cfg, ray_address)
     storage_path, fs = storage_for_ray(cfg)
     use_gpu = cfg.resources.gpus_per_worker > 0
-    resources = {"CPU": cfg.resources.cpus_per_worker}
+    resources = {"CPU": cfg.resources.cpus_per_worker, **cfg.resources.custom}
     if use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
     trainer = TorchTrainer(

@@ -80,6 +80,29 @@ def _spawn(cmd: list[str], log: str, env: dict | None = None) -> subprocess.Pope
                                 stdin=subprocess.DEVNULL)
 
 
+def stop_processes_under(marker: str) -> list[int]:
+    """SIGKILLs every process whose command line contains `marker` (a temp dir we own).
+
+    Ray's simulated nodes are started by its autoscaler outside the head's process
+    group; they are found by the temp dir they were given.
+    """
+    killed = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(d.name), signal.SIGKILL)
+                killed.append(int(d.name))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
 def stop_pid(pid: int, timeout_s: float = 40.0) -> None:
     """SIGTERM to the service's process group, SIGKILL if it has not gone after timeout_s."""
     try:
@@ -133,7 +156,9 @@ def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0
     return Service("mlflow", proc.pid, url, log)
 
 
-def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1") -> Service:
+def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscaling_yaml: str | None = None) -> Service:
+    """A Ray head. With `autoscaling_yaml` (a fake_multinode cluster YAML) it runs Ray's
+    autoscaler against simulated nodes on this machine (RAY_FAKE_CLUSTER=1)."""
     gcs, dash, client = free_port(), free_port(), free_port()
     log = str(state_dir / "ray.log")
     # Ray's unix socket paths must stay short: a temp dir under /tmp, named by port.
@@ -141,7 +166,17 @@ def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1") -> Servic
     cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address", host, "--port", str(gcs),
            "--dashboard-host", host, "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
            "--temp-dir", tmp, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats"]
-    proc = _spawn(cmd, log, ray_env())
+    env = ray_env()
+    if autoscaling_yaml:
+        import yaml  # noqa: PLC0415
+
+        cluster = yaml.safe_load(Path(autoscaling_yaml).read_text())
+        cluster["provider"]["gcs_address"] = f"{host}:{gcs}"  # the simulated nodes join this head
+        resolved = state_dir / "autoscaling.yaml"
+        resolved.write_text(yaml.safe_dump(cluster))
+        cmd += ["--autoscaling-config", str(resolved)]
+        env["RAY_FAKE_CLUSTER"] = "1"
+    proc = _spawn(cmd, log, env)
     url = f"http://{host}:{dash}"
     _wait_http(url + "/api/version", 120, proc, log)
     return Service("ray", proc.pid, url, log, {"address": f"{host}:{gcs}", "temp_dir": tmp})

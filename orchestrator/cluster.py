@@ -1,0 +1,101 @@
+"""Cluster definitions: offline validation and "can this cluster ever run the job?".
+
+Ray cluster YAMLs are checked with Ray's own schema and checks
+(`validate_config(prepare_config(...))`; the fake_multinode provider ships no defaults
+file in the wheel, so a complete YAML of that provider is checked with the schema
+alone). KubeRay manifests are checked for the fields KubeRay requires.
+"""
+
+from __future__ import annotations
+
+import math
+
+import yaml
+
+from .config import ConfigError, JobConfig
+
+
+def load_cluster_yaml(path: str) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: PLC0415
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    try:
+        if cfg.get("provider", {}).get("type") == "fake_multinode":
+            validate_config(cfg)
+        else:
+            validate_config(prepare_config(cfg))
+    except Exception as e:  # noqa: BLE001 - Ray raises jsonschema and ValueError alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: {first}") from None
+    return cfg
+
+
+def check_kuberay(manifest: dict, source: str = "manifest") -> None:
+    """Raises ConfigError naming the first missing field KubeRay needs."""
+    def need(obj, path):
+        cur = obj
+        for part in path.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                raise ConfigError(f"{source}: {path} is missing")
+            cur = cur[part]
+        return cur
+
+    if need(manifest, "apiVersion") not in ("ray.io/v1", "ray.io/v1alpha1"):
+        raise ConfigError(f"{source}: apiVersion {manifest['apiVersion']!r} is not ray.io/v1")
+    kind = need(manifest, "kind")
+    need(manifest, "metadata.name")
+    if kind == "RayJob":
+        need(manifest, "spec.entrypoint")
+        spec = need(manifest, "spec.rayClusterSpec")
+    elif kind == "RayCluster":
+        spec = need(manifest, "spec")
+    else:
+        raise ConfigError(f"{source}: kind {kind!r} is not RayCluster or RayJob")
+    containers = need(spec, "headGroupSpec.template.spec.containers")
+    if not containers or not all("image" in c and "name" in c for c in containers):
+        raise ConfigError(f"{source}: every head container needs a name and an image")
+    need(spec, "headGroupSpec.rayStartParams")
+    for i, g in enumerate(spec.get("workerGroupSpecs", [])):
+        for key in ("groupName", "rayStartParams", "template"):
+            if key not in g:
+                raise ConfigError(f"{source}: workerGroupSpecs[{i}].{key} is missing")
+        lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31)
+        if lo > hi:
+            raise ConfigError(f"{source}: workerGroupSpecs[{i}] minReplicas {lo} > maxReplicas {hi}")
+        if not g["template"].get("spec", {}).get("containers"):
+            raise ConfigError(f"{source}: workerGroupSpecs[{i}].template.spec.containers is missing")
+
+
+def worker_resources(cfg: JobConfig) -> dict[str, float]:
+    r = {"CPU": cfg.resources.cpus_per_worker, **cfg.resources.custom}
+    if cfg.resources.gpus_per_worker:
+        r["GPU"] = cfg.resources.gpus_per_worker
+    return {k: v for k, v in r.items() if v}
+
+
+def check_job_fits(cfg: JobConfig, cluster: dict, source: str = "cluster") -> None:
+    """Refuses a job no node type of `cluster` can ever hold, naming what is missing."""
+    need = worker_resources(cfg)
+    types = cluster.get("available_node_types", {})
+    head = cluster.get("head_node_type")
+    capacity = 0
+    best_missing = None
+    for name, t in types.items():
+        have = t.get("resources", {})
+        missing = [f"{k} (needs {v}, {name} has {have.get(k, 0)})" for k, v in need.items() if have.get(k, 0) < v]
+        if missing:
+            best_missing = best_missing or missing
+            continue
+        per_node = min(math.floor(have[k] / v) for k, v in need.items())
+        count = 1 if name == head else t.get("max_workers", cluster.get("max_workers", 0))
+        capacity += per_node * count
+    if capacity == 0:
+        raise ConfigError(
+            f"{source}: no node type can hold one worker of job {cfg.name} ({need}); missing: {', '.join(best_missing or ['node types'])}"
+        )
+    if capacity < cfg.resources.workers:
+        raise ConfigError(
+            f"{source}: at most {capacity} workers of job {cfg.name} fit ({need} each), "
+            f"it asks for resources.workers={cfg.resources.workers}"
+        )
