@@ -178,12 +178,22 @@ def cmd_submit(args) -> int:
     env[CONFIG_ENV] = json.dumps(to_dict(cfg))
     env["LONGVIEW_HOME"] = str(home())
     env["LONGVIEW_CODE_VERSION"] = _code_version()
-    job_id = client.submit_job(
-        entrypoint=f"{sys.executable} -m orchestrator.cli train -",
-        runtime_env={"working_dir": str(repo), "env_vars": env,
-                     "excludes": [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]},
-        metadata={"longview.run_name": cfg.name},
-    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=f"{sys.executable} -m orchestrator.cli train -",
+                runtime_env={"working_dir": str(repo), "env_vars": env,
+                             "excludes": [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]},
+                metadata={"longview.run_name": cfg.name},
+            )
+            break
+        except RuntimeError as e:
+            # A head that has just started answers before its job agent is up.
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            _say("  the cluster's job agent is not up yet; retrying ...")
+            time.sleep(3)
     _say(f"submitted job {job_id}")
     _say(f"  checkpoints: {run_uri(cfg)}")
     if cfg.tracking.uri:
