@@ -24,9 +24,12 @@ class ParallelDims:
     world_size: int
     dp: int = 1  # data-parallel degree (replicas that see different samples)
     cp: int = 1  # context-parallel degree (ranks that share one sample's sequence)
+    # Hybrid context parallelism: cp = cp_a2a x ring. Heads are split by all-to-all over
+    # groups of cp_a2a adjacent ranks (meant for one node); the ring runs across groups.
+    cp_a2a: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "dp", "cp"):
+        for name in ("world_size", "dp", "cp", "cp_a2a"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ParallelDims.{name} must be a positive integer, got {value!r}")
@@ -35,13 +38,19 @@ class ParallelDims:
                 f"ParallelDims: dp ({self.dp}) x cp ({self.cp}) = {self.dp * self.cp} "
                 f"does not match world_size ({self.world_size})"
             )
+        if self.cp % self.cp_a2a:
+            raise ValueError(f"ParallelDims: cp_a2a ({self.cp_a2a}) does not divide cp ({self.cp})")
 
     @classmethod
-    def infer(cls, *, world_size: int, cp: int) -> "ParallelDims":
+    def infer(cls, *, world_size: int, cp: int, cp_a2a: int = 1) -> "ParallelDims":
         """Fills in dp from the world size; cp must divide it."""
         if cp < 1 or world_size % cp:
             raise ValueError(f"ParallelDims: cp={cp} does not divide world_size={world_size}")
-        return cls(world_size=world_size, dp=world_size // cp, cp=cp)
+        return cls(world_size=world_size, dp=world_size // cp, cp=cp, cp_a2a=cp_a2a)
+
+    @property
+    def cp_ring(self) -> int:
+        return self.cp // self.cp_a2a
 
     def cp_ranks(self, dp_index: int) -> list[int]:
         return [dp_index * self.cp + i for i in range(self.cp)]
@@ -75,7 +84,22 @@ class ParallelDims:
             g = dist.new_group(self.dp_ranks(c))
             if c == cp_index:
                 dp_group = g
-        return ParallelGroups(dims=self, rank=rank, cp_group=cp_group, dp_group=dp_group)
+        # Inside each cp group: all-to-all groups of cp_a2a adjacent ranks, and ring
+        # groups of the ranks at the same position in every all-to-all group.
+        a2a_group = ring_group = None
+        u = self.cp_a2a
+        for d in range(self.dp):
+            base = self.cp_ranks(d)
+            for j in range(self.cp_ring):
+                g = dist.new_group(base[j * u:(j + 1) * u])
+                if d == dp_index and j == cp_index // u:
+                    a2a_group = g
+            for i in range(u):
+                g = dist.new_group(base[i::u])
+                if d == dp_index and i == cp_index % u:
+                    ring_group = g
+        return ParallelGroups(dims=self, rank=rank, cp_group=cp_group, dp_group=dp_group,
+                              a2a_group=a2a_group, ring_group=ring_group)
 
 
 @dataclass(kw_only=True)
@@ -84,6 +108,8 @@ class ParallelGroups:
     rank: int
     cp_group: dist.ProcessGroup = field(repr=False)
     dp_group: dist.ProcessGroup = field(repr=False)
+    a2a_group: dist.ProcessGroup = field(repr=False, default=None)  # heads all-to-all (cp_a2a ranks)
+    ring_group: dist.ProcessGroup = field(repr=False, default=None)  # ring across a2a groups
 
     @property
     def cp_rank(self) -> int:

@@ -87,3 +87,21 @@ def ring_fwd_bwd_cuda(q, k, v, dout, *, causal):
     out = ring_attention(qs, ks, vs, causal=causal)
     out.backward(ds)
     return tuple(t.detach().cpu() for t in (out, qs.grad, ks.grad, vs.grad))
+
+
+def hybrid_fwd_bwd(q, k, v, dout, *, a2a, causal, cu_seqlens=None):
+    """cp = whole world as a2a x ring; returns (ring_rank, a2a_rank, out, dq, dk, dv) pieces."""
+    from parallelism.dims import ParallelDims  # noqa: PLC0415
+    from parallelism.hybrid_attention import hybrid_attention, hybrid_shard  # noqa: PLC0415
+
+    W = dist.get_world_size()
+    groups = ParallelDims.infer(world_size=W, cp=W, cp_a2a=a2a).build()
+    ring_rank, a2a_rank = dist.get_rank(groups.ring_group), dist.get_rank(groups.a2a_group)
+    ring = W // a2a
+    pieces = [hybrid_shard(t, ring, a2a, ring_rank, a2a_rank, cu_seqlens=cu_seqlens).clone() for t in (q, k, v, dout)]
+    for t in pieces[:3]:
+        t.requires_grad_(True)
+    out = hybrid_attention(*pieces[:3], a2a_group=groups.a2a_group, ring_group=groups.ring_group, causal=causal,
+                           cu_seqlens=cu_seqlens)
+    out.backward(pieces[3])
+    return ring_rank, a2a_rank, out.detach(), pieces[0].grad, pieces[1].grad, pieces[2].grad
