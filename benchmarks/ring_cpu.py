@@ -30,6 +30,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._measure import reset_peak, status_mib  # noqa: E402
+from parallelism.dims import ParallelDims  # noqa: E402
+from parallelism.hybrid_attention import hybrid_attention, hybrid_shard  # noqa: E402
 from parallelism.local_world import LocalWorld  # noqa: E402
 from parallelism.ring_attention import ring_attention  # noqa: E402
 from parallelism.sharding import zigzag_shard  # noqa: E402
@@ -40,13 +42,21 @@ def _inputs(S, H, Hkv, D):
     return (torch.randn(1, S, h, D, generator=g) for h in (H, Hkv, Hkv, H))
 
 
-def _run(S_total, H, Hkv, D, repeats, use_ring, warm=True):
+def _run(S_total, H, Hkv, D, repeats, use_ring, warm=True, a2a=1):
     W = dist.get_world_size()
     r = dist.get_rank()
     if warm:  # page in the kernels' code on a tiny problem, so RSS counts data, not code
-        _run(8 * W, H, Hkv, D, 1, use_ring, warm=False)
+        _run(8 * W, H, Hkv, D, 1, use_ring, warm=False, a2a=a2a)
     q, k, v, dout = _inputs(S_total, H, Hkv, D)
-    if use_ring:
+    attend = None
+    if use_ring and a2a > 1:  # hybrid: heads all-to-all inside groups of a2a ranks x ring
+        groups = ParallelDims.infer(world_size=W, cp=W, cp_a2a=a2a).build()
+        rr, ar = dist.get_rank(groups.ring_group), dist.get_rank(groups.a2a_group)
+        q, k, v, dout = (hybrid_shard(t, W // a2a, a2a, rr, ar).clone() for t in (q, k, v, dout))
+
+        def attend(q, k, v):
+            return hybrid_attention(q, k, v, a2a_group=groups.a2a_group, ring_group=groups.ring_group)
+    elif use_ring:
         q, k, v, dout = (zigzag_shard(t, W, r).clone() for t in (q, k, v, dout))
     for t in (q, k, v):
         t.requires_grad_(True)
@@ -58,7 +68,9 @@ def _run(S_total, H, Hkv, D, repeats, use_ring, warm=True):
             t.grad = None
         dist.barrier()
         t0 = time.perf_counter()
-        if use_ring:
+        if attend is not None:
+            out = attend(q, k, v)
+        elif use_ring:
             out = ring_attention(q, k, v, causal=True)
         else:
             out = F.scaled_dot_product_attention(
@@ -70,14 +82,15 @@ def _run(S_total, H, Hkv, D, repeats, use_ring, warm=True):
     return best, status_mib("VmHWM") - base
 
 
-def measure(W, S_local, H, Hkv, D, repeats):
+def measure(W, S_local, H, Hkv, D, repeats, a2a=1):
     with LocalWorld(W) as world:
-        res = world.run(_run, W * S_local, H, Hkv, D, repeats, True)
+        res = world.run(_run, W * S_local, H, Hkv, D, repeats, True, a2a=a2a)
     with LocalWorld(1) as world:
         (single,) = world.run(_run, W * S_local, H, Hkv, D, repeats, False)
     t_ring = max(t for t, _ in res)
     return {
         "W": W,
+        "a2a": a2a,
         "S_local": S_local,
         "S_total": W * S_local,
         "t_ring_ms": round(t_ring * 1e3, 1),
@@ -96,15 +109,17 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--a2a", type=int, default=1, help="hybrid: all-to-all degree U (ring degree W/U)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
-    print(f"cores: {os.cpu_count()}, H_q={args.heads}, H_kv={args.kv_heads}, D={args.head_dim}, fp32, causal, fwd+bwd")
+    print(f"cores: {os.cpu_count()}, H_q={args.heads}, H_kv={args.kv_heads}, D={args.head_dim}, fp32, causal, "
+          f"fwd+bwd, all-to-all degree {args.a2a}")
     print("| W | S_local | S_total | ring ms | single ms | efficiency/rank | peak MiB/rank | peak MiB single |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for W in args.worlds:
         for S_local in args.s_local:
-            row = measure(W, S_local, args.heads, args.kv_heads, args.head_dim, args.repeats)
+            row = measure(W, S_local, args.heads, args.kv_heads, args.head_dim, args.repeats, a2a=args.a2a)
             rows.append(row)
             print(
                 f"| {W} | {S_local} | {row['S_total']} | {row['t_ring_ms']} | {row['t_single_ms']} | "
