@@ -64,26 +64,17 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s // u, u * hu, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """Sequence pieces <-> head groups; each direction's backward is the other one."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _heads_to_seq(g.contiguous(), ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g.contiguous(), ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(g.contiguous(), ctx.group), None, None
 
 
 def hybrid_attention(
@@ -108,11 +99,11 @@ def hybrid_attention(
             raise ValueError(f"hybrid_attention: the all-to-all degree {u} does not divide {name}={h}")
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5  # the head dim is unchanged by the head split
-    qh, kh, vh = (_SeqToHeads.apply(t, a2a_group) if u > 1 else t for t in (q, k, v))
+    qh, kh, vh = (_AllToAll.apply(t, a2a_group, True) if u > 1 else t for t in (q, k, v))
     if dist.get_world_size(ring_group) > 1:
         o = ring_attention(qh, kh, vh, group=ring_group, causal=causal, cu_seqlens=cu_seqlens,
                            softmax_scale=softmax_scale, kernel=kernel)
     else:
         o = local_attention(qh, kh, vh, causal=causal, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
                             kernel=kernel)
-    return _HeadsToSeq.apply(o, a2a_group) if u > 1 else o
+    return _AllToAll.apply(o, a2a_group, False) if u > 1 else o
