@@ -72,12 +72,15 @@ def test_submit_refuses_before_contacting_any_cluster(tmp_path):
 
 
 def _ray_nodes(address: str) -> list[dict]:
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(json.dumps([{'alive': n['Alive'], 'res': n['Resources']} for n in ray.nodes()]))" % address)
+    # The autoscaler's own messages reach a driver's stdout too: mark our line.
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "print('NODES ' + json.dumps([{'alive': n['Alive'], 'res': n['Resources']} for n in ray.nodes()]))"
+            % address)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     import json
 
-    return json.loads(out.strip().splitlines()[-1])
+    line = next(line for line in out.splitlines() if line.startswith("NODES "))
+    return json.loads(line[len("NODES "):])
 
 
 def test_autoscaler_adds_worker_nodes_for_a_job_and_removes_them_when_idle(tmp_path):
