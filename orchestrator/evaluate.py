@@ -16,16 +16,9 @@ import posixpath
 import torch
 
 from .config import JobConfig, build, to_dict
-from .launch import connect_ray, run_uri, s3_endpoint, storage_for_ray, worker_env
+from .launch import connect_ray, run_uri, storage_for_ray, storage_fs, worker_env
 
 EXPORT = "export"  # InternVL2-format model written at the end of training
-
-
-def _fs(url: str, cfg: JobConfig):
-    import fsspec  # noqa: PLC0415
-
-    opts = {"endpoint_url": s3_endpoint(cfg)} if url.startswith("s3://") and s3_endpoint(cfg) else {}
-    return fsspec.core.url_to_fs(url, **opts)
 
 
 def prepare_eval_data(cfg: JobConfig) -> dict[int, str]:
@@ -37,10 +30,8 @@ def prepare_eval_data(cfg: JobConfig) -> dict[int, str]:
     paths = {}
     for n in e.lengths:
         url = run_uri(cfg, "data", f"eval-{n}")
-        fs, root = _fs(url, cfg)
+        fs, root = storage_fs(url, cfg)
         if not fs.exists(posixpath.join(root, "data.jsonl")):
-            if url.startswith("s3://") and s3_endpoint(cfg):
-                os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", s3_endpoint(cfg))
             write_dataset(url, SynthConfig(tokens=n, images=e.images, task=e.task, tile=mc.vision.image_size,
                                            tokens_per_tile=mc.tokens_per_tile, seed=10_000 + n), e.samples_per_length)
         paths[n] = url + "/data.jsonl"
@@ -72,7 +63,7 @@ def eval_loop(config: dict) -> None:
     rows = accuracy_table(model, samples, tokenizer=tok, strides=cfg.evaluation.strides, cp_group=group)
     if rank == 0:
         table = format_table(rows)
-        fs, root = _fs(config["out"], cfg)
+        fs, root = storage_fs(config["out"], cfg)
         fs.pipe_file(posixpath.join(root, "accuracy.md"), table.encode())
         fs.pipe_file(posixpath.join(root, "accuracy.json"), json.dumps([r.__dict__ for r in rows]).encode())
         if config.get("parent_run_id") and cfg.tracking.uri:
@@ -120,5 +111,5 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
                                        storage_filesystem=fs, worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
     trainer.fit()
-    fs_, root = _fs(out, cfg)
+    fs_, root = storage_fs(out, cfg)
     return fs_.cat_file(posixpath.join(root, "accuracy.md")).decode()

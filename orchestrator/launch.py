@@ -35,6 +35,18 @@ def s3_endpoint(cfg: JobConfig) -> str | None:
     return cfg.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
 
 
+def storage_fs(url: str, cfg: JobConfig):
+    """(filesystem, path) for a storage URL, using the job's S3 endpoint. It also sets
+    FSSPEC_S3_ENDPOINT_URL, so later plain fsspec calls in this process (the dataset
+    writers) reach the same endpoint."""
+    import fsspec  # noqa: PLC0415
+
+    endpoint = s3_endpoint(cfg) if url.startswith("s3://") else None
+    if endpoint:
+        os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", endpoint)
+    return fsspec.core.url_to_fs(url, **({"endpoint_url": endpoint} if endpoint else {}))
+
+
 def storage_for_ray(cfg: JobConfig):
     """(storage_path, storage_filesystem) for RunConfig: s3://b/p becomes "b/p" + s3fs."""
     uri = cfg.storage.uri
@@ -362,19 +374,14 @@ def connect_ray(cfg: JobConfig, address: str | None) -> None:
 
 def prepare_data(cfg: JobConfig) -> str | None:
     """Writes the synthetic training set to storage once (skipped if it is there)."""
-    import fsspec  # noqa: PLC0415
-
     if cfg.workload == "piip":
         if cfg.piip.data != "synthetic":
             return None
         from workloads.piip.data import write_shapes  # noqa: PLC0415
 
         url = run_uri(cfg, "data", "shapes")
-        opts = {"endpoint_url": s3_endpoint(cfg)} if url.startswith("s3://") and s3_endpoint(cfg) else {}
-        fs, root = fsspec.core.url_to_fs(url, **opts)
+        fs, root = storage_fs(url, cfg)
         if not fs.exists(posixpath.join(root, cfg.piip.task)):
-            if opts:
-                os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", opts["endpoint_url"])
             size = max(int(r) for r in cfg.piip.resolutions)
             write_shapes(url, cfg.piip.synthetic_samples, size=size, seed=cfg.training.seed)
         return url
@@ -385,16 +392,13 @@ def prepare_data(cfg: JobConfig) -> str | None:
     from workloads.v2pe.synth import SynthConfig, write_dataset  # noqa: PLC0415
 
     url = run_uri(cfg, "data", "train")
-    opts = {"endpoint_url": s3_endpoint(cfg)} if url.startswith("s3://") and s3_endpoint(cfg) else {}
-    fs, root = fsspec.core.url_to_fs(url, **opts)
+    fs, root = storage_fs(url, cfg)
     if fs.exists(posixpath.join(root, "data.jsonl")):
         return url + "/data.jsonl"
     mc = model_config(cfg.model.size, **cfg.model.overrides)
     s = cfg.data.synthetic
     synth = SynthConfig(tokens=s.tokens, images=s.images, task=s.task, tile=mc.vision.image_size,
                         tokens_per_tile=mc.tokens_per_tile, seed=s.seed)
-    if opts:
-        os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", opts["endpoint_url"])
     return write_dataset(url, synth, s.samples)
 
 
