@@ -121,7 +121,8 @@ def cmd_train(args) -> int:
 
         layout = f"ranks per branch {list(piip_layout(cfg))}"
     else:
-        layout = f"dp {cfg.dp} x cp {cfg.parallelism.cp}"
+        p = cfg.parallelism
+        layout = f"dp {cfg.dp} x cp {p.cp}" + (f" (all-to-all {p.cp_a2a} x ring {p.cp // p.cp_a2a})" if p.cp_a2a > 1 else "")
     _say(f"training {cfg.name}: {cfg.resources.workers} workers ({layout}), "
          f"{cfg.training.steps} steps; checkpoints {run_uri(cfg)}")
     tags = {"longview.ray_job_id": submitted_job_id() or "", "longview.code_version": _code_version()}

@@ -50,6 +50,10 @@ class DataSection:
 @dataclass(kw_only=True, frozen=True)
 class ParallelismSection:
     cp: int = 1  # context-parallel degree; dp = workers / cp
+    # All-to-all degree inside the context-parallel group (hybrid context parallelism):
+    # heads are exchanged all-to-all among cp_a2a adjacent ranks (one node), the ring runs
+    # over cp / cp_a2a groups. 1: plain ring; cp_a2a = cp: all-to-all only.
+    cp_a2a: int = 1
     timeout_s: float = 600.0  # collective timeout: a stuck peer fails the run after this
 
 
@@ -224,7 +228,8 @@ def validate(cfg: JobConfig) -> JobConfig:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", cfg.name):
         raise ConfigError(f"name: {cfg.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
     for key, value in [
-        ("parallelism.cp", cfg.parallelism.cp), ("parallelism.timeout_s", cfg.parallelism.timeout_s),
+        ("parallelism.cp", cfg.parallelism.cp), ("parallelism.cp_a2a", cfg.parallelism.cp_a2a),
+        ("parallelism.timeout_s", cfg.parallelism.timeout_s),
         ("resources.workers", cfg.resources.workers), ("training.steps", cfg.training.steps),
         ("training.lr", cfg.training.lr), ("training.grad_accum", cfg.training.grad_accum),
         ("training.checkpoint_every", cfg.training.checkpoint_every),
@@ -246,6 +251,9 @@ def validate(cfg: JobConfig) -> JobConfig:
             f"parallelism.cp: {cfg.parallelism.cp} does not divide resources.workers={cfg.resources.workers} "
             "(workers = data-parallel x context-parallel)"
         )
+    if cfg.parallelism.cp % cfg.parallelism.cp_a2a:
+        raise ConfigError(f"parallelism.cp_a2a: {cfg.parallelism.cp_a2a} does not divide parallelism.cp="
+                          f"{cfg.parallelism.cp} (cp = all-to-all degree x ring degree)")
     if cfg.training.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"training.zero_stage: {cfg.training.zero_stage!r} is not one of 0, 1, 2, 3")
     if cfg.data.position_mode == "v2pe_fix" and cfg.data.position_stride is None:
@@ -272,9 +280,13 @@ def validate(cfg: JobConfig) -> JobConfig:
     try:
         from workloads.v2pe.model import model_config  # noqa: PLC0415
 
-        model_config(cfg.model.size, **cfg.model.overrides)
+        llm = model_config(cfg.model.size, **cfg.model.overrides).llm
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
+    for heads, n in (("num_heads", llm.num_heads), ("num_kv_heads", llm.num_kv_heads)):
+        if n % cfg.parallelism.cp_a2a:
+            raise ConfigError(f"parallelism.cp_a2a: {cfg.parallelism.cp_a2a} does not divide the model's {heads}={n} "
+                              f"(model.size {cfg.model.size!r}); the all-to-all splits heads")
     return cfg
 
 

@@ -59,8 +59,13 @@ def eval_loop(config: dict) -> None:
         samples += load_samples(path, tokenizer=tok, cfg=DataConfig(max_tokens=int(n), max_tiles=cfg.data.max_tiles,
                                                                    tile=mc.vision.image_size,
                                                                    tokens_per_tile=mc.tokens_per_tile))
-    group = dist.group.WORLD if dist.get_world_size() > 1 else None
-    rows = accuracy_table(model, samples, tokenizer=tok, strides=cfg.evaluation.strides, cp_group=group)
+    from parallelism.dims import ParallelDims  # noqa: PLC0415
+
+    # Every worker is one context-parallel group; cp_a2a splits it for hybrid attention.
+    world = dist.get_world_size()
+    groups = ParallelDims(world_size=world, cp=world, cp_a2a=cfg.parallelism.cp_a2a).build()
+    rows = accuracy_table(model, samples, tokenizer=tok, strides=cfg.evaluation.strides,
+                          cp_group=groups.cp_group if world > 1 else None, hybrid=groups.hybrid)
     if rank == 0:
         table = format_table(rows)
         fs, root = storage_fs(config["out"], cfg)

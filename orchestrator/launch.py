@@ -88,7 +88,7 @@ class V2PERunner:
     def __init__(self, cfg: JobConfig, world: int, device: torch.device):
         from parallelism.dims import ParallelDims  # noqa: PLC0415
 
-        groups = ParallelDims.infer(world_size=world, cp=cfg.parallelism.cp).build()
+        groups = ParallelDims.infer(world_size=world, cp=cfg.parallelism.cp, cp_a2a=cfg.parallelism.cp_a2a).build()
         from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
         from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, pack_greedy  # noqa: PLC0415
         from workloads.v2pe.model import V2PEModel, model_config  # noqa: PLC0415
@@ -133,7 +133,7 @@ class V2PERunner:
         gen = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + i)  # δ draws of this batch
         batch = make_batch(self.rows[int(order[j])], tokenizer=self.tokenizer, cfg=self.data_cfg,
                            cp=self.groups.dims.cp, generator=gen)
-        local = shard_batch(batch, self.groups.dims.cp, self.groups.cp_rank)
+        local = shard_batch(batch, self.groups.dims.cp, self.groups.cp_rank, a2a=self.groups.dims.cp_a2a)
         for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight", "cu_seqlens"):
             setattr(local, name, getattr(local, name).to(self.device))
         local.pixels = local.pixels.to(self.device, next(self.engine.module.parameters()).dtype)
@@ -146,7 +146,8 @@ class V2PERunner:
 
         cp_group = self.groups.cp_group if self.groups.dims.cp > 1 else None
         loss_group = dist.group.WORLD if self.groups.dims.world_size > 1 else None
-        return train_step(self.engine, self.batch(micro), cp_group=cp_group, loss_group=loss_group, cfg=self.step_cfg)
+        return train_step(self.engine, self.batch(micro), cp_group=cp_group, loss_group=loss_group,
+                          hybrid=self.groups.hybrid, cfg=self.step_cfg)
 
     @property
     def samples_per_micro(self) -> int:

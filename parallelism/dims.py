@@ -112,6 +112,11 @@ class ParallelGroups:
     ring_group: dist.ProcessGroup = field(repr=False, default=None)  # ring across a2a groups
 
     @property
+    def hybrid(self) -> tuple | None:
+        """(a2a_group, ring_group) for hybrid context parallelism, None for a plain ring."""
+        return (self.a2a_group, self.ring_group) if self.dims.cp_a2a > 1 else None
+
+    @property
     def cp_rank(self) -> int:
         return self.dims.coords(self.rank)[1]
 

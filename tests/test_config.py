@@ -42,6 +42,11 @@ def test_defaults_and_derived_values():
         ({"resources.cpus_per_worker": -1}, r"resources.cpus_per_worker: must be >= 0, got -1"),
         ({"training.zero_stage": 3}, r"training.zero_stage: only meaningful with training.sharding='deepspeed'"),
         ({"name": "bad name!"}, r"name: 'bad name!' must be 1-100 letters"),
+        ({"parallelism.cp_a2a": 4}, r"parallelism.cp_a2a: 4 does not divide parallelism.cp=2"),
+        ({"parallelism.cp_a2a": 0}, r"parallelism.cp_a2a: must be > 0, got 0"),
+        # the tiny model has 4 query heads and 2 KV heads: all-to-all over 4 ranks cannot split them
+        ({"resources.workers": 4, "parallelism.cp": 4, "parallelism.cp_a2a": 4},
+         r"parallelism.cp_a2a: 4 does not divide the model's num_kv_heads=2"),
     ],
 )
 def test_errors_name_key_value_and_allowed(override, message):

@@ -20,12 +20,12 @@ def synth_samples(tmp_path, lengths=(256, 512), per_length=2):
     return out
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_one_sample_over_the_group_scores_like_one_process(gloo_world, tmp_path, world_size):
+@pytest.mark.parametrize("world_size,a2a", [(2, 1), (4, 1), (4, 2)])
+def test_one_sample_over_the_group_scores_like_one_process(gloo_world, tmp_path, world_size, a2a):
     samples = synth_samples(tmp_path)
     model = tiny_model()
     want = [score_sample(model, s, tokenizer=TOK, mode="v2pe_fix", stride=64) for s in samples]
-    got = gloo_world(world_size).run(v2pe_cases.cp_score, model.state_dict(), samples, 64)
+    got = gloo_world(world_size).run(v2pe_cases.cp_score, model.state_dict(), samples, 64, a2a)
     for rank_scores in got:  # every rank reports the same, all-reduced score
         for g, w in zip(rank_scores, want):
             assert g.answer_tokens == w.answer_tokens > 0

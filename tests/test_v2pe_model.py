@@ -60,11 +60,12 @@ def test_batch_has_images_documents_and_supervision(tmp_path):
     assert all(int(d) % 8 == 0 for d in torch.diff(batch.cu_seqlens))
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_context_parallel_model_matches_single_process(gloo_world, tmp_path, world_size):
+# (world, all-to-all degree): plain rings, hybrid 2 x ring 2, and all-to-all only.
+@pytest.mark.parametrize("world_size,a2a", [(2, 1), (4, 1), (4, 2), (2, 2)])
+def test_context_parallel_model_matches_single_process(gloo_world, tmp_path, world_size, a2a):
     batch = _batch(tmp_path, multiple=2 * world_size)
     model, loss, grads, _ = _reference(batch)
-    res = gloo_world(world_size).run(v2pe_cases.cp_loss_and_grads, model.state_dict(), batch, True)
+    res = gloo_world(world_size).run(v2pe_cases.cp_loss_and_grads, model.state_dict(), batch, True, a2a)
     cp_loss, cp_grads = res[0]
     torch.testing.assert_close(cp_loss, loss, **LOSS_TOL)
     assert set(cp_grads) == set(grads)

@@ -9,15 +9,25 @@ from workloads.v2pe.model import V2PEModel
 from workloads.v2pe.train import TrainStepConfig, forward_loss, parallelize
 
 
-def cp_loss_and_grads(state, batch, checkpointing):
+def _cp_groups(a2a):
+    """The whole world as one context-parallel group, split a2a x ring when a2a > 1."""
+    from parallelism.dims import ParallelDims  # noqa: PLC0415
+
+    W = dist.get_world_size()
+    return ParallelDims(world_size=W, cp=W, cp_a2a=a2a).build()
+
+
+def cp_loss_and_grads(state, batch, checkpointing, a2a=1):
     """Whole world = one context-parallel group. Returns (summed loss, summed grads) on rank 0."""
     W, r = dist.get_world_size(), dist.get_rank()
     model = V2PEModel(tiny_config())
     model.load_state_dict(state)
     cfg = TrainStepConfig(loss_chunk_tokens=16, activation_checkpointing=checkpointing)
     parallelize(model, cfg)
-    group = dist.group.WORLD
-    loss, _ = forward_loss(model, shard_batch(batch, W, r), cp_group=group, loss_group=group, cfg=cfg)
+    groups = _cp_groups(a2a)
+    group = groups.cp_group
+    loss, _ = forward_loss(model, shard_batch(batch, W, r, a2a=a2a), cp_group=group, loss_group=group,
+                           hybrid=groups.hybrid, cfg=cfg)
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -29,14 +39,15 @@ def cp_loss_and_grads(state, batch, checkpointing):
     return (total, grads) if r == 0 else None
 
 
-def cp_score(state, samples, stride):
+def cp_score(state, samples, stride, a2a=1):
     from workloads.v2pe.data import ByteTokenizer  # noqa: PLC0415
     from workloads.v2pe.evaluate import score_sample  # noqa: PLC0415
 
     model = V2PEModel(tiny_config())
     model.load_state_dict(state)
+    groups = _cp_groups(a2a)
     return [score_sample(model, s, tokenizer=ByteTokenizer(), mode="v2pe_fix", stride=stride,
-                         cp_group=dist.group.WORLD) for s in samples]
+                         cp_group=groups.cp_group, hybrid=groups.hybrid) for s in samples]
 
 
 def cp_engine_step(state, batch, zero_stage, steps):

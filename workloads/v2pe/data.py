@@ -24,7 +24,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from parallelism.collectives import split_evenly
-from parallelism.sharding import IGNORE_INDEX, zigzag_shard
+from parallelism.hybrid_attention import hybrid_shard
+from parallelism.sharding import IGNORE_INDEX
 
 from .positions import v2pe_position_ids
 
@@ -370,13 +371,24 @@ def make_batch(
                 mode=cfg.position_mode, stride=cfg.position_stride, generator=generator)
 
 
-def shard_batch(batch: V2PEBatch, world_size: int, rank: int) -> V2PEBatch:
-    """This rank's context-parallel share: every per-token tensor zigzag-sharded with the
-    same function, and an even share of the tiles to encode (features are gathered)."""
+def shard_batch(batch: V2PEBatch, world_size: int, rank: int, *, a2a: int = 1) -> V2PEBatch:
+    """This rank's context-parallel share: every per-token tensor sharded with the same
+    function, and an even share of the tiles to encode (features are gathered).
+
+    a2a=1: the zigzag shard over `world_size` ring ranks. a2a>1 (hybrid context
+    parallelism): the group is `world_size // a2a` all-to-all groups of `a2a` adjacent
+    ranks; the row is zigzag-sharded over the groups and each group's shard cut into
+    `a2a` contiguous pieces (`hybrid_shard`). Rows must be padded to a multiple of
+    2 * world_size either way.
+    """
     cu = batch.cu_seqlens
+    if a2a < 1 or world_size % a2a:
+        raise ValueError(f"shard_batch: the all-to-all degree {a2a} does not divide the context-parallel size "
+                         f"{world_size}")
+    ring_size, ring_rank, a2a_rank = world_size // a2a, rank // a2a, rank % a2a
 
     def sh(t):
-        return zigzag_shard(t, world_size, rank, dim=1, cu_seqlens=cu)
+        return hybrid_shard(t, ring_size, a2a, ring_rank, a2a_rank, dim=1, cu_seqlens=cu)
 
     lo, hi = split_evenly(batch.num_tiles, world_size, rank)
     return V2PEBatch(

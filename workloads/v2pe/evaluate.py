@@ -41,19 +41,26 @@ def score_sample(
     mode: str,
     stride: int | None = None,
     cp_group=None,
+    hybrid: tuple | None = None,
     kernel: str = "auto",
     chunk: int = 4096,
 ) -> SampleScore:
-    """Teacher-forced score of one sample's supervised (answer) tokens."""
+    """Teacher-forced score of one sample's supervised (answer) tokens.
+
+    hybrid: (a2a_group, ring_group) to lay the sample out for hybrid context
+    parallelism over cp_group (see `forward_loss`); None: cp_group is one ring."""
     W = 1 if cp_group is None else dist.get_world_size(cp_group)
     r = 0 if cp_group is None else dist.get_rank(cp_group)
+    a2a_group, ring_group = hybrid or (None, None)
+    a2a = 1 if a2a_group is None else dist.get_world_size(a2a_group)
     batch = pack([sample], tokenizer=tokenizer, tokens_per_tile=model.cfg.tokens_per_tile, multiple=2 * W,
                  mode=mode, stride=stride)
     device = next(model.parameters()).device
-    local = shard_batch(batch, W, r) if W > 1 else batch
+    local = shard_batch(batch, W, r, a2a=a2a) if W > 1 else batch
     local.pixels = local.pixels.to(device, next(model.parameters()).dtype)
     visual = encode_visual(model, local, cp_group)
-    spec = AttentionSpec(group=cp_group if W > 1 else None, cu_seqlens=local.cu_seqlens.to(device), kernel=kernel)
+    spec = AttentionSpec(group=cp_group if W > 1 else None, a2a_group=a2a_group, ring_group=ring_group,
+                         cu_seqlens=local.cu_seqlens.to(device), kernel=kernel)
     hidden = model.forward_hidden(local.input_ids.to(device), local.positions.to(device), visual,
                                   local.visual_index.to(device), spec)[0]  # (S_local, C)
     targets = local.targets[0].to(device)
@@ -90,6 +97,7 @@ def accuracy_table(
     tokenizer: ByteTokenizer,
     strides: Sequence[int],
     cp_group=None,
+    hybrid: tuple | None = None,
     kernel: str = "auto",
 ) -> list[AccuracyRow]:
     """Accuracy per (sample length, δ = stride/256), lengths ascending, strides as given."""
@@ -99,7 +107,7 @@ def accuracy_table(
         for n in lengths:
             group = [s for s in samples if len(s) == n]
             scores = [score_sample(model, s, tokenizer=tokenizer, mode="v2pe_fix", stride=stride,
-                                   cp_group=cp_group, kernel=kernel) for s in group]
+                                   cp_group=cp_group, hybrid=hybrid, kernel=kernel) for s in group]
             rows.append(AccuracyRow(
                 tokens=n,
                 delta=_delta_name(stride),

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from parallelism.hybrid_attention import hybrid_attention
 from parallelism.ring_attention import local_attention, ring_attention
 
 from .positions import V2PERotary, apply_rotary
@@ -214,9 +215,14 @@ class AttentionSpec:
 
     group: the context-parallel group the sequence is zigzag-sharded over, or None for
     a whole sequence on this process. cu_seqlens: global document offsets (packed rows).
+    a2a_group / ring_group: set for hybrid context parallelism (the sequence laid out by
+    `parallelism.hybrid_attention.hybrid_shard`): heads are exchanged all-to-all inside
+    a2a_group and the ring runs over ring_group. Unset: `group` is one plain ring.
     """
 
     group: Any = None
+    a2a_group: Any = None
+    ring_group: Any = None
     cu_seqlens: torch.Tensor | None = None
     kernel: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -237,7 +243,10 @@ class DecoderAttention(nn.Module):
         q = qkv[..., : self.groups, :].reshape(b, s, self.h, self.d)  # (B, S, H, D)
         k, v = qkv[..., -2, :], qkv[..., -1, :]  # (B, S, H_kv, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if spec.group is not None:
+        if spec.a2a_group is not None:
+            o = hybrid_attention(q, k, v, a2a_group=spec.a2a_group, ring_group=spec.ring_group, causal=True,
+                                 cu_seqlens=spec.cu_seqlens, kernel=spec.kernel)
+        elif spec.group is not None:
             o = ring_attention(q, k, v, group=spec.group, causal=True, cu_seqlens=spec.cu_seqlens, kernel=spec.kernel)
         else:
             o = local_attention(q, k, v, causal=True, cu_seqlens=spec.cu_seqlens, kernel=spec.kernel)

@@ -106,15 +106,20 @@ def forward_loss(
     *,
     cp_group=None,
     loss_group=None,
+    hybrid: tuple | None = None,
     cfg: TrainStepConfig = TrainStepConfig(),
 ) -> tuple[torch.Tensor, dict]:
     """Loss of this rank's share, normalised by the supervised tokens of all ranks.
 
-    cp_group: the group the batch is zigzag-sharded over (None: whole rows here).
+    cp_group: the group the batch is sharded over (None: whole rows here).
     loss_group: the ranks whose tokens make up the step (None: this process only).
+    hybrid: (a2a_group, ring_group) when the batch was sharded with `shard_batch(...,
+    a2a=U)` for U > 1 (hybrid context parallelism); None: cp_group is one ring.
     """
     visual = encode_visual(model, batch, cp_group)
-    spec = AttentionSpec(group=cp_group, cu_seqlens=batch.cu_seqlens, kernel=cfg.kernel)
+    a2a_group, ring_group = hybrid or (None, None)
+    spec = AttentionSpec(group=cp_group, a2a_group=a2a_group, ring_group=ring_group, cu_seqlens=batch.cu_seqlens,
+                         kernel=cfg.kernel)
     hidden = model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index, spec)
     loss_sum, n_tokens = chunked_cross_entropy(
         hidden.flatten(0, 1), model.decoder.lm_head, batch.targets.flatten(), batch.loss_weight.flatten(),
@@ -127,13 +132,14 @@ def forward_loss(
     return loss, {"tokens": float(n_tokens), "global_tokens": float(global_tokens), "seq_local": batch.input_ids.shape[1]}
 
 
-def train_step(engine, batch: V2PEBatch, *, cp_group=None, loss_group=None, cfg: TrainStepConfig = TrainStepConfig()) -> dict:
+def train_step(engine, batch: V2PEBatch, *, cp_group=None, loss_group=None, hybrid: tuple | None = None,
+               cfg: TrainStepConfig = TrainStepConfig()) -> dict:
     """One micro-step: forward, backward, and the optimizer step at accumulation boundaries.
 
     Returns the step's global loss (mean over every supervised token of every rank),
     token counts, and, when the optimizer stepped, the gradient norm and learning rate.
     """
-    loss, stats = forward_loss(engine.module, batch, cp_group=cp_group, loss_group=loss_group, cfg=cfg)
+    loss, stats = forward_loss(engine.module, batch, cp_group=cp_group, loss_group=loss_group, hybrid=hybrid, cfg=cfg)
     engine.backward(loss)
     stepped = engine.step()
     total = loss.detach().clone()
