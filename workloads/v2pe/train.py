@@ -81,9 +81,10 @@ def chunked_cross_entropy(
 def parallelize(model: V2PEModel, cfg: TrainStepConfig) -> V2PEModel:
     """Applies, in order: (1) context parallelism — nothing to wrap, the decoder's
     attention receives the group per call through AttentionSpec; (2) activation
-    checkpointing per decoder layer; (3) parameter/optimizer sharding happens when the
+    checkpointing per decoder layer and per vision block; (3) parameter/optimizer sharding happens when the
     engine is built (DeepSpeed ZeRO, `build_engine`)."""
     model.decoder.checkpoint_layers = cfg.activation_checkpointing
+    model.vision.checkpoint_layers = cfg.activation_checkpointing
     return model
 
 

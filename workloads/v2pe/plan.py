@@ -1,0 +1,310 @@
+"""Memory, compute and communication estimates for a V2PE run, and a layout recommendation.
+
+Everything here is arithmetic on the model's dimensions, so `longview plan` answers on
+a laptop. The activation counts follow the tensors this code base's modules actually
+keep for the backward (not a generic transformer rule of thumb); the estimates are
+checked against measured peaks by `benchmarks/plan_vs_measured.py` (BENCHMARKS.md).
+
+Per GPU, training (bytes; T = tokens per rank = sequence / cp, a = activation bytes):
+- model states: parameters, gradients and AdamW states under the ZeRO stage, sharded
+  over all ranks (every rank is in DeepSpeed's data-parallel world);
+- decoder activations: with checkpointing one (T, C) input per layer plus one layer's
+  saved tensors while it is recomputed; without it, every layer's saved tensors;
+- loss: float32 logits of one cross-entropy chunk (logits, log-softmax, gradient);
+- ring: K/V receive buffers (two channels, double-buffered), the float32 output /
+  dq / travelling dK,dV accumulators and the batched merge (capped by its budget);
+- vision: this rank's share of the tiles through the ViT, and every rank's copy of the
+  gathered visual tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from parallelism.ring_attention import MERGE_BUDGET_BYTES
+
+from .model import V2PEModelConfig
+
+GIB = 1 << 30
+# Memory headroom left to the allocator's fragmentation, NCCL and the CUDA context.
+USABLE_FRACTION = 0.9
+
+
+@dataclass(kw_only=True, frozen=True)
+class Hardware:
+    gpus: int | None = None  # None: the fewest that fit
+    gpu_memory_gib: float = 80.0
+    gpus_per_node: int = 8
+    intra_node_gbps: float = 450.0  # GB/s per GPU one way (NVLink 4 on H100)
+    inter_node_gbps: float = 50.0  # GB/s per GPU one way (400 Gb/s InfiniBand)
+    tflops: float = 989.0  # dense bf16 peak per GPU (H100 SXM)
+    efficiency: float = 0.45  # achieved fraction of peak for matmuls and attention
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunShape:
+    """What the planner needs of a job: sizes, not services."""
+
+    seq_len: int
+    tiles: int  # image tiles per sample
+    training: bool = True
+    cp: int = 1
+    cp_a2a: int = 1
+    dp: int = 1
+    sharding: str = "deepspeed"  # "deepspeed" | "none"
+    zero_stage: int = 3
+    bf16: bool = True
+    activation_checkpointing: bool = True
+    loss_chunk_tokens: int = 4096
+    supervised_fraction: float = 1.0  # share of tokens with a loss (an upper bound by default)
+
+    @property
+    def world(self) -> int:
+        return self.cp * self.dp
+
+
+def parameter_counts(m: V2PEModelConfig) -> dict[str, int]:
+    """Parameters of each part, as built by workloads.v2pe.model (tested against it)."""
+    v, llm = m.vision, m.llm
+    cv, iv = v.hidden_size, v.intermediate_size
+    block = (2 * cv) + (3 * cv * cv + 3 * cv) + (cv * cv + cv) + cv + (2 * cv) + (cv * iv + iv) + (iv * cv + cv) + cv
+    vision = 3 * cv * v.patch_size**2 + cv + cv + (1 + v.grid**2) * cv + v.num_layers * block
+    c4 = 4 * cv
+    projector = 2 * c4 + (c4 * llm.hidden_size + llm.hidden_size) + (llm.hidden_size**2 + llm.hidden_size)
+    c, i, d = llm.hidden_size, llm.intermediate_size, llm.head_dim
+    layer = c + c * (llm.num_heads + 2 * llm.num_kv_heads) * d + llm.num_heads * d * c + c + 3 * c * i
+    decoder = llm.vocab_size * c + llm.num_layers * layer + c + c * llm.vocab_size
+    return {"vision": vision, "projector": projector, "decoder": decoder}
+
+
+def _model_states(n_params: int, r: RunShape) -> dict[str, float]:
+    """Parameters, gradients and optimizer states per rank (ZeRO paper accounting)."""
+    n = r.world
+    if not r.training:
+        return {"parameters": n_params * (2 if r.bf16 else 4), "gradients": 0.0, "optimizer": 0.0}
+    if r.sharding == "none":  # plain AdamW on the model's own dtype: m and v in that dtype
+        b = 2 if r.bf16 else 4
+        return {"parameters": n_params * b, "gradients": n_params * b, "optimizer": 2 * n_params * b}
+    if r.bf16:  # bf16 weights and gradients, fp32 master copy + m + v in the optimizer
+        p, g, o = 2.0, 2.0, 12.0
+    else:
+        p, g, o = 4.0, 4.0, 8.0
+    z = r.zero_stage
+    return {
+        "parameters": n_params * p / (n if z >= 3 else 1),
+        "gradients": n_params * g / (n if z >= 2 else 1),
+        "optimizer": n_params * o / (n if z >= 1 else 1),
+    }
+
+
+def _decoder_layer_saved(m: V2PEModelConfig, a: int) -> float:
+    """Bytes per token one decoder layer keeps for its backward (see DecoderLayer)."""
+    llm = m.llm
+    c, i, d, h, hkv = llm.hidden_size, llm.intermediate_size, llm.head_dim, llm.num_heads, llm.num_kv_heads
+    # RMSNorm: the float32 input (two separate copies in bf16: one for the variance, one
+    # for the product; the input itself in float32), the normalised value before the
+    # weight, and the output the next Linear keeps.
+    norm = (8 * c if a != 4 else 0) + a * c + a * c
+    qkv = a * (h + 2 * hkv) * d  # kept whole: V is a view of it and attention saves V
+    rotated = a * h * d + a * hkv * d  # rotated q and k (attention inputs)
+    attn_out = a * h * d + 4 * h  # output (also wo's input) and the float32 log-sum-exp
+    ffn = 4 * a * i  # w1 out (silu input), silu out, w3 out, their product (w2 input)
+    return 2 * norm + qkv + rotated + attn_out + ffn + a * c  # + the residual between the halves
+
+
+def _decoder_layer_backward(m: V2PEModelConfig, a: int) -> float:
+    """Bytes per token of gradients alive at once inside one layer's backward: the
+    (T, intermediate) gradients of the two FFN branches dominate."""
+    return 2 * a * m.llm.intermediate_size
+
+
+def _vision_tokens(m: V2PEModelConfig) -> int:
+    return 1 + m.vision.grid**2
+
+
+def _vision_block_saved(m: V2PEModelConfig, a: int) -> float:
+    cv, iv, heads = m.vision.hidden_size, m.vision.intermediate_size, m.vision.num_heads
+    # norm1 in/out, qkv out, attention out (+lse), its re-laid copy, proj out, x1,
+    # norm2 out, fc1 out, gelu out, fc2 out; LayerNorm mean/rstd are per token.
+    return a * (2 * cv + 3 * cv + cv + cv + cv + cv + cv + cv) + 4 * heads + 2 * a * iv + 16
+
+
+def estimate_memory(m: V2PEModelConfig, r: RunShape) -> dict[str, float]:
+    """Bytes per GPU by component (the largest rank: the one with the most tiles)."""
+    a = 2 if r.bf16 else 4
+    llm = m.llm
+    c, d, hkv, h, L = llm.hidden_size, llm.head_dim, llm.num_kv_heads, llm.num_heads, llm.num_layers
+    t = math.ceil(r.seq_len / r.cp)  # tokens per rank
+    n_params = sum(parameter_counts(m).values())
+    out = dict(_model_states(n_params, r))
+
+    layer_saved = _decoder_layer_saved(m, a) * t
+    if r.training and r.activation_checkpointing:
+        act = L * a * c * t + layer_saved + _decoder_layer_backward(m, a) * t
+    elif r.training:
+        act = L * layer_saved + _decoder_layer_backward(m, a) * t
+    else:  # no graph: one layer's tensors at a time, plus the residual stream
+        act = layer_saved + 2 * a * c * t
+    # rotary cos/sin, and the gradient of the residual stream travelling down the layers
+    # (the final norm's and the loss's tensors are gone before the peak in the backward).
+    act += 2 * a * d * t + a * c * t
+    out["activations"] = act
+
+    supervised = max(1, int(t * r.supervised_fraction))
+    chunk = min(r.loss_chunk_tokens, supervised)
+    out["logits"] = chunk * llm.vocab_size * 4 * (3 if r.training else 2)
+
+    ring = 0.0
+    if r.cp > 1:
+        u = r.cp_a2a
+        kv = 2 * t * hkv * d * a  # one K and one V piece (the same after the all-to-all)
+        ring = 2 * kv  # the next step's K/V while the current one computes
+        ring += 4 * t * h * d + 4 * t * h  # float32 output accumulator and its lse
+        blocks = max(1, r.cp // u - 1)
+        ring += min(blocks * 4 * t * h * d, MERGE_BUDGET_BYTES)  # pending blocks of the merge
+        if r.training:
+            ring += 4 * t * h * d + 4 * (kv * 2)  # float32 dq, travelling dK/dV (two buffers)
+        if u > 1:
+            ring += 2 * a * t * (h + 2 * hkv) * d  # all-to-all send/receive copies
+    out["ring_buffers"] = ring
+
+    tiles = math.ceil(r.tiles / r.cp)
+    vt = _vision_tokens(m) * tiles
+    cv = m.vision.hidden_size
+    if r.training and r.activation_checkpointing:
+        vision = m.vision.num_layers * a * cv * vt + _vision_block_saved(m, a) * vt
+    elif r.training:
+        vision = m.vision.num_layers * _vision_block_saved(m, a) * vt
+    else:
+        vision = _vision_block_saved(m, a) * vt
+    vision += r.tiles * m.tokens_per_tile * c * a * 2  # gathered visual tokens (+ their gradient)
+    out["vision"] = vision
+    out["total"] = sum(out.values())
+    return out
+
+
+def attention_flops(m: V2PEModelConfig, seq: int, causal: bool = True) -> float:
+    """Forward FLOPs of the decoder's attention scores and weighted sum for one sample."""
+    llm = m.llm
+    full = 4 * seq * seq * llm.num_heads * llm.head_dim * llm.num_layers
+    return full / 2 if causal else full
+
+
+def step_estimate(m: V2PEModelConfig, r: RunShape, hw: Hardware) -> dict[str, float]:
+    """Compute and communication per step for one rank, and whether transfers hide."""
+    p = parameter_counts(m)
+    llm = m.llm
+    # 2 FLOPs per parameter per token forward; backward twice that; checkpointing
+    # recomputes the forward once more.
+    passes = (4 if r.activation_checkpointing else 3) if r.training else 1
+    dense = 2 * (p["decoder"] - 2 * llm.vocab_size * llm.hidden_size) * r.seq_len * passes
+    dense += 2 * llm.vocab_size * llm.hidden_size * r.seq_len * r.supervised_fraction * (3 if r.training else 1)
+    vis = 2 * (p["vision"] + p["projector"]) * r.tiles * _vision_tokens(m) * passes
+    attn = attention_flops(m, r.seq_len) * (passes + (1 if r.training else 0))  # flash backward ~2.5x
+    flops_rank = (dense + vis + attn) / r.cp
+    rate = hw.tflops * 1e12 * hw.efficiency
+    compute_s = flops_rank / rate
+
+    a = 2 if r.bf16 else 4
+    u, ring = r.cp_a2a, r.cp // r.cp_a2a
+    t = r.seq_len / r.cp
+    d, h, hkv, L = llm.head_dim, llm.num_heads, llm.num_kv_heads, llm.num_layers
+    per_node = hw.gpus_per_node
+    # The ring's neighbours are U ranks apart: inside a node while cp fits in one.
+    ring_bw = hw.intra_node_gbps if r.cp <= per_node else hw.inter_node_gbps
+    a2a_bw = hw.intra_node_gbps if u <= per_node else hw.inter_node_gbps
+    # Ring step: K/V of one ring shard (all U pieces, H_kv/U heads) vs. one block's attention.
+    kv_bytes = 2 * (t * u) * (hkv / u) * d * a
+    block_flops = 4 * (t * u) ** 2 * (h / u) * d  # one off-diagonal block, full (zigzag halves)
+    ring_xfer_s = kv_bytes / (ring_bw * 1e9)
+    block_s = block_flops / rate
+    ring_steps = (ring - 1) * L * (3 if r.training else 1)  # forward, and backward's two ways
+    ring_bytes = ring_steps * kv_bytes * (1 if not r.training else 1 + 2 * 4 / (a * 3))
+    exposed_ring = max(0.0, ring_xfer_s - block_s) * ring_steps
+    # All-to-all: q, k, v there and the output back, each (U-1)/U of the piece, per layer.
+    a2a_bytes = 0.0
+    if u > 1:
+        piece = t * (2 * h + 2 * hkv) * d * a * (u - 1) / u
+        a2a_bytes = piece * L * (2 if r.training else 1) * (2 if r.activation_checkpointing and r.training else 1)
+    a2a_s = a2a_bytes / (a2a_bw * 1e9)  # synchronous: not hidden
+    return {
+        "flops_per_rank": flops_rank,
+        "compute_s": compute_s,
+        "ring_bytes": ring_bytes,
+        "ring_step_transfer_s": ring_xfer_s,
+        "ring_step_compute_s": block_s,
+        "ring_hidden": ring <= 1 or ring_xfer_s <= block_s,
+        "ring_exposed_s": exposed_ring,
+        "a2a_bytes": a2a_bytes,
+        "a2a_s": a2a_s,
+        "step_s": compute_s + exposed_ring + a2a_s,
+    }
+
+
+@dataclass(kw_only=True, frozen=True)
+class Plan:
+    cp: int
+    cp_a2a: int
+    dp: int
+    gpus: int
+    memory_gib: dict
+    fits: bool
+    step: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def plan_for(m: V2PEModelConfig, shape: RunShape, hw: Hardware) -> Plan:
+    mem = estimate_memory(m, shape)
+    return Plan(cp=shape.cp, cp_a2a=shape.cp_a2a, dp=shape.dp, gpus=shape.world,
+                memory_gib={k: v / GIB for k, v in mem.items()},
+                fits=mem["total"] <= hw.gpu_memory_gib * GIB * USABLE_FRACTION,
+                step=step_estimate(m, shape, hw))
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def recommend(m: V2PEModelConfig, shape: RunShape, hw: Hardware) -> Plan:
+    """The layout to run: the smallest context-parallel degree that fits memory (the
+    rest of the GPUs become data-parallel replicas), then the all-to-all degree with
+    the shortest estimated step. All-to-all stays inside a node and divides the heads.
+
+    With hw.gpus set, cp must divide it; otherwise dp = 1 and gpus = cp.
+    """
+    heads = math.gcd(m.llm.num_heads, m.llm.num_kv_heads)
+    limit = hw.gpus or 4096
+    cps = _divisors(hw.gpus) if hw.gpus else [2**k for k in range(13) if 2**k <= limit]
+    # Rows are padded to 2 * cp; a cp that leaves under 512 tokens per rank is never useful.
+    cps = [c for c in cps if shape.seq_len // c >= 512 or c == 1]
+    tried = []
+    for cp in cps:
+        options = []
+        for u in _divisors(cp):
+            if u > hw.gpus_per_node or heads % u:
+                continue
+            dp = hw.gpus // cp if hw.gpus else 1
+            s = RunShape(**{**asdict(shape), "cp": cp, "cp_a2a": u, "dp": dp})
+            options.append(plan_for(m, s, hw))
+        fitting = [p for p in options if p.fits]
+        tried += options
+        if fitting:
+            return min(fitting, key=lambda p: (p.step["step_s"], p.memory_gib["total"]))
+    smallest = min(tried, key=lambda p: p.memory_gib["total"]) if tried else None
+    raise PlanError(
+        f"no layout fits {hw.gpu_memory_gib:g} GiB per GPU"
+        + (f" on {hw.gpus} GPUs" if hw.gpus else "")
+        + (f"; the smallest needs {smallest.memory_gib['total']:.1f} GiB (cp={smallest.cp}, "
+           f"cp_a2a={smallest.cp_a2a})" if smallest else "")
+    )
+
+
+class PlanError(ValueError):
+    pass
+
+
+__all__ = ["GIB", "Hardware", "Plan", "PlanError", "RunShape", "estimate_memory", "parameter_counts", "plan_for",
+           "recommend", "step_estimate"]
