@@ -42,6 +42,34 @@ def _model_cfg(size: str):
     return model_config("tiny", **SMALL) if size == "small" else model_config(size)
 
 
+def _peak(device, fn, tracked):
+    """Peak tensor bytes while fn runs: CUDA's allocator statistics, or the CPU tracker."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    mode = TensorMemoryPeak("cpu")
+    with mode:
+        mode.track(tracked)
+        mode.reset_peak()
+        fn()
+    return mode.peak
+
+
+def _eval_rank(size, sample, a2a, device, bf16):
+    from workloads.v2pe.evaluate import score_sample  # noqa: PLC0415
+
+    W = dist.get_world_size() if dist.is_initialized() else 1
+    torch.manual_seed(0)
+    model = V2PEModel(_model_cfg(size)).to(device, torch.bfloat16 if bf16 else torch.float32).eval()
+    groups = ParallelDims(world_size=W, cp=W, cp_a2a=a2a).build() if W > 1 else None
+    kw = dict(tokenizer=ByteTokenizer(), mode="v2pe_fix", stride=64, chunk=CHUNK,
+              cp_group=groups.cp_group if groups else None, hybrid=groups.hybrid if groups else None)
+    return _peak(device, lambda: score_sample(model, sample, **kw), list(model.parameters()))
+
+
 def _rank(size, batch, a2a, device, bf16):
     W = dist.get_world_size() if dist.is_initialized() else 1
     r = dist.get_rank() if W > 1 else 0
@@ -59,19 +87,9 @@ def _rank(size, batch, a2a, device, bf16):
     kw = dict(cp_group=groups.cp_group if groups else None, loss_group=groups.cp_group if groups else None,
               hybrid=groups.hybrid if groups else None, cfg=cfg)
     train_step(engine, local, **kw)  # warm-up: gradients and optimizer states exist from here on
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        train_step(engine, local, **kw)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    mode = TensorMemoryPeak("cpu")
-    with mode:
-        mode.track(model_state_tensors(engine.module, engine.optimizer))
-        mode.track(t for t in vars(local).values() if isinstance(t, torch.Tensor))
-        mode.reset_peak()
-        train_step(engine, local, **kw)
-    return mode.peak
+    tracked = list(model_state_tensors(engine.module, engine.optimizer))
+    tracked += [t for t in vars(local).values() if isinstance(t, torch.Tensor)]
+    return _peak(device, lambda: train_step(engine, local, **kw), tracked)
 
 
 def main(argv=None):
@@ -81,12 +99,14 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "4x1", "4x2"])
     ap.add_argument("--bf16", action="store_true", help="bf16 model (default float32 on CPU)")
+    ap.add_argument("--eval", action="store_true", help="evaluation (scoring one sample, no graph) instead")
     args = ap.parse_args(argv)
     tok = ByteTokenizer()
     device = torch.device(args.device)
     mcfg = _model_cfg(args.size)
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; model {args.size}; "
-          f"{'bf16' if args.bf16 else 'fp32'}; AdamW, sharding none, activation checkpointing")
+          f"{'bf16' if args.bf16 else 'fp32'}; "
+          + ("evaluation: teacher-forced scoring" if args.eval else "AdamW, sharding none, activation checkpointing"))
     print("| tokens | tiles | cp x a2a | predicted MiB | measured MiB | error |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,14 +120,15 @@ def main(argv=None):
             for layout in args.layouts:
                 cp, a2a = (int(x) for x in layout.split("x"))
                 batch = make_batch(samples, tokenizer=tok, cfg=dcfg, cp=cp, generator=torch.Generator().manual_seed(0))
+                fn, what = (_eval_rank, samples[0]) if args.eval else (_rank, batch)
                 if cp == 1:
-                    measured = _rank(args.size, batch, 1, device, args.bf16)
+                    measured = fn(args.size, what, 1, device, args.bf16)
                 else:
                     with LocalWorld(cp, timeout_s=1200) as world:
-                        measured = max(world.run(_rank, args.size, batch, a2a, device, args.bf16))
+                        measured = max(world.run(fn, args.size, what, a2a, device, args.bf16))
                 supervised = int((batch.targets != -100).sum())
                 shape = RunShape(seq_len=batch.input_ids.shape[1], tiles=batch.num_tiles, cp=cp, cp_a2a=a2a,
-                                 sharding="none", bf16=args.bf16, loss_chunk_tokens=CHUNK,
+                                 training=not args.eval, sharding="none", bf16=args.bf16, loss_chunk_tokens=CHUNK,
                                  supervised_fraction=supervised / batch.input_ids.shape[1])
                 predicted = estimate_memory(mcfg, shape)["total"]
                 err = (predicted - measured) / measured

@@ -7,6 +7,7 @@
    tokens per 4K tokens, δ drawn per image) it runs steps until memory runs out and
    reports tokens/s, model FLOPs utilisation and peak memory.
 2. Evaluation: forward only at the same lengths, peak memory.
+   Each row carries the planner's prediction (`workloads/v2pe/plan.py`) and its error.
 3. From the measured peak memory m(S) = a + b·S (least squares over the lengths that
    fit), the per-GPU memory of a 256K-token training sample on 8 GPUs (S_local = 32K)
    and of a 1M-token evaluation on 16 and 32 GPUs (S_local = 64K, 32K).
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: E402
 from workloads.v2pe.data import ByteTokenizer, EncodedSample, pack  # noqa: E402
 from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config  # noqa: E402
+from workloads.v2pe.plan import RunShape, estimate_memory  # noqa: E402
 from workloads.v2pe.train import TrainStepConfig, parallelize, train_step  # noqa: E402
 
 PEAK_TFLOPS = 989.0
@@ -93,7 +95,10 @@ def main(argv=None):
         for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight", "cu_seqlens"):
             setattr(batch, name, getattr(batch, name).to(dev))
         batch.pixels = batch.pixels.to(dev, torch.bfloat16)
-        row = {"S": S}
+        # The planner's figure for the same step (one GPU, no sharding, 64 answer tokens).
+        shape = RunShape(seq_len=batch.input_ids.shape[1], tiles=batch.num_tiles, sharding="none", bf16=True,
+                         loss_chunk_tokens=cfg.loss_chunk_tokens, supervised_fraction=64 / S)
+        row = {"S": S, "predicted_gib": estimate_memory(model.cfg, shape)["total"] / 2**30}
         try:
             train_step(engine, batch, cfg=cfg)  # warm-up (and optimizer state allocation)
             torch.cuda.synchronize()
@@ -105,12 +110,14 @@ def main(argv=None):
             f = model_flops_per_token(model, S, batch.num_tiles) * S
             row.update(step_s=dt, tokens_per_s=S / dt, mfu=f / dt / 1e12 / PEAK_TFLOPS,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            row["plan_error"] = (row["predicted_gib"] - row["peak_gib"]) / row["peak_gib"]
         except torch.OutOfMemoryError:
             row["oom"] = True
         report["train"].append(row)
         print("train", row, flush=True)
         torch.cuda.empty_cache()
-        erow = {"S": S}
+        eshape = RunShape(**{**shape.__dict__, "training": False})
+        erow = {"S": S, "predicted_gib": estimate_memory(model.cfg, eshape)["total"] / 2**30}
         try:
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
@@ -119,6 +126,7 @@ def main(argv=None):
                                      AttentionSpec(cu_seqlens=batch.cu_seqlens))
             torch.cuda.synchronize()
             erow["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            erow["plan_error"] = (erow["predicted_gib"] - erow["peak_gib"]) / erow["peak_gib"]
         except torch.OutOfMemoryError:
             erow["oom"] = True
         report["eval"].append(erow)

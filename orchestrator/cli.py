@@ -7,6 +7,7 @@
     longview eval CONFIG [--checkpoint URI] accuracy per (context length, δ) of a trained model
     longview runs CONFIG                    the experiment's MLflow runs with their key metrics
     longview flops VARIANT --resolutions R1,R2,...   PIIP backbone GFLOPs (paper's counting)
+    longview plan CONFIG [--gpus N --gpu-memory GB ...] [--json]   memory per GPU and the layout to use
     longview ring-demo                      ring attention across local processes
 
 `--set key=value` (repeatable) overrides any config key, e.g. `--set training.steps=5`.
@@ -293,6 +294,28 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from workloads.v2pe.plan import Hardware  # noqa: PLC0415
+
+    from .config import ConfigError, load_config  # noqa: PLC0415
+    from .plan import format_plan, plan_job  # noqa: PLC0415
+
+    for flag, value in (("--gpus", args.gpus), ("--gpu-memory", args.gpu_memory), ("--gpus-per-node", args.gpus_per_node),
+                        ("--intra-node-bandwidth", args.intra_node_bandwidth),
+                        ("--inter-node-bandwidth", args.inter_node_bandwidth), ("--tiles", args.tiles)):
+        if value is not None and value <= 0 and not (flag == "--tiles" and value == 0):
+            raise SystemExit(f"plan: {flag} must be positive, got {value}")
+    try:
+        cfg = load_config(args.config, overrides=_parse_sets(args.set))
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    hw = Hardware(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node,
+                  intra_node_gbps=args.intra_node_bandwidth, inter_node_gbps=args.inter_node_bandwidth)
+    plan = plan_job(cfg, hw, tiles=args.tiles)
+    _say(json.dumps(plan) if args.json else format_plan(plan))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="longview", description="long-context training on Ray Train")
@@ -330,6 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolutions", required=True, help="comma-separated, one per branch, e.g. 1568,896,448")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_flops)
+    p = sub.add_parser("plan", help="memory per GPU, compute and communication; the layout to use")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: the config's workers)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--intra-node-bandwidth", type=float, default=450.0, help="GB/s per GPU inside a node")
+    p.add_argument("--inter-node-bandwidth", type=float, default=50.0, help="GB/s per GPU across nodes")
+    p.add_argument("--tiles", type=int, default=None, help="image tiles per sample (default: from the data)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("ring-demo", help="ring attention across local gloo processes", add_help=False)
     p.set_defaults(fn=None)
     args, rest = ap.parse_known_args(argv)

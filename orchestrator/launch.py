@@ -13,6 +13,7 @@ a resumed run sees exactly the batches the uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import sys
@@ -133,6 +134,7 @@ class V2PERunner:
         gen = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + i)  # δ draws of this batch
         batch = make_batch(self.rows[int(order[j])], tokenizer=self.tokenizer, cfg=self.data_cfg,
                            cp=self.groups.dims.cp, generator=gen)
+        self.last_row = (batch.input_ids.shape[1], batch.num_tiles, int((batch.targets != -100).sum()))
         local = shard_batch(batch, self.groups.dims.cp, self.groups.cp_rank, a2a=self.groups.dims.cp_a2a)
         for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight", "cu_seqlens"):
             setattr(local, name, getattr(local, name).to(self.device))
@@ -152,6 +154,19 @@ class V2PERunner:
     @property
     def samples_per_micro(self) -> int:
         return self.groups.dims.dp
+
+    def predicted_memory(self) -> dict[str, float]:
+        """The planner's bytes per GPU for the last row this rank trained on."""
+        from dataclasses import replace  # noqa: PLC0415
+
+        from workloads.v2pe.plan import estimate_memory  # noqa: PLC0415
+
+        from .plan import v2pe_shape  # noqa: PLC0415
+
+        seq, tiles, supervised = self.last_row
+        _, shape = v2pe_shape(self.cfg)
+        shape = replace(shape, seq_len=seq, tiles=tiles, supervised_fraction=max(supervised, 1) / seq)
+        return estimate_memory(self.engine.module.cfg, shape)
 
     def checkpoint_shard(self, rank: int) -> tuple[str, bool]:
         return "", rank == 0  # every rank holds the same model: rank 0 writes it
@@ -245,6 +260,66 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _MemoryProbe:
+    """The first step's measured peak tensor memory beside the planner's prediction.
+
+    Measured: CUDA's allocator peak, or on CPU the live-tensor tracker (only where every
+    model-state tensor is visible to it, i.e. without DeepSpeed's flat buffers). The
+    largest rank's figures are compared (one MAX all-reduce, on every rank)."""
+
+    def __init__(self, runner, device: torch.device):
+        self.runner, self.device, self.mode = runner, device, None
+        self.enabled = hasattr(runner, "predicted_memory")
+        if not self.enabled:
+            return
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        elif runner.engine.ds is None:
+            from workloads.memory import TensorMemoryPeak, model_state_tensors  # noqa: PLC0415
+
+            self.mode = TensorMemoryPeak("cpu")
+            self.mode.track(model_state_tensors(runner.engine.module, runner.engine.optimizer))
+
+    def __enter__(self):
+        if self.mode is not None:
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+        return False
+
+    def report(self, tracker, *, rank: int) -> dict[str, float]:
+        """Metrics to log with the step; the breakdown goes to the run's tags."""
+        if not self.enabled:
+            return {}
+        import torch.distributed as dist  # noqa: PLC0415
+
+        if self.device.type == "cuda":
+            measured = float(torch.cuda.max_memory_allocated(self.device))
+        else:
+            measured = float(self.mode.peak) if self.mode is not None else float("nan")
+        predicted = self.runner.predicted_memory()
+        both = torch.tensor([predicted["total"], measured], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)  # NaN (not measured) stays NaN
+        predicted_mib, measured_mib = (float(x) / 2**20 for x in both)
+        metrics = {"memory_predicted_mib": predicted_mib}
+        msg = f"[longview] memory per GPU: predicted {predicted_mib:.1f} MiB"
+        if measured_mib == measured_mib:  # not NaN
+            err = 100 * (predicted_mib - measured_mib) / measured_mib
+            metrics.update(memory_measured_mib=measured_mib, memory_error_pct=err)
+            msg += f", measured peak {measured_mib:.1f} MiB ({err:+.1f}%)"
+        else:
+            msg += " (no measurement: DeepSpeed on CPU keeps buffers the tracker cannot see)"
+        if rank == 0:
+            print(msg, flush=True)
+            for k, v in predicted.items():  # tags, not params: a resumed run may predict anew
+                tracker.call("set_tag", f"longview.memory_predicted_gib.{k}", f"{v / 2**30:.4f}")
+        return metrics
+
+
 def _maybe_fail(step: int, rank: int) -> None:
     at, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
     if at is not None and int(at) == step and rank == 0 and marker and not os.path.exists(marker):
@@ -294,15 +369,22 @@ def train_loop(config: dict) -> None:
     system = _system_metrics(tracker)
 
     t = cfg.training
+    first = True
     while state.step < t.steps:
         _maybe_fail(state.step, rank)
+        probe = _MemoryProbe(runner, device) if first else None
         t0 = time.perf_counter()
         losses, tokens = [], 0.0
-        for m in range(t.grad_accum):
-            out = runner.step(state.step * t.grad_accum + m)
-            losses.append(out["loss"])
-            tokens += out.get("tokens", 0.0)
+        with probe or contextlib.nullcontext():
+            for m in range(t.grad_accum):
+                out = runner.step(state.step * t.grad_accum + m)
+                losses.append(out["loss"])
+                tokens += out.get("tokens", 0.0)
         dt = time.perf_counter() - t0
+        memory = {}
+        if probe is not None:
+            first = False
+            memory = probe.report(tracker, rank=rank)
         loss = sum(losses) / len(losses)
         metrics = {"loss": loss, "lr": out.get("lr", float("nan")), "grad_norm": out.get("grad_norm", float("nan")),
                    "samples_per_s": runner.samples_per_micro * t.grad_accum / dt,
@@ -310,6 +392,7 @@ def train_loop(config: dict) -> None:
         if tokens:
             metrics["tokens_per_s"] = tokens / dt
         metrics.update({k: v for k, v in out.items() if k.endswith("_step_s")})  # per-branch times (PIIP)
+        metrics.update(memory)
         state.step += 1
         state.losses.append([state.step, loss])
         tracker.log_metrics(metrics, step=state.step)

@@ -86,6 +86,13 @@ def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, uninterrup
         assert len(client.get_metric_history(run.info.run_id, key)) == STEPS, key
     assert run.data.tags["longview.checkpoint_uri"] == f"s3://lvtest/runs/{name}"
     assert run.info.status == "FINISHED"
+    # The planner's prediction beside the first step's measured peak (live CPU tensors).
+    predicted = client.get_metric_history(run.info.run_id, "memory_predicted_mib")
+    measured = client.get_metric_history(run.info.run_id, "memory_measured_mib")
+    assert [m.step for m in predicted] == [m.step for m in measured] == [1]
+    assert measured[0].value > 0 and predicted[0].value == pytest.approx(
+        float(run.data.tags["longview.memory_predicted_gib.total"]) * 1024, rel=1e-3)
+    assert "memory per GPU: predicted" in out
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
         {a.path for d in ("config", "plots") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config/job.yaml", "plots/loss.png"} <= artifacts, artifacts
@@ -117,14 +124,17 @@ def test_job_submission_runs_the_same_job(services):
     started, env = services
     name = f"c-{uuid.uuid4().hex[:8]}"
     proc = cli(env, "submit", "configs/v2pe-demo.yaml", "--set", f"name={name}", "--wait", *COMMON[:2],
-               "--set", "training.steps=2", "--set", "training.checkpoint_every=2", "--set", "data.synthetic.samples=2")
+               "--set", "training.steps=2", "--set", "training.checkpoint_every=2", "--set", "data.synthetic.samples=2",
+               "--set", "parallelism.cp_a2a=2")  # hybrid context parallelism: all-to-all over both ranks
     job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
     assert "SUCCEEDED" in proc.stdout
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(started["ray"].url)
     assert str(client.get_job_status(job_id)) in ("SUCCEEDED", "JobStatus.SUCCEEDED")
-    assert "finished: last checkpoint s3://lvtest/runs/" in client.get_job_logs(job_id)
+    logs = client.get_job_logs(job_id)
+    assert "finished: last checkpoint s3://lvtest/runs/" in logs
+    assert "dp 1 x cp 2 (all-to-all 2 x ring 1)" in logs
     assert "SUCCEEDED" in cli(env, "status", job_id).stdout
     _, run = mlflow_run(env, name)
     assert run.data.tags.get("longview.ray_job_id") == job_id

@@ -119,6 +119,18 @@ def _decoder_layer_backward(m: V2PEModelConfig, a: int) -> float:
     return 2 * a * m.llm.intermediate_size
 
 
+def _decoder_layer_inference(m: V2PEModelConfig, a: int) -> float:
+    """Bytes per token alive at once inside one layer without a graph: the largest of the
+    RMSNorm's float32 temporaries, the attention half (qkv, the q copy, the rotation's
+    temporaries, the output) and the FFN half (silu(w1 h), w3 h, their product), beside
+    the normalised input the half works on."""
+    llm = m.llm
+    c, i, d, h, hkv = llm.hidden_size, llm.intermediate_size, llm.head_dim, llm.num_heads, llm.num_kv_heads
+    attn = a * (h + 2 * hkv) * d + 3 * a * h * d + a * hkv * d
+    ffn = 3 * a * i
+    return max(8 * c, attn, ffn) + a * c
+
+
 def _vision_tokens(m: V2PEModelConfig) -> int:
     return 1 + m.vision.grid**2
 
@@ -144,8 +156,8 @@ def estimate_memory(m: V2PEModelConfig, r: RunShape) -> dict[str, float]:
         act = L * a * c * t + layer_saved + _decoder_layer_backward(m, a) * t
     elif r.training:
         act = L * layer_saved + _decoder_layer_backward(m, a) * t
-    else:  # no graph: one layer's tensors at a time, plus the residual stream
-        act = layer_saved + 2 * a * c * t
+    else:  # no graph: one layer's transient tensors, plus the residual stream
+        act = _decoder_layer_inference(m, a) * t + 2 * a * c * t
     # rotary cos/sin, and the gradient of the residual stream travelling down the layers
     # (the final norm's and the loss's tensors are gone before the peak in the backward).
     act += 2 * a * d * t + a * c * t
@@ -176,9 +188,10 @@ def estimate_memory(m: V2PEModelConfig, r: RunShape) -> dict[str, float]:
         vision = m.vision.num_layers * a * cv * vt + _vision_block_saved(m, a) * vt
     elif r.training:
         vision = m.vision.num_layers * _vision_block_saved(m, a) * vt
-    else:
-        vision = _vision_block_saved(m, a) * vt
-    vision += r.tiles * m.tokens_per_tile * c * a * 2  # gathered visual tokens (+ their gradient)
+    else:  # one block's temporaries: fc1 and GELU outputs, q/k/v and the residuals
+        vision = (2 * a * m.vision.intermediate_size + 6 * a * cv) * vt
+    # every rank's copy of the gathered visual tokens (and their gradient in training)
+    vision += r.tiles * m.tokens_per_tile * c * a * (2 if r.training else 1)
     out["vision"] = vision
     out["total"] = sum(out.values())
     return out
@@ -268,32 +281,33 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+def best_a2a(m: V2PEModelConfig, shape: RunShape, hw: Hardware) -> Plan:
+    """For the shape's cp and dp: the all-to-all degree with the shortest estimated step
+    (ties: the smaller degree). It stays inside a node and divides both head counts."""
+    heads = math.gcd(m.llm.num_heads, m.llm.num_kv_heads)
+    options = [plan_for(m, RunShape(**{**asdict(shape), "cp_a2a": u}), hw)
+               for u in _divisors(shape.cp) if u <= hw.gpus_per_node and heads % u == 0]
+    return min(options, key=lambda p: (round(p.step["step_s"], 6), p.cp_a2a))
+
+
 def recommend(m: V2PEModelConfig, shape: RunShape, hw: Hardware) -> Plan:
     """The layout to run: the smallest context-parallel degree that fits memory (the
-    rest of the GPUs become data-parallel replicas), then the all-to-all degree with
-    the shortest estimated step. All-to-all stays inside a node and divides the heads.
+    rest of the GPUs become data-parallel replicas: the least communication for the
+    same throughput), with the best all-to-all degree for it (`best_a2a`).
 
     With hw.gpus set, cp must divide it; otherwise dp = 1 and gpus = cp.
     """
-    heads = math.gcd(m.llm.num_heads, m.llm.num_kv_heads)
-    limit = hw.gpus or 4096
-    cps = _divisors(hw.gpus) if hw.gpus else [2**k for k in range(13) if 2**k <= limit]
-    # Rows are padded to 2 * cp; a cp that leaves under 512 tokens per rank is never useful.
+    cps = _divisors(hw.gpus) if hw.gpus else [2**k for k in range(13)]
+    # A cp that leaves under 512 tokens per rank is never useful.
     cps = [c for c in cps if shape.seq_len // c >= 512 or c == 1]
-    tried = []
+    smallest = None
     for cp in cps:
-        options = []
-        for u in _divisors(cp):
-            if u > hw.gpus_per_node or heads % u:
-                continue
-            dp = hw.gpus // cp if hw.gpus else 1
-            s = RunShape(**{**asdict(shape), "cp": cp, "cp_a2a": u, "dp": dp})
-            options.append(plan_for(m, s, hw))
-        fitting = [p for p in options if p.fits]
-        tried += options
-        if fitting:
-            return min(fitting, key=lambda p: (p.step["step_s"], p.memory_gib["total"]))
-    smallest = min(tried, key=lambda p: p.memory_gib["total"]) if tried else None
+        dp = hw.gpus // cp if hw.gpus else 1
+        p = best_a2a(m, RunShape(**{**asdict(shape), "cp": cp, "dp": dp}), hw)
+        if p.fits:
+            return p
+        if smallest is None or p.memory_gib["total"] < smallest.memory_gib["total"]:
+            smallest = p
     raise PlanError(
         f"no layout fits {hw.gpu_memory_gib:g} GiB per GPU"
         + (f" on {hw.gpus} GPUs" if hw.gpus else "")
@@ -306,5 +320,5 @@ class PlanError(ValueError):
     pass
 
 
-__all__ = ["GIB", "Hardware", "Plan", "PlanError", "RunShape", "estimate_memory", "parameter_counts", "plan_for",
+__all__ = ["GIB", "Hardware", "Plan", "PlanError", "RunShape", "best_a2a", "estimate_memory", "parameter_counts", "plan_for",
            "recommend", "step_estimate"]

@@ -1,0 +1,136 @@
+"""The planner: its counts against the real modules, its choices, and `longview plan`."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from orchestrator.config import load_config, piip_layout
+from workloads.memory import TensorMemoryPeak
+from workloads.v2pe.model import AttentionSpec, DecoderLayer, V2PEModel, model_config
+from workloads.v2pe.plan import (Hardware, PlanError, RunShape, _decoder_layer_saved, best_a2a, estimate_memory,
+                                 parameter_counts, recommend)
+
+SMALL = model_config("tiny", llm_hidden_size=256, llm_num_heads=8, llm_num_kv_heads=4, llm_intermediate_size=768)
+
+
+@pytest.mark.parametrize("size", ["tiny", "internvl2-2b", "internvl2-8b"])
+def test_parameter_counts_match_the_modules(size):
+    with torch.device("meta"):
+        model = V2PEModel(model_config(size))
+    got = parameter_counts(model.cfg)
+    assert got == {"vision": sum(p.numel() for p in model.vision.parameters()),
+                   "projector": sum(p.numel() for p in model.projector.parameters()),
+                   "decoder": sum(p.numel() for p in model.decoder.parameters())}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_activations_per_layer_match_what_autograd_keeps(dtype):
+    """The per-token count of one decoder layer's saved tensors, against the bytes of
+    live tensors after its forward (counted by the dispatch-mode tracker). The slope
+    between two lengths is compared: the attention kernel also keeps a few MB that do
+    not grow with the sequence."""
+    a = 4 if dtype == torch.float32 else 2
+    torch.manual_seed(0)
+    model = V2PEModel(SMALL).to(dtype)
+    layer = model.decoder.layers[0]
+    assert isinstance(layer, DecoderLayer)
+
+    def saved_bytes(T):
+        x = torch.randn(1, T, SMALL.llm.hidden_size, dtype=dtype, requires_grad=True)
+        cos, sin = model.decoder.rotary(torch.arange(T, dtype=torch.float64)[None], dtype)
+        mode = TensorMemoryPeak()
+        with mode:
+            y = layer(x, cos, sin, AttentionSpec())
+            return mode.current - y.numel() * a  # the output itself is not a saved tensor
+
+    per_token = (saved_bytes(4096) - saved_bytes(2048)) / 2048
+    # The count leaves out per-token scalars (norm variances, the log-sum-exp's padding):
+    # under 2% of the total here; 5% covers them.
+    torch.testing.assert_close(per_token, float(_decoder_layer_saved(SMALL, a)), rtol=0.05, atol=0)
+
+
+def test_memory_follows_sharding_and_sequence():
+    m = model_config("internvl2-2b")
+    base = RunShape(seq_len=65536, tiles=64, cp=4, dp=2, zero_stage=1)
+    mem = estimate_memory(m, base)
+    assert mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k != "total"))
+    z3 = estimate_memory(m, replace(base, zero_stage=3))
+    assert z3["parameters"] == pytest.approx(mem["parameters"] / 8)  # ZeRO-3 shards weights over all 8 ranks
+    assert z3["optimizer"] == mem["optimizer"]
+    wider = estimate_memory(m, replace(base, cp=8, dp=1))
+    assert wider["activations"] < 0.55 * mem["activations"]  # half the tokens per rank
+    ev = estimate_memory(m, replace(base, training=False))
+    assert ev["gradients"] == ev["optimizer"] == 0 and ev["activations"] < mem["activations"]
+    no_ckpt = estimate_memory(m, replace(base, activation_checkpointing=False))
+    assert no_ckpt["activations"] > 5 * mem["activations"]
+
+
+def test_recommendation_fits_and_respects_the_constraints():
+    m = model_config("internvl2-8b")
+    shape = RunShape(seq_len=262144, tiles=256, zero_stage=3)
+    hw = Hardware(gpus=64, gpu_memory_gib=80)
+    p = recommend(m, shape, hw)
+    assert p.fits and p.gpus == 64 and 64 % p.cp == 0 and p.dp == 64 // p.cp
+    assert 8 % p.cp_a2a == 0 and p.cp_a2a <= hw.gpus_per_node
+    assert p.memory_gib["total"] <= 80 * 0.9
+    # the next smaller context-parallel degree would not fit
+    smaller = best_a2a(m, replace(shape, cp=p.cp // 2, dp=64 // (p.cp // 2)), hw)
+    assert not smaller.fits
+    with pytest.raises(PlanError, match=r"no layout fits 1 GiB per GPU on 2 GPUs; the smallest needs"):
+        recommend(m, shape, Hardware(gpus=2, gpu_memory_gib=1))
+
+
+def test_hybrid_wins_when_the_ring_crosses_slow_links():
+    """Many ranks, few tokens each, a slow inter-node link: the ring cannot hide its
+    transfers, and all-to-all inside the node shortens the ring and enlarges its blocks."""
+    m = model_config("internvl2-2b")
+    shape = RunShape(seq_len=131072, tiles=64, cp=64, dp=1)
+    hw = Hardware(gpus=64, inter_node_gbps=12.5)
+    plain = best_a2a(m, replace(shape, cp=64), replace(hw, gpus_per_node=1))  # a2a=1 forced
+    assert plain.cp_a2a == 1 and not plain.step["ring_hidden"]
+    best = best_a2a(m, shape, hw)
+    assert best.cp_a2a > 1 and best.step["step_s"] < plain.step["step_s"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("size", ["internvl2-2b", "internvl2-8b"])
+@pytest.mark.parametrize("config", ["configs/v2pe-256k.yaml", "configs/v2pe-eval-1m.yaml"])
+def test_plan_json_for_the_long_configs(config, size):
+    proc = _cli("plan", config, "--set", f"model.size={size}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    cfg = load_config(config, overrides={"model.size": size})
+    train = plan["training"]
+    assert train["seq_len"] == cfg.data.max_tokens
+    assert train["configured"]["cp"] == cfg.parallelism.cp and train["configured"]["gpus"] == cfg.resources.workers
+    rec = train["recommended"]
+    if "256k" in config:
+        assert rec["fits"] and rec["gpus"] == cfg.resources.workers
+        mem = rec["memory_gib"]
+        assert mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k != "total"))
+    elif rec is None:  # the evaluation config's own training section (no ZeRO) need not fit
+        assert train["error"].startswith("no layout fits 80 GiB per GPU on 16 GPUs")
+    ev = plan["evaluation"]
+    assert ev["seq_len"] == max(cfg.evaluation.lengths) and ev["recommended"]["fits"]
+
+
+def test_plan_text_and_piip_and_errors():
+    proc = _cli("plan", "configs/v2pe-256k.yaml", "--gpus", "64", "--gpu-memory", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert "recommended: cp" in proc.stdout and "x dp" in proc.stdout and "to use it: --set parallelism.cp=" in proc.stdout
+    proc = _cli("plan", "configs/piip-tsb.yaml", "--json")
+    cfg = load_config("configs/piip-tsb.yaml")
+    assert json.loads(proc.stdout)["recommended_ranks_per_branch"] == list(piip_layout(cfg))
+    proc = _cli("plan", "configs/v2pe-256k.yaml", "--gpus", "0")
+    assert proc.returncode != 0 and "plan: --gpus must be positive, got 0" in proc.stderr
+    proc = _cli("plan", "configs/v2pe-256k.yaml", "--set", "parallelism.cp_a2a=3")
+    assert proc.returncode != 0 and "parallelism.cp_a2a: 3 does not divide parallelism.cp=8" in proc.stderr
+    assert "Traceback" not in proc.stderr
