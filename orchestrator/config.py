@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -221,12 +222,23 @@ def _positive(key: str, value, allow_zero: bool = False):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to it
+
+
 def validate(cfg: JobConfig) -> JobConfig:
     """Cross-field checks: layouts that cannot work are errors before anything starts."""
     import re  # noqa: PLC0415
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", cfg.name):
         raise ConfigError(f"name: {cfg.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    for key, value in flatten(to_dict(cfg)).items():  # NaN passes every comparison below
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    for key, value in (("training.seed", cfg.training.seed), ("data.synthetic.seed", cfg.data.synthetic.seed),
+                       ("training.max_failures", cfg.training.max_failures)):
+        _positive(key, value, allow_zero=True)
+    if cfg.resources.workers > MAX_WORKERS:
+        raise ConfigError(f"resources.workers: {cfg.resources.workers} is more than {MAX_WORKERS}")
     for key, value in [
         ("parallelism.cp", cfg.parallelism.cp), ("parallelism.cp_a2a", cfg.parallelism.cp_a2a),
         ("parallelism.timeout_s", cfg.parallelism.timeout_s),
@@ -238,6 +250,7 @@ def validate(cfg: JobConfig) -> JobConfig:
         ("data.max_tiles", cfg.data.max_tiles), ("data.synthetic.tokens", cfg.data.synthetic.tokens),
         ("data.synthetic.samples", cfg.data.synthetic.samples), ("data.synthetic.images", cfg.data.synthetic.images),
         ("evaluation.samples_per_length", cfg.evaluation.samples_per_length),
+        ("evaluation.images", cfg.evaluation.images),
     ]:
         _positive(key, value)
     for key, value in [("training.weight_decay", cfg.training.weight_decay),
@@ -311,9 +324,13 @@ def piip_layout(cfg: JobConfig) -> tuple[int, ...]:
 def _validate_piip(cfg: JobConfig) -> JobConfig:
     if cfg.parallelism.cp != 1:
         raise ConfigError("parallelism.cp: PIIP places branches on groups instead; it must be 1")
-    for r in cfg.piip.resolutions:
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ConfigError(f"piip.resolutions: {r!r} is not a positive integer")
+    for key, values in (("piip.resolutions", cfg.piip.resolutions), ("piip.ranks_per_branch", cfg.piip.ranks_per_branch)):
+        for r in values:
+            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+                raise ConfigError(f"{key}: {r!r} is not a positive integer")
+    if cfg.piip.interactions is not None:
+        _positive("piip.interactions", cfg.piip.interactions)
+    _positive("piip.batch_size", cfg.piip.batch_size)
     try:
         model = piip_model_config(cfg)
         layout = piip_layout(cfg)

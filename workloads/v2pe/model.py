@@ -15,7 +15,7 @@ otherwise single-process attention. Parameter names are longview's own;
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,13 @@ from parallelism.ring_attention import local_attention, ring_attention
 from .positions import V2PERotary, apply_rotary
 
 
+def _check_positive_ints(cfg, prefix: str) -> None:
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type in (int, "int") and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{prefix}.{f.name} must be a positive integer, got {value!r}")
+
+
 @dataclass(kw_only=True, frozen=True)
 class VisionConfig:
     image_size: int = 448
@@ -40,6 +47,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
+        _check_positive_ints(self, "vision")
         if self.image_size % self.patch_size:
             raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -62,6 +70,7 @@ class LLMConfig:
     rope_theta: float = 1_000_000.0
 
     def __post_init__(self):
+        _check_positive_ints(self, "llm")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"llm.hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
