@@ -80,7 +80,9 @@ def test_piip_configs_and_errors():
         ({"piip.resolutions": [32, 48, 60]}, r"piip: resolution 60 is not divisible by the patch size 16"),
         ({"parallelism.cp": 3}, r"parallelism.cp: PIIP places branches on groups instead"),
         ({"piip.variant": "piip-xl"}, r"variant 'piip-xl' is unknown"),
-        ({"piip.batch_size": 0}, r"piip.batch_size: 0 is smaller than the largest branch group"),
+        ({"piip.batch_size": 0}, r"piip.batch_size: must be > 0, got 0"),
+        ({"piip.batch_size": 1, "resources.workers": 4, "piip.ranks_per_branch": [2, 1, 1]},
+         r"piip.batch_size: 1 is smaller than the largest branch group \(2 ranks\)"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(base, overrides=override)
