@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # requirement would otherwise pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: test demo ring-demo install bench clean
+.PHONY: test faults demo ring-demo install bench clean
 
 install: $(STAMP)
 
@@ -21,10 +21,22 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VPY) -m pytest -q -m "not gpu" tests
 
+# The fault-injection suite alone (it also runs within `make test`), then its table.
+faults: $(STAMP)
+	mkdir -p out
+	LONGVIEW_FAULT_REPORT=$(CURDIR)/out/faults.json $(VPY) -m pytest -q tests/faults
+	$(VPY) -m tests.faults.report out/faults.json
+
 demo: $(STAMP)
 	$(VPY) -m orchestrator.demo
 
-ring-demo: $(STAMP)
+ring-# The fault-injection suite alone (it also runs within `make test`), then its table.
+faults: $(STAMP)
+	mkdir -p out
+	LONGVIEW_FAULT_REPORT=$(CURDIR)/out/faults.json $(VPY) -m pytest -q tests/faults
+	$(VPY) -m tests.faults.report out/faults.json
+
+demo: $(STAMP)
 	$(VPY) -m parallelism.demo
 
 bench: $(STAMP)

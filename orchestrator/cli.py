@@ -80,7 +80,13 @@ def cmd_up(args) -> int:
     svc = _services()
     _say(f"starting local services (state in {svc.state_file}) ...")
     t0 = time.time()
-    started = svc.up(ray_cpus=args.ray_cpus, bucket=args.bucket, ray=not args.no_ray)
+    from .services import ServiceError  # noqa: PLC0415
+
+    try:
+        started = svc.up(ray_cpus=args.ray_cpus, bucket=args.bucket, ray=not args.no_ray, host=args.host,
+                         expose=args.expose)
+    except ServiceError as e:
+        raise SystemExit(f"up: {e}") from None
     for name, s in started.items():
         extra = f"  ray address {s.extra['address']}" if name == "ray" else ""
         _say(f"  {name:6s} {s.url}  pid {s.pid}{extra}")
@@ -127,11 +133,35 @@ def cmd_train(args) -> int:
     _say(f"training {cfg.name}: {cfg.resources.workers} workers ({layout}), "
          f"{cfg.training.steps} steps; checkpoints {run_uri(cfg)}")
     tags = {"longview.ray_job_id": submitted_job_id() or "", "longview.code_version": _code_version()}
-    result, run_id = run_training(cfg, ray_address=_ray_address(args), tags=tags)
+    try:
+        result, run_id = run_training(cfg, ray_address=_ray_address(args), tags=tags)
+    except Exception as e:  # noqa: BLE001 - Ray wraps the workers' errors; say the cause last
+        print(f"error: training {cfg.name} failed: {failure_reason(e)}", file=sys.stderr, flush=True)
+        return 1
     _say(f"finished: last checkpoint {checkpoint_uri(cfg, result.checkpoint)}")
     if run_id:
         _say(f"MLflow run: {cfg.tracking.uri}/#/experiments/{_experiment_id(cfg)}/runs/{run_id}")
     return 0
+
+
+# Errors of ours whose message is the whole story, in the order they are looked for.
+_OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ConfigError")
+
+
+def failure_reason(e: BaseException) -> str:
+    """The one line a user needs from a failed run: our own error's message when a worker
+    raised one (Ray nests it in its own error text), else the last line of the error."""
+    texts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
+    for name in _OUR_ERRORS:
+        for ln in lines:
+            if f"{name}: " in ln:
+                return ln[ln.index(f"{name}: "):]
+    return lines[-1] if lines else "unknown error"
 
 
 def _code_version() -> str:
@@ -325,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-cpus", type=int, default=max(2, os.cpu_count() or 2))
     p.add_argument("--bucket", default="longview")
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--expose", action="store_true",
+                   help="allow a non-loopback --host (the services have no authentication)")
     p.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop the local services (by PID)").set_defaults(fn=cmd_down)
     for name, fn, hlp in [("train", cmd_train, "run a job on a Ray cluster"),

@@ -46,6 +46,10 @@ class DataSection:
     max_tiles: int = 6
     position_mode: Literal["default", "v2pe_fix", "v2pe_rnd"] = "v2pe_rnd"
     position_stride: int | None = None
+    # A sample that cannot be used (unreadable image, '<image>' count that does not match
+    # its images, empty conversation, longer than max_tokens, not JSON): "fail" stops the
+    # job naming it; "skip" leaves it out, counted by reason in the log and in MLflow.
+    on_bad_sample: Literal["fail", "skip"] = "fail"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -90,6 +94,10 @@ class EvaluationSection:
 class StorageSection:
     uri: str = ""  # s3://bucket/prefix (or a local folder for one-machine runs)
     endpoint_url: str | None = None  # S3-compatible endpoint; None = AWS
+    # Attempts per S3 request when the endpoint cannot be reached, waiting 0.1 s x 1.7^i
+    # (at most 15 s) between them: 8 ride out ~10 s of outage, 10 ~29 s, 12 ~59 s. A
+    # checkpoint whose upload still fails ends the worker group (training.max_failures).
+    retries: int = 10
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -250,7 +258,7 @@ def validate(cfg: JobConfig) -> JobConfig:
         ("data.max_tiles", cfg.data.max_tiles), ("data.synthetic.tokens", cfg.data.synthetic.tokens),
         ("data.synthetic.samples", cfg.data.synthetic.samples), ("data.synthetic.images", cfg.data.synthetic.images),
         ("evaluation.samples_per_length", cfg.evaluation.samples_per_length),
-        ("evaluation.images", cfg.evaluation.images),
+        ("evaluation.images", cfg.evaluation.images), ("storage.retries", cfg.storage.retries),
     ]:
         _positive(key, value)
     for key, value in [("training.weight_decay", cfg.training.weight_decay),

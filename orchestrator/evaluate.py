@@ -63,7 +63,7 @@ def eval_loop(config: dict) -> None:
 
     # Every worker is one context-parallel group; cp_a2a splits it for hybrid attention.
     world = dist.get_world_size()
-    groups = ParallelDims(world_size=world, cp=world, cp_a2a=cfg.parallelism.cp_a2a).build()
+    groups = ParallelDims(world_size=world, cp=world, cp_a2a=cfg.parallelism.cp_a2a).build(cfg.parallelism.timeout_s)
     rows = accuracy_table(model, samples, tokenizer=tok, strides=cfg.evaluation.strides,
                           cp_group=groups.cp_group if world > 1 else None, hybrid=groups.hybrid)
     if rank == 0:

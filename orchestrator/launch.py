@@ -24,9 +24,7 @@ import torch
 
 from .config import JobConfig, build, flatten, to_dict
 
-# Test hook for fault injection (issue: a worker raises at step k, the run resumes).
-FAULT_STEP_ENV = "LONGVIEW_FAULT_AT_STEP"
-FAULT_MARKER_ENV = "LONGVIEW_FAULT_MARKER"
+from .faults import ENV_KEYS as FAULT_ENV_KEYS
 
 
 # --- storage -----------------------------------------------------------------------------------
@@ -56,8 +54,37 @@ def storage_for_ray(cfg: JobConfig):
     import pyarrow.fs  # noqa: PLC0415
     import s3fs  # noqa: PLC0415
 
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint(cfg))
+    retry_s3_connection_errors()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint(cfg), retries=cfg.storage.retries,
+                           # one layer of retries, with the schedule documented for storage.retries
+                           config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
     return uri[len("s3://"):].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def retry_s3_connection_errors() -> None:
+    """Makes s3fs retry requests that could not reach the endpoint at all (connection
+    refused or reset: S3 or the network is down), with its backoff of 0.1 s x 1.7^i
+    (capped at 15 s) up to `storage.retries` attempts, and says so once per outage.
+    Without this, s3fs gives up on the first connection error. Needed in every process
+    that writes to storage (the driver and each worker)."""
+    import s3fs.core  # noqa: PLC0415
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError  # noqa: PLC0415
+
+    if getattr(s3fs.core.CUSTOM_ERROR_HANDLER, "longview", False):
+        return
+    last = [0.0]
+
+    def handler(e: BaseException) -> bool:
+        if not isinstance(e, (EndpointConnectionError, ConnectionClosedError, ConnectionError)):
+            return False
+        if time.monotonic() - last[0] > 30:
+            print(f"[longview] S3 request failed ({type(e).__name__}: {e}); retrying with backoff",
+                  file=sys.stderr, flush=True)
+        last[0] = time.monotonic()
+        return True
+
+    handler.longview = True
+    s3fs.core.CUSTOM_ERROR_HANDLER = handler
 
 
 def run_uri(cfg: JobConfig, *parts: str) -> str:
@@ -65,15 +92,22 @@ def run_uri(cfg: JobConfig, *parts: str) -> str:
     return posixpath.join(base, cfg.name, *parts)
 
 
+# Never sent with a job: a runtime environment is stored by the cluster and shown by
+# its dashboard and job API. Nodes get credentials from their own environment or the
+# standard AWS configuration (instance profile, mounted secret).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
 def worker_env(cfg: JobConfig) -> dict[str, str]:
-    """Environment the workers need: S3 endpoint and credentials from *this* environment."""
+    """Environment the workers need from *this* one: the S3 endpoint and region, not
+    the credentials (SECRET_ENV)."""
     env = {k: v for k, v in os.environ.items()
-           if k.startswith("AWS_") or k in ("MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE")}
+           if (k.startswith("AWS_") and k not in SECRET_ENV) or k in ("MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE")}
     endpoint = s3_endpoint(cfg)
     if endpoint:
         env["AWS_ENDPOINT_URL_S3"] = endpoint
         env["FSSPEC_S3_ENDPOINT_URL"] = endpoint  # fsspec reads s3fs options from FSSPEC_S3_*
-    for k in (FAULT_STEP_ENV, FAULT_MARKER_ENV):
+    for k in FAULT_ENV_KEYS:
         if k in os.environ:
             env[k] = os.environ[k]
     env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.resources.cpus_per_worker))))
@@ -89,9 +123,10 @@ class V2PERunner:
     def __init__(self, cfg: JobConfig, world: int, device: torch.device):
         from parallelism.dims import ParallelDims  # noqa: PLC0415
 
-        groups = ParallelDims.infer(world_size=world, cp=cfg.parallelism.cp, cp_a2a=cfg.parallelism.cp_a2a).build()
+        groups = ParallelDims.infer(world_size=world, cp=cfg.parallelism.cp,
+                                    cp_a2a=cfg.parallelism.cp_a2a).build(cfg.parallelism.timeout_s)
         from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
-        from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, pack_greedy  # noqa: PLC0415
+        from workloads.v2pe.data import ByteTokenizer, DataConfig, LoadReport, load_samples, pack_greedy  # noqa: PLC0415
         from workloads.v2pe.model import V2PEModel, model_config  # noqa: PLC0415
         from workloads.v2pe.train import TrainStepConfig, parallelize  # noqa: PLC0415
 
@@ -118,9 +153,11 @@ class V2PERunner:
         self.tokenizer = ByteTokenizer()
         self.data_cfg = DataConfig(max_tokens=cfg.data.max_tokens, max_tiles=cfg.data.max_tiles,
                                    tile=mc.vision.image_size, tokens_per_tile=mc.tokens_per_tile,
-                                   position_mode=cfg.data.position_mode, position_stride=cfg.data.position_stride)
+                                   position_mode=cfg.data.position_mode, position_stride=cfg.data.position_stride,
+                                   on_bad_sample=cfg.data.on_bad_sample)
         train_path = cfg.data.train if cfg.data.train != "synthetic" else run_uri(cfg, "data", "train", "data.jsonl")
-        samples = load_samples(train_path, tokenizer=self.tokenizer, cfg=self.data_cfg)
+        self.data_report = LoadReport(train_path)
+        samples = load_samples(train_path, tokenizer=self.tokenizer, cfg=self.data_cfg, report=self.data_report)
         self.rows = pack_greedy(samples, budget=cfg.data.max_tokens, multiple=2 * cfg.parallelism.cp)
 
     def batch(self, micro: int):
@@ -188,7 +225,7 @@ class PIIPRunner:
         from .config import piip_layout, piip_model_config  # noqa: PLC0415
 
         self.cfg, self.device = cfg, device
-        self.groups = BranchLayout(ranks_per_branch=piip_layout(cfg), world_size=world).build()
+        self.groups = BranchLayout(ranks_per_branch=piip_layout(cfg), world_size=world).build(cfg.parallelism.timeout_s)
         t = cfg.training
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.mcfg = piip_model_config(cfg)
@@ -320,34 +357,43 @@ class _MemoryProbe:
         return metrics
 
 
-def _maybe_fail(step: int, rank: int) -> None:
-    at, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
-    if at is not None and int(at) == step and rank == 0 and marker and not os.path.exists(marker):
-        open(marker, "w").close()  # fail once: the restarted worker finds the marker
-        raise RuntimeError(f"injected fault at step {step}")
+class CheckpointUploadError(RuntimeError):
+    pass
 
 
-def _system_metrics(tracker):
-    """MLflow's system-metrics monitor (CPU, memory, GPU) on rank 0's node, into the job's run."""
-    if not tracker.enabled:
-        return None
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
+def restore_latest(cfg: JobConfig, ckpt, *, rank: int, world: int, engine, shard: str):
+    """Restores the newest checkpoint that verifies, starting from Ray's latest and going
+    back through the older ones in storage; says which one failed and why. Every rank
+    verifies every rank's manifest, so all ranks settle on the same checkpoint."""
+    from .checkpoint import CheckpointError, restore_checkpoint  # noqa: PLC0415
 
-        # resume_logging: after a restart, continue the monitor's step numbers.
-        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10, samples_before_logging=1,
-                                       resume_logging=True, tracking_uri=tracker.uri)
-        monitor.start()
-        return monitor
-    except Exception as e:  # noqa: BLE001 - optional: never fatal
-        print(f"[longview] system metrics off: {e}", file=sys.stderr, flush=True)
-        return None
+    fs, root = storage_fs(run_uri(cfg), cfg)
+    fs.invalidate_cache(root)  # fsspec caches listings per process
+    latest = posixpath.basename(str(ckpt.path).rstrip("/"))
+    older = sorted((posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)
+                    if posixpath.basename(p.rstrip("/")).startswith("step-")), reverse=True)
+    candidates = [latest] + [n for n in older if n < latest]
+    for i, name in enumerate(candidates):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, name)
+            try:
+                fs.get(posixpath.join(root, name), local, recursive=True)
+                state = restore_checkpoint(local, rank=rank, world_size=world, engine=engine, shard=shard)
+            except (CheckpointError, FileNotFoundError) as e:
+                if rank == 0:
+                    nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+                    print(f"[longview] checkpoint {name} is unusable ({e}); "
+                          + (f"falling back to {nxt}" if nxt else "no older checkpoint left"), flush=True)
+                continue
+        return state, name
+    raise CheckpointError(f"no usable checkpoint of {cfg.name} under {run_uri(cfg)} (tried {', '.join(candidates)})")
 
 
 def train_loop(config: dict) -> None:
     import ray.train  # noqa: PLC0415
 
-    from .checkpoint import TrainState, restore_checkpoint, save_checkpoint  # noqa: PLC0415
+    from .checkpoint import TrainState, save_checkpoint  # noqa: PLC0415
+    from .faults import StepFaults, before_checkpoint_upload  # noqa: PLC0415
     from .tracking import Tracker  # noqa: PLC0415
 
     cfg = build(JobConfig, config["job"])
@@ -358,24 +404,30 @@ def train_loop(config: dict) -> None:
     runner = (PIIPRunner if cfg.workload == "piip" else V2PERunner)(cfg, world, device)
     shard, writer = runner.checkpoint_shard(rank)
 
+    retry_s3_connection_errors()
     state = TrainState(mlflow_run_id=config.get("mlflow_run_id"))
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as folder:
-            state = restore_checkpoint(folder, rank=rank, world_size=world, engine=runner.engine, shard=shard)
+        state, name = restore_latest(cfg, ckpt, rank=rank, world=world, engine=runner.engine, shard=shard)
         if rank == 0:
-            print(f"[longview] resumed from {ckpt.path} at step {state.step}", flush=True)
+            print(f"[longview] resumed from {run_uri(cfg, name)} at step {state.step}", flush=True)
     tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
     system = _system_metrics(tracker)
+    report = getattr(runner, "data_report", None)
+    if report is not None and rank == 0:
+        print(f"[longview] data: {report.summary()}", flush=True)
+        for example in report.examples:
+            print(f"[longview]   skipped: {example}", flush=True)
+        tracker.log_metrics({"data_samples_loaded": report.loaded, "data_samples_skipped": report.total_skipped,
+                             **{f"data_skipped_{r}": n for r, n in report.skipped.items()}}, step=0)
 
     t = cfg.training
     first = True
     while state.step < t.steps:
-        _maybe_fail(state.step, rank)
         probe = _MemoryProbe(runner, device) if first else None
         t0 = time.perf_counter()
         losses, tokens = [], 0.0
-        with probe or contextlib.nullcontext():
+        with StepFaults(state.step, rank), probe or contextlib.nullcontext():
             for m in range(t.grad_accum):
                 out = runner.step(state.step * t.grad_accum + m)
                 losses.append(out["loss"])
@@ -397,11 +449,20 @@ def train_loop(config: dict) -> None:
         state.losses.append([state.step, loss])
         tracker.log_metrics(metrics, step=state.step)
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
+            name = f"step-{state.step:07d}"
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, rank=rank, state=state, engine=runner.engine, shard=shard, writer=writer)
-                ray.train.report({"step": state.step, "loss": loss},
-                                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"step-{state.step:07d}")
+                before_checkpoint_upload(state.step, rank)
+                try:
+                    ray.train.report({"step": state.step, "loss": loss},
+                                     checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+                except Exception as e:  # noqa: BLE001 - the storage layer's errors vary by backend
+                    # Ray registers a checkpoint only after every rank's upload: this one is
+                    # not taken as complete, and the previous checkpoint stays the latest.
+                    raise CheckpointUploadError(
+                        f"checkpoint {name} of {cfg.name} could not be uploaded to {run_uri(cfg, name)} after "
+                        f"storage.retries={cfg.storage.retries} attempts ({type(e).__name__}: {e}); "
+                        f"the previous checkpoint stays the one to resume from") from e
     tracker.flush()
     if system is not None:
         system.finish()

@@ -103,29 +103,34 @@ def stop_processes_under(marker: str) -> list[int]:
     return killed
 
 
-def stop_pid(pid: int, timeout_s: float = 40.0) -> None:
-    """SIGTERM to the service's process group, SIGKILL if it has not gone after timeout_s."""
+def stop_pid(pid: int, timeout_s: float = 20.0) -> None:
+    """SIGTERM to the service's process group, SIGKILL to what is left of the group after
+    timeout_s. Waits for the whole group, not only its leader: MLflow's job consumers,
+    for one, outlive a reaped server process when only it is waited for."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    killed = False
+    while True:
+        try:  # reap the leader if it is our child (a zombie still counts as a group member)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
-            break
-        try:  # reap it if it is our child
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                break
-        except ChildProcessError:
-            pass
+            return
+        if time.monotonic() > deadline:
+            if killed:  # only unreapable zombies are left (not our children): nothing holds a port
+                return
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            killed, deadline = True, time.monotonic() + 5
         time.sleep(0.2)
-    else:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Service:
@@ -166,7 +171,10 @@ def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscali
     cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address", host, "--port", str(gcs),
            "--dashboard-host", host, "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
            "--temp-dir", tmp, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats"]
-    env = ray_env()
+    # The local cluster's nodes hold the local S3 endpoint's credentials in their own
+    # environment, as real nodes hold an instance profile or a mounted secret: jobs never
+    # carry them (see launch.worker_env).
+    env = dict(ray_env(), **LOCAL_CREDENTIALS)
     if autoscaling_yaml:
         import yaml  # noqa: PLC0415
 
@@ -180,6 +188,23 @@ def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscali
     url = f"http://{host}:{dash}"
     _wait_http(url + "/api/version", 120, proc, log)
     return Service("ray", proc.pid, url, log, {"address": f"{host}:{gcs}", "temp_dir": tmp})
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_bind_host(host: str, expose: bool) -> str | None:
+    """Refuses a non-loopback address without `expose`; with it, returns the warning to
+    show (and prints it)."""
+    if host in LOOPBACK:
+        return None
+    if not expose:
+        raise ServiceError(f"binding the local services to {host} would expose them to the network without "
+                           "authentication; pass --expose to do it anyway")
+    warning = (f"WARNING: S3 endpoint, MLflow and Ray listen on {host} without authentication: anyone who "
+               "can reach this machine can read and write the bucket, the runs and submit jobs")
+    print(warning, file=sys.stderr, flush=True)
+    return warning
 
 
 class LocalServices:
@@ -197,20 +222,24 @@ class LocalServices:
     def _write(self, services: dict[str, Service]) -> None:
         self.state_file.write_text(json.dumps({k: asdict(v) for k, v in services.items()}, indent=1))
 
-    def up(self, *, ray_cpus: int = 2, bucket: str = "longview", ray: bool = True, mlflow: bool = True) -> dict:
+    def up(self, *, ray_cpus: int = 2, bucket: str = "longview", ray: bool = True, mlflow: bool = True,
+           host: str = "127.0.0.1", expose: bool = False) -> dict:
+        """Starts the services on `host`: loopback unless `expose` says otherwise (they
+        have no authentication: anyone who reaches them can read the bucket and runs)."""
+        check_bind_host(host, expose)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         running = self.read()
         if running:
             raise ServiceError(f"services already recorded in {self.state_file}; run `longview down` first")
         started: dict[str, Service] = {}
         try:
-            started["s3"] = start_s3(self.state_dir, [bucket])
+            started["s3"] = start_s3(self.state_dir, [bucket], host=host)
             self._write(started)
             if mlflow:
-                started["mlflow"] = start_mlflow(self.state_dir, started["s3"], bucket)
+                started["mlflow"] = start_mlflow(self.state_dir, started["s3"], bucket, host=host)
                 self._write(started)
             if ray:
-                started["ray"] = start_ray(self.state_dir, ray_cpus)
+                started["ray"] = start_ray(self.state_dir, ray_cpus, host=host)
                 self._write(started)
         except BaseException:
             self.down()

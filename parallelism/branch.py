@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import split_evenly
-from .dims import BranchLayout
+from .dims import BranchLayout, named_collectives
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ def _swap(send: torch.Tensor, recv: torch.Tensor, rts: list[Route], tag: int) ->
         ops.append(dist.P2POp(dist.irecv, buf, r.peer, tag=tag))
         bufs.append((lo, hi, buf))
     if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        with named_collectives(None, f"PIIP feature exchange with ranks {sorted({r.peer for r in rts})}"):
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
     for lo, hi, buf in bufs:
         recv[lo:hi] = buf
 

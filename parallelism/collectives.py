@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .dims import named_collectives
+
 
 class _GatherRows(torch.autograd.Function):
     """All-gather of dim 0 with per-rank row counts that may differ.
@@ -22,13 +24,15 @@ class _GatherRows(torch.autograd.Function):
         padded = x.new_zeros((width, *x.shape[1:]))
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded.contiguous(), group=group)
+        with named_collectives(group, "all-gather of rows"):
+            dist.all_gather(parts, padded.contiguous(), group=group)
         return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        with named_collectives(ctx.group, "all-gather of rows (backward)"):
+            dist.all_reduce(grad, group=ctx.group)
         start = sum(ctx.counts[: ctx.rank])
         return grad[start : start + ctx.counts[ctx.rank]], None, None
 

@@ -11,12 +11,57 @@ intra-node links, and the less frequent data-parallel gradient reduction crosses
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+_KINDS = {"cp": "context-parallel", "dp": "data-parallel", "a2a": "all-to-all", "ring": "ring",
+          "branch": "PIIP branch"}
+
+
+def _new_group(ranks: list[int], desc: str, timeout_s: float | None):
+    timeout = None if timeout_s is None else _dt.timedelta(seconds=timeout_s)
+    return dist.new_group(ranks, timeout=timeout, group_desc=desc)
+
+
+def describe(group) -> str:
+    """'context-parallel group cp[dp=0] (ranks 0, 1)': what errors call a group."""
+    if group is None or group is dist.group.WORLD:
+        return f"the world group (ranks 0..{dist.get_world_size() - 1})"
+    desc = getattr(group, "group_desc", "") or "?"
+    kind = _KINDS.get(desc.split("[", 1)[0], "process")
+    ranks = ", ".join(map(str, dist.get_process_group_ranks(group)))
+    return f"{kind} group {desc} (ranks {ranks})"
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete: a peer of the named group stalled or died."""
+
+
+# Messages of the backends when a peer never answers or went away.
+_PEER_FAILURE = ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
+
+
+@contextlib.contextmanager
+def named_collectives(group, what: str):
+    """Re-raises a backend's timeout / dead-peer error inside the block as a
+    CollectiveTimeout that names `what` and the group it ran on."""
+    try:
+        yield
+    except CollectiveTimeout:
+        raise
+    except RuntimeError as e:
+        if not any(m in str(e).lower() for m in _PEER_FAILURE):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        raise CollectiveTimeout(
+            f"{what} on {describe(group)} timed out on global rank {rank}: a peer of this group stalled or died "
+            f"({str(e).splitlines()[0][:200]})") from e
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -64,8 +109,11 @@ class ParallelDims:
             raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
         return divmod(rank, self.cp)
 
-    def build(self) -> "ParallelGroups":
-        """Creates the groups. Collective: every rank must call it, in the same order."""
+    def build(self, timeout_s: float | None = None) -> "ParallelGroups":
+        """Creates the groups. Collective: every rank must call it, in the same order.
+
+        timeout_s: collective timeout of every group (torch gives new groups its own
+        30-minute default, not the world's timeout, unless told)."""
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build() needs torch.distributed to be initialised first")
         if dist.get_world_size() != self.world_size:
@@ -77,11 +125,11 @@ class ParallelDims:
         cp_group = dp_group = None
         # new_group is collective over the whole world: all ranks create all groups.
         for d in range(self.dp):
-            g = dist.new_group(self.cp_ranks(d))
+            g = _new_group(self.cp_ranks(d), f"cp[dp={d}]", timeout_s)
             if d == dp_index:
                 cp_group = g
         for c in range(self.cp):
-            g = dist.new_group(self.dp_ranks(c))
+            g = _new_group(self.dp_ranks(c), f"dp[cp={c}]", timeout_s)
             if c == cp_index:
                 dp_group = g
         # Inside each cp group: all-to-all groups of cp_a2a adjacent ranks, and ring
@@ -91,11 +139,11 @@ class ParallelDims:
         for d in range(self.dp):
             base = self.cp_ranks(d)
             for j in range(self.cp_ring):
-                g = dist.new_group(base[j * u:(j + 1) * u])
+                g = _new_group(base[j * u:(j + 1) * u], f"a2a[dp={d},ring={j}]", timeout_s)
                 if d == dp_index and j == cp_index // u:
                     a2a_group = g
             for i in range(u):
-                g = dist.new_group(base[i::u])
+                g = _new_group(base[i::u], f"ring[dp={d},a2a={i}]", timeout_s)
                 if d == dp_index and i == cp_index % u:
                     ring_group = g
         return ParallelGroups(dims=self, rank=rank, cp_group=cp_group, dp_group=dp_group,
@@ -182,14 +230,14 @@ class BranchLayout:
                 return b
         raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
 
-    def build(self) -> "BranchGroups":
+    def build(self, timeout_s: float | None = None) -> "BranchGroups":
         """Creates one process group per branch (collective: every rank calls it)."""
         if not dist.is_initialized() or dist.get_world_size() != self.world_size:
             raise RuntimeError(f"BranchLayout.build() needs an initialised world of {self.world_size} ranks")
         rank = dist.get_rank()
         mine = None
         for b in range(len(self.ranks_per_branch)):
-            g = dist.new_group(self.ranks(b))
+            g = _new_group(self.ranks(b), f"branch[{b}]", timeout_s)
             if b == self.branch_of(rank):
                 mine = g
         return BranchGroups(layout=self, rank=rank, branch=self.branch_of(rank), group=mine)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .dims import named_collectives
 from .ring_attention import local_attention, ring_attention
 from .sharding import zigzag_shard
 
@@ -50,7 +51,8 @@ def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     # Chunk j of the heads goes to rank j; rank i's sequence piece lands at position i.
     send = x.reshape(b, s, u, h // u, d).permute(2, 0, 1, 3, 4).contiguous()  # (U, B, S/U, H/U, D)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    with named_collectives(group, "all-to-all (sequence to heads)"):
+        dist.all_to_all_single(recv, send, group=group)
     return recv.permute(1, 0, 2, 3, 4).reshape(b, u * s, h // u, d)
 
 
@@ -60,7 +62,8 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     b, s, hu, d = x.shape
     send = x.reshape(b, u, s // u, hu, d).permute(1, 0, 2, 3, 4).contiguous()  # (U, B, S/U, H/U, D)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    with named_collectives(group, "all-to-all (heads to sequence)"):
+        dist.all_to_all_single(recv, send, group=group)
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s // u, u * hu, d)
 
 

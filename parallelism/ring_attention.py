@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .attention_kernels import BlockKernel, resolve_kernel
+from .dims import named_collectives
 from .ring_comm import Pending, RingComm
 
 
@@ -182,9 +183,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(
-            dout.contiguous(), q, k, v, out, lse, ctx.ring, ctx.causal, ctx.scale, ctx.kernel, ctx.docs
-        )
+        with named_collectives(getattr(ctx.ring, "group", None), "ring attention (backward)"):
+            dq, dk, dv = _ring_backward(
+                dout.contiguous(), q, k, v, out, lse, ctx.ring, ctx.causal, ctx.scale, ctx.kernel, ctx.docs
+            )
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -293,12 +295,13 @@ def ring_attention(
     """
     world_size, _ = _group_size_rank(group)
     docs = _validate(q, k, v, world_size, cu_seqlens)
-    if world_size > 1:
-        _check_ranks_agree(group, q, k, cu_seqlens)
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    blk = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
-    ring: Ring = RingComm(group) if world_size > 1 else _SingleRank()
-    return _RingAttention.apply(q, k, v, ring, causal, scale, blk, docs)
+    with named_collectives(group, "ring attention"):
+        if world_size > 1:
+            _check_ranks_agree(group, q, k, cu_seqlens)
+        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+        blk = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
+        ring: Ring = RingComm(group) if world_size > 1 else _SingleRank()
+        return _RingAttention.apply(q, k, v, ring, causal, scale, blk, docs)
 
 
 class _SingleRank:

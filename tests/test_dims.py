@@ -29,3 +29,35 @@ def test_groups_built_on_real_ranks(gloo_world):
     for rank, (cp_ranks, dp_ranks) in enumerate(got):
         assert cp_ranks == ([0, 1] if rank < 2 else [2, 3])
         assert dp_ranks == [rank % 2, rank % 2 + 2]
+
+
+def _stalled_peer(stall_s: float):
+    """Rank 1 never joins the all-gather; rank 0 must fail with the group named."""
+    import time
+
+    import torch
+
+    from parallelism.collectives import gather_rows
+    from parallelism.dims import CollectiveTimeout
+
+    groups = ParallelDims(world_size=2, cp=2).build(timeout_s=2)
+    if dist.get_rank() == 1:
+        time.sleep(stall_s)
+        return None
+    t0 = time.monotonic()
+    try:
+        gather_rows(torch.ones(2, 3), groups.cp_group, [2, 2])
+    except CollectiveTimeout as e:
+        return str(e), time.monotonic() - t0
+    return "no error", time.monotonic() - t0
+
+
+def test_a_stalled_peer_fails_the_collective_naming_the_group():
+    from parallelism.local_world import LocalWorld
+
+    # The world's own timeout is long (120 s): the group's 2 s must be the one that acts.
+    with LocalWorld(2, timeout_s=120) as world:
+        (message, waited), _ = world.run(_stalled_peer, 6.0)
+    assert "all-gather of rows on context-parallel group cp[dp=0] (ranks 0, 1) timed out" in message
+    assert "a peer of this group stalled or died" in message
+    assert waited < 6.0  # it gave up at the group's timeout, before the peer came back

@@ -106,8 +106,8 @@ def test_failed_worker_resumes_with_identical_losses(services, uninterrupted, tm
     _, env = services
     _, _, want = uninterrupted
     name = f"b-{uuid.uuid4().hex[:8]}"
-    marker = tmp_path / "fault-happened"
-    fenv = dict(env, LONGVIEW_FAULT_AT_STEP="3", LONGVIEW_FAULT_MARKER=str(marker))
+    marker = tmp_path / "raise-3-0"
+    fenv = dict(env, LONGVIEW_FAULTS="raise@3", LONGVIEW_FAULT_DIR=str(tmp_path))
     proc = cli(fenv, "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *COMMON)
     assert marker.exists(), "the fault was not injected"
     assert "injected fault at step 3" in proc.stdout + proc.stderr
@@ -214,8 +214,8 @@ def test_piip_job_places_branches_and_resumes_exactly(services, tmp_path):
     assert {f"model-branch{b}.pt" for b in range(3)} | {"manifest-rank2.json", "state.json"} <= names
 
     b_name = f"pb-{uuid.uuid4().hex[:8]}"
-    marker = tmp_path / "piip-fault"
-    proc = cli(dict(env, LONGVIEW_FAULT_AT_STEP="3", LONGVIEW_FAULT_MARKER=str(marker)), "train",
+    marker = tmp_path / "raise-3-0"
+    proc = cli(dict(env, LONGVIEW_FAULTS="raise@3", LONGVIEW_FAULT_DIR=str(tmp_path)), "train",
                "configs/piip-demo.yaml", "--set", f"name={b_name}", *sets)
     assert marker.exists() and "at step 2" in proc.stdout + proc.stderr
     client, run = mlflow_run_in(env, "longview-piip", b_name)

@@ -136,3 +136,57 @@ def test_position_mode_comes_from_config(tmp_path):
         data_config(position_mode="v2pe_fix")
     with pytest.raises(ValueError, match=r"data.position_mode='rnd'"):
         data_config(position_mode="rnd")
+
+
+def _mixed_file(tmp_path):
+    """Good records (from make_records) interleaved with one bad record of each kind."""
+    path, recs = make_records(str(tmp_path))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a header, no image
+    good = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    ask = [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "x"}]
+    bad = [
+        {"id": "corrupt", "image": "corrupt.png", "conversations": ask},
+        {"id": "truncated", "image": "truncated.png", "conversations": ask},
+        {"id": "placeholders", "image": ["a.png", "a.png"], "conversations": ask},
+        {"id": "empty", "conversations": []},
+        {"id": "long", "conversations": [{"from": "human", "value": "q" * 5000}, {"from": "gpt", "value": "a"}]},
+    ]
+    lines = [json.dumps(r) for r in recs[:1]] + [json.dumps(r) for r in bad[:3]] + [json.dumps(recs[1]), "{not json"]
+    lines += [json.dumps(r) for r in bad[3:]] + [json.dumps(recs[2])]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines) + "\n")
+    return str(mixed), path
+
+
+def test_bad_samples_are_skipped_and_counted_by_config(tmp_path):
+    from workloads.v2pe.data import LoadReport
+
+    mixed, clean = _mixed_file(tmp_path)
+    report = LoadReport(mixed)
+    got = load_samples(mixed, tokenizer=TOK, cfg=data_config(max_tokens=2048, on_bad_sample="skip"), report=report)
+    want = load_samples(clean, tokenizer=TOK, cfg=data_config(max_tokens=2048))
+    # the three good samples survive unchanged, in order; nothing was truncated
+    assert [s.sample_id.split()[0] for s in got] == ["text-only", "one-image", "two-images"]
+    for g, w in zip(got, want):
+        assert torch.equal(g.input_ids, w.input_ids) and torch.equal(g.pixels, w.pixels)
+    assert report.loaded == 3 and report.total_skipped == 6
+    assert report.skipped == {"image": 2, "placeholders": 1, "json": 1, "conversation": 1, "too_long": 1}
+    assert "6 skipped" in report.summary() and report.examples[0].startswith("sample corrupt")
+    # the default stops at the first bad sample and names it
+    with pytest.raises(DataError, match=r"sample corrupt \(.*mixed.jsonl:2\): image file .*corrupt.png cannot be read"):
+        load_samples(mixed, tokenizer=TOK, cfg=data_config(max_tokens=2048))
+    # a file with nothing usable is an error either way
+    only_bad = tmp_path / "only-bad.jsonl"
+    only_bad.write_text('{oops\n{"id": "e", "conversations": []}\n')
+    with pytest.raises(DataError, match=r"only-bad.jsonl: no usable sample .*2 skipped"):
+        load_samples(str(only_bad), tokenizer=TOK, cfg=data_config(on_bad_sample="skip"))
+
+
+def test_records_of_the_wrong_shape_are_data_errors(tmp_path):
+    cfg = data_config()
+    for rec, message in [([1, 2], r"a record must be a JSON object"),
+                         ({"id": "n", "image": 5, "conversations": []}, r"sample n: 'image' must be a path"),
+                         ({"id": "t", "conversations": ["hello"]}, r"sample t: conversations\[0\] needs")]:
+        with pytest.raises(DataError, match=message):
+            encode_sample(rec, tokenizer=TOK, cfg=cfg)

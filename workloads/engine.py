@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from parallelism.dims import named_collectives
+
 
 @dataclass(kw_only=True, frozen=True)
 class OptimConfig:
@@ -120,10 +122,11 @@ class Engine:
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
             if self.world > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)  # sum: rank losses are shares of the global mean
+                with named_collectives(None, "gradient all-reduce"):
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        dist.all_reduce(p.grad)  # sum: rank losses are shares of the global mean
         if self.grad_accum > 1:
             for p in params:
                 if p.grad is not None:
@@ -151,7 +154,8 @@ class Engine:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if dist.is_initialized() and dist.get_world_size(group) > 1:
-                dist.all_reduce(p.grad, group=group)
+                with named_collectives(group, f"gradient all-reduce of {name}"):
+                    dist.all_reduce(p.grad, group=group)
             params.append(p)
         return params
 
@@ -164,7 +168,8 @@ class Engine:
                 # Every rank of the group holds the same reduced gradient: count 1/size each.
                 sq += p.grad.double().pow(2).sum().cpu() / dist.get_world_size(group)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sq)
+            with named_collectives(None, "gradient norm"):
+                dist.all_reduce(sq)
         return float(sq.sqrt())
 
     @property

@@ -18,7 +18,7 @@ import io
 import json
 import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -35,7 +35,34 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the sample."""
+    """Bad input data; the message names the sample, `reason` classifies it for the counts."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class LoadReport:
+    """What loading a data file kept and skipped (data.on_bad_sample: skip), by reason."""
+
+    path: str
+    loaded: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    examples: list = field(default_factory=list)  # the first few messages, for the log
+
+    def skip(self, e: DataError) -> None:
+        self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+        if len(self.examples) < 5:
+            self.examples.append(str(e))
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        why = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
+        return f"{self.path}: {self.loaded} samples loaded, {self.total_skipped} skipped ({why})"
 
 
 # --- tokenizer --------------------------------------------------------------------------
@@ -144,11 +171,13 @@ def open_image(path: str, *, sample: str):
         with fsspec.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise DataError(f"sample {sample}: image file {path} does not exist") from None
+        raise DataError(f"sample {sample}: image file {path} does not exist", "image") from None
     try:
-        return Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decode now: a truncated or corrupt file fails here, not halfway through tiling
+        return img
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"sample {sample}: image file {path} cannot be read ({e})") from None
+        raise DataError(f"sample {sample}: image file {path} cannot be read ({e})", "image") from None
 
 
 # --- samples ------------------------------------------------------------------------------
@@ -165,10 +194,13 @@ class DataConfig:
     # a stride (δ = stride/256) for evaluation, "default" for plain RoPE positions.
     position_mode: str = "v2pe_rnd"
     position_stride: int | None = None
+    on_bad_sample: str = "fail"  # "fail": the first bad sample stops loading; "skip": counted and left out
 
     def __post_init__(self):
         from .positions import MODES  # noqa: PLC0415
 
+        if self.on_bad_sample not in ("fail", "skip"):
+            raise ValueError(f"data.on_bad_sample={self.on_bad_sample!r} is not one of 'fail', 'skip'")
         if self.position_mode not in MODES:
             raise ValueError(f"data.position_mode={self.position_mode!r} is not one of {MODES}")
         if self.position_mode == "v2pe_fix" and not (isinstance(self.position_stride, int) and 1 <= self.position_stride <= 256):
@@ -188,12 +220,13 @@ class EncodedSample:
 
 def _roles(conversations, sample: str) -> list[tuple[str, str]]:
     if not isinstance(conversations, list) or not conversations:
-        raise DataError(f"sample {sample}: 'conversations' must be a non-empty list of turns")
+        raise DataError(f"sample {sample}: 'conversations' must be a non-empty list of turns", "conversation")
     out = []
     for i, turn in enumerate(conversations):
-        who, value = turn.get("from"), turn.get("value")
+        who, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
         if who not in ("human", "gpt", "system") or not isinstance(value, str):
-            raise DataError(f"sample {sample}: conversations[{i}] needs 'from' in human/gpt/system and a string 'value'")
+            raise DataError(f"sample {sample}: conversations[{i}] needs 'from' in human/gpt/system and a string "
+                            "'value'", "conversation")
         out.append(({"human": "user", "gpt": "assistant", "system": "system"}[who], value))
     return out
 
@@ -234,22 +267,32 @@ def encode_sample(
     sample: str | None = None,
 ) -> EncodedSample:
     """One JSONL record -> token ids, shifted targets and image tiles."""
+    if not isinstance(record, dict):
+        raise DataError(f"sample {sample or '?'}: a record must be a JSON object, got {type(record).__name__}",
+                        "record")
     sample = sample or str(record.get("id", "?"))
     images = record.get("image", [])
+    if not isinstance(images, (str, list)) or not all(isinstance(i, str) for i in ([images] if isinstance(images, str) else images)):
+        raise DataError(f"sample {sample}: 'image' must be a path or a list of paths", "record")
     images = [images] if isinstance(images, str) else list(images)
     convs = _roles(record.get("conversations", []), sample)
     n_placeholders = sum(v.count(IMAGE_PLACEHOLDER) for _, v in convs)
     if n_placeholders != len(images):
-        raise DataError(f"sample {sample}: {len(images)} image(s) but {n_placeholders} '<image>' placeholder(s)")
+        raise DataError(f"sample {sample}: {len(images)} image(s) but {n_placeholders} '<image>' placeholder(s)",
+                        "placeholders")
     tiles = []
     for name in images:
         path = name if "://" in name or name.startswith("/") else posixpath.join(base_dir, name)
-        tiles.append(tile_image(open_image(path, sample=sample), tile=cfg.tile, max_tiles=cfg.max_tiles,
-                                thumbnail=cfg.thumbnail))
+        img = open_image(path, sample=sample)
+        try:
+            tiles.append(tile_image(img, tile=cfg.tile, max_tiles=cfg.max_tiles, thumbnail=cfg.thumbnail))
+        except (OSError, ValueError) as e:
+            raise DataError(f"sample {sample}: image file {path} cannot be tiled ({e})", "image") from None
     ids, supervised = render_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer,
                                     tokens_per_tile=cfg.tokens_per_tile)
     if len(ids) > cfg.max_tokens:
-        raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is truncated)")
+        raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is "
+                        "truncated)", "too_long")
     input_ids = torch.tensor(ids, dtype=torch.long)
     sup = torch.tensor(supervised, dtype=torch.bool)
     targets = torch.full_like(input_ids, IGNORE_INDEX)
@@ -259,7 +302,9 @@ def encode_sample(
     return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets, pixels=pixels)
 
 
-def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str, report: LoadReport | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-empty line. A line that is not JSON raises, or
+    with `report` is counted there and left out."""
     import fsspec  # noqa: PLC0415
 
     with fsspec.open(path, "rt") as f:
@@ -267,17 +312,38 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
+                err = DataError(f"{path} line {line_no}: not valid JSON ({e.msg})", "json")
+                if report is None:
+                    raise err from None
+                report.skip(err)
+                continue
+            yield line_no, rec
 
 
-def load_samples(path: str, *, tokenizer: ByteTokenizer, cfg: DataConfig) -> list[EncodedSample]:
+def load_samples(path: str, *, tokenizer: ByteTokenizer, cfg: DataConfig,
+                 report: LoadReport | None = None) -> list[EncodedSample]:
+    """Every sample of a JSONL file, encoded. With cfg.on_bad_sample='skip' a bad sample
+    (unreadable image, placeholder count, empty conversation, over max_tokens, not JSON)
+    is counted in `report` by reason and left out; nothing is ever truncated."""
     base = posixpath.dirname(path)
-    return [
-        encode_sample(rec, tokenizer=tokenizer, cfg=cfg, base_dir=base, sample=f"{rec.get('id', '?')} ({path}:{n})")
-        for n, rec in read_jsonl(path)
-    ]
+    report = report if report is not None else LoadReport(path)
+    skip = cfg.on_bad_sample == "skip"
+    out = []
+    for n, rec in read_jsonl(path, report if skip else None):
+        rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
+        try:
+            out.append(encode_sample(rec, tokenizer=tokenizer, cfg=cfg, base_dir=base, sample=f"{rid} ({path}:{n})"))
+        except DataError as e:
+            if not skip:
+                raise
+            report.skip(e)
+    report.loaded = len(out)
+    if not out:
+        raise DataError(f"{path}: no usable sample ({report.summary()})"
+                        + (f"; first problem: {report.examples[0]}" if report.examples else ""), "empty")
+    return out
 
 
 # --- packed batches -------------------------------------------------------------------------
@@ -423,6 +489,6 @@ def pack_greedy(samples: Sequence[EncodedSample], budget: int, multiple: int) ->
 
 
 __all__ = [
-    "ByteTokenizer", "DataConfig", "DataError", "EncodedSample", "V2PEBatch", "encode_sample", "load_samples",
+    "ByteTokenizer", "DataConfig", "DataError", "EncodedSample", "LoadReport", "V2PEBatch", "encode_sample", "load_samples",
     "make_batch", "pack", "pack_greedy", "read_jsonl", "shard_batch", "tile_image",
 ]

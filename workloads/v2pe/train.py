@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from parallelism.collectives import gather_rows, split_evenly
+from parallelism.dims import named_collectives
 from parallelism.sharding import IGNORE_INDEX
 
 from .data import V2PEBatch
@@ -69,7 +70,8 @@ def chunked_cross_entropy(
     h, t, w = hidden[keep], targets[keep], loss_weight[keep].float()
     n_chunks = torch.tensor(max(1, -(-keep.numel() // chunk)), device=hidden.device)
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX, group=group)
+        with named_collectives(group, "loss chunk count"):
+            dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX, group=group)
     total = None
     for i in range(int(n_chunks) * chunk)[::chunk]:
         args = (h[i : i + chunk], head, t[i : i + chunk], w[i : i + chunk])
@@ -128,7 +130,8 @@ def forward_loss(
     )
     global_tokens = n_tokens.clone()
     if loss_group is not None and dist.get_world_size(loss_group) > 1:
-        dist.all_reduce(global_tokens, group=loss_group)
+        with named_collectives(loss_group, "token count"):
+            dist.all_reduce(global_tokens, group=loss_group)
     loss = loss_sum / global_tokens.clamp(min=1.0)
     return loss, {"tokens": float(n_tokens), "global_tokens": float(global_tokens), "seq_local": batch.input_ids.shape[1]}
 
@@ -145,7 +148,8 @@ def train_step(engine, batch: V2PEBatch, *, cp_group=None, loss_group=None, hybr
     stepped = engine.step()
     total = loss.detach().clone()
     if loss_group is not None and dist.get_world_size(loss_group) > 1:
-        dist.all_reduce(total, group=loss_group)
+        with named_collectives(loss_group, "loss sum"):
+            dist.all_reduce(total, group=loss_group)
     out = {"loss": float(total), "tokens": stats["global_tokens"], "stepped": stepped}
     if stepped:
         out.update(grad_norm=engine.last_grad_norm, lr=engine.lr)

@@ -1,0 +1,127 @@
+"""Services for the fault-injection suite, and the record of what it injected.
+
+One Ray head, one S3-protocol endpoint (moto) with a TCP proxy in front of it (the
+training storage goes through the proxy, so a test can take S3 "down"), one MLflow
+server; all on 127.0.0.1, stopped by PID. Credentials are random per session, so the
+security test can look for them.
+
+Every fault test adds a row to the report (fault, injected, survived, steps lost, data
+lost); with LONGVIEW_FAULT_REPORT set, the rows are written there as JSON at the end
+(`make faults` prints them as a table).
+"""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from orchestrator import services as services_mod
+from orchestrator.services import LocalServices, stop_pid
+
+REPORT: list[dict] = []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def fault_services(tmp_path_factory):
+    home = tmp_path_factory.mktemp("faults-home")
+    creds = {"AWS_ACCESS_KEY_ID": "LVKEY" + secrets.token_hex(8).upper(),
+             "AWS_SECRET_ACCESS_KEY": "lvsecret" + secrets.token_hex(16)}
+    old = dict(services_mod.LOCAL_CREDENTIALS)
+    services_mod.LOCAL_CREDENTIALS.update(creds)  # what the local services hand to their clients
+    svc = LocalServices(home)
+    started = svc.up(ray_cpus=2, bucket="lvfault")
+    control = str(home / "s3-down")
+    port = _free_port()
+    upstream = started["s3"].url.split("//", 1)[1]
+    log = open(home / "proxy.log", "w")
+    proxy = subprocess.Popen([sys.executable, "-m", "tests.faults.tcp_proxy", str(port), upstream, control],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = dict(os.environ, LONGVIEW_HOME=str(home), **svc.env())
+    env["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{port}"  # training storage through the proxy
+    yield {"started": started, "env": env, "home": home, "control": control, "creds": creds,
+           "direct_s3": started["s3"].url, "svc": svc}
+    stop_pid(proxy.pid)
+    svc.down()
+    services_mod.LOCAL_CREDENTIALS.clear()
+    services_mod.LOCAL_CREDENTIALS.update(old)
+
+
+@pytest.fixture
+def record():
+    """record(fault, injected=, survived=, steps_lost=, data_lost=) adds a report row."""
+    def add(fault: str, **figures):
+        REPORT.append({"fault": fault, **figures})
+    return add
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = os.environ.get("LONGVIEW_FAULT_REPORT")
+    if out and REPORT:
+        with open(out, "w") as f:
+            json.dump(REPORT, f, indent=1)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --- running jobs -----------------------------------------------------------------------
+
+STEPS = 6
+BASE = ["--set", "storage.uri=s3://lvfault/runs", "--set", f"training.steps={STEPS}",
+        "--set", "training.checkpoint_every=2", "--set", "data.synthetic.samples=4"]
+
+
+def cli(env, *args, timeout=600, check=True):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"longview {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(fs, name, *extra, faults="", env_extra=None, **kw):
+    """`longview train` of the shortened CPU demo, with faults injected if asked."""
+    env = dict(fs["env"], **(env_extra or {}))
+    if faults:
+        env.update(LONGVIEW_FAULTS=faults, LONGVIEW_FAULT_DIR=str(fs["home"]), LONGVIEW_S3_CONTROL=fs["control"])
+    return cli(env, "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE, *extra, **kw)
+
+
+def history(fs, name, key="loss"):
+    """(sorted (step, value) of a metric, the MLflow run) of job `name`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(fs["started"]["mlflow"].url)
+    exp = client.get_experiment_by_name("longview-v2pe")
+    run = client.search_runs([exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")[0]
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)), run
+
+
+@pytest.fixture(scope="session")
+def reference(fault_services):
+    """The uninterrupted run every faulty run is compared with: (name, losses, output)."""
+    name = unique("ref")
+    proc = train(fault_services, name)
+    losses, _ = history(fault_services, name)
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+    return name, losses, proc.stdout + proc.stderr

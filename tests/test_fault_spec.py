@@ -1,0 +1,28 @@
+"""The fault-injection spec (orchestrator/faults.py): parsing, and each fault fires once."""
+
+import pytest
+
+from orchestrator.faults import Fault, StepFaults, parse
+
+
+def test_spec_parses_and_bad_specs_are_named():
+    assert parse("kill@3:1,raise@2, s3down@4=3") == [Fault("kill", 3, 1), Fault("raise", 2, 0),
+                                                      Fault("s3down", 4, 0, "3")]
+    with pytest.raises(ValueError, match=r"LONGVIEW_FAULTS: 'kill@x' is not KIND@STEP"):
+        parse("kill@x")
+    with pytest.raises(ValueError, match=r"unknown fault kind 'explode'"):
+        parse("explode@1")
+
+
+def test_a_fault_fires_once_and_only_where_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGVIEW_FAULTS", "raise@2:1")
+    monkeypatch.setenv("LONGVIEW_FAULT_DIR", str(tmp_path))
+    for step, rank in [(1, 1), (2, 0), (3, 1)]:
+        with StepFaults(step, rank):
+            pass
+    with pytest.raises(RuntimeError, match="injected fault at step 2"):
+        with StepFaults(2, 1):
+            pass
+    assert (tmp_path / "raise-2-1").exists()
+    with StepFaults(2, 1):  # the restarted worker passes
+        pass
