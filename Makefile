@@ -30,13 +30,7 @@ faults: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m orchestrator.demo
 
-ring-# The fault-injection suite alone (it also runs within `make test`), then its table.
-faults: $(STAMP)
-	mkdir -p out
-	LONGVIEW_FAULT_REPORT=$(CURDIR)/out/faults.json $(VPY) -m pytest -q tests/faults
-	$(VPY) -m tests.faults.report out/faults.json
-
-demo: $(STAMP)
+ring-demo: $(STAMP)
 	$(VPY) -m parallelism.demo
 
 bench: $(STAMP)

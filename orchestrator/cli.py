@@ -136,7 +136,8 @@ def cmd_train(args) -> int:
     try:
         result, run_id = run_training(cfg, ray_address=_ray_address(args), tags=tags)
     except Exception as e:  # noqa: BLE001 - Ray wraps the workers' errors; say the cause last
-        print(f"error: training {cfg.name} failed: {failure_reason(e)}", file=sys.stderr, flush=True)
+        print(f"error: training {cfg.name} failed: {failure_reason(e, storage_retries=cfg.storage.retries)}",
+              file=sys.stderr, flush=True)
         return 1
     _say(f"finished: last checkpoint {checkpoint_uri(cfg, result.checkpoint)}")
     if run_id:
@@ -148,7 +149,7 @@ def cmd_train(args) -> int:
 _OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ConfigError")
 
 
-def failure_reason(e: BaseException) -> str:
+def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> str:
     """The one line a user needs from a failed run: our own error's message when a worker
     raised one (Ray nests it in its own error text), else the last line of the error."""
     texts, seen = [], set()
@@ -161,6 +162,10 @@ def failure_reason(e: BaseException) -> str:
         for ln in lines:
             if f"{name}: " in ln:
                 return ln[ln.index(f"{name}: "):]
+    for ln in lines:  # storage unreachable, met by Ray's own code (its controller's records)
+        if "Could not connect to the endpoint URL" in ln:
+            return (f"S3 endpoint unreachable after storage.retries={storage_retries} attempts: "
+                    + ln[ln.index("Could not connect"):])
     return lines[-1] if lines else "unknown error"
 
 
@@ -279,7 +284,7 @@ def cmd_runs(args) -> int:
     if exp is None:
         _say(f"experiment {cfg.experiment} has no runs yet")
         return 0
-    _say(f"| run | status | steps | last loss | checkpoint |\n|---|---|---|---|---|")
+    _say("| run | status | steps | last loss | checkpoint |\n|---|---|---|---|---|")
     for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]):
         hist = client.get_metric_history(r.info.run_id, "loss")
         last = max(hist, key=lambda m: m.step) if hist else None
@@ -300,7 +305,7 @@ def cmd_eval(args) -> int:
 
 def cmd_flops(args) -> int:
     from workloads.piip.flops import backbone_flops  # noqa: PLC0415
-    from workloads.piip.model import VARIANTS, piip_config  # noqa: PLC0415
+    from workloads.piip.model import piip_config  # noqa: PLC0415
 
     try:
         res = [int(r) for r in args.resolutions.split(",")]

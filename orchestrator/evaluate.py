@@ -46,8 +46,6 @@ def eval_loop(config: dict) -> None:
     from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples  # noqa: PLC0415
     from workloads.v2pe.evaluate import accuracy_table, format_table  # noqa: PLC0415
 
-    from .tracking import Tracker  # noqa: PLC0415
-
     cfg = build(JobConfig, config["job"])
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import sys
 import tempfile
 import time
@@ -31,19 +32,16 @@ from .faults import ENV_KEYS as FAULT_ENV_KEYS
 
 
 def s3_endpoint(cfg: JobConfig) -> str | None:
-    return cfg.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+    from .storage import s3_endpoint as endpoint  # noqa: PLC0415
+
+    return endpoint(cfg.storage.endpoint_url)
 
 
 def storage_fs(url: str, cfg: JobConfig):
-    """(filesystem, path) for a storage URL, using the job's S3 endpoint. It also sets
-    FSSPEC_S3_ENDPOINT_URL, so later plain fsspec calls in this process (the dataset
-    writers) reach the same endpoint."""
-    import fsspec  # noqa: PLC0415
+    """(filesystem, path) for a storage URL with the job's S3 endpoint and retries."""
+    from .storage import filesystem  # noqa: PLC0415
 
-    endpoint = s3_endpoint(cfg) if url.startswith("s3://") else None
-    if endpoint:
-        os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", endpoint)
-    return fsspec.core.url_to_fs(url, **({"endpoint_url": endpoint} if endpoint else {}))
+    return filesystem(url, endpoint_url=cfg.storage.endpoint_url, retries=cfg.storage.retries)
 
 
 def storage_for_ray(cfg: JobConfig):
@@ -52,39 +50,9 @@ def storage_for_ray(cfg: JobConfig):
     if not uri.startswith("s3://"):
         return (uri or os.path.abspath("longview-runs")), None
     import pyarrow.fs  # noqa: PLC0415
-    import s3fs  # noqa: PLC0415
 
-    retry_s3_connection_errors()
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint(cfg), retries=cfg.storage.retries,
-                           # one layer of retries, with the schedule documented for storage.retries
-                           config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
-    return uri[len("s3://"):].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def retry_s3_connection_errors() -> None:
-    """Makes s3fs retry requests that could not reach the endpoint at all (connection
-    refused or reset: S3 or the network is down), with its backoff of 0.1 s x 1.7^i
-    (capped at 15 s) up to `storage.retries` attempts, and says so once per outage.
-    Without this, s3fs gives up on the first connection error. Needed in every process
-    that writes to storage (the driver and each worker)."""
-    import s3fs.core  # noqa: PLC0415
-    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError  # noqa: PLC0415
-
-    if getattr(s3fs.core.CUSTOM_ERROR_HANDLER, "longview", False):
-        return
-    last = [0.0]
-
-    def handler(e: BaseException) -> bool:
-        if not isinstance(e, (EndpointConnectionError, ConnectionClosedError, ConnectionError)):
-            return False
-        if time.monotonic() - last[0] > 30:
-            print(f"[longview] S3 request failed ({type(e).__name__}: {e}); retrying with backoff",
-                  file=sys.stderr, flush=True)
-        last[0] = time.monotonic()
-        return True
-
-    handler.longview = True
-    s3fs.core.CUSTOM_ERROR_HANDLER = handler
+    fs, path = storage_fs(uri, cfg)
+    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def run_uri(cfg: JobConfig, *parts: str) -> str:
@@ -361,18 +329,29 @@ class CheckpointUploadError(RuntimeError):
     pass
 
 
-def restore_latest(cfg: JobConfig, ckpt, *, rank: int, world: int, engine, shard: str):
-    """Restores the newest checkpoint that verifies, starting from Ray's latest and going
-    back through the older ones in storage; says which one failed and why. Every rank
-    verifies every rank's manifest, so all ranks settle on the same checkpoint."""
+def restore_latest(cfg: JobConfig, *, rank: int, world: int, engine, shard: str):
+    """Restores the newest checkpoint of the run in storage that verifies, going back
+    through older ones past any that do not (corrupted, or incomplete: a rank's upload
+    never finished); says which one failed and why. Every rank verifies every rank's
+    manifest, so all ranks settle on the same checkpoint.
+
+    Storage, not Ray's registry, is the source: Ray registers a checkpoint only after its
+    controller has processed the report, so a worker killed just after an upload can
+    come back to `ray.train.get_checkpoint() is None` with a complete checkpoint stored.
+
+    Returns (state, the checkpoint's name, "name: reason" of each one passed over), or
+    None when the run has no checkpoint yet."""
     from .checkpoint import CheckpointError, restore_checkpoint  # noqa: PLC0415
 
     fs, root = storage_fs(run_uri(cfg), cfg)
+    if not fs.exists(root):
+        return None
     fs.invalidate_cache(root)  # fsspec caches listings per process
-    latest = posixpath.basename(str(ckpt.path).rstrip("/"))
-    older = sorted((posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)
-                    if posixpath.basename(p.rstrip("/")).startswith("step-")), reverse=True)
-    candidates = [latest] + [n for n in older if n < latest]
+    candidates = sorted((posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)
+                         if re.fullmatch(r"step-\d{7}", posixpath.basename(p.rstrip("/")))), reverse=True)
+    if not candidates:
+        return None
+    skipped = []
     for i, name in enumerate(candidates):
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, name)
@@ -380,13 +359,31 @@ def restore_latest(cfg: JobConfig, ckpt, *, rank: int, world: int, engine, shard
                 fs.get(posixpath.join(root, name), local, recursive=True)
                 state = restore_checkpoint(local, rank=rank, world_size=world, engine=engine, shard=shard)
             except (CheckpointError, FileNotFoundError) as e:
+                skipped.append(f"{name}: {e}")
                 if rank == 0:
                     nxt = candidates[i + 1] if i + 1 < len(candidates) else None
                     print(f"[longview] checkpoint {name} is unusable ({e}); "
                           + (f"falling back to {nxt}" if nxt else "no older checkpoint left"), flush=True)
                 continue
-        return state, name
+        return state, name, skipped
     raise CheckpointError(f"no usable checkpoint of {cfg.name} under {run_uri(cfg)} (tried {', '.join(candidates)})")
+
+
+def _system_metrics(tracker):
+    """MLflow's system-metrics monitor (CPU, memory, GPU) on rank 0's node, into the job's run."""
+    if not tracker.enabled:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
+
+        # resume_logging: after a restart, continue the monitor's step numbers.
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10, samples_before_logging=1,
+                                       resume_logging=True, tracking_uri=tracker.uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - optional: never fatal
+        print(f"[longview] system metrics off: {e}", file=sys.stderr, flush=True)
+        return None
 
 
 def train_loop(config: dict) -> None:
@@ -394,6 +391,7 @@ def train_loop(config: dict) -> None:
 
     from .checkpoint import TrainState, save_checkpoint  # noqa: PLC0415
     from .faults import StepFaults, before_checkpoint_upload  # noqa: PLC0415
+    from .storage import RETRIES as s3_retries  # noqa: PLC0415
     from .tracking import Tracker  # noqa: PLC0415
 
     cfg = build(JobConfig, config["job"])
@@ -404,14 +402,19 @@ def train_loop(config: dict) -> None:
     runner = (PIIPRunner if cfg.workload == "piip" else V2PERunner)(cfg, world, device)
     shard, writer = runner.checkpoint_shard(rank)
 
-    retry_s3_connection_errors()
     state = TrainState(mlflow_run_id=config.get("mlflow_run_id"))
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        state, name = restore_latest(cfg, ckpt, rank=rank, world=world, engine=runner.engine, shard=shard)
+    restored = restore_latest(cfg, rank=rank, world=world, engine=runner.engine, shard=shard)
+    if restored is not None:
+        state, name, skipped = restored
         if rank == 0:
             print(f"[longview] resumed from {run_uri(cfg, name)} at step {state.step}", flush=True)
     tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
+    if restored is not None and rank == 0:
+        # Every resume is on the run's record (the step it went back to), and so is every
+        # checkpoint passed over; the driver's copy of worker output can miss lines.
+        tracker.call("log_metric", "resumed_from_step", float(state.step), int(time.time() * 1000), state.step)
+        if skipped:
+            tracker.call("set_tag", f"longview.unusable_checkpoint.step{state.step}", "; ".join(skipped)[:4000])
     system = _system_metrics(tracker)
     report = getattr(runner, "data_report", None)
     if report is not None and rank == 0:
@@ -445,6 +448,8 @@ def train_loop(config: dict) -> None:
             metrics["tokens_per_s"] = tokens / dt
         metrics.update({k: v for k, v in out.items() if k.endswith("_step_s")})  # per-branch times (PIIP)
         metrics.update(memory)
+        if s3_retries[0]:
+            metrics["storage_retries"] = float(s3_retries[0])  # this rank's, so far
         state.step += 1
         state.losses.append([state.step, loss])
         tracker.log_metrics(metrics, step=state.step)

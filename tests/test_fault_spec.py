@@ -26,3 +26,21 @@ def test_a_fault_fires_once_and_only_where_asked(tmp_path, monkeypatch):
     assert (tmp_path / "raise-2-1").exists()
     with StepFaults(2, 1):  # the restarted worker passes
         pass
+
+
+def test_failure_reason_finds_our_error_inside_rays():
+    from orchestrator.cli import failure_reason
+
+    class WorkerGroupError(RuntimeError):
+        pass
+
+    nested = WorkerGroupError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback ...\n"
+                              "parallelism.dims.CollectiveTimeout: all-gather of rows on context-parallel group "
+                              "cp[dp=0] (ranks 0, 1) timed out on global rank 0\n")
+    assert failure_reason(nested).startswith("CollectiveTimeout: all-gather of rows on context-parallel group")
+    ray_own = RuntimeError('botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: '
+                           '"http://s3/b/run/snapshot.json"')
+    assert failure_reason(ray_own, storage_retries=3) == (
+        'S3 endpoint unreachable after storage.retries=3 attempts: Could not connect to the endpoint URL: '
+        '"http://s3/b/run/snapshot.json"')
+    assert failure_reason(ValueError("plain\nlast line")) == "last line"

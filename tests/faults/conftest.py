@@ -102,9 +102,15 @@ def cli(env, *args, timeout=600, check=True):
 def train(fs, name, *extra, faults="", env_extra=None, **kw):
     """`longview train` of the shortened CPU demo, with faults injected if asked."""
     env = dict(fs["env"], **(env_extra or {}))
-    if faults:
-        env.update(LONGVIEW_FAULTS=faults, LONGVIEW_FAULT_DIR=str(fs["home"]), LONGVIEW_S3_CONTROL=fs["control"])
+    if faults:  # markers of fired faults in a folder of this job's own: names repeat across tests
+        markers = fault_dir(fs, name)
+        markers.mkdir(exist_ok=True)
+        env.update(LONGVIEW_FAULTS=faults, LONGVIEW_FAULT_DIR=str(markers), LONGVIEW_S3_CONTROL=fs["control"])
     return cli(env, "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE, *extra, **kw)
+
+
+def fault_dir(fs, name):
+    return fs["home"] / f"faults-{name}"
 
 
 def history(fs, name, key="loss"):
