@@ -33,7 +33,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+# Package scope: the services stop when the last fault test is done, not at the end of the
+# whole session (a second idle Ray head slows everything after it on a small machine).
+@pytest.fixture(scope="package")
 def fault_services(tmp_path_factory):
     home = tmp_path_factory.mktemp("faults-home")
     creds = {"AWS_ACCESS_KEY_ID": "LVKEY" + secrets.token_hex(8).upper(),
@@ -123,7 +125,7 @@ def history(fs, name, key="loss"):
     return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)), run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference(fault_services):
     """The uninterrupted run every faulty run is compared with: (name, losses, output)."""
     name = unique("ref")
