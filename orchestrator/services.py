@@ -68,6 +68,7 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: str) -> 
                     return
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.3)
+    stop_pid(proc.pid)  # a service that never answered is not left behind
     raise ServiceError(f"{url} did not answer within {timeout_s:.0f}s (log: {log})")
 
 
@@ -144,7 +145,11 @@ def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Se
     client = boto3.client("s3", endpoint_url=url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
     for b in buckets:
-        client.create_bucket(Bucket=b)
+        try:
+            client.create_bucket(Bucket=b)
+        except Exception as e:  # noqa: BLE001 - botocore's errors; the endpoint must not outlive this
+            stop_pid(proc.pid)
+            raise ServiceError(f"bucket {b!r} could not be created on the local S3 endpoint: {e}") from None
     return Service("s3", proc.pid, url, log, {"buckets": buckets})
 
 

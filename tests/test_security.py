@@ -38,6 +38,15 @@ def test_local_services_listen_on_loopback_only(tmp_path):
         stop_pid(s3.pid)
 
 
+def test_a_failed_start_leaves_no_process(tmp_path):
+    before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+    with pytest.raises(ServiceError, match=r"bucket 'B' could not be created on the local S3 endpoint"):
+        start_s3(tmp_path, ["B"])  # upper case: not a valid bucket name
+    left = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in before]
+    cmdlines = [open(f"/proc/{p}/cmdline", "rb").read() for p in left if os.path.exists(f"/proc/{p}/cmdline")]
+    assert not [c for c in cmdlines if b"moto.server" in c]
+
+
 def test_exposing_the_services_takes_a_flag_and_warns(capsys, tmp_path):
     assert check_bind_host("127.0.0.1", expose=False) is None
     with pytest.raises(ServiceError, match=r"binding the local services to 0.0.0.0 .* pass --expose"):
