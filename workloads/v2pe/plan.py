@@ -197,6 +197,10 @@ def estimate_memory(m: V2PEModelConfig, r: RunShape) -> dict[str, float]:
     return out
 
 
+# A flash-attention backward costs about 2.5 forwards (the recomputed scores, dQ, dK, dV).
+BACKWARD_ATTENTION = 2.5
+
+
 def attention_flops(m: V2PEModelConfig, seq: int, causal: bool = True) -> float:
     """Forward FLOPs of the decoder's attention scores and weighted sum for one sample."""
     llm = m.llm
@@ -208,13 +212,16 @@ def step_estimate(m: V2PEModelConfig, r: RunShape, hw: Hardware) -> dict[str, fl
     """Compute and communication per step for one rank, and whether transfers hide."""
     p = parameter_counts(m)
     llm = m.llm
-    # 2 FLOPs per parameter per token forward; backward twice that; checkpointing
-    # recomputes the forward once more.
-    passes = (4 if r.activation_checkpointing else 3) if r.training else 1
-    dense = 2 * (p["decoder"] - 2 * llm.vocab_size * llm.hidden_size) * r.seq_len * passes
-    dense += 2 * llm.vocab_size * llm.hidden_size * r.seq_len * r.supervised_fraction * (3 if r.training else 1)
-    vis = 2 * (p["vision"] + p["projector"]) * r.tiles * _vision_tokens(m) * passes
-    attn = attention_flops(m, r.seq_len) * (passes + (1 if r.training else 0))  # flash backward ~2.5x
+    # Passes over the sequence: the forward, its recomputation under activation
+    # checkpointing, and the backward (twice a forward's matmul FLOPs, BACKWARD_ATTENTION
+    # times its attention FLOPs). Ring and all-to-all traffic follow the same passes.
+    fwd = (2 if r.activation_checkpointing else 1) if r.training else 1
+    bwd = 1 if r.training else 0
+    non_embed = p["decoder"] - 2 * llm.vocab_size * llm.hidden_size
+    dense = 2 * non_embed * r.seq_len * (fwd + 2 * bwd)
+    dense += 2 * llm.vocab_size * llm.hidden_size * r.seq_len * r.supervised_fraction * (1 + 2 * bwd)  # logits once
+    vis = 2 * (p["vision"] + p["projector"]) * r.tiles * _vision_tokens(m) * (fwd + 2 * bwd)
+    attn = attention_flops(m, r.seq_len) * (fwd + BACKWARD_ATTENTION * bwd)
     flops_rank = (dense + vis + attn) / r.cp
     rate = hw.tflops * 1e12 * hw.efficiency
     compute_s = flops_rank / rate
@@ -227,19 +234,23 @@ def step_estimate(m: V2PEModelConfig, r: RunShape, hw: Hardware) -> dict[str, fl
     # The ring's neighbours are U ranks apart: inside a node while cp fits in one.
     ring_bw = hw.intra_node_gbps if r.cp <= per_node else hw.inter_node_gbps
     a2a_bw = hw.intra_node_gbps if u <= per_node else hw.inter_node_gbps
-    # Ring step: K/V of one ring shard (all U pieces, H_kv/U heads) vs. one block's attention.
+    # Ring step: K/V of one ring shard (all U pieces, H_kv/U heads) vs. one block's
+    # attention. The backward sends K/V again and the float32 dK/dV beside them.
     kv_bytes = 2 * (t * u) * (hkv / u) * d * a
+    bwd_bytes = kv_bytes * (1 + 4 / a)
     block_flops = 4 * (t * u) ** 2 * (h / u) * d  # one off-diagonal block, full (zigzag halves)
     ring_xfer_s = kv_bytes / (ring_bw * 1e9)
     block_s = block_flops / rate
-    ring_steps = (ring - 1) * L * (3 if r.training else 1)  # forward, and backward's two ways
-    ring_bytes = ring_steps * kv_bytes * (1 if not r.training else 1 + 2 * 4 / (a * 3))
-    exposed_ring = max(0.0, ring_xfer_s - block_s) * ring_steps
-    # All-to-all: q, k, v there and the output back, each (U-1)/U of the piece, per layer.
+    steps = (ring - 1) * L  # ring steps per pass
+    ring_bytes = steps * (fwd * kv_bytes + bwd * bwd_bytes)
+    exposed_ring = steps * (fwd * max(0.0, ring_xfer_s - block_s)
+                            + bwd * max(0.0, bwd_bytes / (ring_bw * 1e9) - BACKWARD_ATTENTION * block_s))
+    # All-to-all: q, k, v there and the output back, each (U-1)/U of the piece, per layer
+    # and pass (the backward's four go the other way).
     a2a_bytes = 0.0
     if u > 1:
         piece = t * (2 * h + 2 * hkv) * d * a * (u - 1) / u
-        a2a_bytes = piece * L * (2 if r.training else 1) * (2 if r.activation_checkpointing and r.training else 1)
+        a2a_bytes = piece * L * (fwd + bwd)
     a2a_s = a2a_bytes / (a2a_bw * 1e9)  # synchronous: not hidden
     return {
         "flops_per_rank": flops_rank,
@@ -247,7 +258,7 @@ def step_estimate(m: V2PEModelConfig, r: RunShape, hw: Hardware) -> dict[str, fl
         "ring_bytes": ring_bytes,
         "ring_step_transfer_s": ring_xfer_s,
         "ring_step_compute_s": block_s,
-        "ring_hidden": ring <= 1 or ring_xfer_s <= block_s,
+        "ring_hidden": exposed_ring == 0.0,
         "ring_exposed_s": exposed_ring,
         "a2a_bytes": a2a_bytes,
         "a2a_s": a2a_s,
