@@ -14,6 +14,7 @@ a resumed run sees exactly the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import posixpath
 import re
@@ -29,12 +30,6 @@ from .faults import ENV_KEYS as FAULT_ENV_KEYS
 
 
 # --- storage -----------------------------------------------------------------------------------
-
-
-def s3_endpoint(cfg: JobConfig) -> str | None:
-    from .storage import s3_endpoint as endpoint  # noqa: PLC0415
-
-    return endpoint(cfg.storage.endpoint_url)
 
 
 def storage_fs(url: str, cfg: JobConfig):
@@ -71,7 +66,9 @@ def worker_env(cfg: JobConfig) -> dict[str, str]:
     the credentials (SECRET_ENV)."""
     env = {k: v for k, v in os.environ.items()
            if (k.startswith("AWS_") and k not in SECRET_ENV) or k in ("MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE")}
-    endpoint = s3_endpoint(cfg)
+    from .storage import s3_endpoint  # noqa: PLC0415
+
+    endpoint = s3_endpoint(cfg.storage.endpoint_url)
     if endpoint:
         env["AWS_ENDPOINT_URL_S3"] = endpoint
         env["FSSPEC_S3_ENDPOINT_URL"] = endpoint  # fsspec reads s3fs options from FSSPEC_S3_*
@@ -83,6 +80,19 @@ def worker_env(cfg: JobConfig) -> dict[str, str]:
 
 
 # --- the V2PE workload as the worker loop sees it ---------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+
+
+def sample_at(i: int, n: int, seed: int) -> int:
+    """Index of the i-th sample drawn from n: a fresh permutation per epoch, a function
+    of (seed, epoch) only, so a resumed run draws exactly what the uninterrupted one did.
+    One permutation per epoch is computed (and kept), not one per draw."""
+    epoch, j = divmod(i, n)
+    return _epoch_order(n, seed, epoch)[j]
 
 
 class V2PERunner:
@@ -134,10 +144,9 @@ class V2PERunner:
 
         dp, d = self.groups.dims.dp, self.groups.dp_rank
         i = micro * dp + d
-        epoch, j = divmod(i, len(self.rows))
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.cfg.training.seed + epoch))
         gen = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + i)  # δ draws of this batch
-        batch = make_batch(self.rows[int(order[j])], tokenizer=self.tokenizer, cfg=self.data_cfg,
+        row = self.rows[sample_at(i, len(self.rows), self.cfg.training.seed)]
+        batch = make_batch(row, tokenizer=self.tokenizer, cfg=self.data_cfg,
                            cp=self.groups.dims.cp, generator=gen)
         self.last_row = (batch.input_ids.shape[1], batch.num_tiles, int((batch.targets != -100).sum()))
         local = shard_batch(batch, self.groups.dims.cp, self.groups.cp_rank, a2a=self.groups.dims.cp_a2a)
@@ -222,11 +231,8 @@ class PIIPRunner:
         from workloads.piip.parallel import classification_loss, segmentation_loss  # noqa: PLC0415
 
         g, B, n = self.groups, self.cfg.piip.batch_size, len(self.data)
-        rows = []
-        for i in range(micro * B, (micro + 1) * B):  # the global batch: a function of (seed, micro)
-            epoch, j = divmod(i, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.training.seed + epoch))
-            rows.append(int(order[j]))
+        # the global batch: a function of (seed, micro)
+        rows = [sample_at(i, n, self.cfg.training.seed) for i in range(micro * B, (micro + 1) * B)]
         lo, hi = batch_slice(g.layout, g.branch, g.rank, B)
         images, labels, masks = batch([self.data[r] for r in rows[lo:hi]], self.size)
         image = make_pyramid(images.to(self.device), self.mcfg)[g.branch]
