@@ -133,10 +133,12 @@ class ParallelDims:
             if c == cp_index:
                 dp_group = g
         # Inside each cp group: all-to-all groups of cp_a2a adjacent ranks, and ring
-        # groups of the ranks at the same position in every all-to-all group.
-        a2a_group = ring_group = None
+        # groups of the ranks at the same position in every all-to-all group. With
+        # cp_a2a = 1 the ring is the cp group itself and there is no all-to-all group
+        # (creating groups is a collective over the whole world: none needlessly).
+        a2a_group, ring_group = None, cp_group
         u = self.cp_a2a
-        for d in range(self.dp):
+        for d in range(self.dp if u > 1 else 0):
             base = self.cp_ranks(d)
             for j in range(self.cp_ring):
                 g = _new_group(base[j * u:(j + 1) * u], f"a2a[dp={d},ring={j}]", timeout_s)
@@ -156,8 +158,8 @@ class ParallelGroups:
     rank: int
     cp_group: dist.ProcessGroup = field(repr=False)
     dp_group: dist.ProcessGroup = field(repr=False)
-    a2a_group: dist.ProcessGroup = field(repr=False, default=None)  # heads all-to-all (cp_a2a ranks)
-    ring_group: dist.ProcessGroup = field(repr=False, default=None)  # ring across a2a groups
+    a2a_group: dist.ProcessGroup = field(repr=False, default=None)  # heads all-to-all; None when cp_a2a = 1
+    ring_group: dist.ProcessGroup = field(repr=False, default=None)  # ring across a2a groups (= cp_group at 1)
 
     @property
     def hybrid(self) -> tuple | None:

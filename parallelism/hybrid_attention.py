@@ -95,8 +95,9 @@ def hybrid_attention(
     """Exact attention over a sequence laid out by `hybrid_shard`.
 
     q: (B, S_piece, H_q, D), k/v: (B, S_piece, H_kv, D) -> (B, S_piece, H_q, D).
+    a2a_group None: no all-to-all (U = 1), the plain ring over ring_group.
     """
-    u = dist.get_world_size(a2a_group)
+    u = 1 if a2a_group is None else dist.get_world_size(a2a_group)
     for name, h in (("H_q", q.shape[2]), ("H_kv", k.shape[2])):
         if h % u:
             raise ValueError(f"hybrid_attention: the all-to-all degree {u} does not divide {name}={h}")

@@ -96,7 +96,8 @@ def hybrid_fwd_bwd(q, k, v, dout, *, a2a, causal, cu_seqlens=None):
 
     W = dist.get_world_size()
     groups = ParallelDims.infer(world_size=W, cp=W, cp_a2a=a2a).build()
-    ring_rank, a2a_rank = dist.get_rank(groups.ring_group), dist.get_rank(groups.a2a_group)
+    ring_rank = dist.get_rank(groups.ring_group)
+    a2a_rank = 0 if groups.a2a_group is None else dist.get_rank(groups.a2a_group)  # None: U = 1
     ring = W // a2a
     pieces = [hybrid_shard(t, ring, a2a, ring_rank, a2a_rank, cu_seqlens=cu_seqlens).clone() for t in (q, k, v, dout)]
     for t in pieces[:3]:
