@@ -272,9 +272,9 @@ def encode_sample(
                         "record")
     sample = sample or str(record.get("id", "?"))
     images = record.get("image", [])
-    if not isinstance(images, (str, list)) or not all(isinstance(i, str) for i in ([images] if isinstance(images, str) else images)):
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise DataError(f"sample {sample}: 'image' must be a path or a list of paths", "record")
-    images = [images] if isinstance(images, str) else list(images)
     convs = _roles(record.get("conversations", []), sample)
     n_placeholders = sum(v.count(IMAGE_PLACEHOLDER) for _, v in convs)
     if n_placeholders != len(images):
@@ -283,11 +283,9 @@ def encode_sample(
     tiles = []
     for name in images:
         path = name if "://" in name or name.startswith("/") else posixpath.join(base_dir, name)
-        img = open_image(path, sample=sample)
-        try:
-            tiles.append(tile_image(img, tile=cfg.tile, max_tiles=cfg.max_tiles, thumbnail=cfg.thumbnail))
-        except (OSError, ValueError) as e:
-            raise DataError(f"sample {sample}: image file {path} cannot be tiled ({e})", "image") from None
+        # open_image decodes the whole file, so a corrupt one fails there, naming it
+        tiles.append(tile_image(open_image(path, sample=sample), tile=cfg.tile, max_tiles=cfg.max_tiles,
+                                thumbnail=cfg.thumbnail))
     ids, supervised = render_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer,
                                     tokens_per_tile=cfg.tokens_per_tile)
     if len(ids) > cfg.max_tokens:
