@@ -161,12 +161,13 @@ class Engine:
 
     def _global_norm(self, params) -> float:
         """L2 norm of the whole model's gradient, each parameter counted once."""
-        sq = torch.zeros((), dtype=torch.float64)
+        # Summed where the gradients live, one transfer at the end (not one per parameter).
+        sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
         for name, p in self.model.named_parameters():
             group = self.owned.get(name)
             if group is not None and p.grad is not None:
                 # Every rank of the group holds the same reduced gradient: count 1/size each.
-                sq += p.grad.double().pow(2).sum().cpu() / dist.get_world_size(group)
+                sq += p.grad.double().pow(2).sum() / dist.get_world_size(group)
         if dist.is_initialized() and dist.get_world_size() > 1:
             with named_collectives(None, "gradient norm"):
                 dist.all_reduce(sq)
