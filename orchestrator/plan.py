@@ -55,14 +55,12 @@ def plan_job(cfg: JobConfig, hw, *, tiles: int | None = None) -> dict:
         m, shape = v2pe_shape(cfg, evaluation=evaluation, tiles=tiles)
         entry = {"seq_len": shape.seq_len, "tiles": shape.tiles, "configured": plan_for(m, shape, hw).to_json(),
                  "configured_cp_best_a2a": best_a2a(m, shape, hw).to_json()}
-        # Training keeps the configured GPU count when --gpus is not given: dp absorbs
-        # what cp does not use. Evaluation uses one group: as many GPUs as the layout.
-        gpus = hw.gpus if hw.gpus else (cfg.resources.workers if not evaluation else None)
+        # Training keeps its GPU count (--gpus, else the config's workers): data-parallel
+        # replicas absorb what cp does not use. Evaluation is one sample at a time: as
+        # few GPUs as fit (more would not be replicas).
+        gpus = None if evaluation else (hw.gpus or cfg.resources.workers)
         try:
-            best = recommend(m, shape, replace(hw, gpus=gpus))
-            if evaluation:  # one sample: extra GPUs are not replicas, they join the group
-                best = replace(best, dp=1)
-            entry["recommended"] = best.to_json()
+            entry["recommended"] = recommend(m, shape, replace(hw, gpus=gpus)).to_json()
         except PlanError as e:
             entry["recommended"] = None
             entry["error"] = str(e)
