@@ -111,6 +111,15 @@ def train(fs, name, *extra, faults="", env_extra=None, **kw):
     return cli(env, "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE, *extra, **kw)
 
 
+def s3fs_direct(fs):
+    """The S3 endpoint itself, not through the proxy (for inspecting and corrupting)."""
+    import s3fs
+
+    c = fs["creds"]
+    return s3fs.S3FileSystem(endpoint_url=fs["direct_s3"], key=c["AWS_ACCESS_KEY_ID"],
+                             secret=c["AWS_SECRET_ACCESS_KEY"])
+
+
 def fault_dir(fs, name):
     return fs["home"] / f"faults-{name}"
 

@@ -14,15 +14,7 @@ import time
 import pytest
 
 from orchestrator.checkpoint import verify
-from tests.faults.conftest import BASE, STEPS, cli, fault_dir, history, train, unique
-
-
-def s3fs_direct(fs):
-    import s3fs
-
-    c = fs["creds"]
-    return s3fs.S3FileSystem(endpoint_url=fs["direct_s3"], key=c["AWS_ACCESS_KEY_ID"],
-                             secret=c["AWS_SECRET_ACCESS_KEY"])
+from tests.faults.conftest import BASE, STEPS, cli, fault_dir, history, s3fs_direct, train, unique
 
 
 def fired(fs, name, *markers):

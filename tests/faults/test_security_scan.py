@@ -11,8 +11,7 @@ def _hits(data: bytes, secrets: dict[str, bytes]) -> list[str]:
 def test_no_credential_in_the_traces_of_a_run(fault_services, reference, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tests.faults.conftest import history
-    from tests.faults.test_faults import s3fs_direct
+    from tests.faults.conftest import history, s3fs_direct
 
     fs = fault_services
     name, _, output = reference
