@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # requirement would otherwise pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: test faults demo ring-demo install bench clean
+.PHONY: test lint faults demo ring-demo install bench clean
 
 install: $(STAMP)
 
@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VPY) -m pytest -q -m "not gpu" tests
 
+# ruff, configured in pyproject.toml (CI runs it before the tests)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 # The fault-injection suite alone (it also runs within `make test`), then its table.
 faults: $(STAMP)
 	mkdir -p out
-	LONGVIEW_FAULT_REPORT=$(CURDIR)/out/faults.json $(VPY) -m pytest -q tests/faults
-	$(VPY) -m tests.faults.report out/faults.json
+	LONGVIEW_FAULT_REPORT=$(CURDIR)/out/faults.json $(VPY) -m pytest -q tests/e2e/test_faults.py tests/e2e/test_security_scan.py
+	$(VPY) -m tests.e2e.report out/faults.json
 
 demo: $(STAMP)
 	$(VPY) -m orchestrator.demo

@@ -23,15 +23,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallelism.dims import ParallelDims  # noqa: E402
-from parallelism.local_world import LocalWorld  # noqa: E402
-from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: E402
-from workloads.memory import TensorMemoryPeak, model_state_tensors  # noqa: E402
-from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, make_batch, shard_batch  # noqa: E402
-from workloads.v2pe.model import V2PEModel, model_config  # noqa: E402
-from workloads.v2pe.plan import RunShape, estimate_memory  # noqa: E402
-from workloads.v2pe.synth import SynthConfig, write_dataset  # noqa: E402
-from workloads.v2pe.train import TrainStepConfig, parallelize, train_step  # noqa: E402
+from parallelism.dims import ParallelDims
+from parallelism.local_world import LocalWorld
+from workloads.engine import OptimConfig, ShardingConfig, build_engine
+from workloads.memory import TensorMemoryPeak, model_state_tensors
+from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, make_batch, shard_batch
+from workloads.v2pe.model import V2PEModel, model_config
+from workloads.v2pe.plan import RunShape, estimate_memory
+from workloads.v2pe.synth import SynthConfig, write_dataset
+from workloads.v2pe.train import TrainStepConfig, parallelize, train_step
 
 # The CPU model of benchmarks/v2pe_cpu.py: ViT on 448-pixel tiles, decoder 256 wide.
 SMALL = dict(llm_hidden_size=256, llm_num_heads=8, llm_num_kv_heads=4, llm_num_layers=4, llm_intermediate_size=768)
@@ -59,7 +59,7 @@ def _peak(device, fn, tracked):
 
 
 def _eval_rank(size, sample, a2a, device, bf16):
-    from workloads.v2pe.evaluate import score_sample  # noqa: PLC0415
+    from workloads.v2pe.evaluate import score_sample
 
     W = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(0)

@@ -29,12 +29,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._measure import reset_peak, status_mib  # noqa: E402
-from parallelism.dims import ParallelDims  # noqa: E402
-from parallelism.hybrid_attention import hybrid_attention, hybrid_shard  # noqa: E402
-from parallelism.local_world import LocalWorld  # noqa: E402
-from parallelism.ring_attention import ring_attention  # noqa: E402
-from parallelism.sharding import zigzag_shard  # noqa: E402
+from benchmarks._measure import reset_peak, status_mib
+from parallelism.dims import ParallelDims
+from parallelism.hybrid_attention import hybrid_attention, hybrid_shard
+from parallelism.local_world import LocalWorld
+from parallelism.ring_attention import ring_attention
+from parallelism.sharding import zigzag_shard
 
 
 def _inputs(S, H, Hkv, D):

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallelism.attention_kernels import KERNELS, supported_kernels  # noqa: E402
-from parallelism.ring_attention import simulated_ring_attention  # noqa: E402
-from parallelism.sharding import zigzag_shard, zigzag_unshard  # noqa: E402
+from parallelism.attention_kernels import KERNELS, supported_kernels
+from parallelism.ring_attention import simulated_ring_attention
+from parallelism.sharding import zigzag_shard, zigzag_unshard
 
 H_Q, H_KV, D = 16, 8, 128
 

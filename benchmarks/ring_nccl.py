@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.ring_gpu import D, H_KV, H_Q, causal_flops, timed  # noqa: E402
-from parallelism.dims import ParallelDims, init_distributed  # noqa: E402
-from parallelism.ring_attention import ring_attention  # noqa: E402
-from parallelism.sharding import zigzag_shard  # noqa: E402
+from benchmarks.ring_gpu import H_KV, H_Q, D, causal_flops, timed
+from parallelism.dims import ParallelDims, init_distributed
+from parallelism.ring_attention import ring_attention
+from parallelism.sharding import zigzag_shard
 
 
 def main(argv=None):

@@ -23,13 +23,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._measure import reset_peak, status_mib  # noqa: E402
-from parallelism.local_world import LocalWorld  # noqa: E402
-from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: E402
-from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, make_batch, shard_batch  # noqa: E402
-from workloads.v2pe.model import V2PEModel, model_config  # noqa: E402
-from workloads.v2pe.synth import SynthConfig, write_dataset  # noqa: E402
-from workloads.v2pe.train import TrainStepConfig, parallelize, train_step  # noqa: E402
+from benchmarks._measure import reset_peak, status_mib
+from parallelism.local_world import LocalWorld
+from workloads.engine import OptimConfig, ShardingConfig, build_engine
+from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, make_batch, shard_batch
+from workloads.v2pe.model import V2PEModel, model_config
+from workloads.v2pe.synth import SynthConfig, write_dataset
+from workloads.v2pe.train import TrainStepConfig, parallelize, train_step
 
 SMALL = dict(llm_hidden_size=256, llm_num_heads=8, llm_num_kv_heads=4, llm_num_layers=4, llm_intermediate_size=768)
 

@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: E402
-from workloads.v2pe.data import ByteTokenizer, EncodedSample, pack  # noqa: E402
-from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config  # noqa: E402
-from workloads.v2pe.plan import RunShape, estimate_memory  # noqa: E402
-from workloads.v2pe.train import TrainStepConfig, parallelize, train_step  # noqa: E402
+from workloads.engine import OptimConfig, ShardingConfig, build_engine
+from workloads.v2pe.data import ByteTokenizer, EncodedSample, pack
+from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config
+from workloads.v2pe.plan import RunShape, estimate_memory
+from workloads.v2pe.train import TrainStepConfig, parallelize, train_step
 
 PEAK_TFLOPS = 989.0
 

@@ -1,23 +1,41 @@
-"""One state object, one checkpointer.
+"""One state object, one checkpointer, one place that knows where checkpoints live.
 
-`TrainState` holds everything needed to continue a run exactly: the step (which is
-also the data position: batches are a pure function of step, seed and replica), the
-RNG states, and the MLflow run id. `save_checkpoint` writes, per rank, the files of
-that rank plus a manifest of their SHA-256 sums into one directory; Ray Train merges
-every rank's directory into one checkpoint in storage. `restore_checkpoint` verifies
-every manifest before loading anything and loads tensors without unpickling arbitrary
-objects (`torch.load(weights_only=True)`).
+Layout in storage (`<storage.uri>/<name>/`):
+
+    step-0000020/            one checkpoint per `training.checkpoint_every` steps
+      state.json             TrainState: step (also the data position), MLflow run id, losses
+      model{shard}.pt        model, optimizer, scheduler: one file each per model part
+      optimizer{shard}.pt    (shard "" for V2PE, "-branch<b>" for PIIP's branch groups);
+      scheduler{shard}.pt    with DeepSpeed, deepspeed/state/ holds every rank's ZeRO shard
+      rng-rank<r>.pt         each rank's torch and Python RNG states
+      manifest-rank<r>.json  SHA-256 of every file rank r wrote
+    export/                  the trained model in the workload's published format
+    data/                    synthetic data written by `prepare_data`
+
+`TrainState` holds the run's progress; the RNG states are files of their own.
+`save_checkpoint` writes, per rank, the files of that rank plus its manifest into one
+directory; Ray Train merges every rank's directory into one checkpoint in storage.
+`restore_checkpoint` verifies every manifest before loading anything and loads tensors
+without unpickling arbitrary objects (`torch.load(weights_only=True)`). `CheckpointStore`
+names, lists and restores a run's checkpoints, falling back past unusable ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import posixpath
 import random
+import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -100,3 +118,59 @@ def restore_checkpoint(folder: str | Path, *, rank: int, world_size: int, engine
     torch.set_rng_state(rng["torch"])
     random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
     return state
+
+
+class CheckpointStore:
+    """A run's checkpoints in storage: their names, their listing, and restoring the
+    newest one that verifies.
+
+    Storage, not Ray's registry, is the source: Ray registers a checkpoint only after its
+    controller has processed the report, so a worker killed just after an upload can come
+    back to `ray.train.get_checkpoint() is None` with a complete checkpoint stored."""
+
+    PATTERN = re.compile(r"step-\d{7}")
+
+    def __init__(self, fs, root: str, uri: str):
+        self.fs, self.root, self.uri = fs, root.rstrip("/"), uri.rstrip("/")  # root: fs path; uri: as users write it
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step-{step:07d}"
+
+    def location(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def names(self) -> list[str]:
+        """Checkpoint names in storage, newest first."""
+        if not self.fs.exists(self.root):
+            return []
+        self.fs.invalidate_cache(self.root)  # fsspec caches listings per process
+        found = (posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
+        return sorted((n for n in found if self.PATTERN.fullmatch(n)), reverse=True)
+
+    def restore_latest(self, *, rank: int, world: int, engine, shard: str = ""):
+        """Restores the newest checkpoint that verifies, going back past any that do not
+        (corrupted, or incomplete: a rank's upload never finished) and saying why. Every
+        rank verifies every rank's manifest, so all ranks settle on the same checkpoint.
+
+        Returns (state, the checkpoint's name, ["name: reason" of each one passed over]),
+        or None when the run has no checkpoint yet."""
+        candidates = self.names()
+        if not candidates:
+            return None
+        skipped = []
+        for i, name in enumerate(candidates):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, name)
+                try:
+                    self.fs.get(posixpath.join(self.root, name), local, recursive=True)
+                    state = restore_checkpoint(local, rank=rank, world_size=world, engine=engine, shard=shard)
+                except (CheckpointError, FileNotFoundError) as e:
+                    skipped.append(f"{name}: {e}")
+                    if rank == 0:
+                        nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+                        log.warning("checkpoint %s is unusable (%s); %s", name, e,
+                                    f"falling back to {nxt}" if nxt else "no older checkpoint left")
+                    continue
+            return state, name, skipped
+        raise CheckpointError(f"no usable checkpoint under {self.uri} (tried {', '.join(candidates)})")

@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
+
+from . import log as logsetup
+
+log = logging.getLogger("longview")
 
 CONFIG_ENV = "LONGVIEW_JOB_CONFIG"  # a submitted job's resolved config, as JSON
 
@@ -32,17 +37,18 @@ def home() -> Path:
 
 
 def _services():
-    from .services import LocalServices  # noqa: PLC0415
+    from .services import LocalServices
 
     return LocalServices(home())
 
 
 def _say(msg: str) -> None:
+    """A command's result (tables, JSON, ids): plain stdout, whatever the log level."""
     print(msg, flush=True)
 
 
 def _parse_sets(items: list[str]) -> dict:
-    import yaml  # noqa: PLC0415
+    import yaml
 
     out = {}
     for item in items or []:
@@ -56,7 +62,7 @@ def _parse_sets(items: list[str]) -> dict:
 def load_job(args):
     """The job config from a file (or the submitted job's environment), with --set and the
     local services' endpoints filled in where the config leaves them out."""
-    from .config import ConfigError, load_config  # noqa: PLC0415
+    from .config import ConfigError, load_config
 
     overrides = _parse_sets(getattr(args, "set", []))
     services = _services().read()
@@ -78,25 +84,26 @@ def load_job(args):
 
 def cmd_up(args) -> int:
     svc = _services()
-    _say(f"starting local services (state in {svc.state_file}) ...")
+    log.info("starting local services (state in %s) ...", svc.state_file)
     t0 = time.time()
-    from .services import ServiceError  # noqa: PLC0415
+    from .services import ServiceError
 
     try:
-        started = svc.up(ray_cpus=args.ray_cpus, bucket=args.bucket, ray=not args.no_ray, host=args.host,
-                         expose=args.expose)
+        with _spinner(f"starting S3, MLflow and Ray on {args.host}"):
+            started = svc.up(ray_cpus=args.ray_cpus, bucket=args.bucket, ray=not args.no_ray, host=args.host,
+                             expose=args.expose)
     except ServiceError as e:
         raise SystemExit(f"up: {e}") from None
     for name, s in started.items():
         extra = f"  ray address {s.extra['address']}" if name == "ray" else ""
         _say(f"  {name:6s} {s.url}  pid {s.pid}{extra}")
-    _say(f"up in {time.time() - t0:.0f}s; bucket s3://{args.bucket}; `longview down` stops them")
+    log.info("up in %.0fs; bucket s3://%s; `longview down` stops them", time.time() - t0, args.bucket)
     return 0
 
 
 def cmd_down(args) -> int:
     stopped = _services().down()
-    _say(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    log.info("stopped: %s", ", ".join(stopped) or "nothing was running")
     return 0
 
 
@@ -107,10 +114,21 @@ def _ray_address(args) -> str | None:
     return s["ray"].extra["address"] if "ray" in s else None
 
 
+def _spinner(text: str):
+    """A spinner while a user waits on something with no steps to count (rich; on a
+    terminal only: redirected output gets no control characters)."""
+    import contextlib
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return console.status(text) if console.is_terminal else contextlib.nullcontext()
+
+
 def _check_cluster(cfg, args) -> None:
     if getattr(args, "cluster_yaml", None):
-        from .cluster import check_job_fits, load_cluster_yaml  # noqa: PLC0415
-        from .config import ConfigError  # noqa: PLC0415
+        from .cluster import check_job_fits, load_cluster_yaml
+        from .config import ConfigError
 
         try:
             check_job_fits(cfg, load_cluster_yaml(args.cluster_yaml), args.cluster_yaml)
@@ -119,19 +137,14 @@ def _check_cluster(cfg, args) -> None:
 
 
 def cmd_train(args) -> int:
-    from .launch import checkpoint_uri, run_training, run_uri, submitted_job_id  # noqa: PLC0415
+    from .launch import run_training
+    from .ray_job import checkpoint_uri, submitted_job_id
+    from .storage import run_uri
 
     cfg = load_job(args)
     _check_cluster(cfg, args)
-    if cfg.workload == "piip":
-        from .config import piip_layout  # noqa: PLC0415
-
-        layout = f"ranks per branch {list(piip_layout(cfg))}"
-    else:
-        p = cfg.parallelism
-        layout = f"dp {cfg.dp} x cp {p.cp}" + (f" (all-to-all {p.cp_a2a} x ring {p.cp // p.cp_a2a})" if p.cp_a2a > 1 else "")
-    _say(f"training {cfg.name}: {cfg.resources.workers} workers ({layout}), "
-         f"{cfg.training.steps} steps; checkpoints {run_uri(cfg)}")
+    log.info("training %s: %d workers (%s), %d steps; checkpoints %s", cfg.name, cfg.resources.workers,
+             cfg.spec.layout(cfg), cfg.training.steps, run_uri(cfg))
     tags = {"longview.ray_job_id": submitted_job_id() or "", "longview.code_version": _code_version()}
     try:
         result, run_id = run_training(cfg, ray_address=_ray_address(args), tags=tags)
@@ -139,9 +152,11 @@ def cmd_train(args) -> int:
         print(f"error: training {cfg.name} failed: {failure_reason(e, storage_retries=cfg.storage.retries)}",
               file=sys.stderr, flush=True)
         return 1
-    _say(f"finished: last checkpoint {checkpoint_uri(cfg, result.checkpoint)}")
+    log.info("finished: last checkpoint %s", checkpoint_uri(cfg, result.checkpoint))
     if run_id:
-        _say(f"MLflow run: {cfg.tracking.uri}/#/experiments/{_experiment_id(cfg)}/runs/{run_id}")
+        from .tracking import run_url
+
+        log.info("MLflow run: %s", run_url(cfg.tracking.uri, run_id))
     return 0
 
 
@@ -170,7 +185,7 @@ def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> s
 
 
 def _code_version() -> str:
-    import subprocess  # noqa: PLC0415
+    import subprocess
 
     if os.environ.get("LONGVIEW_CODE_VERSION"):  # a submitted job's copy has no .git
         return os.environ["LONGVIEW_CODE_VERSION"]
@@ -181,17 +196,10 @@ def _code_version() -> str:
         return "unknown"
 
 
-def _experiment_id(cfg) -> str:
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
-    exp = MlflowClient(cfg.tracking.uri).get_experiment_by_name(cfg.experiment)
-    return exp.experiment_id if exp else "?"
-
-
 def _job_client(args):
-    from ray.job_submission import JobSubmissionClient  # noqa: PLC0415
+    from ray.job_submission import JobSubmissionClient
 
-    from .services import ray_env  # noqa: PLC0415
+    from .services import ray_env
 
     os.environ.update(ray_env())
     address = args.address
@@ -204,8 +212,9 @@ def _job_client(args):
 
 
 def cmd_submit(args) -> int:
-    from .config import to_dict  # noqa: PLC0415
-    from .launch import run_uri, worker_env  # noqa: PLC0415
+    from .config import to_dict
+    from .ray_job import worker_env
+    from .storage import run_uri
 
     cfg = load_job(args)
     _check_cluster(cfg, args)
@@ -229,31 +238,35 @@ def cmd_submit(args) -> int:
             # A head that has just started answers before its job agent is up.
             if "No available agent" not in str(e) or time.time() > deadline:
                 raise
-            _say("  the cluster's job agent is not up yet; retrying ...")
+            log.info("the cluster's job agent is not up yet; retrying ...")
             time.sleep(3)
     _say(f"submitted job {job_id}")
-    _say(f"  checkpoints: {run_uri(cfg)}")
+    log.info("  checkpoints: %s", run_uri(cfg))
     if cfg.tracking.uri:
-        _say(f"  MLflow: {cfg.tracking.uri} (experiment {cfg.experiment}, run {cfg.name})")
+        log.info("  MLflow: %s (experiment %s, run %s)", cfg.tracking.uri, cfg.experiment, cfg.name)
     if args.wait:
-        return _wait(client, job_id)
+        return _wait(client, job_id, cfg)
     return 0
 
 
-def _wait(client, job_id: str) -> int:
-    from ray.job_submission import JobStatus  # noqa: PLC0415
+def _wait(client, job_id: str, cfg) -> int:
+    """Follows a submitted job until it ends: its status and, from the job's MLflow run,
+    steps done of total, the last loss and an ETA (a live bar on a terminal, a line per
+    change otherwise)."""
+    from ray.job_submission import JobStatus
 
-    t0, last = time.time(), None
-    while True:
-        status = client.get_job_status(job_id)
-        if status != last:
-            _say(f"  [{time.time() - t0:5.0f}s] {status}")
-            last = status
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            if status != JobStatus.SUCCEEDED:
-                _say(client.get_job_logs(job_id)[-3000:])
-            return 0 if status == JobStatus.SUCCEEDED else 1
-        time.sleep(2)
+    from .progress import JobProgress
+
+    with JobProgress(cfg) as progress:
+        while True:
+            status = client.get_job_status(job_id)
+            progress.update(str(status).rsplit(".", 1)[-1])
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                break
+            time.sleep(2)
+    if status != JobStatus.SUCCEEDED:
+        _say(client.get_job_logs(job_id)[-3000:])
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 def cmd_status(args) -> int:
@@ -269,12 +282,12 @@ def cmd_logs(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    _say(f"stop requested: {_job_client(args).stop_job(args.job_id)}")
+    log.info("stop requested: %s", _job_client(args).stop_job(args.job_id))
     return 0
 
 
 def cmd_runs(args) -> int:
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient
 
     cfg = load_job(args)
     if not cfg.tracking.uri:
@@ -295,17 +308,21 @@ def cmd_runs(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_evaluation  # noqa: PLC0415
+    from .config import ConfigError
+    from .evaluate import run_evaluation
 
     cfg = load_job(args)
-    table = run_evaluation(cfg, checkpoint=args.checkpoint, ray_address=_ray_address(args))
+    try:
+        table = run_evaluation(cfg, checkpoint=args.checkpoint, ray_address=_ray_address(args))
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
     _say(table)
     return 0
 
 
 def cmd_flops(args) -> int:
-    from workloads.piip.flops import backbone_flops  # noqa: PLC0415
-    from workloads.piip.model import piip_config  # noqa: PLC0415
+    from workloads.piip.flops import backbone_flops
+    from workloads.piip.model import piip_config
 
     try:
         res = [int(r) for r in args.resolutions.split(",")]
@@ -330,10 +347,9 @@ def cmd_flops(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from workloads.v2pe.plan import Hardware  # noqa: PLC0415
+    from workloads.v2pe.plan import Hardware
 
-    from .config import ConfigError, load_config  # noqa: PLC0415
-    from .plan import format_plan, plan_job  # noqa: PLC0415
+    from .config import ConfigError, load_config
 
     for flag, value in (("--gpus", args.gpus), ("--gpu-memory", args.gpu_memory), ("--gpus-per-node", args.gpus_per_node),
                         ("--intra-node-bandwidth", args.intra_node_bandwidth),
@@ -346,14 +362,19 @@ def cmd_plan(args) -> int:
         raise SystemExit(f"config error: {e}") from None
     hw = Hardware(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node,
                   intra_node_gbps=args.intra_node_bandwidth, inter_node_gbps=args.inter_node_bandwidth)
-    plan = plan_job(cfg, hw, tiles=args.tiles)
-    _say(json.dumps(plan) if args.json else format_plan(plan))
+    if cfg.spec.plan is None:
+        raise SystemExit(f"plan: workload {cfg.workload!r} has no planner")
+    plan = cfg.spec.plan(cfg, hw, args.tiles)
+    _say(json.dumps(plan) if args.json else cfg.spec.format_plan(plan))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="longview", description="long-context training on Ray Train")
+    noise = ap.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug logging, with times and module names")
+    noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="start S3 endpoint, MLflow server and Ray head on 127.0.0.1")
@@ -405,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ring-demo", help="ring attention across local gloo processes", add_help=False)
     p.set_defaults(fn=None)
     args, rest = ap.parse_known_args(argv)
+    logsetup.setup("DEBUG" if args.verbose else "WARNING" if args.quiet else None)
     if args.command == "ring-demo":
-        from parallelism.demo import main as ring_demo  # noqa: PLC0415
+        from parallelism.demo import main as ring_demo
 
         ring_demo(rest)
         return 0

@@ -16,7 +16,7 @@ from .config import ConfigError, JobConfig
 
 
 def load_cluster_yaml(path: str) -> dict:
-    from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: PLC0415
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     with open(path) as f:
         cfg = yaml.safe_load(f)
@@ -92,7 +92,8 @@ def check_job_fits(cfg: JobConfig, cluster: dict, source: str = "cluster") -> No
         capacity += per_node * count
     if capacity == 0:
         raise ConfigError(
-            f"{source}: no node type can hold one worker of job {cfg.name} ({need}); missing: {', '.join(best_missing or ['node types'])}"
+            f"{source}: no node type can hold one worker of job {cfg.name} ({need}); "
+            f"missing: {', '.join(best_missing or ['node types'])}"
         )
     if capacity < cfg.resources.workers:
         raise ConfigError(

@@ -1,20 +1,33 @@
-"""The job config: one typed YAML file for both workloads.
+"""The job config: one typed YAML file; the core sections are here, each workload adds its own.
 
-Every section is a narrow `@dataclass(kw_only=True)`; `load_config` builds them from
-YAML, and any unknown key, wrong type or contradiction is a `ConfigError` that names
-the key, the bad value and what is allowed. Credentials are never part of the config:
-they come from the environment (AWS_ACCESS_KEY_ID, ...) or the standard AWS files.
+Core sections (`parallelism`, `training`, `storage`, `tracking`, `resources`) are
+dataclasses owned by the code that uses them (`training` is `workloads.engine.TrainingConfig`);
+a workload's sections come from its `WorkloadSpec.sections`. `load_config` builds them
+from YAML: any unknown key, wrong type, value out of its field's bounds or broken rule is
+a `ConfigError` that names the dotted key, the bad value and what is allowed.
+Credentials are never part of the config: they come from the environment
+(AWS_ACCESS_KEY_ID, ...) or the standard AWS files.
+
+Why dataclasses and not pydantic: the sections live in `workloads/`, which must import
+with nothing but torch (GPU machines that run the kernels have no pydantic); bounds ride
+on the fields as metadata (`workloads.spec.bounded`) and this module checks them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from workloads.engine import TrainingConfig
+from workloads.spec import FieldError, WorkloadSpec, bound_error, bounded
 
 
 class ConfigError(ValueError):
@@ -22,72 +35,18 @@ class ConfigError(ValueError):
 
 
 @dataclass(kw_only=True, frozen=True)
-class ModelSection:
-    size: str = "tiny"
-    # Field overrides of the named size, e.g. {"vision_image_size": 56} (see model_config).
-    overrides: dict = field(default_factory=dict)
-    pretrained: str | None = None  # InternVL2 checkpoint folder, local or s3://
-
-
-@dataclass(kw_only=True, frozen=True)
-class SyntheticSection:
-    tokens: int = 2048
-    images: int = 2
-    task: Literal["marked", "count", "colour"] = "marked"
-    samples: int = 16
-    seed: int = 0
-
-
-@dataclass(kw_only=True, frozen=True)
-class DataSection:
-    train: str = "synthetic"  # "synthetic" or a JSONL path / URL
-    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
-    max_tokens: int = 8192
-    max_tiles: int = 6
-    position_mode: Literal["default", "v2pe_fix", "v2pe_rnd"] = "v2pe_rnd"
-    position_stride: int | None = None
-    # A sample that cannot be used (unreadable image, '<image>' count that does not match
-    # its images, empty conversation, longer than max_tokens, not JSON): "fail" stops the
-    # job naming it; "skip" leaves it out, counted by reason in the log and in MLflow.
-    on_bad_sample: Literal["fail", "skip"] = "fail"
-
-
-@dataclass(kw_only=True, frozen=True)
 class ParallelismSection:
-    cp: int = 1  # context-parallel degree; dp = workers / cp
+    cp: int = bounded(1, gt=0)  # context-parallel degree; dp = workers / cp
     # All-to-all degree inside the context-parallel group (hybrid context parallelism):
     # heads are exchanged all-to-all among cp_a2a adjacent ranks (one node), the ring runs
     # over cp / cp_a2a groups. 1: plain ring; cp_a2a = cp: all-to-all only.
-    cp_a2a: int = 1
-    timeout_s: float = 600.0  # collective timeout: a stuck peer fails the run after this
+    cp_a2a: int = bounded(1, gt=0)
+    timeout_s: float = bounded(600.0, gt=0)  # collective timeout: a stuck peer fails the run after this
 
-
-@dataclass(kw_only=True, frozen=True)
-class TrainingSection:
-    steps: int = 10
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    checkpoint_every: int = 5
-    keep_checkpoints: int = 2
-    max_failures: int = 3  # worker failures Ray Train recovers from (resuming the last checkpoint)
-    seed: int = 0
-    sharding: Literal["deepspeed", "none"] = "none"
-    zero_stage: int = 1
-    bf16: bool = False
-    loss_chunk_tokens: int = 4096
-    activation_checkpointing: bool = True
-
-
-@dataclass(kw_only=True, frozen=True)
-class EvaluationSection:
-    lengths: list = field(default_factory=list)  # token lengths of synthetic eval samples
-    strides: list = field(default_factory=lambda: [256, 64])  # δ = stride/256
-    samples_per_length: int = 4
-    images: int = 2
-    task: Literal["marked", "count", "colour"] = "marked"
+    def __post_init__(self):
+        if self.cp % self.cp_a2a:
+            raise FieldError("cp_a2a", f"{self.cp_a2a} does not divide parallelism.cp={self.cp} "
+                                       "(cp = all-to-all degree x ring degree)")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -97,7 +56,11 @@ class StorageSection:
     # Attempts per S3 request when the endpoint cannot be reached, waiting 0.1 s x 1.7^i
     # (at most 15 s) between them: 8 ride out ~10 s of outage, 10 ~29 s, 12 ~59 s. A
     # checkpoint whose upload still fails ends the worker group (training.max_failures).
-    retries: int = 10
+    retries: int = bounded(10, gt=0)
+
+    def __post_init__(self):
+        if self.uri.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", self.uri):
+            raise FieldError("uri", f"{self.uri!r} is not an s3://bucket/prefix URI")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -106,40 +69,36 @@ class TrackingSection:
     experiment: str | None = None  # default: longview-<workload>
 
 
+MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to it
+
+
 @dataclass(kw_only=True, frozen=True)
 class ResourcesSection:
-    workers: int = 1
-    gpus_per_worker: float = 0
-    cpus_per_worker: float = 1
+    workers: int = bounded(1, gt=0, le=MAX_WORKERS)
+    gpus_per_worker: float = bounded(0, ge=0)
+    cpus_per_worker: float = bounded(1, ge=0)
     custom: dict = field(default_factory=dict)  # custom Ray resources per worker, e.g. {accelerator_h100: 1}
 
 
 @dataclass(kw_only=True, frozen=True)
-class PIIPSection:
-    variant: str = "piip-tiny"
-    resolutions: list = field(default_factory=lambda: [32, 48, 64])  # one per branch, any order
-    interactions: int | None = None  # default: the smallest branch depth
-    attn_type: Literal["deform", "plain"] = "deform"
-    task: Literal["classification", "segmentation"] = "classification"
-    ranks_per_branch: list = field(default_factory=list)  # empty: proposed from the branches' FLOPs
-    data: str = "synthetic"  # "synthetic" (procedural shapes) or an image-folder URL
-    synthetic_samples: int = 64
-    batch_size: int = 4  # global batch; each branch splits it over its ranks
-
-
-@dataclass(kw_only=True, frozen=True)
 class JobConfig:
+    """The core of every job; `load_config` returns a subclass that adds the sections
+    of the job's workload (`WorkloadSpec.sections`)."""
+
     name: str
-    workload: Literal["v2pe", "piip"]
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    workload: str
     parallelism: ParallelismSection = field(default_factory=ParallelismSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
-    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     storage: StorageSection = field(default_factory=StorageSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
-    piip: PIIPSection = field(default_factory=PIIPSection)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.name):
+            raise FieldError("name", f"{self.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+        if self.resources.workers % self.parallelism.cp:
+            raise FieldError("parallelism.cp", f"{self.parallelism.cp} does not divide resources.workers="
+                                               f"{self.resources.workers} (workers = data-parallel x context-parallel)")
 
     @property
     def dp(self) -> int:
@@ -148,6 +107,32 @@ class JobConfig:
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or f"longview-{self.workload}"
+
+    @property
+    def spec(self) -> WorkloadSpec:
+        return workload_spec(self.workload)
+
+
+@functools.cache
+def job_class(workload: str) -> type:
+    """JobConfig with the sections of `workload`'s spec."""
+    spec = workload_spec(workload)
+    clash = set(spec.sections) & {f.name for f in dataclasses.fields(JobConfig)}
+    if clash:
+        raise ConfigError(f"workload {workload!r} declares sections that are core sections: {sorted(clash)}")
+    fields = [(name, tp, field(default_factory=tp)) for name, tp in spec.sections.items()]
+    return dataclasses.make_dataclass(f"{type(spec).__name__}Job_{workload}", fields, bases=(JobConfig,),
+                                      kw_only=True, frozen=True)
+
+
+def workload_spec(name: str) -> WorkloadSpec:
+    from workloads import spec as registry
+
+    try:
+        return registry.get(name)
+    except KeyError:
+        raise ConfigError(f"workload: {name!r} is not allowed; choose one of "
+                          f"{' | '.join(repr(n) for n in registry.names())}") from None
 
 
 # --- building dataclasses from plain data, with errors that name the key ---------------------
@@ -161,29 +146,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp, key: str):
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {_type_name(tp)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return build(tp, value, key)
+def _scalar(value: Any, tp, key: str):
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -195,20 +158,76 @@ def _convert(value: Any, tp, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every comparison of a bound
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
-    if tp in (list, dict) or origin in (list, dict):
-        want = origin or tp
-        if not isinstance(value, want):
-            raise ConfigError(f"{key}: expected a {want.__name__}, got {value!r}")
-        return value
     raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in the schema, not in the input
 
 
+def _convert(value: Any, tp, key: str, bounds: dict):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        # `type(a) is type(value)`: YAML's true must not pass for the integer 1
+        if not any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:
+            return _convert(value, real[0], key, bounds)
+        for a in real:
+            with contextlib.suppress(ConfigError):
+                return _convert(value, a, key, bounds)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return build(tp, value, key)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (None,)
+        if item_tp is None:
+            return value
+        for item in value:
+            try:
+                _scalar(item, item_tp, key)
+            except ConfigError:
+                raise ConfigError(f"{key}: {item!r} is not {_item_name(item_tp, bounds)}") from None
+            if bound_error(item, bounds):
+                raise ConfigError(f"{key}: {item!r} is not {_item_name(item_tp, bounds)}")
+        return value
+    value = _scalar(value, tp, key)
+    why = bound_error(value, bounds)
+    if why:
+        raise ConfigError(f"{key}: {why}")
+    return value
+
+
+def _item_name(tp, bounds: dict) -> str:
+    kind = "an integer" if tp is int else "a number"
+    if "ge" in bounds and "le" in bounds:
+        return f"{kind} in {bounds['ge']:g}..{bounds['le']:g}"
+    if bounds.get("ge") == 1 or bounds.get("gt") == 0:
+        return f"a positive {kind.split()[-1]}"
+    return kind
+
+
 def build(cls, data: dict, prefix: str = ""):
+    """`cls` (a config dataclass) from plain data: unknown keys (with a did-you-mean
+    hint), wrong types, broken bounds and the section's own rules are ConfigErrors that
+    name the dotted key."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
@@ -218,154 +237,35 @@ def build(cls, data: dict, prefix: str = ""):
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{path}: unknown key{hint} (allowed: {', '.join(fields)})")
-        out[key] = _convert(value, hints[key], path)
+        out[key] = _convert(value, hints[key], path, dict(fields[key].metadata))
     for name, f in fields.items():
         if name not in out and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: required key is missing")
-    return cls(**out)
-
-
-def _positive(key: str, value, allow_zero: bool = False):
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to it
+    try:
+        return cls(**out)
+    except FieldError as e:
+        where = ".".join(p for p in (prefix, e.key) if p)
+        raise ConfigError(f"{where}: {e.message}" if where else e.message) from None
 
 
 def validate(cfg: JobConfig) -> JobConfig:
-    """Cross-field checks: layouts that cannot work are errors before anything starts."""
-    import re  # noqa: PLC0415
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", cfg.name):
-        raise ConfigError(f"name: {cfg.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
-    for key, value in flatten(to_dict(cfg)).items():  # NaN passes every comparison below
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    for key, value in (("training.seed", cfg.training.seed), ("data.synthetic.seed", cfg.data.synthetic.seed),
-                       ("training.max_failures", cfg.training.max_failures)):
-        _positive(key, value, allow_zero=True)
-    if cfg.resources.workers > MAX_WORKERS:
-        raise ConfigError(f"resources.workers: {cfg.resources.workers} is more than {MAX_WORKERS}")
-    for key, value in [
-        ("parallelism.cp", cfg.parallelism.cp), ("parallelism.cp_a2a", cfg.parallelism.cp_a2a),
-        ("parallelism.timeout_s", cfg.parallelism.timeout_s),
-        ("resources.workers", cfg.resources.workers), ("training.steps", cfg.training.steps),
-        ("training.lr", cfg.training.lr), ("training.grad_accum", cfg.training.grad_accum),
-        ("training.checkpoint_every", cfg.training.checkpoint_every),
-        ("training.keep_checkpoints", cfg.training.keep_checkpoints),
-        ("training.loss_chunk_tokens", cfg.training.loss_chunk_tokens), ("data.max_tokens", cfg.data.max_tokens),
-        ("data.max_tiles", cfg.data.max_tiles), ("data.synthetic.tokens", cfg.data.synthetic.tokens),
-        ("data.synthetic.samples", cfg.data.synthetic.samples), ("data.synthetic.images", cfg.data.synthetic.images),
-        ("evaluation.samples_per_length", cfg.evaluation.samples_per_length),
-        ("evaluation.images", cfg.evaluation.images), ("storage.retries", cfg.storage.retries),
-    ]:
-        _positive(key, value)
-    for key, value in [("training.weight_decay", cfg.training.weight_decay),
-                       ("training.warmup_steps", cfg.training.warmup_steps),
-                       ("training.grad_clip", cfg.training.grad_clip),
-                       ("resources.gpus_per_worker", cfg.resources.gpus_per_worker),
-                       ("resources.cpus_per_worker", cfg.resources.cpus_per_worker)]:
-        _positive(key, value, allow_zero=True)
-    if cfg.resources.workers % cfg.parallelism.cp:
-        raise ConfigError(
-            f"parallelism.cp: {cfg.parallelism.cp} does not divide resources.workers={cfg.resources.workers} "
-            "(workers = data-parallel x context-parallel)"
-        )
-    if cfg.parallelism.cp % cfg.parallelism.cp_a2a:
-        raise ConfigError(f"parallelism.cp_a2a: {cfg.parallelism.cp_a2a} does not divide parallelism.cp="
-                          f"{cfg.parallelism.cp} (cp = all-to-all degree x ring degree)")
-    if cfg.training.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"training.zero_stage: {cfg.training.zero_stage!r} is not one of 0, 1, 2, 3")
-    if cfg.data.position_mode == "v2pe_fix" and cfg.data.position_stride is None:
-        raise ConfigError("data.position_stride: required when data.position_mode is 'v2pe_fix' (δ = stride/256)")
-    if cfg.data.position_stride is not None and not 1 <= cfg.data.position_stride <= 256:
-        raise ConfigError(f"data.position_stride: {cfg.data.position_stride} is not in 1..256")
-    for s in cfg.evaluation.strides:
-        if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= 256:
-            raise ConfigError(f"evaluation.strides: {s!r} is not an integer in 1..256")
-    for n in cfg.evaluation.lengths:
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ConfigError(f"evaluation.lengths: {n!r} is not a positive integer")
-    if cfg.data.train == "synthetic" and cfg.data.synthetic.tokens > cfg.data.max_tokens:
-        raise ConfigError(
-            f"data.synthetic.tokens: {cfg.data.synthetic.tokens} exceeds data.max_tokens={cfg.data.max_tokens}"
-        )
-    if cfg.storage.uri.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?",
-                                                                cfg.storage.uri):
-        raise ConfigError(f"storage.uri: {cfg.storage.uri!r} is not an s3://bucket/prefix URI")
-    if cfg.training.sharding == "none" and cfg.training.zero_stage not in (0, 1):
-        raise ConfigError("training.zero_stage: only meaningful with training.sharding='deepspeed'")
-    if cfg.workload == "piip":
-        return _validate_piip(cfg)
+    """The workload's rules that join sections (its spec's `validate`)."""
     try:
-        from workloads.v2pe.model import model_config  # noqa: PLC0415
-
-        llm = model_config(cfg.model.size, **cfg.model.overrides).llm
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
-    for heads, n in (("num_heads", llm.num_heads), ("num_kv_heads", llm.num_kv_heads)):
-        if n % cfg.parallelism.cp_a2a:
-            raise ConfigError(f"parallelism.cp_a2a: {cfg.parallelism.cp_a2a} does not divide the model's {heads}={n} "
-                              f"(model.size {cfg.model.size!r}); the all-to-all splits heads")
-    return cfg
-
-
-def piip_model_config(cfg: JobConfig):
-    from workloads.piip.model import piip_config  # noqa: PLC0415
-
-    p = cfg.piip
-    kw = {"attn_type": p.attn_type}
-    if p.interactions is not None:
-        kw["interactions"] = p.interactions
-    return piip_config(p.variant, [int(r) for r in p.resolutions], **kw)
-
-
-def piip_layout(cfg: JobConfig) -> tuple[int, ...]:
-    from workloads.piip.flops import propose_layout  # noqa: PLC0415
-
-    if cfg.piip.ranks_per_branch:
-        return tuple(cfg.piip.ranks_per_branch)
-    return propose_layout(piip_model_config(cfg), cfg.resources.workers)
-
-
-def _validate_piip(cfg: JobConfig) -> JobConfig:
-    if cfg.parallelism.cp != 1:
-        raise ConfigError("parallelism.cp: PIIP places branches on groups instead; it must be 1")
-    for key, values in (("piip.resolutions", cfg.piip.resolutions), ("piip.ranks_per_branch", cfg.piip.ranks_per_branch)):
-        for r in values:
-            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-                raise ConfigError(f"{key}: {r!r} is not a positive integer")
-    if cfg.piip.interactions is not None:
-        _positive("piip.interactions", cfg.piip.interactions)
-    _positive("piip.batch_size", cfg.piip.batch_size)
-    try:
-        model = piip_model_config(cfg)
-        layout = piip_layout(cfg)
-    except ValueError as e:
-        raise ConfigError(f"piip: {e}") from None
-    if len(layout) != len(model.branches):
-        raise ConfigError(f"piip.ranks_per_branch: {list(layout)} has {len(layout)} entries for "
-                          f"{len(model.branches)} branches")
-    if sum(layout) != cfg.resources.workers:
-        raise ConfigError(f"piip.ranks_per_branch: {list(layout)} adds up to {sum(layout)}, "
-                          f"not resources.workers={cfg.resources.workers}")
-    if cfg.piip.batch_size < max(layout):
-        raise ConfigError(f"piip.batch_size: {cfg.piip.batch_size} is smaller than the largest branch group "
-                          f"({max(layout)} ranks): every rank needs at least one sample")
-    _positive("piip.synthetic_samples", cfg.piip.synthetic_samples)
+        cfg.spec.validate(cfg)
+    except FieldError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 
 def load_config(path_or_text: str, *, overrides: dict | None = None) -> JobConfig:
-    """Reads a YAML file (or YAML text) into a validated JobConfig.
+    """Reads a YAML file (or YAML text) into a validated job config of its workload.
 
     `overrides` are dotted keys ("training.steps": 5) applied on top, as the CLI's
     `--set key=value` does.
     """
-    import os  # noqa: PLC0415
+    import os
 
-    import yaml  # noqa: PLC0415
+    import yaml
 
     text = open(path_or_text).read() if os.path.exists(path_or_text) else path_or_text
     try:
@@ -382,7 +282,16 @@ def load_config(path_or_text: str, *, overrides: dict | None = None) -> JobConfi
             if not isinstance(node, dict):
                 raise ConfigError(f"{dotted}: {p} is not a section")
         node[parts[-1]] = value
-    return validate(build(JobConfig, data))
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> JobConfig:
+    """A validated job config from plain data (a parsed YAML file, or `to_dict` output)."""
+    if "workload" not in data:
+        raise ConfigError("workload: required key is missing")
+    if not isinstance(data["workload"], str):
+        raise ConfigError(f"workload: expected a string, got {data['workload']!r}")
+    return validate(build(job_class(data["workload"]), data))
 
 
 def to_dict(cfg) -> dict:

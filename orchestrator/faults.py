@@ -1,4 +1,4 @@
-"""Fault injection for the reliability suite (tests/faults). Inert unless LONGVIEW_FAULTS is set.
+"""Fault injection for the reliability suite (tests/e2e). Inert unless LONGVIEW_FAULTS is set.
 
     LONGVIEW_FAULTS="kill@3:1,kill@5:0,s3down@4=3"   LONGVIEW_FAULT_DIR=/tmp/markers
 
@@ -17,6 +17,7 @@ again. Kinds:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -28,6 +29,7 @@ FAULT_DIR_ENV = "LONGVIEW_FAULT_DIR"
 S3_CONTROL_ENV = "LONGVIEW_S3_CONTROL"
 ENV_KEYS = (FAULTS_ENV, FAULT_DIR_ENV, S3_CONTROL_ENV)
 KINDS = ("raise", "kill", "stall", "s3down")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,11 @@ class StepFaults:
         if _due("raise", self.step, self.rank):
             raise RuntimeError(f"injected fault at step {self.step}")
         if _due("stall", self.step, self.rank):
-            print(f"[longview] injected stall on rank {self.rank} at step {self.step}", flush=True)
+            log.warning(f"injected stall on rank {self.rank} at step {self.step}")
             while True:
                 time.sleep(3600)
         if _due("kill", self.step, self.rank):
-            print(f"[longview] injected SIGKILL on rank {self.rank} during step {self.step}", flush=True)
+            log.warning(f"injected SIGKILL on rank {self.rank} during step {self.step}")
             self._timer = threading.Timer(0.05, _kill_self)
             self._timer.start()
         return self
@@ -106,4 +108,4 @@ def before_checkpoint_upload(step: int, rank: int) -> None:
             fh.write(f.arg or "5")
         os.replace(control + ".tmp", control)
         time.sleep(0.2)  # the proxy polls every 50 ms
-        print(f"[longview] injected S3 outage of {f.arg or 5} s before the step-{step} checkpoint", flush=True)
+        log.warning(f"injected S3 outage of {f.arg or 5} s before the step-{step} checkpoint")

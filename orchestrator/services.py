@@ -13,6 +13,7 @@ state (PID, URL, log file) in a JSON state file, and is stopped by PID (never
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -40,7 +41,8 @@ def _bin(name: str) -> str:
 
 
 def ray_env() -> dict:
-    """Environment for Ray CLI/clients: token auth when this machine has a token (DESIGN §5)."""
+    """Environment for Ray CLI/clients: token auth when this machine has a token (Ray >=
+    2.59 turns token auth on when ~/.ray/auth_token exists)."""
     env = {}
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"
@@ -140,7 +142,7 @@ def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Se
     proc = _spawn([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)], log)
     url = f"http://{host}:{port}"
     _wait_http(url + "/moto-api/", 60, proc, log)
-    import boto3  # noqa: PLC0415
+    import boto3
 
     client = boto3.client("s3", endpoint_url=url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
@@ -181,7 +183,7 @@ def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscali
     # carry them (see launch.worker_env).
     env = dict(ray_env(), **LOCAL_CREDENTIALS)
     if autoscaling_yaml:
-        import yaml  # noqa: PLC0415
+        import yaml
 
         cluster = yaml.safe_load(Path(autoscaling_yaml).read_text())
         cluster["provider"]["gcs_address"] = f"{host}:{gcs}"  # the simulated nodes join this head
@@ -208,7 +210,7 @@ def check_bind_host(host: str, expose: bool) -> str | None:
                            "authentication; pass --expose to do it anyway")
     warning = (f"WARNING: S3 endpoint, MLflow and Ray listen on {host} without authentication: anyone who "
                "can reach this machine can read and write the bucket, the runs and submit jobs")
-    print(warning, file=sys.stderr, flush=True)
+    logging.getLogger(__name__).warning("%s", warning)
     return warning
 
 

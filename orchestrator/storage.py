@@ -12,25 +12,26 @@ rebuilds it from those arguments in processes that run none of our code otherwis
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
+import posixpath
 import time
 
 import s3fs
 import s3fs.core
 
+log = logging.getLogger(__name__)
 RETRIES = [0]  # requests of this process retried after a connection error (for the metrics)
 _last_report = [0.0]
 
 
 def _retry_connection_errors(e: BaseException) -> bool:
-    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError  # noqa: PLC0415
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
 
     if not isinstance(e, (EndpointConnectionError, ConnectionClosedError, ConnectionError)):
         return False
     if time.monotonic() - _last_report[0] > 30:  # once per outage, not once per request
-        print(f"[longview] S3 request failed ({type(e).__name__}: {e}); retrying with backoff",
-              file=sys.stderr, flush=True)
+        log.warning("S3 request failed (%s: %s); retrying with backoff", type(e).__name__, e)
     _last_report[0] = time.monotonic()
     RETRIES[0] += 1
     return True
@@ -58,6 +59,26 @@ def filesystem(url: str, *, endpoint_url: str | None = None, retries: int = 10):
         if endpoint:  # later plain fsspec calls in this process (dataset writers) use it too
             os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", endpoint)
         return RetryingS3FileSystem(endpoint_url=endpoint, retries=retries), url[len("s3://"):]
-    import fsspec  # noqa: PLC0415
+    import fsspec
 
     return fsspec.core.url_to_fs(url)
+
+
+def storage_fs(url: str, cfg):
+    """(filesystem, path) for a storage URL with the job's S3 endpoint and retries."""
+    return filesystem(url, endpoint_url=cfg.storage.endpoint_url, retries=cfg.storage.retries)
+
+
+def run_uri(cfg, *parts: str) -> str:
+    """Where the job's files live: <storage.uri>/<name>/<parts...> (a local folder when
+    storage.uri is empty)."""
+    base = cfg.storage.uri.rstrip("/") or os.path.abspath("longview-runs")
+    return posixpath.join(base, cfg.name, *parts)
+
+
+def checkpoint_store(cfg):
+    """The job's `CheckpointStore`."""
+    from .checkpoint import CheckpointStore
+
+    fs, root = storage_fs(run_uri(cfg), cfg)
+    return CheckpointStore(fs, root, run_uri(cfg))

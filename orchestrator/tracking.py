@@ -11,15 +11,16 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from typing import Any
 
+log = logging.getLogger(__name__)
 RUN_NAME_TAG = "longview.run_name"
 
 
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
@@ -36,11 +37,41 @@ def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str,
     return run.info.run_id, True
 
 
+def job_run(cfg, tags: dict[str, str]) -> str | None:
+    """The job's MLflow run id (None without tracking): found by the job's name, or
+    created with the job's config as params and as the artifact config/job.yaml. The one
+    source of the run id: the driver passes it to the workers and to evaluation."""
+    if not cfg.tracking.uri:
+        return None
+    run_id, created = find_or_create_run(cfg.tracking.uri, cfg.experiment, cfg.name, tags)
+    if created:
+        import yaml
+        from mlflow.entities import Param
+
+        from .config import flatten, to_dict
+
+        tr = Tracker(cfg.tracking.uri, run_id)
+        params = flatten(to_dict(cfg))
+        tr.call("log_batch", [], [Param(k, str(v)[:500]) for k, v in params.items()])
+        tr.log_artifact_bytes(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(), "config/job.yaml")
+    return run_id
+
+
+def run_url(uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI; without the experiment's id if the server does
+    not answer (the page is still reachable from the run id)."""
+    try:
+        exp = _client(uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a tracking outage must not fail a finished run
+        return f"{uri}/#/runs/{run_id}"
+    return f"{uri}/#/experiments/{exp}/runs/{run_id}"
+
+
 class Tracker:
     """Buffered metric logging to one MLflow run (rank 0 only)."""
 
     def __init__(self, uri: str | None, run_id: str | None, *, metric_key: str = "loss"):
-        import os  # noqa: PLC0415
+        import os
 
         # MLflow's client retries a dead server for minutes by default; training must not
         # wait on it. One quick retry, then the metrics wait in `pending` instead.
@@ -61,14 +92,14 @@ class Tracker:
 
     def _warn(self, e: Exception) -> None:
         if not self._warned:
-            print(f"[longview] MLflow at {self.uri} unreachable ({type(e).__name__}); metrics are kept and "
-                  "sent when it answers again", file=sys.stderr, flush=True)
+            log.warning("MLflow at %s unreachable (%s); metrics are kept and sent when it answers again",
+                        self.uri, type(e).__name__)
             self._warned = True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or step <= self.last_logged_step:
             return
-        from mlflow.entities import Metric  # noqa: PLC0415
+        from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
@@ -91,8 +122,8 @@ class Tracker:
         """Uploads bytes as an artifact (through the tracking server's artifact proxy)."""
         if not self.enabled:
             return False
-        import os  # noqa: PLC0415
-        import tempfile  # noqa: PLC0415
+        import os
+        import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, os.path.basename(path))
@@ -114,12 +145,12 @@ class Tracker:
 
 def loss_curve_png(losses: list, title: str) -> bytes:
     """A PNG of loss against step (steps and losses as recorded in TrainState)."""
-    import io  # noqa: PLC0415
+    import io
 
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([s for s, _ in losses], [v for _, v in losses], marker="o", markersize=3)

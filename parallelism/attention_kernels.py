@@ -19,8 +19,8 @@ alignment of the causal mask (top-left vs bottom-right) never matters.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -167,7 +167,7 @@ def _efficient_bwd(dout, q, k, v, out, lse, causal, scale):
 
 def _flash_attn_module():
     try:
-        import flash_attn.flash_attn_interface as fai  # noqa: PLC0415
+        import flash_attn.flash_attn_interface as fai
     except ImportError as e:
         raise ImportError(
             "kernel='flash_attn' needs the flash-attn package: pip install 'longview[gpu]'"
@@ -214,9 +214,9 @@ def _flash_attn_installed() -> bool:
 def supported_kernels(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
     """Kernels that can run on this device/dtype/head dim, fastest first.
 
-    Order on CUDA comes from DESIGN.md §6 (H200, bf16): cuDNN 641 TFLOP/s forward at 32K
-    against 340 for the flash kernels; memory-efficient attention is the only fused op
-    that takes float32.
+    Order on CUDA from a measurement on one H200 (bf16, 16 heads of 128, causal, 32K
+    tokens): cuDNN 641 TFLOP/s forward against 340 for the flash kernels;
+    memory-efficient attention is the only fused op that takes float32.
     """
     if device.type == "cpu":
         return ["cpu_flash"]

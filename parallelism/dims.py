@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
 _KINDS = {"cp": "context-parallel", "dp": "data-parallel", "a2a": "all-to-all", "ring": "ring",
           "branch": "PIIP branch"}
 
@@ -87,7 +86,7 @@ class ParallelDims:
             raise ValueError(f"ParallelDims: cp_a2a ({self.cp_a2a}) does not divide cp ({self.cp})")
 
     @classmethod
-    def infer(cls, *, world_size: int, cp: int, cp_a2a: int = 1) -> "ParallelDims":
+    def infer(cls, *, world_size: int, cp: int, cp_a2a: int = 1) -> ParallelDims:
         """Fills in dp from the world size; cp must divide it."""
         if cp < 1 or world_size % cp:
             raise ValueError(f"ParallelDims: cp={cp} does not divide world_size={world_size}")
@@ -109,7 +108,7 @@ class ParallelDims:
             raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
         return divmod(rank, self.cp)
 
-    def build(self, timeout_s: float | None = None) -> "ParallelGroups":
+    def build(self, timeout_s: float | None = None) -> ParallelGroups:
         """Creates the groups. Collective: every rank must call it, in the same order.
 
         timeout_s: collective timeout of every group (torch gives new groups its own
@@ -232,7 +231,7 @@ class BranchLayout:
                 return b
         raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
 
-    def build(self, timeout_s: float | None = None) -> "BranchGroups":
+    def build(self, timeout_s: float | None = None) -> BranchGroups:
         """Creates one process group per branch (collective: every rank calls it)."""
         if not dist.is_initialized() or dist.get_world_size() != self.world_size:
             raise RuntimeError(f"BranchLayout.build() needs an initialised world of {self.world_size} ranks")

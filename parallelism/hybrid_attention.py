@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .dims import named_collectives
-from .ring_attention import local_attention, ring_attention
+from .ring_attention import Documents, local_attention, ring_attention
 from .sharding import zigzag_shard
 
 
@@ -39,7 +39,7 @@ def hybrid_shard(x: torch.Tensor, ring: int, a2a: int, ring_rank: int, a2a_rank:
 def hybrid_unshard(pieces: list[list[torch.Tensor]], *, dim: int = 1,
                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of hybrid_shard: pieces[ring_rank][a2a_rank]."""
-    from .sharding import zigzag_unshard  # noqa: PLC0415
+    from .sharding import zigzag_unshard
 
     return zigzag_unshard([torch.cat(p, dim=dim) for p in pieces], dim=dim, cu_seqlens=cu_seqlens)
 
@@ -88,7 +88,7 @@ def hybrid_attention(
     a2a_group,
     ring_group,
     causal: bool = True,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Documents | None = None,
     softmax_scale: float | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:

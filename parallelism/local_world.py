@@ -18,7 +18,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -30,10 +31,10 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, timeout_s, threads, inbox, outbox):
-    import torch  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch
+    import torch.distributed as dist
 
-    from .dims import init_distributed  # noqa: PLC0415
+    from .dims import init_distributed
 
     torch.set_num_threads(threads)
     # What torchrun / Ray Train set for each worker; libraries such as DeepSpeed read them.
@@ -77,7 +78,7 @@ class LocalWorld:
         self._answer_timeout_s = 2 * timeout_s + 30
         self._procs: list = []
 
-    def __enter__(self) -> "LocalWorld":
+    def __enter__(self) -> LocalWorld:
         self.start()
         return self
 

@@ -18,8 +18,9 @@ their owner after one more hop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -67,8 +68,9 @@ def plan_step(rank: int, src: int, causal: bool, docs: Sequence[tuple[int, int]]
 
 # Block outputs wait until this many bytes are pending, then merge in one pass.
 # Merging every block on arrival costs ~6 element-wise passes over the float32 output
-# per block, which dominates at short local lengths (DESIGN.md §6: 259 TFLOP/s per rank
-# at W=32 against 548 at W=4). A multi-way merge costs one pass per block plus one.
+# per block, which dominates at short local lengths (measured on one H200, simulated
+# 128K-token ring with cuDNN blocks: 259 TFLOP/s per rank at W=32 against 548 at W=4).
+# A multi-way merge costs one pass per block plus one.
 # The merge's share of the time falls as S_local grows (blocks cost S_local^2, merges
 # S_local), so a fixed budget batches many small blocks and only a few large ones,
 # and bounds the extra memory at 256 MiB plus one block.
@@ -226,22 +228,65 @@ def _validate(q, k, v, world_size: int, cu_seqlens) -> list[tuple[int, int]]:
         return [(0, sq)]
     if bq != 1:
         raise ValueError(f"ring_attention: with cu_seqlens the batch must be 1 (packed), got B={bq}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
-        raise ValueError("ring_attention: cu_seqlens must be a 1-D int32 tensor of global offsets starting at 0")
-    offs = [int(x) for x in cu_seqlens.tolist()]
-    if offs[0] != 0 or offs[-1] != sq * world_size:
-        raise ValueError(
-            f"ring_attention: cu_seqlens must run from 0 to the global length {sq * world_size}, "
-            f"got {offs[0]}..{offs[-1]}"
-        )
-    docs = []
-    for i, (a, b) in enumerate(zip(offs[:-1], offs[1:])):
-        if b - a <= 0 or (b - a) % multiple:
+    if not isinstance(cu_seqlens, Documents):
+        cu_seqlens = Documents.from_cu_seqlens(cu_seqlens)  # a host sync: prefer prepare_documents once
+    return cu_seqlens.local(world_size, sq)
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The global document offsets of one packed sequence, read off the device once.
+
+    Built once per batch (`prepare_documents`) and handed to every layer's attention, so
+    no layer call syncs with the host to read `cu_seqlens` or all-reduces to check that
+    the ranks agree; `local` only does arithmetic on Python integers."""
+
+    offsets: tuple[int, ...]
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> Documents:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+            raise ValueError("ring_attention: cu_seqlens must be a 1-D int32 tensor of global offsets starting at 0")
+        return cls(tuple(int(x) for x in cu_seqlens.tolist()))
+
+    def local(self, world_size: int, s_local: int) -> list[tuple[int, int]]:
+        """(offset, length) of every document in a rank's zigzag shard of S_local tokens."""
+        offs = self.offsets
+        if offs[0] != 0 or offs[-1] != s_local * world_size:
             raise ValueError(
-                f"ring_attention: document {i} has length {b - a}, not a positive multiple of "
-                f"2*world_size={multiple}; pad with parallelism.sharding.zigzag_pad"
+                f"ring_attention: cu_seqlens must run from 0 to the global length {s_local * world_size}, "
+                f"got {offs[0]}..{offs[-1]}"
             )
-        docs.append((a // world_size, (b - a) // world_size))
+        multiple = 2 * world_size
+        docs = []
+        for i, (a, b) in enumerate(zip(offs[:-1], offs[1:])):
+            if b - a <= 0 or (b - a) % multiple:
+                raise ValueError(
+                    f"ring_attention: document {i} has length {b - a}, not a positive multiple of "
+                    f"2*world_size={multiple}; pad with parallelism.sharding.zigzag_pad"
+                )
+            docs.append((a // world_size, (b - a) // world_size))
+        return docs
+
+
+def prepare_documents(cu_seqlens: torch.Tensor | None, *, group=None) -> Documents | None:
+    """`cu_seqlens` checked once for a whole forward and backward: read to the host, and,
+    over `group`, compared across ranks (one all-reduce): different document lists on
+    different ranks would silently give a wrong answer. Pass the result as `cu_seqlens`
+    to every attention call of the batch."""
+    if cu_seqlens is None:
+        return None
+    docs = Documents.from_cu_seqlens(cu_seqlens)
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        with named_collectives(group, "document offsets check"):
+            sig = [len(docs.offsets), sum(i * x for i, x in enumerate(docs.offsets, 1))]
+            t = torch.tensor(sig + [-x for x in sig], dtype=torch.int64,
+                             device=cu_seqlens.device if dist.get_backend(group) == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            hi, lo = t[:2].tolist(), [-x for x in t[2:].tolist()]
+        if hi != lo:
+            raise ValueError(f"ring_attention: ranks of the group got different document offsets "
+                             f"(count {lo[0]}..{hi[0]}); this rank has {docs.offsets}")
     return docs
 
 
@@ -281,7 +326,7 @@ def ring_attention(
     *,
     group: dist.ProcessGroup | None = None,
     causal: bool = True,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Documents | None = None,
     softmax_scale: float | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
@@ -291,12 +336,14 @@ def ring_attention(
     `parallelism.sharding.zigzag_shard` over `group` (None = the default group, or a
     single process when torch.distributed is not initialised). Returns
     (B, S_local, H_q, D) in q's dtype. With `cu_seqlens` (global int32 document offsets)
-    B must be 1 and attention stays within each document.
+    B must be 1 and attention stays within each document; pass `prepare_documents(...)`
+    instead of the tensor when several calls share one batch (every decoder layer).
     """
     world_size, _ = _group_size_rank(group)
     docs = _validate(q, k, v, world_size, cu_seqlens)
     with named_collectives(group, "ring attention"):
-        if world_size > 1:
+        if world_size > 1 and not isinstance(cu_seqlens, Documents):
+            # prepared documents were compared across ranks once; the shapes follow from them
             _check_ranks_agree(group, q, k, cu_seqlens)
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
         blk = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
@@ -352,7 +399,7 @@ def simulated_ring_attention(
     Forward values are exact; gradients of K/V are not (no accumulator travels), so use
     it for forward checks and for timing the forward+backward compute.
     """
-    from .ring_comm import SimulatedRing  # noqa: PLC0415
+    from .ring_comm import SimulatedRing
 
     ring = SimulatedRing(rank, kv_by_rank)
     k, v = kv_by_rank[rank]

@@ -13,7 +13,7 @@ benchmark (kernel + merge efficiency without a network) and for fast schedule te
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ class RingComm:
         self.rank = dist.get_rank(self.group)
         self._next = dist.get_global_rank(self.group, (self.rank + 1) % self.world_size)
         self._prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world_size)
-        # gloo cannot send CUDA tensors point to point (DESIGN.md §5); stage them through
+        # gloo cannot send CUDA tensors point to point (torch raises); stage them through
         # host memory so several ranks on one GPU can still check the CUDA path.
         self._gloo = dist.get_backend(self.group) == "gloo"
         self._bufs: dict[str, list[list[torch.Tensor]]] = {}

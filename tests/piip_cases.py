@@ -1,6 +1,5 @@
 """Functions run on every rank of a LocalWorld for the PIIP branch-parallel tests."""
 
-import torch
 import torch.distributed as dist
 
 from parallelism.branch import batch_slice
@@ -34,16 +33,15 @@ def branch_parallel_step(cfg, state, images, labels, ranks_per_branch, masks=Non
 
 def branch_parallel_engine_step(cfg, state, images, labels, ranks_per_branch):
     """One AdamW step with gradients reduced per branch group and clipped by the global norm."""
-    from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
-    from workloads.piip.parallel import owned_parameters  # noqa: PLC0415
+    from workloads.engine import TrainingConfig, build_engine
+    from workloads.piip.parallel import owned_parameters
 
     layout = BranchLayout(ranks_per_branch=tuple(ranks_per_branch), world_size=dist.get_world_size())
     groups = layout.build()
     model = PIIP(cfg)
     model.load_state_dict(state)
     owned = owned_parameters(model, groups)
-    engine = build_engine(model, OptimConfig(lr=1e-2, eps=1e-3, grad_clip=0.5, total_steps=10),
-                          ShardingConfig(sharding="none"), owned=owned)
+    engine = build_engine(model, TrainingConfig(lr=1e-2, eps=1e-3, grad_clip=0.5, steps=10, sharding="none"), owned=owned)
     lo, hi = batch_slice(layout, groups.branch, groups.rank, images.shape[0])
     loss = classification_loss(model, make_pyramid(images[lo:hi], cfg)[groups.branch], labels[lo:hi], groups,
                                images.shape[0])

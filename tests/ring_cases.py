@@ -49,7 +49,7 @@ def mismatched_inputs(kind):
 
 
 def build_groups(cp):
-    from parallelism.dims import ParallelDims  # noqa: PLC0415
+    from parallelism.dims import ParallelDims
 
     groups = ParallelDims.infer(world_size=dist.get_world_size(), cp=cp).build()
     return dist.get_process_group_ranks(groups.cp_group), dist.get_process_group_ranks(groups.dp_group)
@@ -57,7 +57,7 @@ def build_groups(cp):
 
 def ring_in_cp_groups(q_by_replica, k_by_replica, v_by_replica, dout_by_replica, cp):
     """dp x cp layout: each data-parallel replica runs its own ring on its own sample."""
-    from parallelism.dims import ParallelDims  # noqa: PLC0415
+    from parallelism.dims import ParallelDims
 
     groups = ParallelDims.infer(world_size=dist.get_world_size(), cp=cp).build()
     d, c = groups.dp_rank, groups.cp_rank
@@ -91,8 +91,8 @@ def ring_fwd_bwd_cuda(q, k, v, dout, *, causal):
 
 def hybrid_fwd_bwd(q, k, v, dout, *, a2a, causal, cu_seqlens=None):
     """cp = whole world as a2a x ring; returns (ring_rank, a2a_rank, out, dq, dk, dv) pieces."""
-    from parallelism.dims import ParallelDims  # noqa: PLC0415
-    from parallelism.hybrid_attention import hybrid_attention, hybrid_shard  # noqa: PLC0415
+    from parallelism.dims import ParallelDims
+    from parallelism.hybrid_attention import hybrid_attention, hybrid_shard
 
     W = dist.get_world_size()
     groups = ParallelDims.infer(world_size=W, cp=W, cp_a2a=a2a).build()

@@ -73,9 +73,8 @@ def test_submit_refuses_before_contacting_any_cluster(tmp_path):
 
 def _ray_nodes(address: str) -> list[dict]:
     # The autoscaler's own messages reach a driver's stdout too: mark our line.
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-            "print('NODES ' + json.dumps([{'alive': n['Alive'], 'res': n['Resources']} for n in ray.nodes()]))"
-            % address)
+    code = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
+            "print('NODES ' + json.dumps([{'alive': n['Alive'], 'res': n['Resources']} for n in ray.nodes()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     import json
 
@@ -84,8 +83,14 @@ def _ray_nodes(address: str) -> list[dict]:
 
 
 def test_autoscaler_adds_worker_nodes_for_a_job_and_removes_them_when_idle(tmp_path):
-    from orchestrator.services import (LOCAL_CREDENTIALS, start_mlflow, start_ray, start_s3,
-                                       stop_pid, stop_processes_under)
+    from orchestrator.services import (
+        LOCAL_CREDENTIALS,
+        start_mlflow,
+        start_ray,
+        start_s3,
+        stop_pid,
+        stop_processes_under,
+    )
 
     s3 = start_s3(tmp_path, ["lvscale"])
     started = [s3]

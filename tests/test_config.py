@@ -59,7 +59,7 @@ def test_structural_errors():
         load_config("name: x\n")
     with pytest.raises(ConfigError, match="workload: 'piip2' is not allowed"):
         load_config("name: x\nworkload: piip2\n")
-    with pytest.raises(ConfigError, match="training: expected a mapping of TrainingSection keys, got 5"):
+    with pytest.raises(ConfigError, match="training: expected a mapping of TrainingConfig keys, got 5"):
         load_config(BASE + "training: 5\n")
     with pytest.raises(ConfigError, match="top level"):
         load_config("- a\n- b\n")
@@ -68,12 +68,10 @@ def test_structural_errors():
 
 
 def test_piip_configs_and_errors():
-    from orchestrator.config import piip_layout
-
     cfg = load_config("configs/piip-tsb.yaml")
-    assert sum(piip_layout(cfg)) == 8 and len(piip_layout(cfg)) == 3
+    assert sum(_layout(cfg)) == 8 and len(_layout(cfg)) == 3
     base = "name: p\nworkload: piip\nresources: {workers: 3}\n"
-    assert piip_layout(load_config(base)) == (1, 1, 1)
+    assert _layout(load_config(base)) == (1, 1, 1)
     for override, message in [
         ({"piip.ranks_per_branch": [2, 1, 1]}, r"adds up to 4, not resources.workers=3"),
         ({"piip.resolutions": [32, 48]}, r"piip: piip-tiny has 3 branches but 2 resolutions"),
@@ -86,3 +84,7 @@ def test_piip_configs_and_errors():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(base, overrides=override)
+
+
+def _layout(cfg):
+    return cfg.piip.layout(cfg.resources.workers)

@@ -168,7 +168,7 @@ def test_branch_parallel_matches_single_process(gloo_world, ranks_per_branch, ta
     # float32; only summation order differs (per-slice loss sums, gradient all-reduce).
     assert res[0][1] == pytest.approx(want_loss, rel=1e-5)
     got = {}
-    for branch, _, grads in res:
+    for _, _, grads in res:
         for name, g in grads.items():
             assert name not in got or torch.allclose(got[name], g), name
             got[name] = g
@@ -241,7 +241,7 @@ def test_image_folder_errors_name_the_file(tmp_path):
 def test_branch_parallel_optimizer_step_matches_single_process(gloo_world, ranks_per_branch):
     """Per-group gradient reduction and global-norm clipping give the one-process update."""
     from tests import piip_cases
-    from workloads.engine import OptimConfig, ShardingConfig, build_engine
+    from workloads.engine import TrainingConfig, build_engine
 
     torch.manual_seed(1)
     cfg = piip_config("piip-tiny", [32, 48, 64], num_classes=5)
@@ -252,9 +252,9 @@ def test_branch_parallel_optimizer_step_matches_single_process(gloo_world, ranks
                 p.fill_(1.0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([1, 3, 0, 4])
-    engine = build_engine(model, OptimConfig(lr=1e-2, eps=1e-3, grad_clip=0.5, total_steps=10),
-                          ShardingConfig(sharding="none"))
-    logits = torch.stack([h(c[:, 0]) for h, c in zip(model.cls_heads, model.forward_features(make_pyramid(images, cfg))[1])]).mean(0)
+    engine = build_engine(model, TrainingConfig(lr=1e-2, eps=1e-3, grad_clip=0.5, steps=10, sharding="none"))
+    features = model.forward_features(make_pyramid(images, cfg))[1]
+    logits = torch.stack([h(c[:, 0]) for h, c in zip(model.cls_heads, features)]).mean(0)
     engine.backward(torch.nn.functional.cross_entropy(logits, labels))
     engine.step()
     res = gloo_world(sum(ranks_per_branch)).run(piip_cases.branch_parallel_engine_step, cfg, state, images, labels,

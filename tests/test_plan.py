@@ -8,11 +8,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from orchestrator.config import load_config, piip_layout
+from orchestrator.config import load_config
 from workloads.memory import TensorMemoryPeak
 from workloads.v2pe.model import AttentionSpec, DecoderLayer, V2PEModel, model_config
-from workloads.v2pe.plan import (Hardware, PlanError, RunShape, _decoder_layer_saved, best_a2a, estimate_memory,
-                                 parameter_counts, recommend)
+from workloads.v2pe.plan import (
+    Hardware,
+    PlanError,
+    RunShape,
+    _decoder_layer_saved,
+    best_a2a,
+    estimate_memory,
+    parameter_counts,
+    recommend,
+)
 
 SMALL = model_config("tiny", llm_hidden_size=256, llm_num_heads=8, llm_num_kv_heads=4, llm_intermediate_size=768)
 
@@ -128,9 +136,13 @@ def test_plan_text_and_piip_and_errors():
     assert "recommended: cp" in proc.stdout and "x dp" in proc.stdout and "to use it: --set parallelism.cp=" in proc.stdout
     proc = _cli("plan", "configs/piip-tsb.yaml", "--json")
     cfg = load_config("configs/piip-tsb.yaml")
-    assert json.loads(proc.stdout)["recommended_ranks_per_branch"] == list(piip_layout(cfg))
+    assert json.loads(proc.stdout)["recommended_ranks_per_branch"] == list(_layout(cfg))
     proc = _cli("plan", "configs/v2pe-256k.yaml", "--gpus", "0")
     assert proc.returncode != 0 and "plan: --gpus must be positive, got 0" in proc.stderr
     proc = _cli("plan", "configs/v2pe-256k.yaml", "--set", "parallelism.cp_a2a=3")
     assert proc.returncode != 0 and "parallelism.cp_a2a: 3 does not divide parallelism.cp=8" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _layout(cfg):
+    return cfg.piip.layout(cfg.resources.workers)

@@ -1,6 +1,6 @@
 """Security properties that need no running job: loopback-only services unless exposed
 on purpose, and checkpoints that cannot run code when loaded. (The credential scan of a
-whole run is in tests/faults/test_security_scan.py.)"""
+whole run is in tests/e2e/test_security_scan.py.)"""
 
 import os
 import pickle
@@ -12,7 +12,7 @@ import torch
 
 from orchestrator.checkpoint import TrainState, _write_manifest, restore_checkpoint, save_checkpoint
 from orchestrator.services import ServiceError, check_bind_host, start_s3, stop_pid
-from workloads.engine import OptimConfig, ShardingConfig, build_engine
+from workloads.engine import TrainingConfig, build_engine
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -48,6 +48,9 @@ def test_a_failed_start_leaves_no_process(tmp_path):
 
 
 def test_exposing_the_services_takes_a_flag_and_warns(capsys, tmp_path):
+    from orchestrator.log import setup
+
+    setup()  # longview's handlers, as the CLI has them
     assert check_bind_host("127.0.0.1", expose=False) is None
     with pytest.raises(ServiceError, match=r"binding the local services to 0.0.0.0 .* pass --expose"):
         check_bind_host("0.0.0.0", expose=False)
@@ -71,7 +74,7 @@ class _Boom:
 
 def test_checkpoint_loading_never_unpickles_code(tmp_path):
     model = torch.nn.Linear(4, 4)
-    engine = build_engine(model, OptimConfig(), ShardingConfig(sharding="none"))
+    engine = build_engine(model, TrainingConfig(sharding="none"))
     folder = tmp_path / "ckpt"
     save_checkpoint(folder, rank=0, state=TrainState(step=3), engine=engine)
     restore_checkpoint(folder, rank=0, world_size=1, engine=engine)  # the honest checkpoint loads
@@ -85,3 +88,16 @@ def test_checkpoint_loading_never_unpickles_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         restore_checkpoint(folder, rank=0, world_size=1, engine=engine)
     assert not canary.exists()
+
+
+def test_manifest_catches_missing_and_corrupted_files(tmp_path):
+    from orchestrator.checkpoint import CheckpointError, verify
+
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    _write_manifest(tmp_path, 0, ["a.bin"])
+    verify(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="manifest of rank 1 is missing"):
+        verify(tmp_path, 2)
+    (tmp_path / "a.bin").write_bytes(b"y" * 100)
+    with pytest.raises(CheckpointError, match="a.bin fails its checksum"):
+        verify(tmp_path, 1)

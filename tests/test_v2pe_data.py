@@ -132,10 +132,10 @@ def test_position_mode_comes_from_config(tmp_path):
     ctx = fix.input_ids == TOK.img_context_id
     steps = torch.diff(fix.positions[ctx])
     assert (steps == 0.25).any() and not (torch.diff(plain.positions[ctx]) == 0.25).any()
-    with pytest.raises(ValueError, match=r"data.position_stride must be an integer in 1..256 for 'v2pe_fix', got None"):
-        data_config(position_mode="v2pe_fix")
-    with pytest.raises(ValueError, match=r"data.position_mode='rnd'"):
-        data_config(position_mode="rnd")
+    with pytest.raises(ValueError, match=r"mode 'v2pe_fix' needs stride, an integer in 1..256; got None"):
+        make_batch(samples, tokenizer=TOK, cfg=data_config(position_mode="v2pe_fix"), cp=2)
+    with pytest.raises(ValueError, match=r"mode='rnd' is not one of"):
+        make_batch(samples, tokenizer=TOK, cfg=data_config(position_mode="rnd"), cp=2)
 
 
 def _mixed_file(tmp_path):

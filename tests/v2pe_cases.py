@@ -11,7 +11,7 @@ from workloads.v2pe.train import TrainStepConfig, forward_loss, parallelize
 
 def _cp_groups(a2a):
     """The whole world as one context-parallel group, split a2a x ring when a2a > 1."""
-    from parallelism.dims import ParallelDims  # noqa: PLC0415
+    from parallelism.dims import ParallelDims
 
     W = dist.get_world_size()
     return ParallelDims(world_size=W, cp=W, cp_a2a=a2a).build()
@@ -40,8 +40,8 @@ def cp_loss_and_grads(state, batch, checkpointing, a2a=1):
 
 
 def cp_score(state, samples, stride, a2a=1):
-    from workloads.v2pe.data import ByteTokenizer  # noqa: PLC0415
-    from workloads.v2pe.evaluate import score_sample  # noqa: PLC0415
+    from workloads.v2pe.data import ByteTokenizer
+    from workloads.v2pe.evaluate import score_sample
 
     model = V2PEModel(tiny_config())
     model.load_state_dict(state)
@@ -52,13 +52,13 @@ def cp_score(state, samples, stride, a2a=1):
 
 def cp_engine_step(state, batch, zero_stage, steps):
     """CP over the whole world; DeepSpeed ZeRO shards over the same ranks. Returns rank 0's params."""
-    from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
+    from workloads.engine import TrainingConfig, build_engine
 
     W, r = dist.get_world_size(), dist.get_rank()
     model = V2PEModel(tiny_config())
     model.load_state_dict(state)
-    engine = build_engine(model, OptimConfig(lr=1e-2, eps=1e-3, grad_clip=0.0, total_steps=10),
-                          ShardingConfig(sharding="deepspeed", zero_stage=zero_stage))
+    engine = build_engine(model, TrainingConfig(lr=1e-2, eps=1e-3, grad_clip=0.0, steps=10, sharding="deepspeed",
+                                                zero_stage=zero_stage))
     group = dist.group.WORLD
     losses = []
     for _ in range(steps):
@@ -69,7 +69,7 @@ def cp_engine_step(state, batch, zero_stage, steps):
         dist.all_reduce(total)
         losses.append(float(total))
     if zero_stage == 3:
-        import deepspeed  # noqa: PLC0415
+        import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -81,10 +81,10 @@ def cp_engine_step(state, batch, zero_stage, steps):
 def checkpoint_roundtrip(state, batch, sharding, zero_stage, folder):
     """Three steps straight vs. one step, checkpoint (each rank in its own folder, then
     merged as Ray Train does), restore into a fresh engine, one more step."""
-    import shutil  # noqa: PLC0415
+    import shutil
 
-    from orchestrator.checkpoint import TrainState, restore_checkpoint, save_checkpoint  # noqa: PLC0415
-    from workloads.engine import OptimConfig, ShardingConfig, build_engine  # noqa: PLC0415
+    from orchestrator.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+    from workloads.engine import TrainingConfig, build_engine
 
     W, r = dist.get_world_size(), dist.get_rank()
     group = dist.group.WORLD
@@ -92,8 +92,7 @@ def checkpoint_roundtrip(state, batch, sharding, zero_stage, folder):
     def fresh():
         model = V2PEModel(tiny_config())
         model.load_state_dict(state)
-        return build_engine(model, OptimConfig(lr=1e-2, total_steps=10, warmup_steps=1),
-                            ShardingConfig(sharding=sharding, zero_stage=zero_stage))
+        return build_engine(model, TrainingConfig(lr=1e-2, steps=10, warmup_steps=1, sharding=sharding, zero_stage=zero_stage))
 
     def step(engine):
         loss, _ = forward_loss(engine.module, shard_batch(batch, W, r), cp_group=group, loss_group=group)

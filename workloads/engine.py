@@ -20,56 +20,62 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from parallelism.dims import named_collectives
 
-
-@dataclass(kw_only=True, frozen=True)
-class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+from .spec import FieldError, bounded
 
 
 @dataclass(kw_only=True, frozen=True)
-class ShardingConfig:
-    sharding: str = "deepspeed"  # "deepspeed" | "none"
-    zero_stage: int = 1
+class TrainingConfig:
+    """The job's `training:` section, used as it is by the engine and the training loop.
+
+    Bounds sit on the fields; the config loader checks them and names the key."""
+
+    steps: int = bounded(10, gt=0)  # optimizer steps; also the schedule's length
+    lr: float = bounded(1e-4, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    beta1: float = bounded(0.9, ge=0, le=1)
+    beta2: float = bounded(0.95, ge=0, le=1)
+    eps: float = bounded(1e-8, gt=0)
+    warmup_steps: int = bounded(0, ge=0)
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # cosine decay ends at min_lr_ratio * lr
+    grad_accum: int = bounded(1, gt=0)
+    grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
+    sharding: Literal["deepspeed", "none"] = "none"
+    zero_stage: Literal[0, 1, 2, 3] = 1
     bf16: bool = False
-    grad_accum: int = 1
+    checkpoint_every: int = bounded(5, gt=0)
+    keep_checkpoints: int = bounded(2, gt=0)
+    max_failures: int = bounded(3, ge=0)  # worker failures Ray Train recovers from (resuming the last checkpoint)
+    seed: int = bounded(0, ge=0)
+    # Used by workloads with a chunked loss and activation checkpointing (V2PE).
+    loss_chunk_tokens: int = bounded(4096, gt=0)
+    activation_checkpointing: bool = True
 
     def __post_init__(self):
-        if self.sharding not in ("deepspeed", "none"):
-            raise ValueError(f"sharding={self.sharding!r} is not one of 'deepspeed', 'none'")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage={self.zero_stage!r} is not one of 0, 1, 2, 3")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.sharding == "none" and self.zero_stage not in (0, 1):
+            raise FieldError("zero_stage", "only meaningful with training.sharding='deepspeed'")
 
 
-def lr_lambda(cfg: OptimConfig):
+def lr_lambda(cfg: TrainingConfig):
     """Linear warm-up to lr, then cosine decay to min_lr_ratio * lr at total_steps."""
 
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        span = max(1, cfg.total_steps - cfg.warmup_steps)
+        span = max(1, cfg.steps - cfg.warmup_steps)
         t = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
 
 
-def _adamw(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+def _adamw(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
 
@@ -178,31 +184,30 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
 
-def build_engine(model: torch.nn.Module, optim: OptimConfig, shard: ShardingConfig,
-                 owned: dict[str, object] | None = None) -> Engine:
-    if shard.sharding == "none":
-        opt = _adamw(model.parameters(), optim)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim))
-        return Engine(model, opt, sched, grad_clip=optim.grad_clip, grad_accum=shard.grad_accum, owned=owned)
+def build_engine(model: torch.nn.Module, cfg: TrainingConfig, owned: dict[str, object] | None = None) -> Engine:
+    if cfg.sharding == "none":
+        opt = _adamw(model.parameters(), cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        return Engine(model, opt, sched, grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, owned=owned)
     if owned is not None:
         raise ValueError("per-group ownership (PIIP branches) needs sharding='none' for now")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     try:
-        import deepspeed  # noqa: PLC0415
+        import deepspeed
     except ImportError as e:
         raise ImportError("sharding='deepspeed' needs deepspeed: pip install longview (core dependency)") from e
-    opt = _adamw(model.parameters(), optim)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim))
+    opt = _adamw(model.parameters(), cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": shard.grad_accum,
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": shard.zero_stage},
-        "bf16": {"enabled": shard.bf16},
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     ds_engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                           config=ds_config)
-    return Engine(model, ds_opt, ds_sched, ds_engine, grad_clip=optim.grad_clip, grad_accum=shard.grad_accum)
+    return Engine(model, ds_opt, ds_sched, ds_engine, grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum)

@@ -74,4 +74,60 @@ def model_state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
 
-__all__ = ["TensorMemoryPeak", "model_state_tensors"]
+class StepMemoryProbe:
+    """One step's measured peak tensor memory beside a planner's prediction.
+
+    Measured: CUDA's allocator peak, or on CPU the live-tensor tracker (only where every
+    model-state tensor is visible to it, i.e. without DeepSpeed's flat buffers). The
+    largest rank's figures are compared (one MAX all-reduce, on every rank: call `report`
+    on all of them)."""
+
+    def __init__(self, engine, device: torch.device):
+        self.device, self.mode = device, None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        elif engine.ds is None:
+            self.mode = TensorMemoryPeak("cpu")
+            self.mode.track(model_state_tensors(engine.module, engine.optimizer))
+
+    def __enter__(self):
+        if self.mode is not None:
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+        return False
+
+    def report(self, predicted: dict[str, float] | None) -> tuple[dict[str, float], str]:
+        """(metrics to log with the step, one line for the log). `predicted`: the
+        planner's bytes by part with a "total", or None for a workload without one."""
+        import torch.distributed as dist
+
+        if self.device.type == "cuda":
+            measured = float(torch.cuda.max_memory_allocated(self.device))
+        else:
+            measured = float(self.mode.peak) if self.mode is not None else float("nan")
+        total = float("nan") if predicted is None else predicted["total"]
+        both = torch.tensor([total, measured], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)  # NaN (not measured / not predicted) stays NaN
+        predicted_mib, measured_mib = (float(x) / 2**20 for x in both)
+        metrics, parts = {}, []
+        if predicted is not None:
+            metrics["memory_predicted_mib"] = predicted_mib
+            parts.append(f"predicted {predicted_mib:.1f} MiB")
+        if measured_mib == measured_mib:  # not NaN
+            metrics["memory_measured_mib"] = measured_mib
+            parts.append(f"measured peak {measured_mib:.1f} MiB")
+            if predicted is not None:
+                err = 100 * (predicted_mib - measured_mib) / measured_mib
+                metrics["memory_error_pct"] = err
+                parts[-1] += f" ({err:+.1f}%)"
+        else:
+            parts.append("no measurement: DeepSpeed on CPU keeps buffers the tracker cannot see")
+        return metrics, "memory per GPU: " + ", ".join(parts)
+
+
+__all__ = ["StepMemoryProbe", "TensorMemoryPeak", "model_state_tensors"]

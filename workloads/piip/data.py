@@ -28,13 +28,13 @@ class DataError(ValueError):
 
 
 def _fs(url: str):
-    import fsspec  # noqa: PLC0415
+    import fsspec
 
     return fsspec.core.url_to_fs(url)
 
 
 def _to_tensor(data: bytes, name: str, mode: str = "RGB") -> torch.Tensor:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data)).convert(mode)
@@ -104,7 +104,7 @@ def batch(examples: list[Example], size: int) -> tuple[torch.Tensor, torch.Tenso
 
 def write_shapes(url: str, n: int, *, size: int = 64, seed: int = 0) -> dict[str, int]:
     """Writes both layouts under URL/classification and URL/segmentation; returns class counts."""
-    from PIL import Image, ImageDraw  # noqa: PLC0415
+    from PIL import Image, ImageDraw
 
     fs, base = _fs(url)
     rng = random.Random(seed)

@@ -82,3 +82,25 @@ def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
         k = max(range(n), key=lambda i: work[i] / ranks[i])
         ranks[k] += 1
     return tuple(ranks)
+
+
+def plan_job(cfg, hw, tiles: int | None = None) -> dict:
+    """Branch FLOPs and ranks per branch of a PIIP job (`longview plan`); `tiles` is V2PE's."""
+    m = cfg.piip.model_config()
+    gpus = hw.gpus or cfg.resources.workers
+    f = backbone_flops(m)
+    return {"workload": "piip", "variant": cfg.piip.variant, "resolutions": list(cfg.piip.resolutions),
+            "gflops": f["total"] / 1e9, "branch_gflops": [b / 1e9 for b in f["branches"]],
+            "configured_ranks_per_branch": list(cfg.piip.ranks_per_branch) or None,
+            "recommended_ranks_per_branch": list(propose_layout(m, gpus)), "gpus": gpus}
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"PIIP {plan['variant']} @ {'/'.join(map(str, plan['resolutions']))}: "
+             f"{plan['gflops']:.1f} GFLOPs per image"]
+    lines.append("branch GFLOPs: " + ", ".join(f"{g:.1f}" for g in plan["branch_gflops"]))
+    lines.append(f"ranks per branch on {plan['gpus']} GPUs: {plan['recommended_ranks_per_branch']} "
+                 "(proportional to each branch's FLOPs)")
+    if plan["configured_ranks_per_branch"]:
+        lines.append(f"configured: {plan['configured_ranks_per_branch']}")
+    return "\n".join(lines)

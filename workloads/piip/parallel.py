@@ -110,7 +110,7 @@ def owned_parameters(model: PIIP, groups: BranchGroups) -> dict[str, object]:
     interaction unit (unit k: a_to_b and into_a on branch k; b_to_a and into_b on branch
     k+1); branch 0 also owns the merge and the segmentation head.
     """
-    k, n = groups.branch, len(model.cfg.branches)
+    k = groups.branch
     mine = {}
     for name, _ in model.named_parameters():
         parts = name.split(".")
@@ -118,7 +118,8 @@ def owned_parameters(model: PIIP, groups: BranchGroups) -> dict[str, object]:
             own = int(parts[1]) == k
         elif parts[0] == "units":
             unit = int(parts[2])
-            own = (unit == k and parts[3] in ("a_to_b", "into_a")) or (unit == k - 1 and parts[3] in ("b_to_a", "into_b"))
+            own = ((unit == k and parts[3] in ("a_to_b", "into_a"))
+                   or (unit == k - 1 and parts[3] in ("b_to_a", "into_b")))
         else:  # merge, seg_head
             own = k == 0
         if own:

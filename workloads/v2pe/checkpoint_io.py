@@ -173,7 +173,7 @@ def config_to_hf(cfg: V2PEModelConfig) -> dict:
 
 
 def _read_tensors(fs, root: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as st_load  # noqa: PLC0415
+    from safetensors.torch import load as st_load
 
     index = posixpath.join(root, "model.safetensors.index.json")
     if fs.exists(index):
@@ -189,7 +189,7 @@ def _read_tensors(fs, root: str) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> V2PEModel:
-    import fsspec  # noqa: PLC0415
+    import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
     cfg = config_from_hf(json.loads(fs.cat_file(posixpath.join(root, "config.json"))))
@@ -219,8 +219,8 @@ def load_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> V2PEMod
 
 
 def save_pretrained(model: V2PEModel, path: str, *, dtype: torch.dtype | None = None) -> None:
-    import fsspec  # noqa: PLC0415
-    from safetensors.torch import save as st_save  # noqa: PLC0415
+    import fsspec
+    from safetensors.torch import save as st_save
 
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root, exist_ok=True)

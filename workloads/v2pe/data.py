@@ -18,8 +18,8 @@ import io
 import json
 import math
 import posixpath
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -146,7 +146,7 @@ def tile_image(image, *, tile: int, max_tiles: int, thumbnail: bool = True) -> t
     The image is resized to the closest grid of tiles and cut; with more than one tile a
     thumbnail of the whole image is appended.
     """
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     image = image.convert("RGB")
     cols, rows = _closest_grid(image.width, image.height, max_tiles, tile)
@@ -164,8 +164,8 @@ def tile_image(image, *, tile: int, max_tiles: int, thumbnail: bool = True) -> t
 
 
 def open_image(path: str, *, sample: str):
-    import fsspec  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import fsspec
+    from PIL import Image
 
     try:
         with fsspec.open(path, "rb") as f:
@@ -195,16 +195,7 @@ class DataConfig:
     position_mode: str = "v2pe_rnd"
     position_stride: int | None = None
     on_bad_sample: str = "fail"  # "fail": the first bad sample stops loading; "skip": counted and left out
-
-    def __post_init__(self):
-        from .positions import MODES  # noqa: PLC0415
-
-        if self.on_bad_sample not in ("fail", "skip"):
-            raise ValueError(f"data.on_bad_sample={self.on_bad_sample!r} is not one of 'fail', 'skip'")
-        if self.position_mode not in MODES:
-            raise ValueError(f"data.position_mode={self.position_mode!r} is not one of {MODES}")
-        if self.position_mode == "v2pe_fix" and not (isinstance(self.position_stride, int) and 1 <= self.position_stride <= 256):
-            raise ValueError(f"data.position_stride must be an integer in 1..256 for 'v2pe_fix', got {self.position_stride!r}")
+    # Modes and strides are checked where positions are computed (positions.v2pe_positions).
 
 
 @dataclass
@@ -303,7 +294,7 @@ def encode_sample(
 def read_jsonl(path: str, report: LoadReport | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, record) of every non-empty line. A line that is not JSON raises, or
     with `report` is counted there and left out."""
-    import fsspec  # noqa: PLC0415
+    import fsspec
 
     with fsspec.open(path, "rt") as f:
         for line_no, line in enumerate(f, start=1):
@@ -363,8 +354,14 @@ class V2PEBatch:
     pixels: torch.Tensor  # (N_tiles, 3, H, W): all the batch's tiles, or this rank's share
     cu_seqlens: torch.Tensor  # int32 global document offsets
     num_tiles: int  # tiles of the whole batch
-    tile_range: tuple[int, int] = (0, -1)  # tiles [lo, hi) this rank encodes
     sample_ids: tuple[str, ...] = ()
+
+    def to(self, device: torch.device, pixel_dtype: torch.dtype) -> V2PEBatch:
+        """This batch on `device`, its pixels in the model's dtype (positions stay float64)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        moved["pixels"] = self.pixels.to(device, pixel_dtype)
+        return replace(self, **moved)
 
 
 def pack(
@@ -417,7 +414,6 @@ def pack(
         pixels=pixels,
         cu_seqlens=torch.tensor(docs, dtype=torch.int32),
         num_tiles=pixels.shape[0],
-        tile_range=(0, pixels.shape[0]),
         sample_ids=tuple(s.sample_id for s in samples),
     )
 
@@ -464,7 +460,6 @@ def shard_batch(batch: V2PEBatch, world_size: int, rank: int, *, a2a: int = 1) -
         pixels=batch.pixels[lo:hi],
         cu_seqlens=cu,
         num_tiles=batch.num_tiles,
-        tile_range=(lo, hi),
         sample_ids=batch.sample_ids,
     )
 

@@ -10,14 +10,16 @@ analysis, including lengths beyond the training length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
+from parallelism.ring_attention import prepare_documents
 from parallelism.sharding import IGNORE_INDEX
 
+from ..spec import EvalResult, Evaluation
 from .data import ByteTokenizer, EncodedSample, pack, shard_batch
 from .model import AttentionSpec, V2PEModel
 from .train import encode_visual
@@ -60,7 +62,8 @@ def score_sample(
     local.pixels = local.pixels.to(device, next(model.parameters()).dtype)
     visual = encode_visual(model, local, cp_group)
     spec = AttentionSpec(group=cp_group if W > 1 else None, a2a_group=a2a_group, ring_group=ring_group,
-                         cu_seqlens=local.cu_seqlens.to(device), kernel=kernel)
+                         cu_seqlens=prepare_documents(local.cu_seqlens.to(device), group=cp_group if W > 1 else None),
+                         kernel=kernel)
     hidden = model.forward_hidden(local.input_ids.to(device), local.positions.to(device), visual,
                                   local.visual_index.to(device), spec)[0]  # (S_local, C)
     targets = local.targets[0].to(device)
@@ -119,7 +122,7 @@ def accuracy_table(
 
 
 def _delta_name(stride: int) -> str:
-    from fractions import Fraction  # noqa: PLC0415
+    from fractions import Fraction
 
     return str(Fraction(stride, 256))
 
@@ -128,3 +131,53 @@ def format_table(rows: Sequence[AccuracyRow]) -> str:
     lines = ["| tokens | δ | samples | accuracy | mean log-likelihood |", "|---|---|---|---|---|"]
     lines += [f"| {r.tokens} | {r.delta} | {r.samples} | {r.accuracy:.3f} | {r.mean_log_likelihood:.3f} |" for r in rows]
     return "\n".join(lines)
+
+
+# --- `longview eval` for V2PE (workloads.spec.Evaluation) -----------------------------------------
+
+
+class NeedleEvaluation(Evaluation):
+    """Accuracy per (context length, δ) on synthetic needle samples of the configured
+    lengths (up to and beyond the training length). All workers form one context-parallel
+    group (`cp_a2a` splits it for hybrid attention): each sample is spread over every rank."""
+
+    def prepare(self, cfg, run_root: str) -> dict[str, str]:
+        """Writes each length's evaluation set under <run>/data/eval-<n> once; {n: jsonl}."""
+        import fsspec
+
+        from .synth import SynthConfig, write_dataset
+
+        mc, e = cfg.model.config(), cfg.evaluation
+        paths = {}
+        for n in e.lengths:
+            url = f"{run_root.rstrip('/')}/data/eval-{n}"
+            fs, root = fsspec.core.url_to_fs(url)
+            if not fs.exists(f"{root}/data.jsonl"):
+                write_dataset(url, SynthConfig(tokens=n, images=e.images, task=e.task, tile=mc.vision.image_size,
+                                               tokens_per_tile=mc.tokens_per_tile, seed=10_000 + n),
+                              e.samples_per_length)
+            paths[str(n)] = f"{url}/data.jsonl"
+        return paths
+
+    def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]):
+        """Scores every sample under every δ; the same result on every rank."""
+        from parallelism.dims import ParallelDims
+
+        from .checkpoint_io import load_pretrained
+        from .data import ByteTokenizer, load_samples
+
+        model = load_pretrained(model_url).eval()
+        tok = ByteTokenizer()
+        samples = []
+        for n, path in sorted(prepared.items(), key=lambda kv: int(kv[0])):
+            samples += load_samples(path, tokenizer=tok, cfg=cfg.data.loader(model.cfg, max_tokens=int(n)))
+        world = ctx.world_size
+        groups = ParallelDims(world_size=world, cp=world, cp_a2a=cfg.parallelism.cp_a2a).build(
+            cfg.parallelism.timeout_s)
+        rows = accuracy_table(model, samples, tokenizer=tok, strides=cfg.evaluation.strides,
+                              cp_group=groups.cp_group if world > 1 else None, hybrid=groups.hybrid)
+        metrics = {f"accuracy_len{r.tokens}_delta{r.delta.replace('/', '_')}": r.accuracy for r in rows}
+        return EvalResult(table=format_table(rows), records=[r.__dict__ for r in rows], metrics=metrics)
+
+
+EVALUATION = NeedleEvaluation()

@@ -15,7 +15,7 @@ otherwise single-process attention. Parameter names are longview's own;
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from parallelism.hybrid_attention import hybrid_attention
-from parallelism.ring_attention import local_attention, ring_attention
+from parallelism.ring_attention import Documents, local_attention, ring_attention
 
 from .positions import V2PERotary, apply_rotary
 
@@ -235,9 +235,8 @@ class AttentionSpec:
     group: Any = None
     a2a_group: Any = None
     ring_group: Any = None
-    cu_seqlens: torch.Tensor | None = None
+    cu_seqlens: Documents | torch.Tensor | None = None  # prepare_documents(...): checked once per batch
     kernel: str = "auto"
-    extra: dict = field(default_factory=dict)
 
 
 class DecoderAttention(nn.Module):

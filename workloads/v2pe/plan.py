@@ -20,7 +20,7 @@ Per GPU, training (bytes; T = tokens per rank = sequence / cp, a = activation by
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from parallelism.ring_attention import MERGE_BUDGET_BYTES
 
@@ -333,3 +333,95 @@ class PlanError(ValueError):
 
 __all__ = ["GIB", "Hardware", "Plan", "PlanError", "RunShape", "best_a2a", "estimate_memory", "parameter_counts", "plan_for",
            "recommend", "step_estimate"]
+
+
+# --- a job config's plan (`longview plan`) ---------------------------------------------------
+
+
+def job_shape(cfg, *, evaluation: bool = False, tiles: int | None = None,
+               visual_fraction: float = 0.5):
+    """The planner's view of a V2PE job. Tiles per sample: --tiles, else the synthetic
+    data's image count, else `visual_fraction` of the tokens as visual tokens."""
+    m = cfg.model.config()
+    t, p = cfg.training, cfg.parallelism
+    seq = max(cfg.evaluation.lengths) if evaluation and cfg.evaluation.lengths else cfg.data.max_tokens
+    if tiles is None:
+        if evaluation:
+            tiles = cfg.evaluation.images
+        elif cfg.data.train == "synthetic":
+            tiles = cfg.data.synthetic.images
+        else:
+            tiles = int(seq * visual_fraction) // m.tokens_per_tile
+    if evaluation:
+        shape = RunShape(seq_len=seq, tiles=tiles, training=False, cp=cfg.resources.workers, cp_a2a=p.cp_a2a,
+                         dp=1, sharding="none", bf16=t.bf16, loss_chunk_tokens=t.loss_chunk_tokens,
+                         supervised_fraction=0.01)
+    else:
+        shape = RunShape(seq_len=seq, tiles=tiles, training=True, cp=p.cp, cp_a2a=p.cp_a2a, dp=cfg.dp,
+                         sharding=t.sharding, zero_stage=t.zero_stage if t.sharding == "deepspeed" else 0,
+                         bf16=t.bf16, activation_checkpointing=t.activation_checkpointing,
+                         loss_chunk_tokens=t.loss_chunk_tokens)
+    return shape
+
+
+def plan_job(cfg, hw, tiles: int | None = None) -> dict:
+    """The whole answer as plain data (what --json prints)."""
+    out = {"workload": "v2pe", "model": cfg.model.size, "hardware": asdict(hw)}
+    for part, evaluation in (("training", False), ("evaluation", True)):
+        if evaluation and not cfg.evaluation.lengths:
+            continue
+        m, shape = cfg.model.config(), job_shape(cfg, evaluation=evaluation, tiles=tiles)
+        entry = {"seq_len": shape.seq_len, "tiles": shape.tiles, "configured": plan_for(m, shape, hw).to_json(),
+                 "configured_cp_best_a2a": best_a2a(m, shape, hw).to_json()}
+        # Training keeps its GPU count (--gpus, else the config's workers): data-parallel
+        # replicas absorb what cp does not use. Evaluation is one sample at a time: as
+        # few GPUs as fit (more would not be replicas).
+        gpus = None if evaluation else (hw.gpus or cfg.resources.workers)
+        try:
+            entry["recommended"] = recommend(m, shape, replace(hw, gpus=gpus)).to_json()
+        except PlanError as e:
+            entry["recommended"] = None
+            entry["error"] = str(e)
+        out[part] = entry
+    return out
+
+
+def format_plan(plan: dict) -> str:
+    """`plan_job`'s answer as the text `longview plan` prints."""
+    hw = plan["hardware"]
+    lines = [f"V2PE {plan['model']}; GPUs of {hw['gpu_memory_gib']:g} GiB, {hw['gpus_per_node']} per node, "
+             f"{hw['intra_node_gbps']:g} GB/s inside a node, {hw['inter_node_gbps']:g} GB/s across"]
+    for part in ("training", "evaluation"):
+        if part not in plan:
+            continue
+        e = plan[part]
+        lines.append(f"\n{part}: {e['seq_len']} tokens, {e['tiles']} tiles per sample")
+        labels = ["configured", "recommended"]
+        if e["configured_cp_best_a2a"]["cp_a2a"] != e["configured"]["cp_a2a"]:
+            labels.insert(1, "configured_cp_best_a2a")
+        for label in labels:
+            p = e.get(label)
+            if p is None:
+                lines.append(f"  {label}: {e.get('error', 'none')}")
+                continue
+            lines.append(_format_layout(label, p))
+        rec = e.get("recommended")
+        if rec and part == "training":
+            lines.append(f"  to use it: --set parallelism.cp={rec['cp']} --set parallelism.cp_a2a={rec['cp_a2a']} "
+                         f"--set resources.workers={rec['gpus']}")
+        elif rec:
+            lines.append(f"  to use it: longview eval ... --set resources.workers={rec['gpus']} "
+                         f"--set parallelism.cp_a2a={rec['cp_a2a']}")
+    return "\n".join(lines)
+
+
+def _format_layout(label: str, p: dict) -> str:
+    mem, s = p["memory_gib"], p["step"]
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total")
+    ring = "hidden" if s["ring_hidden"] else f"exposed {s['ring_exposed_s']:.2f} s"
+    label = {"configured_cp_best_a2a": "same cp, best all-to-all"}.get(label, label)
+    return (f"  {label}: cp {p['cp']} (all-to-all {p['cp_a2a']} x ring {p['cp'] // p['cp_a2a']}) x dp {p['dp']} "
+            f"= {p['gpus']} GPUs; {mem['total']:.1f} GiB per GPU{'' if p['fits'] else ' (DOES NOT FIT)'}\n"
+            f"    memory GiB: {parts}\n"
+            f"    step: {s['compute_s']:.2f} s compute, ring {s['ring_bytes'] / 2**30:.1f} GiB per rank ({ring}), "
+            f"all-to-all {s['a2a_bytes'] / 2**30:.1f} GiB ({s['a2a_s']:.2f} s) -> ~{s['step_s']:.2f} s")

@@ -52,8 +52,8 @@ class SynthConfig:
 
 
 def draw_image(colour: str, marked: bool, tile: int, rng: random.Random):
-    import torch  # noqa: PLC0415
-    from PIL import Image, ImageDraw  # noqa: PLC0415
+    import torch
+    from PIL import Image, ImageDraw
 
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     noise = torch.randint(-12, 13, (tile, tile, 3), generator=gen) + torch.tensor(PALETTE[colour])
@@ -133,7 +133,7 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: ByteTokenizer) -> tuple
 
 def write_dataset(url: str, cfg: SynthConfig, samples: int, tokenizer: ByteTokenizer | None = None) -> str:
     """Writes `samples` records to URL/data.jsonl and their images under URL/images/."""
-    import fsspec  # noqa: PLC0415
+    import fsspec
 
     tokenizer = tokenizer or ByteTokenizer()
     fs, root = fsspec.core.url_to_fs(url)

@@ -12,8 +12,8 @@ Order of work in one step (see `forward_loss`):
 Normalisation: every rank divides its summed loss by the number of supervised tokens
 in the whole step (all ranks, data- and context-parallel), so the rank losses add up to
 the mean over all tokens and the gradients must be *summed* over all ranks. DeepSpeed
-averages over its data-parallel world (here: all ranks), so `engine_loss_scale`
-multiplies by the world size before `engine.backward`.
+averages over its data-parallel world (here: all ranks), so `Engine.backward`
+multiplies the loss by the world size before DeepSpeed's backward.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from parallelism.collectives import gather_rows, split_evenly
 from parallelism.dims import named_collectives
+from parallelism.ring_attention import prepare_documents
 from parallelism.sharding import IGNORE_INDEX
 
+from ..spec import StepResult
 from .data import V2PEBatch
 from .model import AttentionSpec, V2PEModel
 
@@ -121,8 +123,9 @@ def forward_loss(
     """
     visual = encode_visual(model, batch, cp_group)
     a2a_group, ring_group = hybrid or (None, None)
-    spec = AttentionSpec(group=cp_group, a2a_group=a2a_group, ring_group=ring_group, cu_seqlens=batch.cu_seqlens,
-                         kernel=cfg.kernel)
+    # The document list is read and compared across the group once here, not in every layer.
+    spec = AttentionSpec(group=cp_group, a2a_group=a2a_group, ring_group=ring_group,
+                         cu_seqlens=prepare_documents(batch.cu_seqlens, group=cp_group), kernel=cfg.kernel)
     hidden = model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index, spec)
     loss_sum, n_tokens = chunked_cross_entropy(
         hidden.flatten(0, 1), model.decoder.lm_head, batch.targets.flatten(), batch.loss_weight.flatten(),
@@ -137,7 +140,7 @@ def forward_loss(
 
 
 def train_step(engine, batch: V2PEBatch, *, cp_group=None, loss_group=None, hybrid: tuple | None = None,
-               cfg: TrainStepConfig = TrainStepConfig()) -> dict:
+               cfg: TrainStepConfig = TrainStepConfig()) -> StepResult:
     """One micro-step: forward, backward, and the optimizer step at accumulation boundaries.
 
     Returns the step's global loss (mean over every supervised token of every rank),
@@ -150,7 +153,5 @@ def train_step(engine, batch: V2PEBatch, *, cp_group=None, loss_group=None, hybr
     if loss_group is not None and dist.get_world_size(loss_group) > 1:
         with named_collectives(loss_group, "loss sum"):
             dist.all_reduce(total, group=loss_group)
-    out = {"loss": float(total), "tokens": stats["global_tokens"], "stepped": stepped}
-    if stepped:
-        out.update(grad_norm=engine.last_grad_norm, lr=engine.lr)
-    return out
+    return StepResult(loss=float(total), tokens=stats["global_tokens"], stepped=stepped,
+                      grad_norm=engine.last_grad_norm if stepped else None, lr=engine.lr if stepped else None)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from orchestrator.checkpoint import verify
-from tests.faults.conftest import BASE, STEPS, cli, fault_dir, history, s3fs_direct, train, unique
+from tests.e2e.conftest import BASE, STEPS, cli, fault_dir, history, s3fs_direct, train, unique
 
 
 def fired(fs, name, *markers):
@@ -36,8 +36,8 @@ def assert_same_run(fs, name, want):
     assert run.info.status == "FINISHED"
 
 
-def test_worker_sigkilled_mid_step_resumes_exactly(fault_services, reference, record):
-    fs, name = fault_services, unique("kill")
+def test_worker_sigkilled_mid_step_resumes_exactly(services, reference, record):
+    fs, name = services, unique("kill")
     train(fs, name, faults="kill@3:1")
     assert fired(fs, name, "kill-3-1")  # the marker is written just before the kill
     assert resumed(fs, name) == [2]
@@ -45,8 +45,8 @@ def test_worker_sigkilled_mid_step_resumes_exactly(fault_services, reference, re
     record("worker SIGKILL mid-step", injected=1, survived=1, steps_lost=3 - 2, data_lost=0)
 
 
-def test_soak_of_kill_and_resume_cycles(fault_services, reference, record):
-    fs, name = fault_services, unique("soak")
+def test_soak_of_kill_and_resume_cycles(services, reference, record):
+    fs, name = services, unique("soak")
     faults = "kill@1:0,kill@3:1,kill@5:0"
     train(fs, name, "--set", "training.max_failures=5", faults=faults)
     assert fired(fs, name, "kill-1-0", "kill-3-1", "kill-5-0")
@@ -57,8 +57,8 @@ def test_soak_of_kill_and_resume_cycles(fault_services, reference, record):
     record("kill/resume soak (3 cycles)", injected=3, survived=3, steps_lost=(1 - 0) + (3 - 2) + (5 - 4), data_lost=0)
 
 
-def test_s3_outage_during_upload_is_retried(fault_services, reference, record):
-    fs, name = fault_services, unique("s3blip")
+def test_s3_outage_during_upload_is_retried(services, reference, record):
+    fs, name = services, unique("s3blip")
     train(fs, name, "--set", "storage.retries=10", faults="s3down@4:0=3")
     assert fired(fs, name, "s3down-4-0")
     retries, _ = history(fs, name, "storage_retries")
@@ -67,13 +67,13 @@ def test_s3_outage_during_upload_is_retried(fault_services, reference, record):
     assert_same_run(fs, name, reference[1])
     s3 = s3fs_direct(fs)
     local = fs["home"] / f"{name}-step4"
-    s3.get(f"lvfault/runs/{name}/step-0000004", str(local), recursive=True)
+    s3.get(f"lve2e/runs/{name}/step-0000004", str(local), recursive=True)
     verify(local, 2)  # the checkpoint written during the outage is complete and intact
     record("S3 down 3 s during a checkpoint upload", injected=1, survived=1, steps_lost=0, data_lost=0)
 
 
-def test_s3_outage_beyond_the_retries_fails_clearly_and_keeps_the_previous_checkpoint(fault_services, record):
-    fs = fault_services
+def test_s3_outage_beyond_the_retries_fails_clearly_and_keeps_the_previous_checkpoint(services, record):
+    fs = services
     name = unique("s3fail")
     # storage.retries=2 rides out ~0.3 s; the outage lasts 6 s. training.max_failures=0:
     # the run stops (with restarts left, Ray would restart the workers and resume from
@@ -88,11 +88,11 @@ def test_s3_outage_beyond_the_retries_fails_clearly_and_keeps_the_previous_check
     # writing its own record) the message names the storage it could not reach.
     assert (f"checkpoint step-0000004 of {name} could not be uploaded" in last
             or "S3 endpoint unreachable after storage.retries=2 attempts" in last), last
-    assert f"lvfault/runs/{name}" in last
+    assert f"lve2e/runs/{name}" in last
     time.sleep(6)  # let the outage end before looking at storage
     s3 = s3fs_direct(fs)
     local = fs["home"] / f"{name}-step2"
-    s3.get(f"lvfault/runs/{name}/step-0000002", str(local), recursive=True)
+    s3.get(f"lve2e/runs/{name}/step-0000002", str(local), recursive=True)
     verify(local, 2)  # the previous checkpoint is intact: a resubmission resumes from it
     train(fs, name)
     back_to = resumed(fs, name)[0]
@@ -101,12 +101,12 @@ def test_s3_outage_beyond_the_retries_fails_clearly_and_keeps_the_previous_check
            data_lost=0, note="the run stops with an error naming the storage; resubmitted, it resumes")
 
 
-def test_corrupted_checkpoint_falls_back_to_the_previous_one(fault_services, reference, record):
-    fs = fault_services
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(services, reference, record):
+    fs = services
     name = unique("corrupt")
     train(fs, name)
     s3 = s3fs_direct(fs)
-    key = f"lvfault/runs/{name}/step-0000006/model.pt"
+    key = f"lve2e/runs/{name}/step-0000006/model.pt"
     blob = bytearray(s3.cat_file(key))
     blob[len(blob) // 2] ^= 0xFF  # one flipped byte
     s3.pipe_file(key, bytes(blob))
@@ -120,10 +120,10 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(fault_services, ref
     record("corrupted object in the latest checkpoint", injected=1, survived=1, steps_lost=6 - 4, data_lost=0)
 
 
-def test_mlflow_restart_mid_run_loses_no_metric(fault_services, reference, record):
+def test_mlflow_restart_mid_run_loses_no_metric(services, reference, record):
     from orchestrator.services import start_mlflow, stop_pid
 
-    fs = fault_services
+    fs = services
     name = unique("mlflow")
     env = dict(fs["env"])
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
@@ -144,7 +144,7 @@ def test_mlflow_restart_mid_run_loses_no_metric(fault_services, reference, recor
         stop_pid(mlflow.pid)
         time.sleep(8)  # training goes on meanwhile
         port = int(mlflow.url.rsplit(":", 1)[1])
-        restarted = start_mlflow(fs["home"], fs["started"]["s3"], "lvfault", port=port)
+        restarted = start_mlflow(fs["home"], fs["started"]["s3"], "lve2e", port=port)
         fs["svc"]._write({**fs["svc"].read(), "mlflow": restarted})  # `down` stops the new one
         out, _ = proc.communicate(timeout=600)
     finally:
@@ -157,8 +157,8 @@ def test_mlflow_restart_mid_run_loses_no_metric(fault_services, reference, recor
     record("MLflow server stopped and restarted mid-run", injected=1, survived=1, steps_lost=0, data_lost=0)
 
 
-def test_stalled_rank_fails_the_run_naming_the_group(fault_services, record):
-    fs = fault_services
+def test_stalled_rank_fails_the_run_naming_the_group(services, record):
+    fs = services
     name = unique("stall")
     t0 = time.monotonic()
     out = train(fs, name, "--set", "parallelism.timeout_s=10", "--set", "training.max_failures=0",
@@ -173,8 +173,8 @@ def test_stalled_rank_fails_the_run_naming_the_group(fault_services, record):
            note=f"the run ends with a timeout naming the group (timeout 10 s; the whole command took {took:.0f} s)")
 
 
-def test_driver_disconnect_leaves_the_job_running(fault_services, record):
-    fs = fault_services
+def test_driver_disconnect_leaves_the_job_running(services, record):
+    fs = services
     name = unique("detach")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", "configs/v2pe-demo.yaml",
                              "--set", f"name={name}", *BASE, "--wait"], env=fs["env"], stdout=subprocess.PIPE,
@@ -196,5 +196,5 @@ def test_driver_disconnect_leaves_the_job_running(fault_services, record):
         time.sleep(3)
     assert "SUCCEEDED" in status, status
     logs = cli(fs["env"], "logs", job_id).stdout
-    assert "finished: last checkpoint s3://lvfault/runs/" in logs
+    assert "finished: last checkpoint s3://lve2e/runs/" in logs
     record("submitting client killed (driver disconnect)", injected=1, survived=1, steps_lost=0, data_lost=0)

@@ -1,4 +1,4 @@
-"""Prints the fault suite's record as a table: `python -m tests.faults.report out/faults.json`."""
+"""Prints the fault suite's record as a table: `python -m tests.e2e.report out/faults.json`."""
 
 import json
 import sys

@@ -1,6 +1,6 @@
 """A TCP proxy on 127.0.0.1 that can take its upstream "down" on request.
 
-    python -m tests.faults.tcp_proxy LISTEN_PORT UPSTREAM_HOST:UPSTREAM_PORT CONTROL_FILE
+    python -m tests.e2e.tcp_proxy LISTEN_PORT UPSTREAM_HOST:UPSTREAM_PORT CONTROL_FILE
 
 It forwards every connection to the upstream. When CONTROL_FILE appears, holding a
 number of seconds, the proxy drops every open connection and refuses new ones for that

@@ -1,9 +1,10 @@
-"""Services for the fault-injection suite, and the record of what it injected.
+"""The services every end-to-end test shares, the reference run, and the fault record.
 
 One Ray head, one S3-protocol endpoint (moto) with a TCP proxy in front of it (the
 training storage goes through the proxy, so a test can take S3 "down"), one MLflow
-server; all on 127.0.0.1, stopped by PID. Credentials are random per session, so the
-security test can look for them.
+server; all on 127.0.0.1, started once for the whole package and stopped by PID after
+its last test. Credentials are random per session, so the security test can look for
+them. Jobs run through the `longview` CLI in subprocesses, as a user runs them.
 
 Every fault test adds a row to the report (fault, injected, survived, steps lost, data
 lost); with LONGVIEW_FAULT_REPORT set, the rows are written there as JSON at the end
@@ -25,6 +26,7 @@ from orchestrator import services as services_mod
 from orchestrator.services import LocalServices, stop_pid
 
 REPORT: list[dict] = []
+BUCKET = "lve2e"
 
 
 def _free_port() -> int:
@@ -33,22 +35,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Package scope: the services stop when the last fault test is done, not at the end of the
-# whole session (a second idle Ray head slows everything after it on a small machine).
+# Package scope: the services stop when the last end-to-end test is done, not at the end
+# of the whole session (an idle Ray head slows everything after it on a small machine).
 @pytest.fixture(scope="package")
-def fault_services(tmp_path_factory):
-    home = tmp_path_factory.mktemp("faults-home")
+def services(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e-home")
     creds = {"AWS_ACCESS_KEY_ID": "LVKEY" + secrets.token_hex(8).upper(),
              "AWS_SECRET_ACCESS_KEY": "lvsecret" + secrets.token_hex(16)}
     old = dict(services_mod.LOCAL_CREDENTIALS)
     services_mod.LOCAL_CREDENTIALS.update(creds)  # what the local services hand to their clients
     svc = LocalServices(home)
-    started = svc.up(ray_cpus=2, bucket="lvfault")
+    started = svc.up(ray_cpus=2, bucket=BUCKET)
     control = str(home / "s3-down")
     port = _free_port()
     upstream = started["s3"].url.split("//", 1)[1]
     log = open(home / "proxy.log", "w")
-    proxy = subprocess.Popen([sys.executable, "-m", "tests.faults.tcp_proxy", str(port), upstream, control],
+    proxy = subprocess.Popen([sys.executable, "-m", "tests.e2e.tcp_proxy", str(port), upstream, control],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     for _ in range(100):
         try:
@@ -64,6 +66,9 @@ def fault_services(tmp_path_factory):
     svc.down()
     services_mod.LOCAL_CREDENTIALS.clear()
     services_mod.LOCAL_CREDENTIALS.update(old)
+    for s in started.values():  # every PID is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(s.pid, 0)
 
 
 @pytest.fixture
@@ -88,7 +93,7 @@ def unique(prefix: str) -> str:
 # --- running jobs -----------------------------------------------------------------------
 
 STEPS = 6
-BASE = ["--set", "storage.uri=s3://lvfault/runs", "--set", f"training.steps={STEPS}",
+BASE = ["--set", f"storage.uri=s3://{BUCKET}/runs", "--set", f"training.steps={STEPS}",
         "--set", "training.checkpoint_every=2", "--set", "data.synthetic.samples=4"]
 
 
@@ -101,14 +106,16 @@ def cli(env, *args, timeout=600, check=True):
     return proc
 
 
-def train(fs, name, *extra, faults="", env_extra=None, **kw):
-    """`longview train` of the shortened CPU demo, with faults injected if asked."""
+def train(fs, name, *extra, faults="", env_extra=None, config="configs/v2pe-demo.yaml", **kw):
+    """`longview train` of a config (the shortened CPU demo by default), with faults
+    injected if asked."""
     env = dict(fs["env"], **(env_extra or {}))
     if faults:  # markers of fired faults in a folder of this job's own: names repeat across tests
         markers = fault_dir(fs, name)
         markers.mkdir(exist_ok=True)
         env.update(LONGVIEW_FAULTS=faults, LONGVIEW_FAULT_DIR=str(markers), LONGVIEW_S3_CONTROL=fs["control"])
-    return cli(env, "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE, *extra, **kw)
+    base = BASE if config == "configs/v2pe-demo.yaml" else BASE[:2]
+    return cli(env, "train", config, "--set", f"name={name}", *base, *extra, **kw)
 
 
 def s3fs_direct(fs):
@@ -124,21 +131,29 @@ def fault_dir(fs, name):
     return fs["home"] / f"faults-{name}"
 
 
-def history(fs, name, key="loss"):
-    """(sorted (step, value) of a metric, the MLflow run) of job `name`."""
+def mlflow_run(fs, name, experiment="longview-v2pe"):
+    """(MlflowClient, the one MLflow run of job `name`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(fs["started"]["mlflow"].url)
-    exp = client.get_experiment_by_name("longview-v2pe")
-    run = client.search_runs([exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")[0]
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")
+    assert len(runs) == 1, f"one MLflow run per job, got {len(runs)}"
+    return client, runs[0]
+
+
+def history(fs, name, key="loss", experiment="longview-v2pe"):
+    """(sorted (step, value) of a metric, the MLflow run) of job `name`."""
+    client, run = mlflow_run(fs, name, experiment)
     return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)), run
 
 
 @pytest.fixture(scope="package")
-def reference(fault_services):
-    """The uninterrupted run every faulty run is compared with: (name, losses, output)."""
+def reference(services):
+    """The uninterrupted V2PE demo run every other run is compared with: (name, losses,
+    output). The job tests check what it wrote; the fault tests compare with it."""
     name = unique("ref")
-    proc = train(fault_services, name)
-    losses, _ = history(fault_services, name)
+    proc = train(services, name)
+    losses, _ = history(services, name)
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
     return name, losses, proc.stdout + proc.stderr

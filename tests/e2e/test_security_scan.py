@@ -8,12 +8,12 @@ def _hits(data: bytes, secrets: dict[str, bytes]) -> list[str]:
     return [name for name, value in secrets.items() if value in data]
 
 
-def test_no_credential_in_the_traces_of_a_run(fault_services, reference, tmp_path):
+def test_no_credential_in_the_traces_of_a_run(services, reference, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tests.faults.conftest import history, s3fs_direct
+    from tests.e2e.conftest import history, s3fs_direct
 
-    fs = fault_services
+    fs = services
     name, _, output = reference
     secrets = {k: v.encode() for k, v in fs["creds"].items()}
     found = []
@@ -32,7 +32,7 @@ def test_no_credential_in_the_traces_of_a_run(fault_services, reference, tmp_pat
         found += [f"artifact {p.relative_to(local)}: {h}" for h in _hits(p.read_bytes(), secrets)]
     # checkpoints and the exported model
     s3 = s3fs_direct(fs)
-    objects = s3.find(f"lvfault/runs/{name}")
+    objects = s3.find(f"lve2e/runs/{name}")
     assert any(o.endswith("model.pt") for o in objects) and any("export" in o for o in objects)
     for key in objects:
         found += [f"s3://{key}: {h}" for h in _hits(s3.cat_file(key), secrets)]

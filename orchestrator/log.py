@@ -1,0 +1,66 @@
+"""longview's logging: the standard `logging` module under the `longview` logger.
+
+Every module logs to `logging.getLogger(__name__)` (orchestrator.*, workloads.*) and
+`setup` routes both trees to one format: what a user follows (progress, results) on
+stdout, warnings and errors on stderr. The CLI calls it with `--verbose` / `--quiet`;
+Ray workers call it too, so their lines reach the driver in the same form.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LEVEL_ENV = "LONGVIEW_LOG_LEVEL"  # travels to Ray workers, so -v / -q reach them too
+_ROOTS = ("longview", "orchestrator", "workloads", "parallelism", "tests")
+
+
+class _CurrentStream(logging.StreamHandler):
+    """Writes to whatever sys.stdout / sys.stderr is at the time of the record (a test's
+    capture, a redirected stream), not the one there was when logging was set up."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self._name = name
+
+    @property
+    def stream(self):
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ assigns one; ours is looked up each time
+        pass
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def setup(level: int | str | None = None) -> None:
+    """Idempotent: (re)configures the handlers of longview's loggers."""
+    if level is None:
+        level = os.environ.get(LEVEL_ENV, "INFO")
+    level = logging.getLevelName(level) if isinstance(level, str) else level
+    os.environ[LEVEL_ENV] = logging.getLevelName(level)
+    detail = "%(asctime)s %(name)s " if level <= logging.DEBUG else ""
+    out = _CurrentStream("stdout")
+    out.addFilter(_Below(logging.WARNING))
+    out.setFormatter(logging.Formatter(f"[longview] {detail}%(message)s", "%H:%M:%S"))
+    err = _CurrentStream("stderr")
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter(f"[longview] {detail}%(levelname)s: %(message)s", "%H:%M:%S"))
+    for name in _ROOTS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [out, err]
+        logger.setLevel(level)
+        logger.propagate = False  # Ray's and MLflow's root handlers would print each line again
+
+
+def get(name: str = "longview") -> logging.Logger:
+    return logging.getLogger(name)

@@ -1,0 +1,96 @@
+"""Everything longview asks of Ray: connecting, the workers' environment, the run's
+storage as Ray sees it, and the one builder of `TorchTrainer` that training and
+evaluation share (so their resources, storage and backends cannot drift apart)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .faults import ENV_KEYS as FAULT_ENV_KEYS
+from .log import LEVEL_ENV
+from .storage import s3_endpoint, storage_fs
+
+# Never sent with a job: a runtime environment is stored by the cluster and shown by
+# its dashboard and job API. Nodes get credentials from their own environment or the
+# standard AWS configuration (instance profile, mounted secret).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a submitted job's entrypoint
+# Passed on to the workers as they are: the workload plug-ins to import, the log level.
+FORWARDED_ENV = ("LONGVIEW_WORKLOADS", LEVEL_ENV, "MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE", *FAULT_ENV_KEYS)
+
+
+def worker_env(cfg) -> dict[str, str]:
+    """Environment the workers need from *this* one: the S3 endpoint and region, not
+    the credentials (SECRET_ENV)."""
+    env = {k: v for k, v in os.environ.items()
+           if (k.startswith("AWS_") and k not in SECRET_ENV) or k in FORWARDED_ENV}
+    endpoint = s3_endpoint(cfg.storage.endpoint_url)
+    if endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = endpoint
+        env["FSSPEC_S3_ENDPOINT_URL"] = endpoint  # fsspec reads s3fs options from FSSPEC_S3_*
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.resources.cpus_per_worker))))
+    return env
+
+
+def submitted_job_id() -> str | None:
+    """The Ray job id when this process is a submitted job's entrypoint."""
+    raw = os.environ.get(SUBMITTED_JOB_ENV)
+    return json.loads(raw).get("metadata", {}).get("job_submission_id") if raw else None
+
+
+def connect_ray(cfg, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get(SUBMITTED_JOB_ENV):
+        ray.init(logging_level="WARNING")  # inside a submitted job: its cluster and runtime env (set at submission)
+        return
+    # The job's environment reaches every actor, the Train controller included (it opens
+    # the S3 storage too), not only the training workers.
+    ray.init(address=address or "local", log_to_driver=True, logging_level="WARNING",
+             runtime_env={"env_vars": worker_env(cfg)})
+
+
+def storage_for_ray(cfg):
+    """(storage_path, storage_filesystem) for RunConfig: s3://b/p becomes "b/p" + s3fs."""
+    uri = cfg.storage.uri
+    if not uri.startswith("s3://"):
+        return (uri or os.path.abspath("longview-runs")), None
+    import pyarrow.fs
+
+    fs, path = storage_fs(uri, cfg)
+    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def build_trainer(cfg, loop, loop_config: dict, *, run_name: str, max_failures: int = 0, keep_checkpoints=None):
+    """A TorchTrainer running `loop(loop_config)` on `resources.workers` workers with the
+    job's resources (CPUs, GPUs, custom), backend, collective timeout and storage."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    r = cfg.resources
+    use_gpu = r.gpus_per_worker > 0
+    resources = {"CPU": r.cpus_per_worker, **r.custom}
+    if use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    storage_path, fs = storage_for_ray(cfg)
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.parallelism.timeout_s)),
+        scaling_config=ray.train.ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+
+
+def checkpoint_uri(cfg, checkpoint) -> str:
+    """A Ray checkpoint's location as users write it (s3://bucket/... for S3 storage)."""
+    path = str(checkpoint.path)
+    return f"s3://{path}" if cfg.storage.uri.startswith("s3://") else path

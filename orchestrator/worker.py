@@ -1,0 +1,201 @@
+"""What every Ray Train worker runs: the training loop and the evaluation loop.
+
+Both know no workload: they rebuild the job config, ask the workload's spec for a runner
+(or an evaluation) and drive it. Training resumes from the newest usable checkpoint in
+storage (`CheckpointStore`), logs from rank 0 to the job's MLflow run, checkpoints every
+`training.checkpoint_every` steps through `ray.train.report`, and exports the model at
+the end. Batches are a pure function of (seed, step, replica), so a resumed run sees
+exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+import time
+
+import torch
+
+from workloads.spec import RunContext
+
+from . import log as logsetup
+from .config import from_dict
+from .storage import run_uri
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointUploadError(RuntimeError):
+    pass
+
+
+def _worker_context():
+    """(Ray Train's context, this worker's device), with longview's logging set up."""
+    import ray.train
+
+    logsetup.setup()
+    ctx = ray.train.get_context()
+    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return ctx, device
+
+
+def _system_metrics(tracker):
+    """MLflow's system-metrics monitor (CPU, memory, GPU) on rank 0's node, into the job's run."""
+    if not tracker.enabled:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # resume_logging: after a restart, continue the monitor's step numbers.
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10, samples_before_logging=1,
+                                       resume_logging=True, tracking_uri=tracker.uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - optional: never fatal
+        log.warning("system metrics off: %s", e)
+        return None
+
+
+def _peak_rss_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+
+    from workloads.memory import StepMemoryProbe
+
+    from .checkpoint import TrainState
+    from .faults import StepFaults, before_checkpoint_upload
+    from .storage import RETRIES as s3_retries
+    from .storage import checkpoint_store
+    from .tracking import Tracker, loss_curve_png
+
+    ctx, device = _worker_context()
+    cfg = from_dict(config["job"])
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    runner = cfg.spec.build_runner(cfg, RunContext(rank=rank, world_size=world, device=device,
+                                                   run_root=run_uri(cfg)))
+    shard = runner.checkpoint_shard(rank)
+    store = checkpoint_store(cfg)
+
+    state = TrainState(mlflow_run_id=config.get("mlflow_run_id"))
+    restored = store.restore_latest(rank=rank, world=world, engine=runner.engine, shard=shard.suffix)
+    if restored is not None:
+        state, name, skipped = restored
+        if rank == 0:
+            log.info("resumed from %s at step %d", store.location(name), state.step)
+    tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
+    if restored is not None and rank == 0:
+        # Every resume is on the run's record (the step it went back to), and so is every
+        # checkpoint passed over; the driver's copy of worker output can miss lines.
+        tracker.call("log_metric", "resumed_from_step", float(state.step), int(time.time() * 1000), state.step)
+        if skipped:
+            tracker.call("set_tag", f"longview.unusable_checkpoint.step{state.step}", "; ".join(skipped)[:4000])
+    system = _system_metrics(tracker)
+    report = runner.data_report()
+    if report is not None and rank == 0:
+        for line in runner.data_report_lines():
+            log.info("%s", line)
+        tracker.log_metrics(report, step=0)
+
+    t = cfg.training
+    first, started, start_step = True, time.perf_counter(), state.step
+    while state.step < t.steps:
+        probe = StepMemoryProbe(runner.engine, device) if first else None
+        t0 = time.perf_counter()
+        results = []
+        with StepFaults(state.step, rank), probe or contextlib.nullcontext():
+            for m in range(t.grad_accum):
+                results.append(runner.step(state.step * t.grad_accum + m))
+        dt = time.perf_counter() - t0
+        last = results[-1]
+        loss = sum(r.loss for r in results) / len(results)
+        metrics = {"loss": loss, "lr": _or_nan(last.lr), "grad_norm": _or_nan(last.grad_norm),
+                   "samples_per_s": runner.samples_per_micro * t.grad_accum / dt,
+                   "peak_memory_mib": _peak_rss_mib(device), **last.metrics}
+        tokens = sum(r.tokens for r in results)
+        if tokens:
+            metrics["tokens_per_s"] = tokens / dt
+        if probe is not None:
+            first = False
+            predicted = runner.predicted_memory()
+            memory, line = probe.report(predicted)
+            metrics.update(memory)
+            if rank == 0:
+                log.info("%s", line)
+                for k, v in (predicted or {}).items():  # tags, not params: a resumed run may predict anew
+                    tracker.call("set_tag", f"longview.memory_predicted_gib.{k}", f"{v / 2**30:.4f}")
+        if s3_retries[0]:
+            metrics["storage_retries"] = float(s3_retries[0])  # this rank's, so far
+        state.step += 1
+        state.losses.append([state.step, loss])
+        tracker.log_metrics(metrics, step=state.step)
+        if rank == 0:
+            rate = (time.perf_counter() - started) / (state.step - start_step)
+            log.info("step %d/%d loss %.4f (%.2f s/step, ETA %s)", state.step, t.steps, loss, dt,
+                     _eta(rate * (t.steps - state.step)))
+        if state.step % t.checkpoint_every == 0 or state.step == t.steps:
+            _checkpoint(cfg, store, state, runner, shard, rank, loss, before_checkpoint_upload, ray.train)
+    tracker.flush()
+    if system is not None:
+        system.finish()
+    exported = runner.export(rank, run_uri(cfg, "export"))
+    if rank == 0 and tracker.enabled:
+        if exported:
+            tracker.call("set_tag", "longview.export", exported)
+        tracker.log_artifact_bytes(loss_curve_png(state.losses, cfg.name), "plots/loss.png")
+
+
+def _or_nan(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def _checkpoint(cfg, store, state, runner, shard, rank, loss, before_upload, train) -> None:
+    from .checkpoint import save_checkpoint
+
+    name = store.name(state.step)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, rank=rank, state=state, engine=runner.engine, shard=shard.suffix, writer=shard.writer)
+        before_upload(state.step, rank)
+        try:
+            train.report({"step": state.step, "loss": loss}, checkpoint=train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=name)
+        except Exception as e:
+            # Ray registers a checkpoint only after every rank's upload: this one is
+            # not taken as complete, and the previous checkpoint stays the latest.
+            raise CheckpointUploadError(
+                f"checkpoint {name} of {cfg.name} could not be uploaded to {store.location(name)} after "
+                f"storage.retries={cfg.storage.retries} attempts ({type(e).__name__}: {e}); "
+                f"the previous checkpoint stays the one to resume from") from e
+
+
+def eval_loop(config: dict) -> None:
+    """The workload's evaluation on every worker; rank 0 writes the result to storage."""
+    import json
+
+    ctx, device = _worker_context()
+    cfg = from_dict(config["job"])
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    run_ctx = RunContext(rank=rank, world_size=ctx.get_world_size(), device=device, run_root=run_uri(cfg))
+    result = cfg.spec.evaluation().run(cfg, run_ctx, config["model"], config["prepared"])
+    if rank == 0:
+        from .storage import storage_fs
+
+        fs, root = storage_fs(config["out"], cfg)
+        fs.pipe_file(f"{root}/result.json", json.dumps(
+            {"table": result.table, "records": result.records, "metrics": result.metrics}).encode())

@@ -1,0 +1,108 @@
+"""Jobs end to end on the shared services: what a run writes to S3 and MLflow, job
+submission, a config error before anything starts, and PIIP's branch groups.
+
+The jobs run through the `longview` CLI in subprocesses, as a user runs them.
+"""
+
+import json
+import uuid
+
+import pytest
+
+from tests.e2e.conftest import BASE, BUCKET, STEPS, cli, history, mlflow_run, s3fs_direct, train
+
+
+def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference):
+    fs = services
+    name, losses, out = reference
+    s3 = s3fs_direct(fs)
+    ckpts = sorted(p.rsplit("/", 1)[1] for p in s3.ls(f"{BUCKET}/runs/{name}") if "step-" in p)
+    assert ckpts == ["step-0000004", "step-0000006"]  # keep_checkpoints: 2
+    last = f"{BUCKET}/runs/{name}/step-0000006"
+    names = {p.rsplit("/", 1)[1] for p in s3.ls(last)}
+    assert {"manifest-rank0.json", "manifest-rank1.json", "model.pt", "optimizer.pt", "state.json",
+            "rng-rank0.pt", "rng-rank1.pt"} <= names
+    state = json.loads(s3.cat_file(f"{last}/state.json"))
+    assert state["step"] == STEPS and len(state["losses"]) == STEPS
+    assert s3.exists(f"{BUCKET}/runs/{name}/export/model.safetensors")
+    assert s3.exists(f"{BUCKET}/runs/{name}/export/config.json")
+    assert f"s3://{BUCKET}/runs/{name}/step-0000006" in out
+
+    client, run = mlflow_run(fs, name)
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+    assert losses[-1][1] < losses[0][1]  # it learns
+    assert run.data.params["parallelism.cp"] == "2" and run.data.params["model.size"] == "tiny"
+    for key in ("tokens_per_s", "samples_per_s", "lr", "grad_norm", "peak_memory_mib"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == STEPS, key
+    assert run.data.tags["longview.checkpoint_uri"] == f"s3://{BUCKET}/runs/{name}"
+    assert run.data.tags["longview.export"] == f"s3://{BUCKET}/runs/{name}/export"
+    assert run.info.status == "FINISHED"
+    # The planner's prediction beside the first step's measured peak (live CPU tensors).
+    predicted = client.get_metric_history(run.info.run_id, "memory_predicted_mib")
+    measured = client.get_metric_history(run.info.run_id, "memory_measured_mib")
+    assert [m.step for m in predicted] == [m.step for m in measured] == [1]
+    assert measured[0].value > 0 and predicted[0].value == pytest.approx(
+        float(run.data.tags["longview.memory_predicted_gib.total"]) * 1024, rel=1e-3)
+    assert "memory per GPU: predicted" in out
+    assert f"step {STEPS}/{STEPS} loss" in out  # rank 0's progress line
+    assert f"MLflow run: {fs['started']['mlflow'].url}/#/experiments/" in out
+    assert "Traceback" not in out  # a successful run shows no error
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
+        {a.path for d in ("config", "plots") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"config/job.yaml", "plots/loss.png"} <= artifacts, artifacts
+    # Artifacts went through the server's proxy into the S3 bucket.
+    assert any(p.endswith("loss.png") for p in s3.find(f"{BUCKET}/mlflow"))
+    # Losses in the checkpoint's record and in MLflow agree.
+    assert [v for _, v in state["losses"]] == pytest.approx([v for _, v in losses], rel=1e-6)
+
+
+def test_job_submission_runs_the_same_job(services):
+    fs = services
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    proc = cli(fs["env"], "submit", "configs/v2pe-demo.yaml", "--set", f"name={name}", "--wait", *BASE[:2],
+               "--set", "training.steps=2", "--set", "training.checkpoint_every=2", "--set", "data.synthetic.samples=2",
+               "--set", "parallelism.cp_a2a=2")  # hybrid context parallelism: all-to-all over both ranks
+    job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
+    assert "SUCCEEDED: step 2/2" in proc.stdout  # the wait followed the run's steps
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(fs["started"]["ray"].url)
+    assert str(client.get_job_status(job_id)) in ("SUCCEEDED", "JobStatus.SUCCEEDED")
+    logs = client.get_job_logs(job_id)
+    assert f"finished: last checkpoint s3://{BUCKET}/runs/" in logs
+    assert "dp 1 x cp 2 (all-to-all 2 x ring 1)" in logs
+    assert logs.count("[longview] finished: last checkpoint") == 1  # each line once
+    assert "SUCCEEDED" in cli(fs["env"], "status", job_id).stdout
+    _, run = mlflow_run(fs, name)
+    assert run.data.tags.get("longview.ray_job_id") == job_id
+
+
+def test_bad_config_fails_before_anything_starts(services):
+    proc = cli(services["env"], "train", "configs/v2pe-demo.yaml", "--set", "parallelism.cp=3", check=False, timeout=60)
+    assert proc.returncode != 0
+    assert "config error: parallelism.cp: 3 does not divide resources.workers=2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_piip_job_places_branches_and_resumes_exactly(services):
+    """PIIP over three Ray workers, one branch each: per-branch checkpoints and step times,
+    and a fault at step 3 resumes with the uninterrupted run's losses."""
+    fs = services
+    sets = ["--set", "training.steps=4", "--set", "training.checkpoint_every=2"]
+    a = f"pa-{uuid.uuid4().hex[:8]}"
+    train(fs, a, *sets, config="configs/piip-demo.yaml")
+    want, run = history(fs, a, experiment="longview-piip")
+    assert [s for s, _ in want] == [1, 2, 3, 4]
+    client, _ = mlflow_run(fs, a, "longview-piip")
+    for b in range(3):
+        assert len(client.get_metric_history(run.info.run_id, f"branch{b}_step_s")) == 4
+    names = {p.rsplit("/", 1)[1] for p in s3fs_direct(fs).ls(f"{BUCKET}/runs/{a}/step-0000004")}
+    assert {f"model-branch{b}.pt" for b in range(3)} | {"manifest-rank2.json", "state.json"} <= names
+
+    b_name = f"pb-{uuid.uuid4().hex[:8]}"
+    proc = train(fs, b_name, *sets, config="configs/piip-demo.yaml", faults="raise@3")
+    assert "injected fault at step 3" in proc.stdout + proc.stderr
+    assert "at step 2" in proc.stdout + proc.stderr
+    got, _ = history(fs, b_name, experiment="longview-piip")
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # deterministic CPU float32

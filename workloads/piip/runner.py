@@ -1,0 +1,78 @@
+"""PIIP as the training loop sees it (`workloads.spec.Runner`): each branch on its own
+group of workers (`parallelism.dims.BranchLayout`), exchanging features at the
+interaction layers; one global batch per micro-step, split within each branch group."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..spec import CheckpointShard, RunContext, Runner, StepResult, sample_at
+
+
+def data_root(cfg, run_root: str) -> str:
+    """The image folder: the configured one, or the procedural shapes `prepare_data` wrote."""
+    root = cfg.piip.data if cfg.piip.data != "synthetic" else f"{run_root.rstrip('/')}/data/shapes"
+    return root.rstrip("/")
+
+
+class PIIPRunner(Runner):
+    def __init__(self, cfg, ctx: RunContext):
+        from parallelism.dims import BranchLayout
+
+        from ..engine import build_engine
+        from .data import ImageFolder
+        from .model import PIIP
+        from .parallel import owned_parameters
+
+        self.cfg, self.device = cfg, ctx.device
+        layout = cfg.piip.layout(cfg.resources.workers)
+        self.groups = BranchLayout(ranks_per_branch=layout, world_size=ctx.world_size).build(
+            cfg.parallelism.timeout_s)
+        torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
+        self.mcfg = cfg.piip.model_config()
+        model = PIIP(self.mcfg).to(ctx.device)
+        self.engine = build_engine(model, cfg.training, owned=owned_parameters(model, self.groups))
+        self.data = ImageFolder(f"{data_root(cfg, ctx.run_root)}/{cfg.piip.task}", cfg.piip.task)
+        self.size = max(b.resolution for b in self.mcfg.branches)
+
+    @property
+    def samples_per_micro(self) -> int:
+        return self.cfg.piip.batch_size
+
+    def step(self, micro: int) -> StepResult:
+        from parallelism.branch import batch_slice
+
+        from .data import batch
+        from .model import make_pyramid
+        from .parallel import classification_loss, segmentation_loss
+
+        g, B, n = self.groups, self.cfg.piip.batch_size, len(self.data)
+        # the global batch: a function of (seed, micro)
+        rows = [sample_at(i, n, self.cfg.training.seed) for i in range(micro * B, (micro + 1) * B)]
+        lo, hi = batch_slice(g.layout, g.branch, g.rank, B)
+        images, labels, masks = batch([self.data[r] for r in rows[lo:hi]], self.size)
+        image = make_pyramid(images.to(self.device), self.mcfg)[g.branch]  # this branch's resolution
+        t0 = time.perf_counter()
+        if self.cfg.piip.task == "classification":
+            loss = classification_loss(self.engine.module, image, labels.to(self.device), g, B)
+        else:
+            loss = segmentation_loss(self.engine.module, image, masks.to(self.device), g, B)
+        self.engine.backward(loss)
+        stepped = self.engine.step()
+        dt = torch.tensor([time.perf_counter() - t0, float(g.branch)])
+        times = [torch.zeros(2) for _ in range(dist.get_world_size())]
+        dist.all_gather(times, dt)
+        total = loss.detach().clone().cpu()
+        dist.all_reduce(total)
+        metrics = {f"branch{b}_step_s": max(float(t[0]) for t in times if int(t[1]) == b)  # its slowest rank
+                   for b in range(len(self.mcfg.branches))}
+        return StepResult(loss=float(total), stepped=stepped, metrics=metrics,
+                          grad_norm=self.engine.last_grad_norm if stepped else None,
+                          lr=self.engine.lr if stepped else None)
+
+    def checkpoint_shard(self, rank: int) -> CheckpointShard:
+        # Each branch group's first rank writes that group's model and optimizer state.
+        return CheckpointShard(f"-branch{self.groups.branch}", self.groups.index_in_branch == 0)

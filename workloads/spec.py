@@ -1,0 +1,245 @@
+"""The workload interface: what the orchestrator may ask of a workload, and nothing more.
+
+A workload (V2PE, PIIP, or one of yours) is a `WorkloadSpec` in the registry below. The
+orchestrator looks a job's `workload:` name up here and from then on speaks only this
+interface: it never imports a workload's model or data code, and never branches on a
+workload's name.
+
+- `WorkloadSpec.sections`: the config sections the workload owns (typed dataclasses; the
+  orchestrator's config loader builds and checks them with the core sections).
+- `WorkloadSpec.prepare_data`: runs once on the driver before the workers start (writes
+  synthetic data to the run's storage, say).
+- `WorkloadSpec.build_runner`: runs on every worker; returns a `Runner`.
+- A `Runner` owns its process groups, engine and data, and does one micro-step at a time,
+  returning a `StepResult`. Its optional parts have defaults in `Runner` itself, so the
+  orchestrator calls them unconditionally; `None` means "this workload has none".
+
+Workloads outside this package register themselves when imported: list their modules in
+`LONGVIEW_WORKLOADS` (comma-separated; the variable travels to the Ray workers) or in the
+`longview.workloads` entry-point group of an installed package.
+
+This module imports nothing but the standard library and torch: workloads run on GPU
+machines that have only PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+WORKLOADS_ENV = "LONGVIEW_WORKLOADS"
+
+
+@dataclass
+class StepResult:
+    """One micro-step's outcome, as the training loop logs it.
+
+    `loss` is this micro-step's global loss (the same on every rank); `tokens` the
+    tokens it trained on across all ranks (0 when the workload does not count tokens);
+    `lr` and `grad_norm` are set on the micro-step that stepped the optimizer; `metrics`
+    holds anything else the workload wants logged (PIIP: each branch's step time)."""
+
+    loss: float
+    stepped: bool
+    tokens: float = 0.0
+    lr: float | None = None
+    grad_norm: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointShard:
+    """Which part of the model state this rank writes. `suffix` names the files
+    ("model{suffix}.pt"): ranks holding different parts (PIIP's branch groups) use
+    different suffixes; `writer` is whether this rank writes its part (one rank per
+    part; the others hold copies)."""
+
+    suffix: str = ""
+    writer: bool = False
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a worker's runner gets from the orchestrator besides its config."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    run_root: str  # the run's storage prefix (s3://bucket/prefix/<name> or a folder)
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.run_root.rstrip("/"), *parts])
+
+
+class Runner:
+    """A workload as the training loop sees it. Subclasses set `engine`
+    (`workloads.engine.Engine`) and implement `step` and `samples_per_micro`; the
+    optional parts below default to "none"."""
+
+    engine: Any
+
+    def step(self, micro: int) -> StepResult:
+        """Runs micro-step `micro` (global index: step * grad_accum + m), forward and
+        backward, and steps the optimizer when the engine's accumulation is complete."""
+        raise NotImplementedError
+
+    @property
+    def samples_per_micro(self) -> int:
+        """Samples one micro-step trains on across all ranks."""
+        raise NotImplementedError
+
+    def checkpoint_shard(self, rank: int) -> CheckpointShard:
+        """Default: every rank holds the same model, rank 0 writes it."""
+        return CheckpointShard("", rank == 0)
+
+    def export(self, rank: int, url: str) -> str | None:
+        """Writes the trained model in the workload's published format under `url`
+        (collective: every rank calls it); returns what was written, or None."""
+        return None
+
+    def data_report(self) -> dict[str, float] | None:
+        """Counts of the data as loaded (samples loaded, skipped by reason) for the
+        record, or None."""
+        return None
+
+    def data_report_lines(self) -> list[str]:
+        return []
+
+    def predicted_memory(self) -> dict[str, float] | None:
+        """The planner's bytes per GPU for the last step, by part ("total" among them),
+        or None when the workload has no planner."""
+        return None
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation reports: a Markdown table for people, records for programs,
+    and metrics for MLflow."""
+
+    table: str
+    records: list[dict]
+    metrics: dict[str, float]
+
+
+class Evaluation:
+    """`longview eval` for a workload: `prepare` on the driver, `run` on every worker."""
+
+    def prepare(self, cfg, run_root: str) -> dict[str, str]:
+        """Writes what evaluation reads (once); returns plain data handed to `run`."""
+        raise NotImplementedError
+
+    def run(self, cfg, ctx: RunContext, model_url: str, prepared: dict[str, str]) -> EvalResult:
+        """Evaluates the model exported at `model_url` (collective over all workers)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """One workload: its name, the config sections it owns and what it can do.
+
+    Callables receive the whole job config (`cfg`); they read the core sections
+    (`cfg.training`, `cfg.parallelism`, `cfg.resources`) and their own."""
+
+    name: str
+    sections: dict[str, type]  # config section name -> dataclass type (defaults must exist)
+    build_runner: Callable[[Any, RunContext], Runner]
+    # cfg -> None; raises ValueError("dotted.key: what is wrong") for a layout that cannot run
+    validate: Callable[[Any], None] = lambda cfg: None
+    # (cfg, run_root) -> None: data written once, on the driver, before the workers start
+    prepare_data: Callable[[Any, str], None] = lambda cfg, run_root: None
+    # cfg -> "dp 2 x cp 4": the job's layout as the CLI prints it
+    layout: Callable[[Any], str] = lambda cfg: f"dp {cfg.resources.workers}"
+    # (cfg, hardware, tiles) -> plain data for `longview plan --json`, and its text form
+    plan: Callable[[Any, Any, int | None], dict] | None = None
+    format_plan: Callable[[dict], str] | None = None
+    # `longview eval`: a function returning the workload's `Evaluation` (imported lazily), or None
+    evaluation: Callable[[], Evaluation] | None = None
+
+
+_REGISTRY: dict[str, WorkloadSpec] = {}
+BUILTIN = ("workloads.v2pe.spec", "workloads.piip.spec")
+
+
+def register(spec: WorkloadSpec) -> WorkloadSpec:
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"workload {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+@functools.cache
+def _load_plugins() -> None:
+    for module in BUILTIN:
+        importlib.import_module(module)
+    for module in filter(None, (m.strip() for m in os.environ.get(WORKLOADS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"{WORKLOADS_ENV}: cannot import workload module {module!r} ({e})") from None
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="longview.workloads"):
+        ep.load()
+
+
+def get(name: str) -> WorkloadSpec:
+    _load_plugins()
+    if name not in _REGISTRY:
+        raise KeyError(name)
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+
+
+def sample_at(i: int, n: int, seed: int) -> int:
+    """Index of the i-th sample drawn from n: a fresh permutation per epoch, a function
+    of (seed, epoch) only, so a resumed run draws exactly what the uninterrupted one did.
+    One permutation per epoch is computed (and kept), not one per draw."""
+    epoch, j = divmod(i, n)
+    return _epoch_order(n, seed, epoch)[j]
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, default_factory: Any = dataclasses.MISSING):
+    """A config field with bounds on itself (`ge`, `gt`, `le`; for a list, on each item).
+    The config loader checks them and names the key; code that builds a section directly
+    gets them from `check_bounds`."""
+    meta = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+class FieldError(ValueError):
+    """A config section's own rule was broken; `key` is the field inside the section
+    ("" for the section as a whole). The config loader adds the section's path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key, self.message = key, message
+
+
+def bound_error(value: Any, meta: dict) -> str | None:
+    """Why `value` breaks the bounds in `meta` ("must be > 0, got 0"), or None."""
+    if "ge" in meta and "le" in meta and not meta["ge"] <= value <= meta["le"]:
+        return f"{value!r} is not in {meta['ge']:g}..{meta['le']:g}"
+    if "gt" in meta and not value > meta["gt"]:
+        return f"must be > {meta['gt']:g}, got {value!r}"
+    if "ge" in meta and not value >= meta["ge"]:
+        return f"must be >= {meta['ge']:g}, got {value!r}"
+    if "le" in meta and not value <= meta["le"]:
+        return f"must be <= {meta['le']:g}, got {value!r}"
+    return None

@@ -1,0 +1,91 @@
+"""V2PE's config sections (`model:`, `data:`, `evaluation:`), used as they are by its
+runner, data preparation, evaluation and planner.
+
+Bounds sit on the fields (`bounded`); rules that join fields of one section are in its
+`__post_init__` (a `FieldError` the config loader prefixes with the section). Rules that
+join sections are in `spec.validate`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..spec import FieldError, bounded
+from .data import DataConfig
+
+Task = Literal["marked", "count", "colour"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelSection:
+    size: str = "tiny"
+    # Field overrides of the named size, e.g. {"vision_image_size": 56} (see model.model_config).
+    overrides: dict = field(default_factory=dict)
+    pretrained: str | None = None  # InternVL2 checkpoint folder, local or s3://
+
+    def __post_init__(self):
+        try:
+            self.config()
+        except (ValueError, TypeError) as e:
+            raise FieldError("", str(e)) from None
+
+    def config(self):
+        """The model's `V2PEModelConfig` (computed once per section)."""
+        return _model_config(self.size, tuple(sorted(self.overrides.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _model_config(size: str, overrides: tuple):
+    from .model import model_config
+
+    return model_config(size, **dict(overrides))
+
+
+@dataclass(kw_only=True, frozen=True)
+class SyntheticSection:
+    tokens: int = bounded(2048, gt=0)
+    images: int = bounded(2, gt=0)
+    task: Task = "marked"
+    samples: int = bounded(16, gt=0)
+    seed: int = bounded(0, ge=0)
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataSection:
+    train: str = "synthetic"  # "synthetic" or a JSONL path / URL
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+    max_tokens: int = bounded(8192, gt=0)
+    max_tiles: int = bounded(6, gt=0)
+    position_mode: Literal["default", "v2pe_fix", "v2pe_rnd"] = "v2pe_rnd"
+    position_stride: int | None = bounded(None, ge=1, le=256)
+    # A sample that cannot be used (unreadable image, '<image>' count that does not match
+    # its images, empty conversation, longer than max_tokens, not JSON): "fail" stops the
+    # job naming it; "skip" leaves it out, counted by reason in the log and in MLflow.
+    on_bad_sample: Literal["fail", "skip"] = "fail"
+
+    def __post_init__(self):
+        if self.position_mode == "v2pe_fix" and self.position_stride is None:
+            raise FieldError("position_stride", "required when data.position_mode is 'v2pe_fix' (δ = stride/256)")
+        if self.train == "synthetic" and self.synthetic.tokens > self.max_tokens:
+            raise FieldError("synthetic.tokens", f"{self.synthetic.tokens} exceeds data.max_tokens={self.max_tokens}")
+
+    def loader(self, model_cfg, *, max_tokens: int | None = None) -> DataConfig:
+        """What the data reader needs: this section with the model's tile geometry."""
+        return DataConfig(max_tokens=max_tokens or self.max_tokens, max_tiles=self.max_tiles,
+                          tile=model_cfg.vision.image_size, tokens_per_tile=model_cfg.tokens_per_tile,
+                          position_mode=self.position_mode, position_stride=self.position_stride,
+                          on_bad_sample=self.on_bad_sample)
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvaluationSection:
+    lengths: list[int] = bounded(ge=1, default_factory=list)  # token lengths of synthetic eval samples
+    strides: list[int] = bounded(ge=1, le=256, default_factory=lambda: [256, 64])  # δ = stride/256
+    samples_per_length: int = bounded(4, gt=0)
+    images: int = bounded(2, gt=0)
+    task: Task = "marked"
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "evaluation": EvaluationSection}

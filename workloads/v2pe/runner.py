@@ -1,0 +1,114 @@
+"""V2PE as the training loop sees it (`workloads.spec.Runner`).
+
+One runner per worker: it builds the process groups (`ParallelDims`: dp x cp, the
+all-to-all split for hybrid context parallelism), the model (named size or an InternVL2
+checkpoint), the engine, and the packed training rows; `step(micro)` trains one packed
+row per data-parallel replica, sharded over the context-parallel group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from ..spec import RunContext, Runner, StepResult, sample_at
+
+
+def train_path(cfg, run_root: str) -> str:
+    """The training JSONL: the configured one, or the synthetic set `prepare_data` wrote."""
+    if cfg.data.train != "synthetic":
+        return cfg.data.train
+    return f"{run_root.rstrip('/')}/data/train/data.jsonl"
+
+
+class V2PERunner(Runner):
+    def __init__(self, cfg, ctx: RunContext):
+        from parallelism.dims import ParallelDims
+
+        from ..engine import build_engine
+        from .data import ByteTokenizer, LoadReport, load_samples, pack_greedy
+        from .model import V2PEModel
+        from .train import TrainStepConfig, parallelize
+
+        p, t = cfg.parallelism, cfg.training
+        self.cfg, self.device = cfg, ctx.device
+        self.groups = ParallelDims.infer(world_size=ctx.world_size, cp=p.cp, cp_a2a=p.cp_a2a).build(p.timeout_s)
+        torch.manual_seed(t.seed)  # same initial weights on every rank
+        if cfg.model.pretrained:
+            from .checkpoint_io import load_pretrained
+
+            model = load_pretrained(cfg.model.pretrained)
+        else:
+            model = V2PEModel(cfg.model.config())
+        # DeepSpeed keeps fp32 master weights itself (bf16 in its config); otherwise bf16 here.
+        model.to(ctx.device, torch.bfloat16 if t.bf16 and t.sharding != "deepspeed" else torch.float32)
+        self.step_cfg = TrainStepConfig(loss_chunk_tokens=t.loss_chunk_tokens,
+                                        activation_checkpointing=t.activation_checkpointing)
+        parallelize(model, self.step_cfg)
+        self.engine = build_engine(model, t)
+        self.tokenizer = ByteTokenizer()
+        self.data_cfg = cfg.data.loader(model.cfg)
+        path = train_path(cfg, ctx.run_root)
+        self.report = LoadReport(path)
+        samples = load_samples(path, tokenizer=self.tokenizer, cfg=self.data_cfg, report=self.report)
+        self.rows = pack_greedy(samples, budget=cfg.data.max_tokens, multiple=2 * p.cp)
+        self.last_row = (0, 0, 0)  # (tokens, tiles, supervised tokens) of the last batch, for the planner
+
+    def batch(self, micro: int):
+        """The packed row of micro-step `micro` for this data-parallel replica, CP-sharded."""
+        from .data import make_batch, shard_batch
+
+        dims, seed = self.groups.dims, self.cfg.training.seed
+        i = micro * dims.dp + self.groups.dp_rank
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # δ draws of this batch
+        row = self.rows[sample_at(i, len(self.rows), seed)]
+        batch = make_batch(row, tokenizer=self.tokenizer, cfg=self.data_cfg, cp=dims.cp, generator=gen)
+        self.last_row = (batch.input_ids.shape[1], batch.num_tiles, int((batch.targets != -100).sum()))
+        local = shard_batch(batch, dims.cp, self.groups.cp_rank, a2a=dims.cp_a2a)
+        return local.to(self.device, next(self.engine.module.parameters()).dtype)
+
+    def step(self, micro: int) -> StepResult:
+        from .train import train_step
+
+        cp_group = self.groups.cp_group if self.groups.dims.cp > 1 else None
+        loss_group = dist.group.WORLD if self.groups.dims.world_size > 1 else None
+        return train_step(self.engine, self.batch(micro), cp_group=cp_group, loss_group=loss_group,
+                          hybrid=self.groups.hybrid, cfg=self.step_cfg)
+
+    @property
+    def samples_per_micro(self) -> int:
+        return self.groups.dims.dp
+
+    def data_report(self) -> dict[str, float]:
+        r = self.report
+        return {"data_samples_loaded": r.loaded, "data_samples_skipped": r.total_skipped,
+                **{f"data_skipped_{reason}": n for reason, n in r.skipped.items()}}
+
+    def data_report_lines(self) -> list[str]:
+        return [f"data: {self.report.summary()}", *(f"  skipped: {e}" for e in self.report.examples)]
+
+    def predicted_memory(self) -> dict[str, float]:
+        """The planner's bytes per GPU for the last row this rank trained on."""
+        from .plan import estimate_memory, job_shape
+
+        seq, tiles, supervised = self.last_row
+        shape = replace(job_shape(self.cfg), seq_len=seq, tiles=tiles, supervised_fraction=max(supervised, 1) / seq)
+        return estimate_memory(self.engine.module.cfg, shape)
+
+    def export(self, rank: int, url: str) -> str:
+        """The trained model in InternVL2 Hugging Face format at `url` (rank 0 writes)."""
+        from .checkpoint_io import save_pretrained
+
+        module = self.engine.module
+        if self.engine.ds is not None and self.cfg.training.zero_stage == 3:
+            import deepspeed
+
+            # ZeRO-3 holds shards: gather the full parameters (collective), rank 0 writes.
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                if rank == 0:
+                    save_pretrained(module, url)
+        elif rank == 0:
+            save_pretrained(module, url)
+        return url

@@ -1,0 +1,71 @@
+"""V2PE registered as a workload: its config sections, runner, data, plan and evaluation."""
+
+from __future__ import annotations
+
+from ..spec import FieldError, RunContext, WorkloadSpec, register
+from .config import SECTIONS
+
+
+def validate(cfg) -> None:
+    """Rules that join V2PE's sections with the core ones."""
+    llm = cfg.model.config().llm
+    a2a = cfg.parallelism.cp_a2a
+    for heads, n in (("num_heads", llm.num_heads), ("num_kv_heads", llm.num_kv_heads)):
+        if n % a2a:
+            raise FieldError("parallelism.cp_a2a", f"{a2a} does not divide the model's {heads}={n} "
+                                                   f"(model.size {cfg.model.size!r}); the all-to-all splits heads")
+
+
+def prepare_data(cfg, run_root: str) -> None:
+    """Writes the synthetic training set under <run>/data/train once (kept if there)."""
+    if cfg.data.train != "synthetic":
+        return
+    import fsspec
+
+    from .runner import train_path
+    from .synth import SynthConfig, write_dataset
+
+    path = train_path(cfg, run_root)
+    fs, key = fsspec.core.url_to_fs(path)
+    if fs.exists(key):
+        return
+    mc, s = cfg.model.config(), cfg.data.synthetic
+    synth = SynthConfig(tokens=s.tokens, images=s.images, task=s.task, tile=mc.vision.image_size,
+                        tokens_per_tile=mc.tokens_per_tile, seed=s.seed)
+    write_dataset(path.rsplit("/", 1)[0], synth, s.samples)
+
+
+def layout(cfg) -> str:
+    p = cfg.parallelism
+    hybrid = f" (all-to-all {p.cp_a2a} x ring {p.cp // p.cp_a2a})" if p.cp_a2a > 1 else ""
+    return f"dp {cfg.dp} x cp {p.cp}{hybrid}"
+
+
+def build_runner(cfg, ctx: RunContext):
+    from .runner import V2PERunner
+
+    return V2PERunner(cfg, ctx)
+
+
+def plan(cfg, hw, tiles):
+    from .plan import plan_job
+
+    return plan_job(cfg, hw, tiles)
+
+
+def format_plan(answer: dict) -> str:
+    from .plan import format_plan as fmt
+
+    return fmt(answer)
+
+
+def _evaluation():
+    from .evaluate import EVALUATION
+
+    return EVALUATION
+
+
+SPEC = register(WorkloadSpec(
+    name="v2pe", sections=SECTIONS, build_runner=build_runner, validate=validate, prepare_data=prepare_data,
+    layout=layout, plan=plan, format_plan=format_plan, evaluation=_evaluation,
+))
