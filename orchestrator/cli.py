@@ -48,31 +48,37 @@ def _say(msg: str) -> None:
 
 
 def _parse_sets(items: list[str]) -> dict:
-    import yaml
+    from .config import ConfigError, yaml_value
 
     out = {}
     for item in items or []:
         if "=" not in item:
             raise SystemExit(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)  # so numbers and booleans keep their types
+        try:
+            out[k.strip()] = yaml_value(v)  # so numbers and booleans keep their types
+        except (ConfigError, ValueError) as e:  # yaml's errors are ValueErrors too
+            raise SystemExit(f"--set {item!r}: {e}") from None
     return out
 
 
 def load_job(args):
     """The job config from a file (or the submitted job's environment), with --set and the
     local services' endpoints filled in where the config leaves them out."""
-    from .config import ConfigError, load_config
+    from .config import ConfigError, from_dict, load_config
 
     overrides = _parse_sets(getattr(args, "set", []))
     services = _services().read()
-    source = args.config
-    if source == "-":
-        source = json.dumps(json.loads(os.environ[CONFIG_ENV]))  # YAML is a superset of JSON
+
+    def load(extra: dict):
+        if args.config == "-":  # a submitted job's config: JSON, read as JSON
+            return from_dict(json.loads(os.environ[CONFIG_ENV]), overrides={**overrides, **extra})
+        return load_config(args.config, overrides={**overrides, **extra})
+
     try:
-        cfg = load_config(source, overrides=overrides)
+        cfg = load({})
         if "mlflow" in services and not cfg.tracking.uri:
-            cfg = load_config(source, overrides={**overrides, "tracking.uri": services["mlflow"].url})
+            cfg = load({"tracking.uri": services["mlflow"].url})
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     if "s3" in services:

@@ -269,9 +269,15 @@ def load_config(path_or_text: str, *, overrides: dict | None = None) -> JobConfi
 
     text = open(path_or_text).read() if os.path.exists(path_or_text) else path_or_text
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader())
     except yaml.YAMLError as e:
         raise ConfigError(f"config is not valid YAML: {e}") from None
+    return from_dict(data, overrides=overrides)
+
+
+def from_dict(data: dict, *, overrides: dict | None = None) -> JobConfig:
+    """A validated job config from plain data (a parsed YAML file, or `to_dict` output),
+    with `overrides` (dotted keys) applied on top."""
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -282,16 +288,33 @@ def load_config(path_or_text: str, *, overrides: dict | None = None) -> JobConfi
             if not isinstance(node, dict):
                 raise ConfigError(f"{dotted}: {p} is not a section")
         node[parts[-1]] = value
-    return from_dict(data)
-
-
-def from_dict(data: dict) -> JobConfig:
-    """A validated job config from plain data (a parsed YAML file, or `to_dict` output)."""
     if "workload" not in data:
         raise ConfigError("workload: required key is missing")
     if not isinstance(data["workload"], str):
         raise ConfigError(f"workload: expected a string, got {data['workload']!r}")
     return validate(build(job_class(data["workload"]), data))
+
+
+@functools.cache
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML 1.1's safe loader reading numbers as YAML 1.2 does: `1e-3` and `3e6` are
+        floats (1.1 wants `1.0e-3`, and would hand the config a string)."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return Loader
+
+
+def yaml_value(text: str):
+    """One value as YAML reads it with longview's loader (`--set key=value`)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
 
 
 def to_dict(cfg) -> dict:

@@ -23,7 +23,7 @@ EXPORT = "export"  # the model written at the end of training
 
 def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address: str | None = None) -> str:
     """Evaluates the run's exported model (or `checkpoint`); returns the result's table."""
-    from .tracking import Tracker, find_or_create_run
+    from .tracking import Tracker, job_run
     from .worker import eval_loop
 
     if cfg.spec.evaluation is None:
@@ -43,7 +43,7 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     result = json.loads(fs.cat_file(f"{root}/result.json"))
     fs.pipe_file(f"{root}/result.md", result["table"].encode())
     if cfg.tracking.uri:
-        parent, _ = find_or_create_run(cfg.tracking.uri, cfg.experiment, cfg.name, {})
+        parent = job_run(cfg, {})
         Tracker(cfg.tracking.uri, parent)  # MLflow's client settings for outages
         _log_nested(cfg, parent, result)
     return result["table"]

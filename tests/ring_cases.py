@@ -42,7 +42,13 @@ def mismatched_inputs(kind):
         x = torch.randn(1, 8, 2, 8)
         cu = torch.tensor([0, 8, 16] if r == 0 else [0, 4, 16], dtype=torch.int32)
     try:
-        ring_attention(x, x, x, cu_seqlens=cu)
+        if kind == "prepared":  # checked once per batch, as the model does
+            from parallelism.ring_attention import prepare_documents
+
+            cu = torch.tensor([0, 8, 16] if r == 0 else [0, 4, 16], dtype=torch.int32)
+            ring_attention(x, x, x, cu_seqlens=prepare_documents(cu, group=dist.group.WORLD))
+        else:
+            ring_attention(x, x, x, cu_seqlens=cu)
     except ValueError as e:
         return str(e)
     return None

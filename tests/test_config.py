@@ -88,3 +88,12 @@ def test_piip_configs_and_errors():
 
 def _layout(cfg):
     return cfg.piip.layout(cfg.resources.workers)
+
+
+def test_numbers_in_exponent_notation_are_numbers():
+    # YAML 1.1 reads 3e-3 as a string; users write it everywhere, in files and in --set.
+    cfg = load_config(BASE + "training: {lr: 3e-3, eps: 1e-8}\n")
+    assert cfg.training.lr == 3e-3 and cfg.training.eps == 1e-8
+    from orchestrator.config import from_dict
+
+    assert from_dict(to_dict(cfg)) == cfg  # the submitted job's JSON round trip

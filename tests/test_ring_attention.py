@@ -153,6 +153,8 @@ def test_ranks_with_different_inputs_fail_instead_of_hanging(gloo_world):
     assert all(m and "S_local ranges 4..6" in m for m in msgs), msgs
     msgs = world.run(ring_cases.mismatched_inputs, "documents")
     assert all(m and "cu_seqlens_checksum" in m for m in msgs), msgs
+    msgs = world.run(ring_cases.mismatched_inputs, "prepared")
+    assert all(m and "different document offsets" in m for m in msgs), msgs
     # The world is still usable afterwards: nothing was left half-sent.
     q, k, v, dout = make_inputs(1, 8, 2, 2, torch.float32, seed=1)
     assert len(world.run(ring_cases.ring_fwd_bwd, q, k, v, dout, causal=True)) == 2

@@ -163,6 +163,18 @@ class WorkloadSpec:
     evaluation: Callable[[], Evaluation] | None = None
 
 
+def lazy(target: str) -> Callable:
+    """"package.module:name", imported when first called and then called with the same
+    arguments: a spec registers without importing its model, data or planner."""
+    module, name = target.split(":")
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = name
+    return call
+
+
 _REGISTRY: dict[str, WorkloadSpec] = {}
 BUILTIN = ("workloads.v2pe.spec", "workloads.piip.spec")
 

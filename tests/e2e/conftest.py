@@ -138,6 +138,8 @@ def mlflow_run(fs, name, experiment="longview-v2pe"):
     client = MlflowClient(fs["started"]["mlflow"].url)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")
+    if not runs:
+        raise IndexError(f"job {name} has no MLflow run (yet)")
     assert len(runs) == 1, f"one MLflow run per job, got {len(runs)}"
     return client, runs[0]
 

@@ -106,3 +106,21 @@ def test_piip_job_places_branches_and_resumes_exactly(services):
     got, _ = history(fs, b_name, experiment="longview-piip")
     assert [s for s, _ in got] == [1, 2, 3, 4]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # deterministic CPU float32
+
+
+def test_eval_scores_the_exported_model_and_logs_a_nested_run(services, reference):
+    fs = services
+    name = reference[0]
+    proc = cli(fs["env"], "eval", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE[:2],
+               "--set", "evaluation.lengths=[1024, 2048]", "--set", "evaluation.strides=[256]",
+               "--set", "evaluation.samples_per_length=1")
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| 1024 |") or ln.startswith("| 2048 |")]
+    assert len(table) == 2, proc.stdout[-3000:]
+    assert "evaluated 2048 tokens, δ = 1" in proc.stdout  # rank 0's progress per cell
+    result = json.loads(s3fs_direct(fs).cat_file(f"{BUCKET}/runs/{name}/eval/result.json"))
+    assert [(r["tokens"], r["delta"], r["samples"]) for r in result["records"]] == [(1024, "1", 1), (2048, "1", 1)]
+    client, parent = mlflow_run(fs, name)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 1
+    assert set(children[0].data.metrics) == {"accuracy_len1024_delta1", "accuracy_len2048_delta1"}

@@ -10,7 +10,7 @@ CONFIG = """
 name: linear
 workload: linear
 linear: {features: 8, batch_size: 32}
-training: {steps: 6, checkpoint_every: 2, lr: 0.05, sharding: none}
+training: {steps: 6, checkpoint_every: 2, lr: 0.2, sharding: none}
 parallelism: {timeout_s: 120}
 resources: {workers: 2, cpus_per_worker: 0.5}
 """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..spec import FieldError, RunContext, WorkloadSpec, register
+from ..spec import FieldError, WorkloadSpec, lazy, register
 from .config import SECTIONS
 
 
@@ -39,23 +39,8 @@ def layout(cfg) -> str:
     return f"ranks per branch {list(cfg.piip.layout(cfg.resources.workers))}"
 
 
-def build_runner(cfg, ctx: RunContext):
-    from .runner import PIIPRunner
-
-    return PIIPRunner(cfg, ctx)
-
-
-def plan(cfg, hw, tiles):
-    from .flops import plan_job
-
-    return plan_job(cfg, hw, tiles)
-
-
-def format_plan(answer: dict) -> str:
-    from .flops import format_plan as fmt
-
-    return fmt(answer)
-
-
-SPEC = register(WorkloadSpec(name="piip", sections=SECTIONS, build_runner=build_runner, validate=validate,
-                             prepare_data=prepare_data, layout=layout, plan=plan, format_plan=format_plan))
+SPEC = register(WorkloadSpec(
+    name="piip", sections=SECTIONS, validate=validate, prepare_data=prepare_data, layout=layout,
+    build_runner=lazy("workloads.piip.runner:PIIPRunner"),
+    plan=lazy("workloads.piip.flops:plan_job"), format_plan=lazy("workloads.piip.flops:format_plan"),
+))

@@ -10,6 +10,7 @@ analysis, including lengths beyond the training length.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from ..spec import EvalResult, Evaluation
 from .data import ByteTokenizer, EncodedSample, pack, shard_batch
 from .model import AttentionSpec, V2PEModel
 from .train import encode_visual
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +121,9 @@ def accuracy_table(
                 accuracy=sum(s.exact_match for s in scores) / len(scores),
                 mean_log_likelihood=sum(s.log_likelihood for s in scores) / len(scores),
             ))
+            r = rows[-1]
+            log.info("evaluated %d tokens, δ = %s: accuracy %.3f over %d samples (%d of %d cells)", n, r.delta,
+                     r.accuracy, r.samples, len(rows), len(strides) * len(lengths))
     return rows
 
 
@@ -179,5 +185,3 @@ class NeedleEvaluation(Evaluation):
         metrics = {f"accuracy_len{r.tokens}_delta{r.delta.replace('/', '_')}": r.accuracy for r in rows}
         return EvalResult(table=format_table(rows), records=[r.__dict__ for r in rows], metrics=metrics)
 
-
-EVALUATION = NeedleEvaluation()

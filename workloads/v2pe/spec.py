@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..spec import FieldError, RunContext, WorkloadSpec, register
+from ..spec import FieldError, WorkloadSpec, lazy, register
 from .config import SECTIONS
 
 
@@ -41,31 +41,9 @@ def layout(cfg) -> str:
     return f"dp {cfg.dp} x cp {p.cp}{hybrid}"
 
 
-def build_runner(cfg, ctx: RunContext):
-    from .runner import V2PERunner
-
-    return V2PERunner(cfg, ctx)
-
-
-def plan(cfg, hw, tiles):
-    from .plan import plan_job
-
-    return plan_job(cfg, hw, tiles)
-
-
-def format_plan(answer: dict) -> str:
-    from .plan import format_plan as fmt
-
-    return fmt(answer)
-
-
-def _evaluation():
-    from .evaluate import EVALUATION
-
-    return EVALUATION
-
-
 SPEC = register(WorkloadSpec(
-    name="v2pe", sections=SECTIONS, build_runner=build_runner, validate=validate, prepare_data=prepare_data,
-    layout=layout, plan=plan, format_plan=format_plan, evaluation=_evaluation,
+    name="v2pe", sections=SECTIONS, validate=validate, prepare_data=prepare_data, layout=layout,
+    build_runner=lazy("workloads.v2pe.runner:V2PERunner"),
+    plan=lazy("workloads.v2pe.plan:plan_job"), format_plan=lazy("workloads.v2pe.plan:format_plan"),
+    evaluation=lazy("workloads.v2pe.evaluate:NeedleEvaluation"),
 ))
