@@ -14,6 +14,7 @@ import sys
 
 LEVEL_ENV = "LONGVIEW_LOG_LEVEL"  # travels to Ray workers, so -v / -q reach them too
 _ROOTS = ("longview", "orchestrator", "workloads", "parallelism", "tests")
+_CHATTY = ("ray.train", "mlflow", "botocore", "s3fs", "aiobotocore")
 
 
 class _CurrentStream(logging.StreamHandler):
@@ -60,6 +61,22 @@ def setup(level: int | str | None = None) -> None:
         logger.handlers[:] = [out, err]
         logger.setLevel(level)
         logger.propagate = False  # Ray's and MLflow's root handlers would print each line again
+    quiet_libraries()
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print the run's URL once
+
+
+def quiet_libraries() -> None:
+    """The libraries' routine INFO lines (every checkpoint report, credential discovery,
+    the system-metrics monitor) drown ours; their warnings still show, and -v shows
+    everything. Call again after importing a library that configures its own loggers
+    (MLflow does, on import)."""
+    level = logging.DEBUG if logging.getLogger("longview").level <= logging.DEBUG else logging.WARNING
+    names = list(_CHATTY)
+    context = sys.modules.get("ray.train.v2._internal.execution.context")
+    if context is not None:  # Ray Train names this module's logger by its file path
+        names.append(context.__file__)
+    for name in names:
+        logging.getLogger(name).setLevel(level)
 
 
 def get(name: str = "longview") -> logging.Logger:

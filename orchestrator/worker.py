@@ -48,6 +48,7 @@ def _system_metrics(tracker):
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        logsetup.quiet_libraries()  # MLflow set its loggers' levels when it was imported
         # resume_logging: after a restart, continue the monitor's step numbers.
         monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10, samples_before_logging=1,
                                        resume_logging=True, tracking_uri=tracker.uri)
