@@ -121,7 +121,7 @@ def job_class(workload: str) -> type:
     if clash:
         raise ConfigError(f"workload {workload!r} declares sections that are core sections: {sorted(clash)}")
     fields = [(name, tp, field(default_factory=tp)) for name, tp in spec.sections.items()]
-    return dataclasses.make_dataclass(f"{type(spec).__name__}Job_{workload}", fields, bases=(JobConfig,),
+    return dataclasses.make_dataclass(f"JobConfig_{workload}", fields, bases=(JobConfig,),
                                       kw_only=True, frozen=True)
 
 
@@ -130,6 +130,8 @@ def workload_spec(name: str) -> WorkloadSpec:
 
     try:
         return registry.get(name)
+    except ValueError as e:  # a plug-in module that cannot be imported
+        raise ConfigError(f"workload: {e}") from None
     except KeyError:
         raise ConfigError(f"workload: {name!r} is not allowed; choose one of "
                           f"{' | '.join(repr(n) for n in registry.names())}") from None

@@ -97,3 +97,17 @@ def test_numbers_in_exponent_notation_are_numbers():
     from orchestrator.config import from_dict
 
     assert from_dict(to_dict(cfg)) == cfg  # the submitted job's JSON round trip
+
+
+def test_workload_plugins_are_named_when_they_cannot_load(monkeypatch):
+    from workloads import spec
+
+    monkeypatch.setenv(spec.WORKLOADS_ENV, "no_such_module_x")
+    spec._load_plugins.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"workload: LONGVIEW_WORKLOADS: cannot import workload module "
+                                              r"'no_such_module_x'"):
+            load_config(BASE)
+    finally:
+        monkeypatch.delenv(spec.WORKLOADS_ENV)
+        spec._load_plugins.cache_clear()
