@@ -14,6 +14,7 @@ import logging
 from .config import JobConfig, to_dict
 from .ray_job import build_trainer, checkpoint_uri, connect_ray
 from .storage import run_uri, storage_fs
+from .worker import END_WAIT_S, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
     """Fits the job on the Ray cluster at `ray_address` ("local": in-process).
     Returns (Ray's Result, the MLflow run id or None)."""
     from .tracking import Tracker, job_run
-    from .worker import train_loop
 
     log.info("preparing data ...")
     prepare_data(cfg)
@@ -45,6 +45,7 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
     except BaseException:
         tracker.call("set_terminated", "FAILED")
         raise
-    tracker.call("set_tag", "longview.final_checkpoint", checkpoint_uri(cfg, result.checkpoint))
-    tracker.call("set_terminated", "FINISHED")
+    # The run's end goes on the record even if the server is restarting just now.
+    tracker.call("set_tag", "longview.final_checkpoint", checkpoint_uri(cfg, result.checkpoint), wait_s=END_WAIT_S)
+    tracker.call("set_terminated", "FINISHED", wait_s=END_WAIT_S)
     return result, run_id

@@ -131,16 +131,33 @@ class Tracker:
                 f.write(data)
             return self.call("log_artifact", local, os.path.dirname(path) or None)
 
-    def call(self, method: str, *args: Any) -> bool:
-        """Any other MlflowClient call (params, tags, artifacts), tolerant of outages."""
+    def call(self, method: str, *args: Any, wait_s: float = 0.0) -> bool:
+        """Any other MlflowClient call (params, tags, artifacts), tolerant of outages:
+        tried again for up to `wait_s` seconds while the server does not answer."""
         if not self.enabled:
             return False
-        try:
-            getattr(_client(self.uri), method)(self.run_id, *args)
-            return True
-        except Exception as e:  # noqa: BLE001
-            self._warn(e)
-            return False
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                getattr(_client(self.uri), method)(self.run_id, *args)
+                return True
+            except Exception as e:  # noqa: BLE001
+                self._warn(e)
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(2)
+
+    def drain(self, wait_s: float) -> bool:
+        """Sends every kept metric, waiting up to `wait_s` seconds for the server: the end
+        of a run must not drop what an outage held back. False if some are still kept."""
+        deadline = time.monotonic() + wait_s
+        while not self.flush():
+            if time.monotonic() >= deadline:
+                log.warning("%d metric values could not be sent to MLflow at %s within %.0f s", len(self.pending),
+                            self.uri, wait_s)
+                return False
+            time.sleep(2)
+        return True
 
 
 def loss_curve_png(losses: list, title: str) -> bytes:

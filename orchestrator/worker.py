@@ -25,6 +25,7 @@ from .config import from_dict
 from .storage import run_uri
 
 log = logging.getLogger(__name__)
+END_WAIT_S = 120.0  # how long the end of a run waits for an MLflow server that does not answer
 
 
 class CheckpointUploadError(RuntimeError):
@@ -151,7 +152,7 @@ def train_loop(config: dict) -> None:
                      _eta(rate * (t.steps - state.step)))
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
             _checkpoint(cfg, store, state, runner, shard, rank, loss, before_checkpoint_upload, ray.train)
-    tracker.flush()
+    tracker.drain(wait_s=END_WAIT_S)
     if system is not None:
         system.finish()
     exported = runner.export(rank, run_uri(cfg, "export"))

@@ -150,7 +150,7 @@ class WorkloadSpec:
     name: str
     sections: dict[str, type]  # config section name -> dataclass type (defaults must exist)
     build_runner: Callable[[Any, RunContext], Runner]
-    # cfg -> None; raises ValueError("dotted.key: what is wrong") for a layout that cannot run
+    # cfg -> None; raises FieldError("dotted.key", "what is wrong") for a job that cannot run
     validate: Callable[[Any], None] = lambda cfg: None
     # (cfg, run_root) -> None: data written once, on the driver, before the workers start
     prepare_data: Callable[[Any, str], None] = lambda cfg, run_root: None
