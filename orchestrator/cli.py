@@ -326,34 +326,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_flops(args) -> int:
-    from workloads.piip.flops import backbone_flops
-    from workloads.piip.model import piip_config
-
-    try:
-        res = [int(r) for r in args.resolutions.split(",")]
-        cfg = piip_config(args.variant, res)
-    except ValueError as e:
-        raise SystemExit(f"flops: {e}") from None
-    f = backbone_flops(cfg)
-    gflops = f["total"] / 1e9
-    if args.json:
-        _say(json.dumps({"variant": args.variant, "resolutions": res, "gflops": round(gflops, 2)}))
-        return 0
-    _say(f"{args.variant} @ {'/'.join(map(str, sorted(res, reverse=True)))}: {gflops:.1f} GFLOPs "
-         "(backbone, one multiply-add = one FLOP)")
-    for b, x in zip(cfg.branches, f["branches"]):
-        _say(f"  ViT-{b.size.upper()} @ {b.resolution}: {x / 1e9:.1f}")
-    if len(cfg.branches) > 1:
-        _say(f"  interactions ({cfg.interactions} x {len(cfg.branches) - 1} units): {f['interactions'] / 1e9:.1f}")
-        for b in cfg.branches:  # the single-branch baselines at the highest resolution
-            base = piip_config(f"vit-{b.size}", [max(res)])
-            _say(f"  baseline ViT-{b.size.upper()} @ {max(res)}: {backbone_flops(base)['total'] / 1e9:.1f}")
-    return 0
-
-
 def cmd_plan(args) -> int:
-    from workloads.v2pe.plan import Hardware
+    from workloads.spec import Hardware
 
     from .config import ConfigError, load_config
 
@@ -373,6 +347,17 @@ def cmd_plan(args) -> int:
     plan = cfg.spec.plan(cfg, hw, args.tiles)
     _say(json.dumps(plan) if args.json else cfg.spec.format_plan(plan))
     return 0
+
+
+def _workload_command(command):
+    def run(args) -> int:
+        try:
+            _say(command.run(args))
+        except ValueError as e:
+            raise SystemExit(f"{command.name}: {e}") from None
+        return 0
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("job_id")
         p.add_argument("--address", default=None)
         p.set_defaults(fn=fn)
-    p = sub.add_parser("flops", help="backbone GFLOPs of a PIIP variant or ViT baseline")
-    p.add_argument("variant")
-    p.add_argument("--resolutions", required=True, help="comma-separated, one per branch, e.g. 1568,896,448")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_flops)
+    from workloads.spec import commands
+
+    for command in commands():  # the workloads' own subcommands (PIIP: flops)
+        p = sub.add_parser(command.name, help=command.help)
+        command.add_arguments(p)
+        p.set_defaults(fn=_workload_command(command))
     p = sub.add_parser("plan", help="memory per GPU, compute and communication; the layout to use")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -440,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing is left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -118,6 +118,30 @@ class Runner:
         return None
 
 
+@dataclass(kw_only=True, frozen=True)
+class Hardware:
+    """The GPUs a planner plans for (`longview plan`'s flags)."""
+
+    gpus: int | None = None  # None: the fewest that fit
+    gpu_memory_gib: float = 80.0
+    gpus_per_node: int = 8
+    intra_node_gbps: float = 450.0  # GB/s per GPU one way (NVLink 4 on H100)
+    inter_node_gbps: float = 50.0  # GB/s per GPU one way (400 Gb/s InfiniBand)
+    tflops: float = 989.0  # dense bf16 peak per GPU (H100 SXM)
+    efficiency: float = 0.45  # achieved fraction of peak for matmuls and attention
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand of `longview` that a workload brings (PIIP: `longview flops`).
+    `run(args)` returns the text to print; a ValueError is shown as one line."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[Any], None]  # argparse parser -> None
+    run: Callable[[Any], str]
+
+
 @dataclass
 class EvalResult:
     """What an evaluation reports: a Markdown table for people, records for programs,
@@ -161,6 +185,13 @@ class WorkloadSpec:
     format_plan: Callable[[dict], str] | None = None
     # `longview eval`: a function returning the workload's `Evaluation` (imported lazily), or None
     evaluation: Callable[[], Evaluation] | None = None
+    commands: tuple[Command, ...] = ()  # extra `longview` subcommands
+
+
+def commands() -> list[Command]:
+    """Every registered workload's subcommands."""
+    _load_plugins()
+    return [c for spec in _REGISTRY.values() for c in spec.commands]
 
 
 def lazy(target: str) -> Callable:

@@ -104,3 +104,33 @@ def format_plan(plan: dict) -> str:
     if plan["configured_ranks_per_branch"]:
         lines.append(f"configured: {plan['configured_ranks_per_branch']}")
     return "\n".join(lines)
+
+
+def add_flops_arguments(p) -> None:
+    p.add_argument("variant")
+    p.add_argument("--resolutions", required=True, help="comma-separated, one per branch, e.g. 1568,896,448")
+    p.add_argument("--json", action="store_true")
+
+
+def flops_command(args) -> str:
+    """`longview flops VARIANT --resolutions R1,R2,...`: backbone GFLOPs as the paper counts."""
+    import json
+
+    from .model import piip_config
+
+    res = [int(r) for r in args.resolutions.split(",")]
+    cfg = piip_config(args.variant, res)
+    f = backbone_flops(cfg)
+    gflops = f["total"] / 1e9
+    if args.json:
+        return json.dumps({"variant": args.variant, "resolutions": res, "gflops": round(gflops, 2)})
+    lines = [f"{args.variant} @ {'/'.join(map(str, sorted(res, reverse=True)))}: {gflops:.1f} GFLOPs "
+             "(backbone, one multiply-add = one FLOP)"]
+    lines += [f"  ViT-{b.size.upper()} @ {b.resolution}: {x / 1e9:.1f}" for b, x in zip(cfg.branches, f["branches"])]
+    if len(cfg.branches) > 1:
+        lines.append(f"  interactions ({cfg.interactions} x {len(cfg.branches) - 1} units): "
+                     f"{f['interactions'] / 1e9:.1f}")
+        for b in cfg.branches:  # the single-branch baselines at the highest resolution
+            base = piip_config(f"vit-{b.size}", [max(res)])
+            lines.append(f"  baseline ViT-{b.size.upper()} @ {max(res)}: {backbone_flops(base)['total'] / 1e9:.1f}")
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..spec import FieldError, WorkloadSpec, lazy, register
+from ..spec import Command, FieldError, WorkloadSpec, lazy, register
 from .config import SECTIONS
 
 
@@ -43,4 +43,6 @@ SPEC = register(WorkloadSpec(
     name="piip", sections=SECTIONS, validate=validate, prepare_data=prepare_data, layout=layout,
     build_runner=lazy("workloads.piip.runner:PIIPRunner"),
     plan=lazy("workloads.piip.flops:plan_job"), format_plan=lazy("workloads.piip.flops:format_plan"),
+    commands=(Command("flops", "backbone GFLOPs of a PIIP variant or ViT baseline",
+                      lazy("workloads.piip.flops:add_flops_arguments"), lazy("workloads.piip.flops:flops_command")),),
 ))

@@ -24,22 +24,12 @@ from dataclasses import asdict, dataclass, replace
 
 from parallelism.ring_attention import MERGE_BUDGET_BYTES
 
+from ..spec import Hardware
 from .model import V2PEModelConfig
 
 GIB = 1 << 30
 # Memory headroom left to the allocator's fragmentation, NCCL and the CUDA context.
 USABLE_FRACTION = 0.9
-
-
-@dataclass(kw_only=True, frozen=True)
-class Hardware:
-    gpus: int | None = None  # None: the fewest that fit
-    gpu_memory_gib: float = 80.0
-    gpus_per_node: int = 8
-    intra_node_gbps: float = 450.0  # GB/s per GPU one way (NVLink 4 on H100)
-    inter_node_gbps: float = 50.0  # GB/s per GPU one way (400 Gb/s InfiniBand)
-    tflops: float = 989.0  # dense bf16 peak per GPU (H100 SXM)
-    efficiency: float = 0.45  # achieved fraction of peak for matmuls and attention
 
 
 @dataclass(kw_only=True, frozen=True)
