@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from parallelism.dims import ParallelDims
 from parallelism.local_world import LocalWorld
-from workloads.engine import OptimConfig, ShardingConfig, build_engine
+from workloads.engine import TrainingConfig, build_engine
 from workloads.memory import TensorMemoryPeak, model_state_tensors
 from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, make_batch, shard_batch
 from workloads.v2pe.model import V2PEModel, model_config
@@ -78,7 +78,7 @@ def _rank(size, batch, a2a, device, bf16):
     model = V2PEModel(_model_cfg(size)).to(device, dtype)
     cfg = TrainStepConfig(loss_chunk_tokens=CHUNK, activation_checkpointing=True)
     parallelize(model, cfg)
-    engine = build_engine(model, OptimConfig(lr=1e-4), ShardingConfig(sharding="none"))
+    engine = build_engine(model, TrainingConfig(lr=1e-4, sharding="none"))
     groups = ParallelDims(world_size=W, cp=W, cp_a2a=a2a).build() if W > 1 else None
     local = shard_batch(batch, W, r, a2a=a2a) if W > 1 else batch
     for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight", "cu_seqlens"):

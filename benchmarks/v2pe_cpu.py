@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._measure import reset_peak, status_mib
 from parallelism.local_world import LocalWorld
-from workloads.engine import OptimConfig, ShardingConfig, build_engine
+from workloads.engine import TrainingConfig, build_engine
 from workloads.v2pe.data import ByteTokenizer, DataConfig, load_samples, make_batch, shard_batch
 from workloads.v2pe.model import V2PEModel, model_config
 from workloads.v2pe.synth import SynthConfig, write_dataset
@@ -40,7 +40,7 @@ def _rank(batch, repeats):
     model = V2PEModel(model_config("tiny", **SMALL))
     cfg = TrainStepConfig(loss_chunk_tokens=1024, activation_checkpointing=True)
     parallelize(model, cfg)
-    engine = build_engine(model, OptimConfig(lr=1e-4), ShardingConfig(sharding="none"))
+    engine = build_engine(model, TrainingConfig(lr=1e-4, sharding="none"))
     local = shard_batch(batch, W, r) if W > 1 else batch
     group = dist.group.WORLD if W > 1 else None
     train_step(engine, local, cp_group=group, loss_group=group, cfg=cfg)  # warm-up: optimizer state exists now

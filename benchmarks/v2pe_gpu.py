@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workloads.engine import OptimConfig, ShardingConfig, build_engine
+from workloads.engine import TrainingConfig, build_engine
 from workloads.v2pe.data import ByteTokenizer, EncodedSample, pack
 from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config
 from workloads.v2pe.plan import RunShape, estimate_memory
@@ -84,7 +84,7 @@ def main(argv=None):
     model = V2PEModel(model_config(args.size)).to(dev, torch.bfloat16)
     cfg = TrainStepConfig(loss_chunk_tokens=4096, activation_checkpointing=True)
     parallelize(model, cfg)
-    engine = build_engine(model, OptimConfig(lr=1e-5), ShardingConfig(sharding="none"))
+    engine = build_engine(model, TrainingConfig(lr=1e-5, sharding="none"))
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
               "params": sum(p.numel() for p in model.parameters()), "train": [], "eval": []}
     print(report, flush=True)
