@@ -202,19 +202,23 @@ def _code_version() -> str:
         return "unknown"
 
 
+def _job_address(args) -> str:
+    """The job API's address: --address, else the local head's dashboard."""
+    if args.address:
+        return args.address
+    s = _services().read()
+    if "ray" not in s:
+        raise SystemExit("no --address and no local Ray head (run `longview up`)")
+    return s["ray"].url
+
+
 def _job_client(args):
     from ray.job_submission import JobSubmissionClient
 
     from .services import ray_env
 
     os.environ.update(ray_env())
-    address = args.address
-    if not address:
-        s = _services().read()
-        if "ray" not in s:
-            raise SystemExit("no --address and no local Ray head (run `longview up`)")
-        address = s["ray"].url
-    return JobSubmissionClient(address)
+    return JobSubmissionClient(_job_address(args))
 
 
 def cmd_submit(args) -> int:
@@ -275,20 +279,30 @@ def _wait(client, job_id: str, cfg) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def cmd_status(args) -> int:
+def _job_call(args, method: str):
+    """One job-API call about args.job_id; an unknown job is one line, not a traceback."""
     client = _job_client(args)
-    info = client.get_job_info(args.job_id)
+    try:
+        return getattr(client, method)(args.job_id)
+    except RuntimeError as e:  # the job API answers an unknown id with HTTP 404
+        if "404" in str(e) or "does not exist" in str(e):
+            raise SystemExit(f"{args.command}: no job {args.job_id!r} on the cluster at {_job_address(args)}") from None
+        raise
+
+
+def cmd_status(args) -> int:
+    info = _job_call(args, "get_job_info")
     _say(f"{args.job_id}: {info.status} {info.message or ''}".rstrip())
     return 0
 
 
 def cmd_logs(args) -> int:
-    _say(_job_client(args).get_job_logs(args.job_id))
+    _say(_job_call(args, "get_job_logs"))
     return 0
 
 
 def cmd_stop(args) -> int:
-    log.info("stop requested: %s", _job_client(args).stop_job(args.job_id))
+    log.info("stop requested: %s", _job_call(args, "stop_job"))
     return 0
 
 

@@ -269,6 +269,11 @@ def load_config(path_or_text: str, *, overrides: dict | None = None) -> JobConfi
 
     import yaml
 
+    if os.path.isdir(path_or_text):
+        raise ConfigError(f"{path_or_text}: is a folder, not a config file")
+    if "\n" not in path_or_text and path_or_text.endswith((".yaml", ".yml", ".json")) \
+            and not os.path.exists(path_or_text):
+        raise ConfigError(f"{path_or_text}: no such config file")
     text = open(path_or_text).read() if os.path.exists(path_or_text) else path_or_text
     try:
         data = yaml.load(text, Loader=_yaml_loader())

@@ -111,3 +111,10 @@ def test_workload_plugins_are_named_when_they_cannot_load(monkeypatch):
     finally:
         monkeypatch.delenv(spec.WORKLOADS_ENV)
         spec._load_plugins.cache_clear()
+
+
+def test_a_config_path_that_is_not_a_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"configs/v2pe-dmo.yaml: no such config file"):
+        load_config("configs/v2pe-dmo.yaml")
+    with pytest.raises(ConfigError, match=r": is a folder, not a config file"):
+        load_config(str(tmp_path))

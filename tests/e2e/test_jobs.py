@@ -124,3 +124,11 @@ def test_eval_scores_the_exported_model_and_logs_a_nested_run(services, referenc
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 1
     assert set(children[0].data.metrics) == {"accuracy_len1024_delta1", "accuracy_len2048_delta1"}
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "stop"])
+def test_an_unknown_job_id_is_one_line(services, command):
+    proc = cli(services["env"], command, "raysubmit_nosuchjob", check=False, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"{command}: no job 'raysubmit_nosuchjob' on the cluster at {services['started']['ray'].url}"]
