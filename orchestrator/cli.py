@@ -336,6 +336,8 @@ def cmd_eval(args) -> int:
         table = run_evaluation(cfg, checkpoint=args.checkpoint, ray_address=_ray_address(args))
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    except FileNotFoundError as e:
+        raise SystemExit(f"eval: {e}") from None
     _say(table)
     return 0
 

@@ -61,6 +61,9 @@ class StorageSection:
     def __post_init__(self):
         if self.uri.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", self.uri):
             raise FieldError("uri", f"{self.uri!r} is not an s3://bucket/prefix URI")
+        if self.uri and not self.uri.startswith(("s3://", "/")):
+            raise FieldError("uri", f"{self.uri!r} is neither an s3://bucket/prefix URI nor an absolute folder "
+                                    "(other schemes and relative paths are not supported)")
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -29,13 +29,16 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     if cfg.spec.evaluation is None:
         raise ConfigError(f"workload: {cfg.workload!r} has no evaluation")
     evaluation = cfg.spec.evaluation()
-    storage_fs(run_uri(cfg), cfg)  # the job's S3 endpoint for the workload's plain fsspec calls
+    model = checkpoint or run_uri(cfg, EXPORT)
+    fs, path = storage_fs(model, cfg)  # also points the workload's plain fsspec calls at the job's S3
+    if not fs.exists(path):  # before anything starts: no data written, no MLflow run, no Ray job
+        raise FileNotFoundError(f"no trained model at {model}: train {cfg.name} first, or pass --checkpoint")
     log.info("preparing evaluation data ...")
     prepared = evaluation.prepare(cfg, run_uri(cfg))
     out = run_uri(cfg, "eval")
     connect_ray(cfg, ray_address)
-    log.info("evaluating %s on %d workers ...", checkpoint or run_uri(cfg, EXPORT), cfg.resources.workers)
-    trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": checkpoint or run_uri(cfg, EXPORT),
+    log.info("evaluating %s on %d workers ...", model, cfg.resources.workers)
+    trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": model,
                                              "prepared": prepared, "out": out},
                             run_name=f"{cfg.name}-eval-{os.getpid()}")
     trainer.fit()

@@ -118,3 +118,9 @@ def test_a_config_path_that_is_not_a_file_is_named(tmp_path):
         load_config("configs/v2pe-dmo.yaml")
     with pytest.raises(ConfigError, match=r": is a folder, not a config file"):
         load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/runs", "runs/here"])
+def test_storage_is_s3_or_an_absolute_folder(uri):
+    with pytest.raises(ConfigError, match=r"storage.uri: .* is neither an s3://bucket/prefix URI nor an absolute folder"):
+        load_config(BASE, overrides={"storage.uri": uri})

@@ -132,3 +132,25 @@ def test_an_unknown_job_id_is_one_line(services, command):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"{command}: no job 'raysubmit_nosuchjob' on the cluster at {services['started']['ray'].url}"]
+
+
+def test_missing_inputs_stop_before_anything_starts(services):
+    """A training file that is not there, and evaluating a run never trained: one line
+    each, before any Ray job or MLflow run exists."""
+    fs = services
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    proc = cli(fs["env"], "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE[:2],
+               "--set", f"data.train=s3://{BUCKET}/nowhere/data.jsonl", check=False, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: training {name} failed: DataError: data.train: s3://{BUCKET}/nowhere/data.jsonl is not a file")
+    proc = cli(fs["env"], "eval", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE[:2], check=False,
+               timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"eval: no trained model at s3://{BUCKET}/runs/{name}/export: train {name} first, or pass --checkpoint")
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(fs["started"]["mlflow"].url).get_experiment_by_name("longview-v2pe")
+    assert exp is None or not MlflowClient(fs["started"]["mlflow"].url).search_runs(
+        [exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")

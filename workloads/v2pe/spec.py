@@ -17,10 +17,17 @@ def validate(cfg) -> None:
 
 
 def prepare_data(cfg, run_root: str) -> None:
-    """Writes the synthetic training set under <run>/data/train once (kept if there)."""
-    if cfg.data.train != "synthetic":
-        return
+    """Writes the synthetic training set under <run>/data/train once (kept if there);
+    a configured file that is not there stops the job before any worker starts."""
     import fsspec
+
+    if cfg.data.train != "synthetic":
+        from .data import DataError
+
+        fs, key = fsspec.core.url_to_fs(cfg.data.train)
+        if not fs.isfile(key):
+            raise DataError(f"data.train: {cfg.data.train} is not a file", reason="missing_file")
+        return
 
     from .runner import train_path
     from .synth import SynthConfig, write_dataset
