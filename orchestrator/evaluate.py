@@ -23,7 +23,7 @@ EXPORT = "export"  # the model written at the end of training
 
 def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address: str | None = None) -> str:
     """Evaluates the run's exported model (or `checkpoint`); returns the result's table."""
-    from .tracking import Tracker, job_run
+    from .tracking import job_run
     from .worker import eval_loop
 
     if cfg.spec.evaluation is None:
@@ -46,18 +46,17 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     result = json.loads(fs.cat_file(f"{root}/result.json"))
     fs.pipe_file(f"{root}/result.md", result["table"].encode())
     if cfg.tracking.uri:
-        parent = job_run(cfg, {})
-        Tracker(cfg.tracking.uri, parent)  # MLflow's client settings for outages
-        _log_nested(cfg, parent, result)
+        _log_nested(cfg, job_run(cfg, {}), result)
     return result["table"]
 
 
 def _log_nested(cfg: JobConfig, parent: str, result: dict) -> None:
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+
+    from .tracking import mlflow_client
 
     try:
-        client = MlflowClient(cfg.tracking.uri)
+        client = mlflow_client(cfg.tracking.uri)
         exp_id = client.get_run(parent).info.experiment_id
         run = client.create_run(exp_id, run_name=f"{cfg.name}-eval",
                                 tags={"mlflow.parentRunId": parent, "longview.kind": "evaluation"})

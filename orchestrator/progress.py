@@ -48,11 +48,9 @@ class JobProgress:
             return
         self._last_poll = time.time()
         try:
-            from mlflow.tracking import MlflowClient
+            from .tracking import RUN_NAME_TAG, mlflow_client
 
-            from .tracking import RUN_NAME_TAG
-
-            client = MlflowClient(self.cfg.tracking.uri)
+            client = mlflow_client(self.cfg.tracking.uri)
             if self._run_id is None:
                 exp = client.get_experiment_by_name(self.cfg.experiment)
                 runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{self.cfg.name}'",

@@ -19,15 +19,23 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "longview.run_name"
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """Every MLflow client longview makes: MLflow retries a dead server for minutes by
+    default, and neither training nor the CLI must wait on it. One quick retry; callers
+    keep what failed (Tracker.pending) or warn."""
+    import os
+
     from mlflow.tracking import MlflowClient
 
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     return MlflowClient(tracking_uri=uri)
 
 
 def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
     """(run id, created) for the job `run_name` in `experiment`."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
@@ -61,7 +69,7 @@ def run_url(uri: str, run_id: str) -> str:
     """The run's page in the MLflow UI; without the experiment's id if the server does
     not answer (the page is still reachable from the run id)."""
     try:
-        exp = _client(uri).get_run(run_id).info.experiment_id
+        exp = mlflow_client(uri).get_run(run_id).info.experiment_id
     except Exception:  # noqa: BLE001 - a tracking outage must not fail a finished run
         return f"{uri}/#/runs/{run_id}"
     return f"{uri}/#/experiments/{exp}/runs/{run_id}"
@@ -71,13 +79,6 @@ class Tracker:
     """Buffered metric logging to one MLflow run (rank 0 only)."""
 
     def __init__(self, uri: str | None, run_id: str | None, *, metric_key: str = "loss"):
-        import os
-
-        # MLflow's client retries a dead server for minutes by default; training must not
-        # wait on it. One quick retry, then the metrics wait in `pending` instead.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.uri, self.run_id = uri, run_id
         self.enabled = bool(uri and run_id)
         self.pending: list = []  # metrics not yet accepted by the server
@@ -85,7 +86,7 @@ class Tracker:
         self.last_logged_step = -1
         if self.enabled:
             try:
-                hist = _client(uri).get_metric_history(run_id, metric_key)
+                hist = mlflow_client(uri).get_metric_history(run_id, metric_key)
                 self.last_logged_step = max((m.step for m in hist), default=-1)
             except Exception as e:  # noqa: BLE001 - outage at start: log everything later
                 self._warn(e)
@@ -109,7 +110,7 @@ class Tracker:
         if not self.enabled or not self.pending:
             return True
         try:
-            _client(self.uri).log_batch(self.run_id, metrics=self.pending[:1000])
+            mlflow_client(self.uri).log_batch(self.run_id, metrics=self.pending[:1000])
         except Exception as e:  # noqa: BLE001
             self._warn(e)
             return False
@@ -139,7 +140,7 @@ class Tracker:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                getattr(_client(self.uri), method)(self.run_id, *args)
+                getattr(mlflow_client(self.uri), method)(self.run_id, *args)
                 return True
             except Exception as e:  # noqa: BLE001
                 self._warn(e)
