@@ -78,6 +78,3 @@ def quiet_libraries() -> None:
     for name in names:
         logging.getLogger(name).setLevel(level)
 
-
-def get(name: str = "longview") -> logging.Logger:
-    return logging.getLogger(name)

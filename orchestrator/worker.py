@@ -60,7 +60,7 @@ def _system_metrics(tracker):
         return None
 
 
-def _peak_rss_mib(device: torch.device) -> float:
+def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
@@ -75,12 +75,11 @@ def _eta(seconds: float) -> str:
 
 
 def train_loop(config: dict) -> None:
-    import ray.train
 
     from workloads.memory import StepMemoryProbe
 
     from .checkpoint import TrainState
-    from .faults import StepFaults, before_checkpoint_upload
+    from .faults import StepFaults
     from .storage import RETRIES as s3_retries
     from .storage import checkpoint_store
     from .tracking import Tracker, loss_curve_png
@@ -128,7 +127,7 @@ def train_loop(config: dict) -> None:
         loss = sum(r.loss for r in results) / len(results)
         metrics = {"loss": loss, "lr": _or_nan(last.lr), "grad_norm": _or_nan(last.grad_norm),
                    "samples_per_s": runner.samples_per_micro * t.grad_accum / dt,
-                   "peak_memory_mib": _peak_rss_mib(device), **last.metrics}
+                   "peak_memory_mib": _peak_memory_mib(device), **last.metrics}
         tokens = sum(r.tokens for r in results)
         if tokens:
             metrics["tokens_per_s"] = tokens / dt
@@ -151,7 +150,7 @@ def train_loop(config: dict) -> None:
             log.info("step %d/%d loss %.4f (%.2f s/step, ETA %s)", state.step, t.steps, loss, dt,
                      _eta(rate * (t.steps - state.step)))
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
-            _checkpoint(cfg, store, state, runner, shard, rank, loss, before_checkpoint_upload, ray.train)
+            _checkpoint(cfg, store, state, runner, shard, rank, loss)
     tracker.drain(wait_s=END_WAIT_S)
     if system is not None:
         system.finish()
@@ -166,17 +165,21 @@ def _or_nan(x: float | None) -> float:
     return math.nan if x is None else x
 
 
-def _checkpoint(cfg, store, state, runner, shard, rank, loss, before_upload, train) -> None:
+def _checkpoint(cfg, store, state, runner, shard, rank, loss) -> None:
+    """This rank's part of checkpoint step-N, uploaded through Ray Train."""
+    import ray.train
+
     from .checkpoint import save_checkpoint
+    from .faults import before_checkpoint_upload
 
     name = store.name(state.step)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, rank=rank, state=state, engine=runner.engine, shard=shard.suffix, writer=shard.writer)
-        before_upload(state.step, rank)
+        before_checkpoint_upload(state.step, rank)
         try:
-            train.report({"step": state.step, "loss": loss}, checkpoint=train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=name)
-        except Exception as e:
+            ray.train.report({"step": state.step, "loss": loss}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
+        except Exception as e:  # the storage layer's errors vary by backend
             # Ray registers a checkpoint only after every rank's upload: this one is
             # not taken as complete, and the previous checkpoint stays the latest.
             raise CheckpointUploadError(
