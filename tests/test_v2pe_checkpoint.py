@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workloads.v2pe.checkpoint_io import load_pretrained, save_pretrained
+from workloads.v2pe.checkpoint_io import config_from_hf, load_pretrained, save_pretrained
 
 V = dict(hidden=32, heads=2, layers=2, inter=64, image=56, patch=14)
 L = dict(vocab=272, hidden=64, heads=4, kv=2, layers=2, inter=128)
@@ -16,17 +16,25 @@ def hf_config():
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "downsample_ratio": 0.5,
         "force_image_size": V["image"], "select_layer": -1, "ps_version": "v2", "template": "internlm2-chat",
-        "max_dynamic_patch": 12, "use_thumbnail": True,
+        "max_dynamic_patch": 12, "min_dynamic_patch": 1, "use_thumbnail": True, "dynamic_image_size": True,
+        "torch_dtype": "bfloat16", "use_backbone_lora": 0, "use_llm_lora": 0, "transformers_version": None,
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
         "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": V["hidden"],
                           "num_attention_heads": V["heads"], "num_hidden_layers": V["layers"],
                           "intermediate_size": V["inter"], "image_size": V["image"], "patch_size": V["patch"],
                           "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
-                          "layer_norm_eps": 1e-6, "drop_path_rate": 0.0},
+                          "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "hidden_act": "gelu", "num_channels": 3,
+                          "model_type": "intern_vit_6b", "use_flash_attn": True, "dropout": 0.0,
+                          "attention_dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02},
         "llm_config": {"architectures": ["InternLM2ForCausalLM"], "vocab_size": L["vocab"],
                        "hidden_size": L["hidden"], "num_attention_heads": L["heads"],
                        "num_key_value_heads": L["kv"], "num_hidden_layers": L["layers"],
                        "intermediate_size": L["inter"], "rms_norm_eps": 1e-5, "rope_theta": 1000000,
-                       "bias": False, "tie_word_embeddings": False, "max_position_embeddings": 32768},
+                       "bias": False, "tie_word_embeddings": False, "max_position_embeddings": 32768,
+                       "rope_scaling": {"type": "dynamic", "factor": 2.0}, "hidden_act": "silu",
+                       "model_type": "internlm2", "attn_implementation": "flash_attention_2", "bos_token_id": 1,
+                       "eos_token_id": 2, "pad_token_id": 2, "use_cache": True, "temperature": 1.0, "top_p": 1.0,
+                       "_name_or_path": "internlm/internlm2-chat-1_8b"},
     }
 
 
@@ -136,13 +144,72 @@ def test_bad_checkpoints_are_named(tmp_path):
     write_checkpoint(tmp_path / "partial", partial)
     with pytest.raises(ValueError, match=r"missing tensors for 1 parameter\(s\): \['mlp1.1.bias'\]"):
         load_pretrained(str(tmp_path / "partial"))
+
+
+def _drop(d, key):
+    d.pop(key)
+
+
+# (how config.json is changed, what the error must name)
+REFUSED = [
+    (lambda c: c["vision_config"].update(qk_normalization=True), r"vision_config.qk_normalization is True"),
+    (lambda c: _drop(c["vision_config"], "qk_normalization"),
+     r"vision_config.qk_normalization is missing, which means True"),  # the authors' InternVisionConfig default
+    (lambda c: _drop(c, "ps_version"), r"ps_version is missing, which means 'v1'"),
+    (lambda c: _drop(c["llm_config"], "bias"), r"llm_config.bias is missing, which means True"),
+    (lambda c: c["llm_config"].update(architectures=["Qwen2ForCausalLM"]), r"Qwen2 \(InternVL2-1B\)"),
+    (lambda c: c["llm_config"].update(architectures=["Phi3ForCausalLM"]), r"Phi-3 \(InternVL2-4B\)"),
+    (lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 4.0}), r"llm_config.rope_scaling="),
+    (lambda c: c["vision_config"].update(drop_path_rate=0.1), r"vision_config.drop_path_rate is 0.1"),
+    (lambda c: c.update(img_emb_down_sample_ratio=2), r"img_emb_down_sample_ratio is 2"),
+    (lambda c: c.update(template="phi3-chat"), r"template is 'phi3-chat'"),
+    (lambda c: c["llm_config"].update(sliding_window=4096), r"llm_config.sliding_window not understood"),
+    (lambda c: c.update(some_new_option=True), r"some_new_option not understood"),
+    (lambda c: _drop(c["llm_config"], "hidden_size"), r"shape"),  # defaults to 4096: the tensors disagree
+]
+
+
+@pytest.mark.parametrize("change,message", REFUSED)
+def test_config_fields_are_honoured_or_refused_by_name(tmp_path, change, message):
     cfg = hf_config()
-    cfg["vision_config"]["qk_normalization"] = True
-    write_checkpoint(tmp_path / "qknorm", tensors, config=cfg)
-    with pytest.raises(ValueError, match=r"vision_config.qk_normalization=True is not supported"):
-        load_pretrained(str(tmp_path / "qknorm"))
+    change(cfg)
+    write_checkpoint(tmp_path / "ckpt", hf_tensors(), config=cfg)
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(str(tmp_path / "ckpt"))
+
+
+def test_missing_keys_take_the_authors_defaults():
     cfg = hf_config()
-    del cfg["llm_config"]["vocab_size"]
-    write_checkpoint(tmp_path / "novocab", tensors, config=cfg)
-    with pytest.raises(ValueError, match=r"llm_config.vocab_size is missing"):
-        load_pretrained(str(tmp_path / "novocab"))
+    for key in ("rms_norm_eps", "rope_theta", "max_position_embeddings", "rope_scaling", "num_key_value_heads"):
+        del cfg["llm_config"][key]
+    del cfg["use_thumbnail"]
+    model = config_from_hf(cfg)
+    # InternLM2Config: rms_norm_eps 1e-6, rope_theta 10000, 2048 positions, no scaling,
+    # as many KV heads as heads; InternVLChatConfig: use_thumbnail False.
+    assert (model.llm.rms_norm_eps, model.llm.rope_theta, model.llm.max_position_embeddings) == (1e-6, 10000, 2048)
+    assert model.llm.rope_scaling is None and model.llm.num_kv_heads == model.llm.num_heads and not model.thumbnail
+    published = config_from_hf(hf_config())
+    assert (published.llm.rope_scaling, published.llm.rope_scaling_factor) == ("dynamic", 2.0)
+
+
+def test_force_image_size_resizes_the_position_embedding(tmp_path):
+    """force_image_size 84 over a ViT learned at 56: the 4x4 position grid is resized
+    (bicubic, float32) to 6x6 as InternViT's _get_pos_embed does; the checkpoint keeps
+    its learned shape when saved back."""
+    cfg = hf_config()
+    cfg["force_image_size"] = 84
+    tensors = hf_tensors()
+    write_checkpoint(tmp_path / "ckpt", tensors, config=cfg)
+    model = load_pretrained(str(tmp_path / "ckpt"))
+    assert (model.cfg.vision.image_size, model.cfg.tokens_per_tile) == (84, 9)
+    pos = tensors["vision_model.embeddings.position_embedding"]
+    grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    want = torch.cat([pos[:, :1], want.reshape(1, -1, 36).permute(0, 2, 1)], dim=1)
+    torch.testing.assert_close(model.vision.position_embedding(), want, rtol=0, atol=0)  # the same ops: exact
+    feats = model.encode_images(torch.randn(2, 3, 84, 84))
+    assert feats.shape == (2 * 9, L["hidden"])
+    save_pretrained(model, str(tmp_path / "back"))
+    saved = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (saved["force_image_size"], saved["vision_config"]["image_size"]) == (84, 56)
+    assert load_pretrained(str(tmp_path / "back")).cfg == model.cfg

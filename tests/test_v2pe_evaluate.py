@@ -11,7 +11,7 @@ from workloads.v2pe.synth import SynthConfig, write_dataset
 TOK = ByteTokenizer()
 
 
-def synth_samples(tmp_path, lengths=(256, 512), per_length=2):
+def synth_samples(tmp_path, lengths=(384, 512), per_length=2):
     out = []
     for n in lengths:
         path = write_dataset(str(tmp_path / f"len{n}"), SynthConfig(tokens=n, images=3, task="marked", tile=TILE,
@@ -35,7 +35,7 @@ def test_one_sample_over_the_group_scores_like_one_process(gloo_world, tmp_path,
 
 
 def test_exact_match_means_greedy_agrees_everywhere(tmp_path):
-    sample = synth_samples(tmp_path, lengths=(256,), per_length=1)[0]
+    sample = synth_samples(tmp_path, lengths=(384,), per_length=1)[0]
     model = tiny_model()
     # Make the answer key equal to the model's own greedy choices, then spoil one.
     batch = pack([sample], tokenizer=TOK, tokens_per_tile=4, multiple=2, mode="v2pe_fix", stride=64)
@@ -51,9 +51,9 @@ def test_exact_match_means_greedy_agrees_everywhere(tmp_path):
 
 
 def test_accuracy_table_has_a_row_per_length_and_delta(tmp_path):
-    samples = synth_samples(tmp_path, lengths=(256, 384))
+    samples = synth_samples(tmp_path, lengths=(384, 512))
     rows = accuracy_table(tiny_model(), samples, tokenizer=TOK, strides=[256, 64])
-    assert [(r.tokens, r.delta, r.samples) for r in rows] == [(256, "1", 2), (384, "1", 2), (256, "1/4", 2), (384, "1/4", 2)]
+    assert [(r.tokens, r.delta, r.samples) for r in rows] == [(384, "1", 2), (512, "1", 2), (384, "1/4", 2), (512, "1/4", 2)]
     assert all(0.0 <= r.accuracy <= 1.0 and r.mean_log_likelihood < 0 for r in rows)
     assert "| 384 | 1/4 | 2 |" in format_table(rows)
     # δ reaches the model: the same samples score differently under another stride.

@@ -78,49 +78,161 @@ def from_hf_name(name: str) -> str | None:
 # --- config.json ----------------------------------------------------------------------------
 
 
-def _need(d: dict, key: str, where: str):
-    if key not in d:
-        raise ValueError(f"config.json: {where}.{key} is missing")
-    return d[key]
+# Keys every Hugging Face config carries (transformers' PretrainedConfig: generation
+# defaults, labels, bookkeeping). None of them changes what the network computes.
+_HF_GENERIC = frozenset("""
+    _attn_implementation_autoset _commit_hash _name_or_path add_cross_attention architectures auto_map
+    bad_words_ids begin_suppress_tokens bos_token_id chunk_size_feed_forward cross_attention_hidden_size
+    decoder_start_token_id diversity_penalty do_sample early_stopping encoder_no_repeat_ngram_size eos_token_id
+    exponential_decay_length_penalty finetuning_task forced_bos_token_id forced_eos_token_id id2label is_decoder
+    is_encoder_decoder label2id length_penalty max_length min_length model_type no_repeat_ngram_size
+    num_beam_groups num_beams num_return_sequences output_attentions output_hidden_states output_scores
+    pad_token_id prefix problem_type pruned_heads remove_invalid_values repetition_penalty return_dict
+    return_dict_in_generate sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss
+    tie_encoder_decoder tokenizer_class top_k top_p torch_dtype torchscript transformers_version typical_p
+    use_bfloat16 use_cache initializer_range initializer_factor attn_implementation use_flash_attn hidden_size
+""".split())
+# Data-side keys of the root: how the authors tile images. longview's data section owns
+# tiling (data.max_tiles); the thumbnail follows use_thumbnail.
+_ROOT_DATA = frozenset({"dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail",
+                        "rope_pos_id_version", "rope_pos_id_stride"})
+
+# The LLMs InternVL2 checkpoints are built on, and which of them longview runs.
+_OTHER_LLMS = {"Qwen2ForCausalLM": "Qwen2 (InternVL2-1B)", "Phi3ForCausalLM": "Phi-3 (InternVL2-4B)",
+               "LlamaForCausalLM": "Llama (InternVL2-40B/76B)"}
+
+
+class ConfigError(ValueError):
+    """A config.json longview cannot honour; the message names the key and its value."""
+
+
+class _Section:
+    """One object of config.json: reads keys with the authors' defaults and refuses any
+    key it neither reads nor knows to be inert."""
+
+    def __init__(self, d, where: str, inert: frozenset = frozenset()):
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json: {where} must be an object, got {type(d).__name__}")
+        self.d, self.where, self.inert, self.read = d, where, inert, set()
+
+    def name(self, key: str) -> str:
+        return key if self.where == "<root>" else f"{self.where}.{key}"
+
+    def get(self, key: str, default=None):
+        """The value, or the authors' configuration class default when missing."""
+        self.read.add(key)
+        return self.d.get(key, default)
+
+    def need(self, key: str):
+        self.read.add(key)
+        if key not in self.d:
+            raise ConfigError(f"config.json: {self.name(key)} is missing")
+        return self.d[key]
+
+    def only(self, key: str, default, allowed: tuple, why: str):
+        """A key longview supports at some values only (missing means the authors' default)."""
+        value = self.get(key, default)
+        if value not in allowed:
+            shown = "missing, which means " + repr(default) if key not in self.d else repr(value)
+            raise ConfigError(f"config.json: {self.name(key)} is {shown}; longview supports "
+                              f"{' or '.join(map(repr, allowed))} ({why})")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.d) - self.read - _HF_GENERIC - self.inert)
+        if unknown:
+            raise ConfigError(f"config.json: {', '.join(self.name(k) for k in unknown)} not understood by longview "
+                              "(refused rather than ignored: it may change what the model computes)")
+
+
+def _rope_scaling(llm: _Section) -> tuple[str | None, float]:
+    rs = llm.get("rope_scaling")
+    if rs is None:
+        return None, 1.0
+    kind = rs.get("type", rs.get("rope_type")) if isinstance(rs, dict) else None
+    factor = rs.get("factor") if isinstance(rs, dict) else None
+    if kind not in ("dynamic", "linear") or not isinstance(factor, (int, float)) or isinstance(factor, bool) \
+            or factor < 1:
+        raise ConfigError(f"config.json: llm_config.rope_scaling={rs!r} is not supported; longview supports "
+                          "{'type': 'dynamic' or 'linear', 'factor': >= 1} (InternLM2's rotary scalings)")
+    return kind, float(factor)
 
 
 def config_from_hf(cfg: dict) -> V2PEModelConfig:
-    v, l = _need(cfg, "vision_config", "<root>"), _need(cfg, "llm_config", "<root>")
-    checks = [
-        (cfg.get("downsample_ratio", 0.5) == 0.5, "downsample_ratio", cfg.get("downsample_ratio"), "0.5"),
-        (cfg.get("select_layer", -1) == -1, "select_layer", cfg.get("select_layer"), "-1 (last ViT layer)"),
-        (cfg.get("ps_version", "v2") == "v2", "ps_version", cfg.get("ps_version"), "'v2'"),
-        (not v.get("qk_normalization", False), "vision_config.qk_normalization", v.get("qk_normalization"), "false"),
-        (v.get("norm_type", "layer_norm") == "layer_norm", "vision_config.norm_type", v.get("norm_type"),
-         "'layer_norm' (InternViT-300M)"),
-        (not l.get("bias", False), "llm_config.bias", l.get("bias"), "false (InternLM2)"),
-        (not l.get("tie_word_embeddings", False), "llm_config.tie_word_embeddings", l.get("tie_word_embeddings"),
-         "false"),
-    ]
-    for ok, key, value, allowed in checks:
-        if not ok:
-            raise ValueError(f"config.json: {key}={value!r} is not supported; longview supports {allowed}")
-    image_size = cfg.get("force_image_size") or _need(v, "image_size", "vision_config")
+    """The model of an InternVL2 config.json. Each key is honoured or refused by name; a
+    missing key means what it means in the authors' configuration classes."""
+    root = _Section(cfg, "<root>", _ROOT_DATA)
+    arch = root.get("architectures", ["InternVLChatModel"])
+    if arch != ["InternVLChatModel"]:
+        raise ConfigError(f"config.json: architectures={arch!r} is not an InternVL chat model (InternVLChatModel)")
+    root.only("downsample_ratio", 0.5, (0.5,), "InternVL2's pixel shuffle")
+    root.only("select_layer", -1, (-1,), "features of the last ViT layer")
+    root.only("ps_version", "v1", ("v2",), "InternVL2's pixel shuffle order")
+    root.only("template", None, ("internlm2-chat", None), "longview renders the internlm2-chat template")
+    root.only("dynamic_image_size", False, (True,), "InternVL2 dynamic tiling")
+    root.only("min_dynamic_patch", 1, (1,), "tiling starts at one tile")
+    root.only("pad2square", False, (False,), "images are tiled, not padded")
+    root.only("img_emb_down_sample_ratio", None, (None,), "V2PE's adaptive pooling of visual tokens is not implemented")
+    for key, default in (("use_backbone_lora", 0), ("use_llm_lora", 0)):
+        root.only(key, default, (0,), "merge LoRA weights into the checkpoint before loading it")
+    for key, default in (("attn_type", None), ("group_list", None), ("compress_seq", False), ("chunk_num", 1),
+                         ("interaction", True), ("dynamic_max_patch", False), ("min_num_frame", 4),
+                         ("max_num_frame", 20)):
+        root.only(key, default, (default,), "options of the V2PE authors' code that longview does not implement")
+
+    v = _Section(root.need("vision_config"), "vision_config")
+    v.only("architectures", ["InternVisionModel"], (["InternVisionModel"],), "InternViT")
+    v.only("norm_type", "rms_norm", ("layer_norm",), "InternViT-300M's LayerNorm")
+    v.only("qk_normalization", True, (False,), "InternViT-300M has none")
+    v.only("qkv_bias", False, (True,), "InternViT-300M's attention has biases")
+    v.only("hidden_act", "gelu", ("gelu",), "exact GELU")
+    v.only("num_channels", 3, (3,), "RGB tiles")
+    for key in ("dropout", "attention_dropout", "drop_path_rate"):
+        v.only(key, 0.0, (0, 0.0), "longview trains without dropout; set it to 0.0 in config.json")
+    image_size = v.get("image_size", 224)
+    force = root.get("force_image_size")
     vision = VisionConfig(
-        image_size=image_size,
-        patch_size=_need(v, "patch_size", "vision_config"),
-        hidden_size=_need(v, "hidden_size", "vision_config"),
-        num_heads=_need(v, "num_attention_heads", "vision_config"),
-        num_layers=_need(v, "num_hidden_layers", "vision_config"),
-        intermediate_size=_need(v, "intermediate_size", "vision_config"),
+        image_size=force or image_size,
+        pretrain_image_size=image_size if force and force != image_size else None,
+        patch_size=v.get("patch_size", 14),
+        hidden_size=v.need("hidden_size"),
+        num_heads=v.need("num_attention_heads"),
+        num_layers=v.need("num_hidden_layers"),
+        intermediate_size=v.need("intermediate_size"),
         layer_norm_eps=v.get("layer_norm_eps", 1e-6),
     )
+    v.finish()
+
+    l = _Section(root.need("llm_config"), "llm_config", frozenset({"scale_img"}))
+    llm_arch = l.get("architectures", [""])
+    if llm_arch != ["InternLM2ForCausalLM"]:
+        name = _OTHER_LLMS.get(llm_arch[0] if isinstance(llm_arch, list) and llm_arch else "", repr(llm_arch))
+        raise ConfigError(f"config.json: llm_config.architectures={llm_arch!r}: the language model is {name}; "
+                          "longview supports InternLM2 (InternVL2-2B, InternVL2-8B)")
+    l.only("bias", True, (False,), "InternLM2's layers have no biases")
+    l.only("hidden_act", "silu", ("silu",), "InternLM2's SwiGLU")
+    l.only("scale_img", False, (False,), "an option of the V2PE authors' code that longview does not implement")
+    # InternVLChatConfig unties the output layer whatever llm_config says.
+    l.get("tie_word_embeddings")
+    heads = l.get("num_attention_heads", 32)
+    kind, factor = _rope_scaling(l)
     llm = LLMConfig(
-        vocab_size=_need(l, "vocab_size", "llm_config"),
-        hidden_size=_need(l, "hidden_size", "llm_config"),
-        num_heads=_need(l, "num_attention_heads", "llm_config"),
-        num_kv_heads=l.get("num_key_value_heads", l["num_attention_heads"]),
-        num_layers=_need(l, "num_hidden_layers", "llm_config"),
-        intermediate_size=_need(l, "intermediate_size", "llm_config"),
-        rms_norm_eps=l.get("rms_norm_eps", 1e-5),
-        rope_theta=l.get("rope_theta", 1e6),
+        vocab_size=l.get("vocab_size", 103168),
+        hidden_size=l.get("hidden_size", 4096),
+        num_heads=heads,
+        num_kv_heads=l.get("num_key_value_heads") or heads,
+        num_layers=l.get("num_hidden_layers", 32),
+        intermediate_size=l.get("intermediate_size", 11008),
+        rms_norm_eps=l.get("rms_norm_eps", 1e-6),
+        rope_theta=l.get("rope_theta", 10000),
+        rope_scaling=kind,
+        rope_scaling_factor=factor,
+        max_position_embeddings=l.get("max_position_embeddings", 2048),
     )
-    return V2PEModelConfig(vision=vision, llm=llm, downsample_ratio=cfg.get("downsample_ratio", 0.5))
+    l.finish()
+    thumbnail = bool(root.get("use_thumbnail", False))
+    root.finish()
+    return V2PEModelConfig(vision=vision, llm=llm, downsample_ratio=0.5, thumbnail=thumbnail)
 
 
 def config_to_hf(cfg: V2PEModelConfig) -> dict:
@@ -134,11 +246,11 @@ def config_to_hf(cfg: V2PEModelConfig) -> dict:
         "ps_version": "v2",
         "template": "internlm2-chat",
         "dynamic_image_size": True,
-        "use_thumbnail": True,
+        "use_thumbnail": cfg.thumbnail,
         "vision_config": {
             "architectures": ["InternVisionModel"],
             "model_type": "intern_vit_6b",
-            "image_size": v.image_size,
+            "image_size": v.pretrain_image_size or v.image_size,
             "patch_size": v.patch_size,
             "hidden_size": v.hidden_size,
             "num_attention_heads": v.num_heads,
@@ -162,6 +274,8 @@ def config_to_hf(cfg: V2PEModelConfig) -> dict:
             "intermediate_size": l.intermediate_size,
             "rms_norm_eps": l.rms_norm_eps,
             "rope_theta": l.rope_theta,
+            "rope_scaling": {"type": l.rope_scaling, "factor": l.rope_scaling_factor} if l.rope_scaling else None,
+            "max_position_embeddings": l.max_position_embeddings,
             "hidden_act": "silu",
             "bias": False,
             "tie_word_embeddings": False,

@@ -75,6 +75,7 @@ class DataSection:
         """What the data reader needs: this section with the model's tile geometry."""
         return DataConfig(max_tokens=max_tokens or self.max_tokens, max_tiles=self.max_tiles,
                           tile=model_cfg.vision.image_size, tokens_per_tile=model_cfg.tokens_per_tile,
+                          thumbnail=model_cfg.thumbnail,
                           position_mode=self.position_mode, position_stride=self.position_stride,
                           on_bad_sample=self.on_bad_sample)
 

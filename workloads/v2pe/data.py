@@ -18,7 +18,7 @@ import io
 import json
 import math
 import posixpath
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -28,6 +28,7 @@ from parallelism.hybrid_attention import hybrid_shard
 from parallelism.sharding import IGNORE_INDEX
 
 from .positions import v2pe_position_ids
+from .tokenizer import IM_END, IM_START, ByteTokenizer, Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,57 +64,6 @@ class LoadReport:
     def summary(self) -> str:
         why = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
         return f"{self.path}: {self.loaded} samples loaded, {self.total_skipped} skipped ({why})"
-
-
-# --- tokenizer --------------------------------------------------------------------------
-
-
-class ByteTokenizer:
-    """Bytes as tokens (0..255) plus InternVL2's special tokens.
-
-    Used by the tiny model and the synthetic data: it needs no download and makes token
-    counts exact (one byte, one token). A real InternVL2 tokenizer fits the same
-    interface (encode, special ids).
-    """
-
-    SPECIALS = ("<pad>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<|im_start|>", "<|im_end|>")
-    vocab_size = 272
-
-    def __init__(self):
-        self.special_ids = {tok: 256 + i for i, tok in enumerate(self.SPECIALS)}
-        self.pad_id = self.special_ids["<pad>"]
-        self.img_start_id = self.special_ids["<img>"]
-        self.img_end_id = self.special_ids["</img>"]
-        self.img_context_id = self.special_ids["<IMG_CONTEXT>"]
-
-    def encode(self, text: str) -> list[int]:
-        out: list[int] = []
-        i = 0
-        while i < len(text):
-            for tok, tid in self.special_ids.items():
-                if text.startswith(tok, i):
-                    out.append(tid)
-                    i += len(tok)
-                    break
-            else:
-                j = text.find("<", i + 1)
-                j = len(text) if j < 0 else j
-                out.extend(text[i:j].encode("utf-8"))
-                i = j
-        return out
-
-    def decode(self, ids: Iterable[int]) -> str:
-        inv = {v: k for k, v in self.special_ids.items()}
-        buf, parts = bytearray(), []
-        for t in ids:
-            if t < 256:
-                buf.append(t)
-            else:
-                parts.append(buf.decode("utf-8", errors="replace"))
-                buf = bytearray()
-                parts.append(inv.get(t, f"<{t}>"))
-        parts.append(buf.decode("utf-8", errors="replace"))
-        return "".join(parts)
 
 
 # --- images -------------------------------------------------------------------------------
@@ -209,6 +159,12 @@ class EncodedSample:
         return self.input_ids.numel()
 
 
+# The default system message of the authors' `internlm2-chat` template (InternVL2's chat
+# models were fine-tuned with it); a leading "system" turn in the data replaces it.
+SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+                  "是一个有用无害的人工智能助手。")
+
+
 def _roles(conversations, sample: str) -> list[tuple[str, str]]:
     if not isinstance(conversations, list) or not conversations:
         raise DataError(f"sample {sample}: 'conversations' must be a non-empty list of turns", "conversation")
@@ -222,37 +178,77 @@ def _roles(conversations, sample: str) -> list[tuple[str, str]]:
     return out
 
 
+def _chat_turns(convs: Sequence[tuple[str, str]], sample: str) -> tuple[str, list[tuple[str, str]]]:
+    """(system message, alternating user/assistant turns) as the authors' preprocessing takes them."""
+    turns = list(convs)
+    system = SYSTEM_MESSAGE
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1].strip(), turns[1:]
+    if turns and turns[0][0] != "user":
+        turns = turns[1:]  # the authors drop a first turn that is not the user's
+    for i, (role, text) in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            raise DataError(f"sample {sample}: turn {i} is from {role!r} where the chat needs {want!r} (turns "
+                            "alternate user/assistant after an optional system turn)", "conversation")
+        if not text.strip():
+            raise DataError(f"sample {sample}: turn {i} ({role}) is empty", "conversation")
+    if not turns or turns[-1][0] != "assistant":
+        raise DataError(f"sample {sample}: the chat must end with an answer ('gpt' turn) to learn from",
+                        "conversation")
+    return system, [(role, text.strip()) for role, text in turns]
+
+
 def render_tokens(
-    convs: Sequence[tuple[str, str]], tiles_per_image: Sequence[int], *, tokenizer: ByteTokenizer, tokens_per_tile: int
+    convs: Sequence[tuple[str, str]], tiles_per_image: Sequence[int], *, tokenizer: Tokenizer, tokens_per_tile: int,
+    sample: str = "?",
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of a chat in the InternLM2 template, and which tokens are learned.
+    """Token ids of a chat in the authors' `internlm2-chat` template, and which are learned.
 
     convs: (role, text) turns with `<image>` placeholders; tiles_per_image: the tile count
-    of each image in order of appearance.
+    of each image in order of appearance. The rendering is the authors' training
+    preprocessing (InternVL `preprocess_internlm`):
+
+        <s><|im_start|>system\n{system}<|im_end|><|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n{a}<|im_end|>...
+
+    every text stripped, nothing after `<|im_end|>`, each `<image>` in order becoming
+    `<img>` + `<IMG_CONTEXT>` x (tokens_per_tile x that image's tiles) + `</img>`. The
+    answers and their `<|im_end|>` are learned; BOS, the system turn, the user turns and
+    each `<|im_start|>assistant\n` are not.
+
+    The ids are those of one encode of the whole string: added tokens split the text
+    first, so each piece between them is encoded alone here too. Only an answer and its
+    `assistant\n` header share a piece; the header's length is counted the authors' way
+    (encoded alone) and a sample where that would cut a token in two is refused.
     """
-    ids: list[int] = []
-    supervised: list[bool] = []
+    system, turns = _chat_turns(convs, sample)
+    im_start, im_end = tokenizer.token_id(IM_START), tokenizer.token_id(IM_END)
+    ids: list[int] = [tokenizer.bos_id, im_start, *tokenizer.encode(f"system\n{system}"), im_end]
+    supervised: list[bool] = [False] * len(ids)
     img_i = 0
-    for role, value in convs:
-        pieces = value.split(IMAGE_PLACEHOLDER)
-        text = []
+    for role, text in turns:
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        body: list[int] = []
         for j, piece in enumerate(pieces):
             if j:
-                text.append("<img>" + "<IMG_CONTEXT>" * (tokens_per_tile * tiles_per_image[img_i]) + "</img>")
+                n = tokens_per_tile * tiles_per_image[img_i]
+                body += [tokenizer.img_start_id, *[tokenizer.img_context_id] * n, tokenizer.img_end_id]
                 img_i += 1
-            text.append(piece)
-        head = tokenizer.encode(f"<|im_start|>{role}\n")
-        body = tokenizer.encode("".join(text) + "<|im_end|>") + tokenizer.encode("\n")
-        ids += head + body
-        # The assistant's reply and its <|im_end|> are learned; its role header is not.
-        supervised += [False] * len(head) + [role == "assistant"] * len(body)
+            body += tokenizer.encode(f"{role}\n{piece}" if j == 0 else piece)
+        header = len(tokenizer.encode(f"{role}\n"))
+        if role == "assistant" and header + len(tokenizer.encode(pieces[0])) != len(tokenizer.encode(f"{role}\n{pieces[0]}")):
+            raise DataError(f"sample {sample}: the answer's first token merges with the 'assistant\\n' header under "
+                            f"tokenizer {tokenizer.name}, so the learned part has no token boundary", "tokenization")
+        ids += [im_start, *body, im_end]
+        learn = role == "assistant"
+        supervised += [False] * (1 + header) + [learn] * (len(body) - header) + [learn]
     return ids, supervised
 
 
 def encode_sample(
     record: dict,
     *,
-    tokenizer: ByteTokenizer,
+    tokenizer: Tokenizer,
     cfg: DataConfig,
     base_dir: str = "",
     sample: str | None = None,
@@ -278,7 +274,7 @@ def encode_sample(
         tiles.append(tile_image(open_image(path, sample=sample), tile=cfg.tile, max_tiles=cfg.max_tiles,
                                 thumbnail=cfg.thumbnail))
     ids, supervised = render_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer,
-                                    tokens_per_tile=cfg.tokens_per_tile)
+                                    tokens_per_tile=cfg.tokens_per_tile, sample=sample)
     if len(ids) > cfg.max_tokens:
         raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is "
                         "truncated)", "too_long")
@@ -311,7 +307,7 @@ def read_jsonl(path: str, report: LoadReport | None = None) -> Iterator[tuple[in
             yield line_no, rec
 
 
-def load_samples(path: str, *, tokenizer: ByteTokenizer, cfg: DataConfig,
+def load_samples(path: str, *, tokenizer: Tokenizer, cfg: DataConfig,
                  report: LoadReport | None = None) -> list[EncodedSample]:
     """Every sample of a JSONL file, encoded. With cfg.on_bad_sample='skip' a bad sample
     (unreadable image, placeholder count, empty conversation, over max_tokens, not JSON)
@@ -355,6 +351,9 @@ class V2PEBatch:
     cu_seqlens: torch.Tensor  # int32 global document offsets
     num_tiles: int  # tiles of the whole batch
     sample_ids: tuple[str, ...] = ()
+    # Plain positions ("default" mode): the longest document's length, which the
+    # checkpoint's rope_scaling scales by; 0 for V2PE positions (no scaling).
+    rope_len: int = 0
 
     def to(self, device: torch.device, pixel_dtype: torch.dtype) -> V2PEBatch:
         """This batch on `device`, its pixels in the model's dtype (positions stay float64)."""
@@ -367,7 +366,7 @@ class V2PEBatch:
 def pack(
     samples: Sequence[EncodedSample],
     *,
-    tokenizer: ByteTokenizer,
+    tokenizer: Tokenizer,
     tokens_per_tile: int,
     multiple: int,
     mode: str,
@@ -415,13 +414,14 @@ def pack(
         cu_seqlens=torch.tensor(docs, dtype=torch.int32),
         num_tiles=pixels.shape[0],
         sample_ids=tuple(s.sample_id for s in samples),
+        rope_len=max((len(s) for s in samples), default=0) if mode == "default" else 0,
     )
 
 
 def make_batch(
     samples: Sequence[EncodedSample],
     *,
-    tokenizer: ByteTokenizer,
+    tokenizer: Tokenizer,
     cfg: DataConfig,
     cp: int,
     generator: torch.Generator | None = None,
@@ -461,6 +461,7 @@ def shard_batch(batch: V2PEBatch, world_size: int, rank: int, *, a2a: int = 1) -
         cu_seqlens=cu,
         num_tiles=batch.num_tiles,
         sample_ids=batch.sample_ids,
+        rope_len=batch.rope_len,
     )
 
 

@@ -68,7 +68,7 @@ def score_sample(
                          cu_seqlens=prepare_documents(local.cu_seqlens.to(device), group=cp_group if W > 1 else None),
                          kernel=kernel)
     hidden = model.forward_hidden(local.input_ids.to(device), local.positions.to(device), visual,
-                                  local.visual_index.to(device), spec)[0]  # (S_local, C)
+                                  local.visual_index.to(device), spec, local.rope_len)[0]  # (S_local, C)
     targets = local.targets[0].to(device)
     keep = (targets != IGNORE_INDEX).nonzero().flatten()
     loglik = torch.zeros((), dtype=torch.float64, device=device)

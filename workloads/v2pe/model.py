@@ -40,6 +40,10 @@ def _check_positive_ints(cfg, prefix: str) -> None:
 class VisionConfig:
     image_size: int = 448
     patch_size: int = 14
+    # The tile size the position embedding was learned at, when a checkpoint's
+    # force_image_size differs from its vision image_size: it is resized (bicubic) to
+    # image_size's patch grid in the forward, as InternViT does. None: image_size.
+    pretrain_image_size: int | None = None
     hidden_size: int
     num_heads: int
     num_layers: int
@@ -48,14 +52,21 @@ class VisionConfig:
 
     def __post_init__(self):
         _check_positive_ints(self, "vision")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for name in ("image_size", "pretrain_image_size"):
+            size = getattr(self, name)
+            if size is not None and size % self.patch_size:
+                raise ValueError(f"vision.{name} {size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision.hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def pos_grid(self) -> int:
+        """Side of the learned position-embedding grid."""
+        return (self.pretrain_image_size or self.image_size) // self.patch_size
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -68,9 +79,18 @@ class LLMConfig:
     intermediate_size: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 1_000_000.0
+    # The checkpoint's rope_scaling ("dynamic" NTK or "linear", with its factor), applied
+    # to plain positions only (see positions.V2PERotary), and the trained length it scales from.
+    rope_scaling: str | None = None
+    rope_scaling_factor: float = 1.0
+    max_position_embeddings: int = 32768
 
     def __post_init__(self):
         _check_positive_ints(self, "llm")
+        if self.rope_scaling not in (None, "dynamic", "linear"):
+            raise ValueError(f"llm.rope_scaling {self.rope_scaling!r} is not one of dynamic, linear")
+        if not self.rope_scaling_factor >= 1.0:
+            raise ValueError(f"llm.rope_scaling_factor must be at least 1, got {self.rope_scaling_factor!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"llm.hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -86,6 +106,9 @@ class V2PEModelConfig:
     vision: VisionConfig
     llm: LLMConfig
     downsample_ratio: float = 0.5
+    # InternVL2 tiling appends a thumbnail of the whole image to multi-tile images
+    # (config.json use_thumbnail); the data reader follows the model.
+    thumbnail: bool = True
 
     def __post_init__(self):
         if self.downsample_ratio != 0.5:
@@ -111,13 +134,13 @@ SIZES: dict[str, V2PEModelConfig] = {
     "internvl2-2b": V2PEModelConfig(
         vision=VisionConfig(hidden_size=1024, num_heads=16, num_layers=24, intermediate_size=4096),
         llm=LLMConfig(vocab_size=92553, hidden_size=2048, num_heads=16, num_kv_heads=8, num_layers=24,
-                      intermediate_size=8192),
+                      intermediate_size=8192, rope_scaling="dynamic", rope_scaling_factor=2.0),
     ),
     # InternViT-300M + InternLM2.5-7B-chat dimensions
     "internvl2-8b": V2PEModelConfig(
         vision=VisionConfig(hidden_size=1024, num_heads=16, num_layers=24, intermediate_size=4096),
         llm=LLMConfig(vocab_size=92553, hidden_size=4096, num_heads=32, num_kv_heads=8, num_layers=32,
-                      intermediate_size=14336),
+                      intermediate_size=14336, rope_scaling="dynamic", rope_scaling_factor=2.0),
     ),
 }
 
@@ -168,16 +191,27 @@ class VisionEncoder(nn.Module):
         c = cfg.hidden_size
         self.patch_embed = nn.Conv2d(3, c, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, c))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid**2, c))
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
         # Set by parallelize(): a rank's tiles keep one (T, C) input per block instead of
         # every block's activations (~1 GB per 448px tile for InternViT-300M in bf16).
         self.checkpoint_layers = False
 
+    def position_embedding(self) -> torch.Tensor:
+        """(1, 1 + grid², C): the learned one, resized to this tile size's grid if it was
+        learned at another (bicubic in float32, as InternViT's _get_pos_embed)."""
+        p, g = self.cfg.pos_grid, self.cfg.grid
+        if p == g:
+            return self.pos_embed
+        patches = self.pos_embed[:, 1:].float().reshape(1, p, p, -1).permute(0, 3, 1, 2)  # (1, C, p, p)
+        patches = F.interpolate(patches, size=(g, g), mode="bicubic", align_corners=False)
+        patches = patches.reshape(1, -1, g * g).permute(0, 2, 1).to(self.pos_embed.dtype)  # (1, g², C)
+        return torch.cat([self.pos_embed[:, :1], patches], dim=1)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: (N, 3, H, W) -> patch features (N, grid, grid, C), class token dropped."""
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (N, grid², C)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding()
         for blk in self.blocks:
             x = checkpoint(blk, x, use_reentrant=False) if self.checkpoint_layers and torch.is_grad_enabled() else blk(x)
         g = self.cfg.grid
@@ -302,14 +336,18 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
-        self.rotary = V2PERotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = V2PERotary(cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling,
+                                 factor=cfg.rope_scaling_factor, max_positions=cfg.max_position_embeddings)
         # Set by parallelize(): recompute each layer in the backward instead of storing
         # its activations (memory per layer drops to its input).
         self.checkpoint_layers = False
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-        """h: (B, S, C) input embeddings, positions: (B, S) float64 -> normed hidden (B, S, C)."""
-        cos, sin = self.rotary(positions, h.dtype)  # (B, S, D)
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, spec: AttentionSpec, rope_len: int = 0) -> torch.Tensor:
+        """h: (B, S, C) input embeddings, positions: (B, S) float64 -> normed hidden (B, S, C).
+
+        rope_len: for plain positions, the longest document's length (rope_scaling uses
+        it); 0 for V2PE positions."""
+        cos, sin = self.rotary(positions, h.dtype, rope_len)  # (B, S, D)
         for layer in self.layers:
             if self.checkpoint_layers and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, spec, use_reentrant=False)
@@ -346,5 +384,6 @@ class V2PEModel(nn.Module):
         picked = visual[visual_index.clamp(min=0)]  # (B, S, C)
         return torch.where(mask.unsqueeze(-1), picked.to(h.dtype), h)
 
-    def forward_hidden(self, input_ids, positions, visual, visual_index, spec: AttentionSpec) -> torch.Tensor:
-        return self.decoder(self.embed(input_ids, visual, visual_index), positions, spec)
+    def forward_hidden(self, input_ids, positions, visual, visual_index, spec: AttentionSpec,
+                       rope_len: int = 0) -> torch.Tensor:
+        return self.decoder(self.embed(input_ids, visual, visual_index), positions, spec, rope_len)

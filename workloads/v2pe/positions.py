@@ -137,20 +137,41 @@ class V2PERotary(torch.nn.Module):
 
     Uses the "rotate half" layout of InternLM2/Llama: the two halves of the head
     dimension form the (x, y) pairs.
+
+    `scaling` is the checkpoint's `rope_scaling` as InternLM2 implements it, applied only
+    to plain positions (`rope_len` > 0, the longest document of the batch): "dynamic"
+    (NTK) raises the base once a sequence is longer than `max_positions`, "linear"
+    divides positions by `factor`. V2PE positions (`rope_len` = 0) use the plain base, as
+    the V2PE authors switch scaling off in their V2PE position modes.
     """
 
-    def __init__(self, head_dim: int, base: float = 1_000_000.0):
+    def __init__(self, head_dim: int, base: float = 1_000_000.0, *, scaling: str | None = None, factor: float = 1.0,
+                 max_positions: int = 32768):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)  # (D/2,) float64
+        if scaling not in (None, "dynamic", "linear"):
+            raise ValueError(f"rope scaling {scaling!r} is not one of dynamic, linear")
+        self.head_dim, self.base, self.scaling, self.factor, self.max_positions = (
+            head_dim, base, scaling, factor, max_positions)
+        self.register_buffer("inv_freq", self._inv_freq(base), persistent=False)  # (D/2,) float64
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, rope_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (..., S) float64 -> cos, sin: (..., S, D) in `dtype`."""
         if positions.dtype != torch.float64:
             raise ValueError(f"V2PE positions must be float64 to stay exact, got {positions.dtype}")
-        angles = positions.unsqueeze(-1) * self.inv_freq.to(positions.device)  # (..., S, D/2) float64
+        inv_freq = self.inv_freq
+        if rope_len and self.scaling == "linear":
+            positions = positions / self.factor
+        elif rope_len > self.max_positions and self.scaling == "dynamic":
+            # InternLM2's dynamic NTK: the base grows with the sequence length.
+            d = self.head_dim
+            base = self.base * ((self.factor * rope_len / self.max_positions) - (self.factor - 1)) ** (d / (d - 2))
+            inv_freq = self._inv_freq(base)
+        angles = positions.unsqueeze(-1) * inv_freq.to(positions.device)  # (..., S, D/2) float64
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -99,9 +99,9 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: ByteTokenizer) -> tuple
     question, answer = _question(cfg.task, colours, marked, k)
 
     def conversation(fillers: list[str]) -> list[tuple[str, str]]:
-        parts = []
-        for i in range(n):
-            parts.append(f"{fillers[i]}\nImage {i + 1}: <image>\n")
+        # Starts and ends with words: the chat template strips each turn, and the filler
+        # must count in full.
+        parts = ["Read on.\n"] + [f"{fillers[i]}\nImage {i + 1}: <image>\n" for i in range(n)]
         parts.append(fillers[n] + "\n" + question)
         return [("user", "".join(parts)), ("assistant", answer)]
 

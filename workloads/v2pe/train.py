@@ -126,7 +126,7 @@ def forward_loss(
     # The document list is read and compared across the group once here, not in every layer.
     spec = AttentionSpec(group=cp_group, a2a_group=a2a_group, ring_group=ring_group,
                          cu_seqlens=prepare_documents(batch.cu_seqlens, group=cp_group), kernel=cfg.kernel)
-    hidden = model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index, spec)
+    hidden = model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index, spec, batch.rope_len)
     loss_sum, n_tokens = chunked_cross_entropy(
         hidden.flatten(0, 1), model.decoder.lm_head, batch.targets.flatten(), batch.loss_weight.flatten(),
         cfg.loss_chunk_tokens, group=loss_group,
