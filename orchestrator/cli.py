@@ -167,7 +167,8 @@ def cmd_train(args) -> int:
 
 
 # Errors of ours whose message is the whole story, in the order they are looked for.
-_OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ConfigError")
+_OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ConfigError",
+               "TokenizerError")
 
 
 def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> str:

@@ -100,13 +100,15 @@ def test_byte_tokenizer_renders_the_same_template():
 
 def test_tokenizer_and_model_must_belong_together(tok, folder):
     check_fits(tok, tok.vocab_size, "ckpt")
-    with pytest.raises(TokenizerError, match=rf"tokenizer byte has 264 ids but model ckpt has {tok.vocab_size}"):
+    with pytest.raises(TokenizerError, match=rf"tokenizer byte has 272 ids but model ckpt has {tok.vocab_size}"):
         check_fits(ByteTokenizer(), tok.vocab_size, "ckpt")
     with pytest.raises(TokenizerError, match=rf"tokenizer {folder} does not fit model tiny: its ids .* reach past"):
         check_fits(tok, 272, "tiny")
     assert isinstance(resolve_tokenizer("auto", None), ByteTokenizer)
-    assert resolve_tokenizer("auto", str(folder)).vocab_size == tok.vocab_size
+    assert resolve_tokenizer("auto", str(folder)).vocab_size == tok.vocab_size  # the checkpoint's own
+    assert isinstance(resolve_tokenizer("auto", str(folder / "no-tokenizer-here")), ByteTokenizer)
     assert isinstance(resolve_tokenizer("byte", str(folder)), ByteTokenizer)
+    assert resolve_tokenizer(str(folder), None).vocab_size == tok.vocab_size
 
 
 def test_unreadable_tokenizer_folders_are_named(tmp_path, folder):

@@ -302,11 +302,25 @@ def _read_tensors(fs, root: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_config(path: str) -> V2PEModelConfig:
+    """The model config.json of a checkpoint folder describes (no tensors read)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    config = posixpath.join(root, "config.json")
+    if not fs.exists(config):
+        raise ConfigError(f"model.pretrained: {path} has no config.json (an InternVL2 checkpoint folder)")
+    try:
+        return config_from_hf(json.loads(fs.cat_file(config)))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}/config.json is not valid JSON ({e})") from None
+
+
 def load_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> V2PEModel:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
-    cfg = config_from_hf(json.loads(fs.cat_file(posixpath.join(root, "config.json"))))
+    cfg = read_config(path)
     model = V2PEModel(cfg)
     tensors = _read_tensors(fs, root)
     state = {}

@@ -55,6 +55,10 @@ class SyntheticSection:
 @dataclass(kw_only=True, frozen=True)
 class DataSection:
     train: str = "synthetic"  # "synthetic" or a JSONL path / URL
+    # "auto": the checkpoint's own tokenizer (model.pretrained's tokenizer.model), else the
+    # byte tokenizer of the tiny model; "byte"; or a tokenizer folder / URL. It must fit
+    # the model's vocabulary (checked before anything starts).
+    tokenizer: str = "auto"
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
     max_tokens: int = bounded(8192, gt=0)
     max_tiles: int = bounded(6, gt=0)

@@ -245,19 +245,11 @@ def render_tokens(
     return ids, supervised
 
 
-def encode_sample(
-    record: dict,
-    *,
-    tokenizer: Tokenizer,
-    cfg: DataConfig,
-    base_dir: str = "",
-    sample: str | None = None,
-) -> EncodedSample:
-    """One JSONL record -> token ids, shifted targets and image tiles."""
+def prepare_record(record, sample: str, base_dir: str = "") -> tuple[list[tuple[str, str]], list[str]]:
+    """A JSONL record checked: its (role, text) turns and its image paths (resolved
+    against the JSONL's folder), one per `<image>` placeholder."""
     if not isinstance(record, dict):
-        raise DataError(f"sample {sample or '?'}: a record must be a JSON object, got {type(record).__name__}",
-                        "record")
-    sample = sample or str(record.get("id", "?"))
+        raise DataError(f"sample {sample}: a record must be a JSON object, got {type(record).__name__}", "record")
     images = record.get("image", [])
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
@@ -267,14 +259,15 @@ def encode_sample(
     if n_placeholders != len(images):
         raise DataError(f"sample {sample}: {len(images)} image(s) but {n_placeholders} '<image>' placeholder(s)",
                         "placeholders")
-    tiles = []
-    for name in images:
-        path = name if "://" in name or name.startswith("/") else posixpath.join(base_dir, name)
-        # open_image decodes the whole file, so a corrupt one fails there, naming it
-        tiles.append(tile_image(open_image(path, sample=sample), tile=cfg.tile, max_tiles=cfg.max_tiles,
-                                thumbnail=cfg.thumbnail))
-    ids, supervised = render_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer,
-                                    tokens_per_tile=cfg.tokens_per_tile, sample=sample)
+    paths = [name if "://" in name or name.startswith("/") else posixpath.join(base_dir, name) for name in images]
+    return convs, paths
+
+
+def encode_tokens(convs, tiles_per_image: Sequence[int], *, tokenizer: Tokenizer, cfg: DataConfig,
+                  sample: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets) of a chat: rendered, checked against max_tokens, targets shifted."""
+    ids, supervised = render_tokens(convs, tiles_per_image, tokenizer=tokenizer, tokens_per_tile=cfg.tokens_per_tile,
+                                    sample=sample)
     if len(ids) > cfg.max_tokens:
         raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is "
                         "truncated)", "too_long")
@@ -283,6 +276,24 @@ def encode_sample(
     targets = torch.full_like(input_ids, IGNORE_INDEX)
     # target[t] is token t+1 when token t+1 is supervised: shifted here, before any sharding.
     targets[:-1] = torch.where(sup[1:], input_ids[1:], torch.full_like(input_ids[1:], IGNORE_INDEX))
+    return input_ids, targets
+
+
+def encode_sample(
+    record: dict,
+    *,
+    tokenizer: Tokenizer,
+    cfg: DataConfig,
+    base_dir: str = "",
+    sample: str | None = None,
+) -> EncodedSample:
+    """One JSONL record -> token ids, shifted targets and image tiles."""
+    sample = sample or (str(record.get("id", "?")) if isinstance(record, dict) else "?")
+    convs, paths = prepare_record(record, sample, base_dir)
+    # open_image decodes the whole file, so a corrupt one fails there, naming it
+    tiles = [tile_image(open_image(p, sample=sample), tile=cfg.tile, max_tiles=cfg.max_tiles, thumbnail=cfg.thumbnail)
+             for p in paths]
+    input_ids, targets = encode_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, cfg=cfg, sample=sample)
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, cfg.tile, cfg.tile)
     return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets, pixels=pixels)
 
@@ -465,24 +476,31 @@ def shard_batch(batch: V2PEBatch, world_size: int, rank: int, *, a2a: int = 1) -
     )
 
 
-def pack_greedy(samples: Sequence[EncodedSample], budget: int, multiple: int) -> list[list[EncodedSample]]:
-    """Groups samples in order into rows whose padded length stays within `budget`."""
+def pack_rows(lengths: Sequence[int], budget: int, multiple: int, names: Sequence[str] | None = None) -> list[list[int]]:
+    """Indices grouped in order into rows whose padded length stays within `budget`."""
     rows, cur, used = [], [], 0
-    for s in samples:
-        n = math.ceil(len(s) / multiple) * multiple
-        if n > budget:
-            raise DataError(f"sample {s.sample_id}: {len(s)} tokens (padded {n}) exceed the packing budget {budget}")
-        if used + n > budget and cur:
+    for i, n in enumerate(lengths):
+        padded = math.ceil(n / multiple) * multiple
+        if padded > budget:
+            raise DataError(f"sample {names[i] if names else i}: {n} tokens (padded {padded}) exceed the packing "
+                            f"budget {budget}")
+        if used + padded > budget and cur:
             rows.append(cur)
             cur, used = [], 0
-        cur.append(s)
-        used += n
+        cur.append(i)
+        used += padded
     if cur:
         rows.append(cur)
     return rows
 
 
+def pack_greedy(samples: Sequence[EncodedSample], budget: int, multiple: int) -> list[list[EncodedSample]]:
+    """Groups samples in order into rows whose padded length stays within `budget`."""
+    rows = pack_rows([len(s) for s in samples], budget, multiple, [s.sample_id for s in samples])
+    return [[samples[i] for i in row] for row in rows]
+
+
 __all__ = [
     "ByteTokenizer", "DataConfig", "DataError", "EncodedSample", "LoadReport", "V2PEBatch", "encode_sample", "load_samples",
-    "make_batch", "pack", "pack_greedy", "read_jsonl", "shard_batch", "tile_image",
+    "make_batch", "pack", "pack_greedy", "pack_rows", "prepare_record", "read_jsonl", "shard_batch", "tile_image",
 ]

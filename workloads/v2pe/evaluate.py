@@ -21,8 +21,9 @@ from parallelism.ring_attention import prepare_documents
 from parallelism.sharding import IGNORE_INDEX
 
 from ..spec import EvalResult, Evaluation
-from .data import ByteTokenizer, EncodedSample, pack, shard_batch
+from .data import EncodedSample, pack, shard_batch
 from .model import AttentionSpec, V2PEModel
+from .tokenizer import Tokenizer
 from .train import encode_visual
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def score_sample(
     model: V2PEModel,
     sample: EncodedSample,
     *,
-    tokenizer: ByteTokenizer,
+    tokenizer: Tokenizer,
     mode: str,
     stride: int | None = None,
     cp_group=None,
@@ -100,7 +101,7 @@ def accuracy_table(
     model: V2PEModel,
     samples: Sequence[EncodedSample],
     *,
-    tokenizer: ByteTokenizer,
+    tokenizer: Tokenizer,
     strides: Sequence[int],
     cp_group=None,
     hybrid: tuple | None = None,
@@ -151,9 +152,11 @@ class NeedleEvaluation(Evaluation):
         """Writes each length's evaluation set under <run>/data/eval-<n> once; {n: jsonl}."""
         import fsspec
 
+        from .spec import _model_config, job_tokenizer
         from .synth import SynthConfig, write_dataset
 
-        mc, e = cfg.model.config(), cfg.evaluation
+        mc, e = _model_config(cfg), cfg.evaluation
+        tokenizer = job_tokenizer(cfg, model_cfg=mc)
         paths = {}
         for n in e.lengths:
             url = f"{run_root.rstrip('/')}/data/eval-{n}"
@@ -161,7 +164,7 @@ class NeedleEvaluation(Evaluation):
             if not fs.exists(f"{root}/data.jsonl"):
                 write_dataset(url, SynthConfig(tokens=n, images=e.images, task=e.task, tile=mc.vision.image_size,
                                                tokens_per_tile=mc.tokens_per_tile, seed=10_000 + n),
-                              e.samples_per_length)
+                              e.samples_per_length, tokenizer)
             paths[str(n)] = f"{url}/data.jsonl"
         return paths
 
@@ -170,10 +173,11 @@ class NeedleEvaluation(Evaluation):
         from parallelism.dims import ParallelDims
 
         from .checkpoint_io import load_pretrained
-        from .data import ByteTokenizer, load_samples
+        from .data import load_samples
+        from .spec import job_tokenizer
 
         model = load_pretrained(model_url).eval()
-        tok = ByteTokenizer()
+        tok = job_tokenizer(cfg, checkpoint=model_url, model_cfg=model.cfg)
         samples = []
         for n, path in sorted(prepared.items(), key=lambda kv: int(kv[0])):
             samples += load_samples(path, tokenizer=tok, cfg=cfg.data.loader(model.cfg, max_tokens=int(n)))

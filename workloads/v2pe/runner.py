@@ -28,8 +28,9 @@ class V2PERunner(Runner):
         from parallelism.dims import ParallelDims
 
         from ..engine import build_engine
-        from .data import ByteTokenizer, LoadReport, load_samples, pack_greedy
         from .model import V2PEModel
+        from .spec import job_tokenizer
+        from .stream import StreamingDataset, ensure_index, load_index
         from .train import TrainStepConfig, parallelize
 
         p, t = cfg.parallelism, cfg.training
@@ -42,32 +43,35 @@ class V2PERunner(Runner):
             model = load_pretrained(cfg.model.pretrained)
         else:
             model = V2PEModel(cfg.model.config())
+        self.tokenizer = job_tokenizer(cfg, model_cfg=model.cfg)
         # DeepSpeed keeps fp32 master weights itself (bf16 in its config); otherwise bf16 here.
         model.to(ctx.device, torch.bfloat16 if t.bf16 and t.sharding != "deepspeed" else torch.float32)
         self.step_cfg = TrainStepConfig(loss_chunk_tokens=t.loss_chunk_tokens,
                                         activation_checkpointing=t.activation_checkpointing)
         parallelize(model, self.step_cfg)
         self.engine = build_engine(model, t)
-        self.tokenizer = ByteTokenizer()
         self.data_cfg = cfg.data.loader(model.cfg)
-        path = train_path(cfg, ctx.run_root)
-        self.report = LoadReport(path)
-        samples = load_samples(path, tokenizer=self.tokenizer, cfg=self.data_cfg, report=self.report)
-        self.rows = pack_greedy(samples, budget=cfg.data.max_tokens, multiple=2 * p.cp)
-        self.last_row = (0, 0, 0)  # (tokens, tiles, supervised tokens) of the last batch, for the planner
+        # prepare_data indexed the file on the driver; a worker only reads the index.
+        index = load_index(ensure_index(train_path(cfg, ctx.run_root), ctx.run_root, tokenizer=self.tokenizer,
+                                        cfg=self.data_cfg))
+        self.report = index.report
+        dims = self.groups.dims
+        self.data = StreamingDataset(index, tokenizer=self.tokenizer, cfg=self.data_cfg, cp=dims.cp,
+                                     cp_rank=self.groups.cp_rank, a2a=dims.cp_a2a, budget=cfg.data.max_tokens)
+        self.last_row = None  # RowStats of the last batch, for the planner
 
     def batch(self, micro: int):
-        """The packed row of micro-step `micro` for this data-parallel replica, CP-sharded."""
-        from .data import make_batch, shard_batch
-
+        """The packed row of micro-step `micro` for this data-parallel replica, CP-sharded;
+        the next micro-step's row is read in the background meanwhile."""
         dims, seed = self.groups.dims, self.cfg.training.seed
-        i = micro * dims.dp + self.groups.dp_rank
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # δ draws of this batch
-        row = self.rows[sample_at(i, len(self.rows), seed)]
-        batch = make_batch(row, tokenizer=self.tokenizer, cfg=self.data_cfg, cp=dims.cp, generator=gen)
-        self.last_row = (batch.input_ids.shape[1], batch.num_tiles, int((batch.targets != -100).sum()))
-        local = shard_batch(batch, dims.cp, self.groups.cp_rank, a2a=dims.cp_a2a)
-        return local.to(self.device, next(self.engine.module.parameters()).dtype)
+
+        def key(m: int) -> tuple[int, int]:
+            i = m * dims.dp + self.groups.dp_rank
+            # the row, and the seed of its δ draws
+            return sample_at(i, len(self.data.rows), seed), seed * 1_000_003 + i
+
+        batch, self.last_row = self.data.batch(*key(micro), next_key=key(micro + 1))
+        return batch.to(self.device, next(self.engine.module.parameters()).dtype)
 
     def step(self, micro: int) -> StepResult:
         from .train import train_step
@@ -93,13 +97,15 @@ class V2PERunner(Runner):
         """The planner's bytes per GPU for the last row this rank trained on."""
         from .plan import estimate_memory, job_shape
 
-        seq, tiles, supervised = self.last_row
-        shape = replace(job_shape(self.cfg), seq_len=seq, tiles=tiles, supervised_fraction=max(supervised, 1) / seq)
+        r = self.last_row
+        shape = replace(job_shape(self.cfg), seq_len=r.tokens, tiles=r.tiles,
+                        supervised_fraction=max(r.supervised, 1) / r.tokens)
         return estimate_memory(self.engine.module.cfg, shape)
 
     def export(self, rank: int, url: str) -> str:
         """The trained model in InternVL2 Hugging Face format at `url` (rank 0 writes)."""
         from .checkpoint_io import save_pretrained
+        from .tokenizer import copy_tokenizer
 
         module = self.engine.module
         if self.engine.ds is not None and self.cfg.training.zero_stage == 3:
@@ -111,4 +117,6 @@ class V2PERunner(Runner):
                     save_pretrained(module, url)
         elif rank == 0:
             save_pretrained(module, url)
+        if rank == 0:  # a complete checkpoint folder: the tokenizer travels with the weights
+            copy_tokenizer(self.tokenizer, url)
         return url

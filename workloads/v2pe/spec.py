@@ -16,30 +16,60 @@ def validate(cfg) -> None:
                                                    f"(model.size {cfg.model.size!r}); the all-to-all splits heads")
 
 
+def job_tokenizer(cfg, checkpoint: str | None = None, model_cfg=None):
+    """The tokenizer of `data.tokenizer` for the job's model (or `checkpoint`), checked to
+    fit the model's vocabulary."""
+    from .tokenizer import check_fits, resolve_tokenizer
+
+    checkpoint = checkpoint or cfg.model.pretrained
+    if model_cfg is None:
+        from .checkpoint_io import read_config
+
+        model_cfg = read_config(checkpoint) if checkpoint else cfg.model.config()
+    tokenizer = resolve_tokenizer(cfg.data.tokenizer, checkpoint)
+    check_fits(tokenizer, model_cfg.llm.vocab_size, checkpoint or f"size {cfg.model.size!r}")
+    return tokenizer
+
+
 def prepare_data(cfg, run_root: str) -> None:
-    """Writes the synthetic training set under <run>/data/train once (kept if there);
-    a configured file that is not there stops the job before any worker starts."""
+    """Checks the tokenizer against the model; writes the synthetic training set under
+    <run>/data/train once (kept if there); indexes the training file once (a configured
+    file that is not there, or a bad sample, stops the job before any worker starts)."""
     import fsspec
 
+    mc = _model_config(cfg)
+    tokenizer = job_tokenizer(cfg, model_cfg=mc)
     if cfg.data.train != "synthetic":
         from .data import DataError
 
         fs, key = fsspec.core.url_to_fs(cfg.data.train)
         if not fs.isfile(key):
             raise DataError(f"data.train: {cfg.data.train} is not a file", reason="missing_file")
-        return
 
     from .runner import train_path
-    from .synth import SynthConfig, write_dataset
+    from .stream import ensure_index
 
     path = train_path(cfg, run_root)
-    fs, key = fsspec.core.url_to_fs(path)
-    if fs.exists(key):
-        return
-    mc, s = cfg.model.config(), cfg.data.synthetic
-    synth = SynthConfig(tokens=s.tokens, images=s.images, task=s.task, tile=mc.vision.image_size,
-                        tokens_per_tile=mc.tokens_per_tile, seed=s.seed)
-    write_dataset(path.rsplit("/", 1)[0], synth, s.samples)
+    if cfg.data.train == "synthetic":
+        from .synth import SynthConfig, write_dataset
+
+        fs, key = fsspec.core.url_to_fs(path)
+        if not fs.exists(key):
+            s = cfg.data.synthetic
+            synth = SynthConfig(tokens=s.tokens, images=s.images, task=s.task, tile=mc.vision.image_size,
+                                tokens_per_tile=mc.tokens_per_tile, seed=s.seed)
+            write_dataset(path.rsplit("/", 1)[0], synth, s.samples, tokenizer)
+    # Once, here on the driver: the workers read the index, not the whole file.
+    ensure_index(path, run_root, tokenizer=tokenizer, cfg=cfg.data.loader(mc))
+
+
+def _model_config(cfg):
+    """The model's config: the pretrained checkpoint's config.json, else the named size."""
+    if cfg.model.pretrained:
+        from .checkpoint_io import read_config
+
+        return read_config(cfg.model.pretrained)
+    return cfg.model.config()
 
 
 def layout(cfg) -> str:

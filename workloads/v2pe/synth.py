@@ -10,7 +10,9 @@ framed by filler text, then one question about the images:
 Images are square tiles (one tile each under dynamic tiling) drawn procedurally: a
 solid colour from a fixed palette with noise, and for a marked image a black square in
 its centre. The filler text is sized so that the encoded sample has exactly the
-requested number of tokens; `answer` in every record is the key the images support.
+requested number of tokens under the byte tokenizer (at most that many, within a token
+or two, under a checkpoint's subword tokenizer; `tokens` records the count); `answer`
+in every record is the key the images support.
 Written as JSONL + PNG files to any fsspec URL (local folder, s3://...).
 """
 
@@ -22,7 +24,8 @@ import posixpath
 import random
 from dataclasses import dataclass
 
-from .data import ByteTokenizer, DataError, render_tokens
+from .data import DataError, render_tokens
+from .tokenizer import ByteTokenizer, Tokenizer
 
 PALETTE = {
     "red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40),
@@ -37,7 +40,7 @@ _WORDS = (
 
 @dataclass(kw_only=True, frozen=True)
 class SynthConfig:
-    tokens: int  # exact length of each encoded sample
+    tokens: int  # length of each encoded sample (exact under the byte tokenizer, else at most)
     images: int  # images per sample
     task: str = "marked"
     tile: int = 448
@@ -83,7 +86,7 @@ def _question(task: str, colours: list[str], marked: list[bool], k: int) -> tupl
     return f"What is the background colour of image {k + 1}? Answer with one word.", colours[k]
 
 
-def make_sample(cfg: SynthConfig, index: int, tokenizer: ByteTokenizer) -> tuple[dict, list]:
+def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dict, list]:
     """One record (with `answer` and `tokens`) and its PIL images, deterministic in (seed, index)."""
     rng = random.Random(cfg.seed * 1_000_003 + index)
     n = cfg.images
@@ -105,25 +108,40 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: ByteTokenizer) -> tuple
         parts.append(fillers[n] + "\n" + question)
         return [("user", "".join(parts)), ("assistant", answer)]
 
-    base, _ = render_tokens(conversation([""] * (n + 1)), [1] * n, tokenizer=tokenizer,
-                            tokens_per_tile=cfg.tokens_per_tile)
-    spare = cfg.tokens - len(base)
-    if spare < 0:
+    def render(total: int) -> tuple[list[tuple[str, str]], int]:
+        # The filler spread over the n+1 gaps (the same draws for every total tried).
+        sizes = [total // (n + 1) + (1 if i < total % (n + 1) else 0) for i in range(n + 1)]
+        r = random.Random(cfg.seed * 7_919 + index)
+        convs = conversation([_filler(k, r) for k in sizes])
+        ids, _ = render_tokens(convs, [1] * n, tokenizer=tokenizer, tokens_per_tile=cfg.tokens_per_tile)
+        return convs, len(ids)
+
+    _, base = render(0)
+    if base > cfg.tokens:
         raise DataError(
-            f"synthetic sample {index}: {n} images and the question need {len(base)} tokens, "
+            f"synthetic sample {index}: {n} images and the question need {base} tokens, "
             f"more than the requested {cfg.tokens}"
         )
-    # Spread the filler over the n+1 gaps; the byte tokenizer makes this exact.
-    sizes = [spare // (n + 1) + (1 if i < spare % (n + 1) else 0) for i in range(n + 1)]
-    convs = conversation([_filler(s, rng) for s in sizes])
-    ids, _ = render_tokens(convs, [1] * n, tokenizer=tokenizer, tokens_per_tile=cfg.tokens_per_tile)
-    assert len(ids) == cfg.tokens, (len(ids), cfg.tokens)  # construction invariant, not input checking
+    if isinstance(tokenizer, ByteTokenizer):
+        convs, length = render(cfg.tokens - base)  # one byte, one token: exact
+    else:
+        # Subword tokens: the most filler characters whose sample still fits, by bisection
+        # (tokens grow with characters, a merge aside), so the sample ends within a token
+        # or two of the requested length.
+        lo, hi = 0, cfg.tokens - base
+        while render(hi)[1] <= cfg.tokens:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if render(mid)[1] <= cfg.tokens else (lo, mid)
+        convs, length = render(lo)
+    assert length <= cfg.tokens, (length, cfg.tokens)  # construction invariant, not input checking
     record = {
         "id": f"{cfg.task}-{cfg.tokens}-{index}",
         "image": [f"images/{cfg.task}-{cfg.tokens}-{index}-{i}.png" for i in range(n)],
         "conversations": [{"from": "human", "value": convs[0][1]}, {"from": "gpt", "value": answer}],
         "answer": answer,
-        "tokens": cfg.tokens,
+        "tokens": length,
         "task": cfg.task,
         "marked": marked,
         "colours": colours,
@@ -131,7 +149,7 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: ByteTokenizer) -> tuple
     return record, [draw_image(c, m, cfg.tile, rng) for c, m in zip(colours, marked)]
 
 
-def write_dataset(url: str, cfg: SynthConfig, samples: int, tokenizer: ByteTokenizer | None = None) -> str:
+def write_dataset(url: str, cfg: SynthConfig, samples: int, tokenizer: Tokenizer | None = None) -> str:
     """Writes `samples` records to URL/data.jsonl and their images under URL/images/."""
     import fsspec
 

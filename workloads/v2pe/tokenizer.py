@@ -68,7 +68,7 @@ class ByteTokenizer:
     """
 
     SPECIALS = ("<pad>", "<s>", "</s>", IMG_START, IMG_END, IMG_CONTEXT, IM_START, IM_END)
-    vocab_size = 256 + len(SPECIALS)
+    vocab_size = 272  # 256 bytes, the 8 special tokens, 8 ids kept free (the tiny model's vocabulary)
     name = "byte"
 
     def __init__(self):
@@ -250,11 +250,38 @@ def load_tokenizer(path: str) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(proto, list(added.values()), bos=bos, pad=pad, name=path)
 
 
-def resolve_tokenizer(choice: str, pretrained: str | None) -> Tokenizer:
-    """`data.tokenizer`: "auto" (the pretrained checkpoint's own, else bytes), "byte", or a folder."""
-    if choice == "byte" or (choice == "auto" and not pretrained):
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def resolve_tokenizer(choice: str, checkpoint: str | None) -> Tokenizer:
+    """`data.tokenizer`: "auto" (the checkpoint folder's own tokenizer when it has one, else
+    bytes), "byte", or a tokenizer folder / URL."""
+    if choice == "byte":
         return ByteTokenizer()
-    return load_tokenizer(pretrained if choice == "auto" else choice)
+    if choice != "auto":
+        return load_tokenizer(choice)
+    if checkpoint:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(checkpoint)
+        if fs.exists(posixpath.join(root, "tokenizer.model")):
+            return load_tokenizer(checkpoint)
+    return ByteTokenizer()
+
+
+def copy_tokenizer(tokenizer: Tokenizer, url: str) -> None:
+    """Puts a loaded tokenizer's files beside an exported checkpoint, so the export is a
+    complete InternVL2 folder (nothing to copy for the byte tokenizer)."""
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        return
+    import fsspec
+
+    src_fs, src = fsspec.core.url_to_fs(tokenizer.name)
+    dst_fs, dst = fsspec.core.url_to_fs(url)
+    for name in TOKENIZER_FILES:
+        path = posixpath.join(src, name)
+        if src_fs.exists(path):
+            dst_fs.pipe_file(posixpath.join(dst, name), src_fs.cat_file(path))
 
 
 def check_fits(tokenizer: Tokenizer, vocab_size: int, model: str) -> None:

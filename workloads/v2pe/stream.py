@@ -1,0 +1,282 @@
+"""Training data that streams: a JSONL indexed once, images decoded when a rank needs them.
+
+`build_index` reads the JSONL once (on the driver, before any worker starts): for every
+usable sample its byte offset, its token count and the tile count of each image. Token
+counts come from the text and the images' header sizes (PIL reads the header without
+decoding pixels), so the index of 100,000 samples with hundreds of images each costs
+the text and a few KiB per image, not the pixels. It is stored with the run
+(safetensors + a JSON report: nothing executable) and keyed by the data file's identity
+and everything that changes a count (tokenizer, tiling), so a resumed or resubmitted run
+reads it instead of building it again.
+
+`StreamingDataset` gives a rank its packed, context-parallel-sharded batch for a
+micro-step: it packs rows from the index's token counts (the same rows as the eager
+reader: `pack_rows` in file order), reads only the row's lines (seek to the offset),
+renders their tokens, and decodes only the images whose tiles fall in this rank's share
+of the vision encoder (`split_evenly` over the group, as `shard_batch` splits them). A
+background thread builds the next micro-step's batch while the current one trains.
+Memory and time to the first step depend on the row, not on the dataset.
+
+A corrupt image whose header reads but whose pixels do not is found when it is decoded:
+the run stops naming the sample (with data.on_bad_sample: skip as well, since the other
+ranks of the group have already used the sample's text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import torch
+
+from parallelism.collectives import split_evenly
+from parallelism.sharding import IGNORE_INDEX
+
+from .data import (
+    DataConfig,
+    DataError,
+    EncodedSample,
+    LoadReport,
+    V2PEBatch,
+    _closest_grid,
+    encode_tokens,
+    make_batch,
+    open_image,
+    pack_rows,
+    prepare_record,
+    shard_batch,
+    tile_image,
+)
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+INDEX_VERSION = 1
+
+
+def tiles_for(width: int, height: int, cfg: DataConfig) -> int:
+    """How many tiles `tile_image` makes of an image of this size (thumbnail included)."""
+    cols, rows = _closest_grid(width, height, cfg.max_tiles, cfg.tile)
+    n = cols * rows
+    return n + 1 if cfg.thumbnail and n > 1 else n
+
+
+def _header_size(path: str, sample: str) -> tuple[int, int]:
+    """(width, height) from the image's header: the pixels are not decoded."""
+    import fsspec
+    from PIL import Image
+
+    try:
+        # A small block size: s3fs would otherwise read ahead megabytes for a header.
+        fs, key = fsspec.core.url_to_fs(path)
+        with fs.open(key, "rb", block_size=1 << 16) as f, Image.open(f) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DataError(f"sample {sample}: image file {path} does not exist", "image") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for an unreadable header
+        raise DataError(f"sample {sample}: image file {path} cannot be read ({e})", "image") from None
+
+
+@dataclass
+class SampleIndex:
+    """Where each usable sample is and how long it is; image tile counts flattened."""
+
+    path: str
+    offsets: torch.Tensor  # (N,) int64 byte offset of the sample's line
+    tokens: torch.Tensor  # (N,) int64 tokens of the rendered sample
+    image_tiles: torch.Tensor  # (total images,) int64 tiles of each image, samples in order
+    image_start: torch.Tensor  # (N+1,) int64: sample i's images are image_tiles[image_start[i]:image_start[i+1]]
+    report: LoadReport
+
+    def __len__(self) -> int:
+        return self.offsets.numel()
+
+    def tiles_of(self, i: int) -> list[int]:
+        return self.image_tiles[self.image_start[i]: self.image_start[i + 1]].tolist()
+
+    def to_bytes(self) -> tuple[bytes, bytes]:
+        from safetensors.torch import save
+
+        tensors = {"offsets": self.offsets, "tokens": self.tokens, "image_tiles": self.image_tiles,
+                   "image_start": self.image_start}
+        r = self.report
+        meta = {"version": INDEX_VERSION, "path": self.path, "loaded": r.loaded, "skipped": r.skipped,
+                "examples": r.examples}
+        return save(tensors), json.dumps(meta).encode()
+
+    @classmethod
+    def from_bytes(cls, tensors: bytes, meta: bytes) -> SampleIndex:
+        from safetensors.torch import load
+
+        t, m = load(tensors), json.loads(meta)
+        report = LoadReport(m["path"], loaded=m["loaded"], skipped=m["skipped"], examples=m["examples"])
+        return cls(m["path"], t["offsets"], t["tokens"], t["image_tiles"], t["image_start"], report)
+
+
+def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig) -> SampleIndex:
+    """Reads the JSONL once; bad samples stop it (data.on_bad_sample: fail) or are counted
+    and left out (skip), as the eager reader does."""
+    import fsspec
+
+    base = posixpath.dirname(path)
+    report = LoadReport(path)
+    skip = cfg.on_bad_sample == "skip"
+    offsets, tokens, image_tiles, image_start = [], [], [], [0]
+    with fsspec.open(path, "rb") as f:
+        offset, line_no = 0, 0
+        for raw in f:
+            line_no += 1
+            here, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    rec = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise DataError(f"{path} line {line_no}: not valid JSON ({e})", "json") from None
+                rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
+                sample = f"{rid} ({path}:{line_no})"
+                convs, images = prepare_record(rec, sample, base)
+                tiles = [tiles_for(*_header_size(p, sample), cfg) for p in images]
+                n = encode_tokens(convs, tiles, tokenizer=tokenizer, cfg=cfg, sample=sample)[0].numel()
+            except DataError as e:
+                if not skip:
+                    raise
+                report.skip(e)
+                continue
+            offsets.append(here)
+            tokens.append(n)
+            image_tiles += tiles
+            image_start.append(len(image_tiles))
+    report.loaded = len(offsets)
+    if not offsets:
+        raise DataError(f"{path}: no usable sample ({report.summary()})"
+                        + (f"; first problem: {report.examples[0]}" if report.examples else ""), "empty")
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+    return SampleIndex(path, as_long(offsets), as_long(tokens), as_long(image_tiles), as_long(image_start), report)
+
+
+def index_url(path: str, run_root: str, tokenizer: Tokenizer, cfg: DataConfig) -> str:
+    """Where the index of `path` lives in the run: keyed by the file's identity (size and
+    ETag or modification time) and every setting that changes a count."""
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(path)
+    info = fs.info(key)
+    ident = {"path": path, "size": info.get("size"), "etag": info.get("ETag") or info.get("etag"),
+             "mtime": str(info.get("mtime") or info.get("LastModified") or ""), "tokenizer": tokenizer.name,
+             "vocab": tokenizer.vocab_size, "max_tokens": cfg.max_tokens, "max_tiles": cfg.max_tiles, "tile": cfg.tile,
+             "tokens_per_tile": cfg.tokens_per_tile, "thumbnail": cfg.thumbnail, "skip": cfg.on_bad_sample,
+             "version": INDEX_VERSION}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{run_root.rstrip('/')}/data/index/{digest}"
+
+
+def ensure_index(path: str, run_root: str, *, tokenizer: Tokenizer, cfg: DataConfig) -> str:
+    """Builds the index of `path` unless the run has it; returns its URL."""
+    import fsspec
+
+    url = index_url(path, run_root, tokenizer, cfg)
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(posixpath.join(root, "meta.json")):
+        index = build_index(path, tokenizer=tokenizer, cfg=cfg)
+        tensors, meta = index.to_bytes()
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(posixpath.join(root, "index.safetensors"), tensors)
+        fs.pipe_file(posixpath.join(root, "meta.json"), meta)  # last: its presence means complete
+        log.info("data: indexed %s", index.report.summary())
+    return url
+
+
+def load_index(url: str) -> SampleIndex:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return SampleIndex.from_bytes(fs.cat_file(posixpath.join(root, "index.safetensors")),
+                                  fs.cat_file(posixpath.join(root, "meta.json")))
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """The whole row's size (before sharding), for the memory planner."""
+
+    tokens: int
+    tiles: int
+    supervised: int
+
+
+class StreamingDataset:
+    """A rank's batches, read from the JSONL through its index as they are needed."""
+
+    def __init__(self, index: SampleIndex, *, tokenizer: Tokenizer, cfg: DataConfig, cp: int, cp_rank: int,
+                 a2a: int = 1, budget: int, prefetch: bool = True):
+        self.index, self.tokenizer, self.cfg = index, tokenizer, cfg
+        self.cp, self.cp_rank, self.a2a = cp, cp_rank, a2a
+        self.rows = pack_rows(index.tokens.tolist(), budget, 2 * cp)  # the eager reader's rows (pack_greedy)
+        self.base = posixpath.dirname(index.path)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="v2pe-prefetch") if prefetch else None
+        self._ahead: tuple[tuple, Future] | None = None
+
+    def _read(self, i: int) -> dict:
+        import fsspec
+
+        with fsspec.open(self.index.path, "rb") as f:
+            f.seek(int(self.index.offsets[i]))
+            return json.loads(f.readline())
+
+    def _sample(self, i: int, rec: dict) -> tuple[EncodedSample, list[str]]:
+        """The sample's tokens, placeholder pixels (tiles, 0, 0, 0) carrying its tile count
+        through packing, and its image paths."""
+        sample = f"{rec.get('id', '?') if isinstance(rec, dict) else '?'} ({self.index.path}@{int(self.index.offsets[i])})"
+        convs, paths = prepare_record(rec, sample, self.base)
+        tiles = self.index.tiles_of(i)
+        input_ids, targets = encode_tokens(convs, tiles, tokenizer=self.tokenizer, cfg=self.cfg, sample=sample)
+        return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets,
+                             pixels=torch.zeros(sum(tiles), 0, 0, 0)), paths
+
+    def build(self, row: list[int], generator: torch.Generator | None) -> tuple[V2PEBatch, RowStats]:
+        """The packed row, sharded for this rank, with only this rank's tiles decoded."""
+        samples, paths = zip(*(self._sample(i, self._read(i)) for i in row))
+        batch = make_batch(samples, tokenizer=self.tokenizer, cfg=self.cfg, cp=self.cp, generator=generator)
+        lo, hi = split_evenly(batch.num_tiles, self.cp, self.cp_rank)
+        pixels, first = [], 0  # first: the batch-wide index of the current image's first tile
+        for i, s, images in zip(row, samples, paths):
+            for path, n in zip(images, self.index.tiles_of(i)):
+                a, b = max(lo, first), min(hi, first + n)
+                if a < b:  # this rank encodes some of this image's tiles
+                    tiles = tile_image(open_image(path, sample=s.sample_id), tile=self.cfg.tile,
+                                       max_tiles=self.cfg.max_tiles, thumbnail=self.cfg.thumbnail)
+                    if tiles.shape[0] != n:
+                        raise DataError(f"sample {s.sample_id}: image {path} changed after the data was indexed "
+                                        f"({tiles.shape[0]} tiles, indexed {n})", "image")
+                    pixels.append(tiles[a - first: b - first])
+                first += n
+        local = torch.cat(pixels) if pixels else torch.zeros(0, 3, self.cfg.tile, self.cfg.tile)
+        stats = RowStats(batch.input_ids.shape[1], batch.num_tiles, int((batch.targets != IGNORE_INDEX).sum()))
+        sharded = shard_batch(replace(batch, pixels=torch.zeros(0)), self.cp, self.cp_rank, a2a=self.a2a)
+        return replace(sharded, pixels=local), stats
+
+    def batch(self, row_index: int, generator_seed: int,
+              next_key: tuple[int, int] | None = None) -> tuple[V2PEBatch, RowStats]:
+        """Row `row_index` (δ draws seeded by `generator_seed`); with `next_key` the row
+        after is started in the background."""
+        key = (row_index, generator_seed)
+        if self._ahead is not None and self._ahead[0] == key:
+            out = self._ahead[1].result()
+        else:
+            out = self._build(key)
+        self._ahead = None
+        if next_key is not None and self._pool is not None:
+            self._ahead = (next_key, self._pool.submit(self._build, next_key))
+        return out
+
+    def _build(self, key: tuple[int, int]) -> tuple[V2PEBatch, RowStats]:
+        row_index, seed = key
+        return self.build(self.rows[row_index], torch.Generator().manual_seed(seed))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
