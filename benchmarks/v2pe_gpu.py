@@ -31,9 +31,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from workloads.engine import TrainingConfig, build_engine
-from workloads.v2pe.data import ByteTokenizer, EncodedSample, pack
+from workloads.v2pe.data import EncodedSample, pack
 from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config
 from workloads.v2pe.plan import RunShape, estimate_memory
+from workloads.v2pe.tokenizer import ByteTokenizer
 from workloads.v2pe.train import TrainStepConfig, parallelize, train_step
 
 PEAK_TFLOPS = 989.0

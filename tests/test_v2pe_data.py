@@ -7,7 +7,6 @@ import torch
 from parallelism.sharding import zigzag_unshard
 from tests.v2pe_helpers import TILE, data_config, make_records, write_image
 from workloads.v2pe.data import (
-    ByteTokenizer,
     DataError,
     encode_sample,
     load_samples,
@@ -16,6 +15,7 @@ from workloads.v2pe.data import (
     shard_batch,
     tile_image,
 )
+from workloads.v2pe.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

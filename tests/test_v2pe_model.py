@@ -1,11 +1,13 @@
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests import v2pe_cases
-from tests.v2pe_helpers import encoded, tiny_model
+from tests.v2pe_helpers import encoded, tiny_config, tiny_model
 from workloads.v2pe.data import pack
-from workloads.v2pe.model import LMHead
+from workloads.v2pe.model import LMHead, V2PEModel
 from workloads.v2pe.train import TrainStepConfig, chunked_cross_entropy, forward_loss, parallelize
 
 # float32 throughout. Context parallelism changes only the order of additions (attention
@@ -42,8 +44,11 @@ def _batch(tmp_path, multiple, mode="v2pe_rnd"):
                 generator=torch.Generator().manual_seed(3))
 
 
-def _reference(batch, checkpointing=False):
+def _reference(batch, checkpointing=False, config=None):
     model = tiny_model()
+    if config is not None:  # the same weights under another config (e.g. rope scaling)
+        state, model = model.state_dict(), V2PEModel(config)
+        model.load_state_dict(state)
     cfg = TrainStepConfig(loss_chunk_tokens=16, activation_checkpointing=checkpointing)
     parallelize(model, cfg)
     loss, stats = forward_loss(model, batch, cfg=cfg)
@@ -71,6 +76,23 @@ def test_context_parallel_model_matches_single_process(gloo_world, tmp_path, wor
     assert set(cp_grads) == set(grads)
     for name, g in grads.items():
         assert g is not None and g.abs().sum() > 0, f"{name} got no gradient in the reference"
+        torch.testing.assert_close(cp_grads[name], g, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_dynamic_rope_scaling_under_context_parallelism(gloo_world, tmp_path):
+    """Plain positions with InternLM2's dynamic NTK scaling past 32 positions: the row's
+    longest document (rope_len) travels with every shard, so each rank scales alike."""
+    batch = _batch(tmp_path, multiple=4, mode="default")
+    assert batch.rope_len > 32 and _batch(tmp_path, multiple=4).rope_len == 0  # V2PE positions: no scaling
+    scaled = replace(tiny_config(), llm=replace(tiny_config().llm, rope_scaling="dynamic", rope_scaling_factor=2.0,
+                                                 max_position_embeddings=32))
+    model, loss, grads, _ = _reference(batch, config=scaled)
+    _, plain_loss, _, _ = _reference(batch)
+    assert abs(loss - plain_loss) > 1e-4  # the scaling is in effect
+    cp_loss, cp_grads = gloo_world(2).run(v2pe_cases.cp_loss_and_grads, model.state_dict(), batch, False, 1,
+                                          scaled)[0]
+    torch.testing.assert_close(cp_loss, loss, **LOSS_TOL)
+    for name, g in grads.items():
         torch.testing.assert_close(cp_grads[name], g, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
 
 

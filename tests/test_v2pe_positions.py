@@ -90,3 +90,22 @@ def test_bad_input_is_named():
         v2pe_position_ids(ids(T), mode="v2pe_fix", stride=300, **IDS)
     with pytest.raises(ValueError, match="mode='v2pe'"):
         v2pe_position_ids(ids(T), mode="v2pe", **IDS)
+
+
+def test_rope_scaling_applies_to_plain_positions_only():
+    """InternLM2's dynamic NTK: past max_positions the base becomes
+    θ·(f·L/max − (f−1))^(D/(D−2)) for a sequence of L tokens; linear divides positions."""
+    D, theta, f, max_pos = 8, 10_000.0, 2.0, 16
+    pos = torch.arange(40, dtype=torch.float64)[None]
+    plain = V2PERotary(D, theta)
+    dyn = V2PERotary(D, theta, scaling="dynamic", factor=f, max_positions=max_pos)
+    base = theta * (f * 40 / max_pos - (f - 1)) ** (D / (D - 2))
+    want = V2PERotary(D, base)(pos, torch.float64)
+    for got, ref in zip(dyn(pos, torch.float64, rope_len=40), want):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)  # float64 both: the same base to rounding
+    for rope_len in (0, 16):  # V2PE positions (0), or a sequence within the trained length
+        for got, ref in zip(dyn(pos, torch.float64, rope_len=rope_len), plain(pos, torch.float64)):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    lin = V2PERotary(D, theta, scaling="linear", factor=4.0)
+    for got, ref in zip(lin(pos, torch.float64, rope_len=40), plain(pos / 4, torch.float64)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tests.v2pe_helpers import TILE, data_config
-from workloads.v2pe.data import ByteTokenizer, DataError, load_samples
+from workloads.v2pe.data import DataError, load_samples
 from workloads.v2pe.synth import PALETTE, SynthConfig, make_sample, write_dataset
+from workloads.v2pe.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

@@ -17,10 +17,10 @@ def _cp_groups(a2a):
     return ParallelDims(world_size=W, cp=W, cp_a2a=a2a).build()
 
 
-def cp_loss_and_grads(state, batch, checkpointing, a2a=1):
+def cp_loss_and_grads(state, batch, checkpointing, a2a=1, config=None):
     """Whole world = one context-parallel group. Returns (summed loss, summed grads) on rank 0."""
     W, r = dist.get_world_size(), dist.get_rank()
-    model = V2PEModel(tiny_config())
+    model = V2PEModel(config or tiny_config())
     model.load_state_dict(state)
     cfg = TrainStepConfig(loss_chunk_tokens=16, activation_checkpointing=checkpointing)
     parallelize(model, cfg)
@@ -40,8 +40,8 @@ def cp_loss_and_grads(state, batch, checkpointing, a2a=1):
 
 
 def cp_score(state, samples, stride, a2a=1):
-    from workloads.v2pe.data import ByteTokenizer
     from workloads.v2pe.evaluate import score_sample
+    from workloads.v2pe.tokenizer import ByteTokenizer
 
     model = V2PEModel(tiny_config())
     model.load_state_dict(state)

@@ -5,8 +5,9 @@ import os
 
 import torch
 
-from workloads.v2pe.data import ByteTokenizer, DataConfig, encode_sample
+from workloads.v2pe.data import DataConfig, encode_sample
 from workloads.v2pe.model import V2PEModel, model_config
+from workloads.v2pe.tokenizer import ByteTokenizer
 
 TILE = 56
 

@@ -28,7 +28,7 @@ from parallelism.hybrid_attention import hybrid_shard
 from parallelism.sharding import IGNORE_INDEX
 
 from .positions import v2pe_position_ids
-from .tokenizer import IM_END, IM_START, ByteTokenizer, Tokenizer
+from .tokenizer import IM_END, IM_START, Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -501,6 +501,6 @@ def pack_greedy(samples: Sequence[EncodedSample], budget: int, multiple: int) ->
 
 
 __all__ = [
-    "ByteTokenizer", "DataConfig", "DataError", "EncodedSample", "LoadReport", "V2PEBatch", "encode_sample", "load_samples",
+    "DataConfig", "DataError", "EncodedSample", "LoadReport", "V2PEBatch", "encode_sample", "load_samples",
     "make_batch", "pack", "pack_greedy", "pack_rows", "prepare_record", "read_jsonl", "shard_batch", "tile_image",
 ]

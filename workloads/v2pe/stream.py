@@ -116,22 +116,28 @@ class SampleIndex:
         return cls(m["path"], t["offsets"], t["tokens"], t["image_tiles"], t["image_start"], report)
 
 
-def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig) -> SampleIndex:
+def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig, threads: int = 16) -> SampleIndex:
     """Reads the JSONL once; bad samples stop it (data.on_bad_sample: fail) or are counted
-    and left out (skip), as the eager reader does."""
+    and left out (skip), as the eager reader does. Image headers are read `threads` at a
+    time (on S3 each is a round trip)."""
     import fsspec
 
     base = posixpath.dirname(path)
     report = LoadReport(path)
     skip = cfg.on_bad_sample == "skip"
     offsets, tokens, image_tiles, image_start = [], [], [], [0]
-    with fsspec.open(path, "rb") as f:
-        offset, line_no = 0, 0
-        for raw in f:
-            line_no += 1
-            here, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
+
+    def header(item):
+        p, sample = item
+        try:
+            return _header_size(p, sample)
+        except DataError as e:
+            return e
+
+    def index_chunk(chunk, pool):
+        """chunk: (offset, line number, raw line) in file order."""
+        parsed = []
+        for here, line_no, raw in chunk:
             try:
                 try:
                     rec = json.loads(raw)
@@ -139,8 +145,21 @@ def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig) -> SampleIn
                     raise DataError(f"{path} line {line_no}: not valid JSON ({e})", "json") from None
                 rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
                 sample = f"{rid} ({path}:{line_no})"
-                convs, images = prepare_record(rec, sample, base)
-                tiles = [tiles_for(*_header_size(p, sample), cfg) for p in images]
+                parsed.append((here, sample, *prepare_record(rec, sample, base)))
+            except DataError as e:
+                parsed.append(e)
+        wanted = [(p, item[1]) for item in parsed if not isinstance(item, DataError) for p in item[3]]
+        sizes = iter(pool.map(header, wanted))
+        for item in parsed:
+            try:
+                if isinstance(item, DataError):
+                    raise item
+                here, sample, convs, paths = item
+                got = [next(sizes) for _ in paths]
+                bad = next((g for g in got if isinstance(g, DataError)), None)
+                if bad is not None:
+                    raise bad
+                tiles = [tiles_for(w, h, cfg) for w, h in got]
                 n = encode_tokens(convs, tiles, tokenizer=tokenizer, cfg=cfg, sample=sample)[0].numel()
             except DataError as e:
                 if not skip:
@@ -149,8 +168,19 @@ def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig) -> SampleIn
                 continue
             offsets.append(here)
             tokens.append(n)
-            image_tiles += tiles
+            image_tiles.extend(tiles)
             image_start.append(len(image_tiles))
+
+    with fsspec.open(path, "rb") as f, ThreadPoolExecutor(threads, thread_name_prefix="v2pe-index") as pool:
+        chunk, offset = [], 0
+        for line_no, raw in enumerate(f, start=1):
+            here, offset = offset, offset + len(raw)
+            if raw.strip():
+                chunk.append((here, line_no, raw))
+            if len(chunk) == 256:
+                index_chunk(chunk, pool)
+                chunk = []
+        index_chunk(chunk, pool)
     report.loaded = len(offsets)
     if not offsets:
         raise DataError(f"{path}: no usable sample ({report.summary()})"
