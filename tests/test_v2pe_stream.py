@@ -89,3 +89,38 @@ def test_index_skips_or_stops_on_bad_samples_like_the_eager_reader(tmp_path):
     assert (index.report.loaded, index.report.skipped) == (report.loaded, report.skipped) == (2, {"json": 1, "image": 2})
     with pytest.raises(DataError, match=r"d.jsonl line 2: not valid JSON"):
         build_index(str(path), tokenizer=TOK, cfg=data_config(max_tokens=1024))
+
+
+def test_image_paths_start_at_image_root(tmp_path):
+    """The authors' Long-VQA / Long-MR JSONL names images relative to their meta file's
+    `root`, not to the JSONL: data.image_root says where that is."""
+    images, ann = tmp_path / "image" / "long_vqa", tmp_path / "annotation"
+    images.mkdir(parents=True)
+    ann.mkdir()
+    write_image(str(images / "p1.png"), 1)
+    write_image(str(images / "p2.png"), 2, size=(2 * TILE, TILE))
+    rec = {"id": "lv0", "image": ["p1.png", "p2.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhich is wider?"}, {"from": "gpt", "value": "Image 2"}]}
+    (ann / "train.jsonl").write_text(json.dumps(rec) + "\n")
+    cfg = replace(data_config(max_tokens=1024), image_root=str(images))
+    eager = load_samples(str(ann / "train.jsonl"), tokenizer=TOK, cfg=cfg)
+    index = build_index(str(ann / "train.jsonl"), tokenizer=TOK, cfg=cfg)
+    got, _ = StreamingDataset(index, tokenizer=TOK, cfg=cfg, cp=1, cp_rank=0, budget=1024, prefetch=False).batch(0, 0)
+    assert got.num_tiles == eager[0].pixels.shape[0] == 1 + 3
+    torch.testing.assert_close(got.pixels, eager[0].pixels, rtol=0, atol=0)  # same decode: exact
+    with pytest.raises(DataError, match=r"p1.png does not exist"):
+        build_index(str(ann / "train.jsonl"), tokenizer=TOK, cfg=data_config(max_tokens=1024))
+
+
+def test_a_header_past_the_first_block_is_read_whole(tmp_path):
+    from PIL import Image
+
+    from workloads.v2pe.stream import HEADER_BYTES, _header_size
+
+    # A JPEG whose ICC profile (before the frame header) is larger than the first block.
+    Image.new("RGB", (3 * TILE, TILE), (10, 20, 30)).save(tmp_path / "big.jpg", icc_profile=b"\0" * (2 * HEADER_BYTES))
+    assert (tmp_path / "big.jpg").stat().st_size > 2 * HEADER_BYTES
+    assert _header_size(str(tmp_path / "big.jpg"), "s") == (3 * TILE, TILE)
+    (tmp_path / "short.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # smaller than a block and broken
+    with pytest.raises(DataError, match=r"sample s: image file .*short.png cannot be read"):
+        _header_size(str(tmp_path / "short.png"), "s")

@@ -59,6 +59,10 @@ class DataSection:
     # byte tokenizer of the tiny model; "byte"; or a tokenizer folder / URL. It must fit
     # the model's vocabulary (checked before anything starts).
     tokenizer: str = "auto"
+    # Where relative image paths of data.train start: the `root` of the authors' dataset
+    # meta files for Long-VQA / Long-MR (their JSONL names images relative to it). Unset:
+    # the JSONL's own folder.
+    image_root: str | None = None
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
     max_tokens: int = bounded(8192, gt=0)
     max_tiles: int = bounded(6, gt=0)
@@ -81,7 +85,7 @@ class DataSection:
                           tile=model_cfg.vision.image_size, tokens_per_tile=model_cfg.tokens_per_tile,
                           thumbnail=model_cfg.thumbnail,
                           position_mode=self.position_mode, position_stride=self.position_stride,
-                          on_bad_sample=self.on_bad_sample)
+                          on_bad_sample=self.on_bad_sample, image_root=self.image_root)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -145,6 +145,12 @@ class DataConfig:
     position_mode: str = "v2pe_rnd"
     position_stride: int | None = None
     on_bad_sample: str = "fail"  # "fail": the first bad sample stops loading; "skip": counted and left out
+    # The folder relative image paths start from (the `root` of the authors' dataset
+    # meta files); None: the JSONL's own folder.
+    image_root: str | None = None
+
+    def image_base(self, jsonl: str) -> str:
+        return self.image_root or posixpath.dirname(jsonl)
     # Modes and strides are checked where positions are computed (positions.v2pe_positions).
 
 
@@ -323,7 +329,7 @@ def load_samples(path: str, *, tokenizer: Tokenizer, cfg: DataConfig,
     """Every sample of a JSONL file, encoded. With cfg.on_bad_sample='skip' a bad sample
     (unreadable image, placeholder count, empty conversation, over max_tokens, not JSON)
     is counted in `report` by reason and left out; nothing is ever truncated."""
-    base = posixpath.dirname(path)
+    base = cfg.image_base(path)
     report = report if report is not None else LoadReport(path)
     skip = cfg.on_bad_sample == "skip"
     out = []

@@ -25,6 +25,7 @@ ranks of the group have already used the sample's text).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import posixpath
@@ -64,20 +65,35 @@ def tiles_for(width: int, height: int, cfg: DataConfig) -> int:
     return n + 1 if cfg.thumbnail and n > 1 else n
 
 
+HEADER_BYTES = 1 << 16  # PNG and JPEG headers (with their EXIF/ICC blocks, almost always) fit
+
+
 def _header_size(path: str, sample: str) -> tuple[int, int]:
-    """(width, height) from the image's header: the pixels are not decoded."""
+    """(width, height) from the image's header: the pixels are not decoded, and on S3 it
+    is one ranged GET of the first 64 KiB (the whole file if the header runs past it)."""
     import fsspec
     from PIL import Image
 
+    fs, key = fsspec.core.url_to_fs(path)
     try:
-        # A small block size: s3fs would otherwise read ahead megabytes for a header.
-        fs, key = fsspec.core.url_to_fs(path)
-        with fs.open(key, "rb", block_size=1 << 16) as f, Image.open(f) as img:
-            return img.size
+        head = fs.cat_file(key, start=0, end=HEADER_BYTES)
     except FileNotFoundError:
         raise DataError(f"sample {sample}: image file {path} does not exist", "image") from None
+
+    def size(data: bytes) -> tuple[int, int]:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+
+    try:
+        return size(head)
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for an unreadable header
-        raise DataError(f"sample {sample}: image file {path} cannot be read ({e})", "image") from None
+        error = e
+    if len(head) == HEADER_BYTES:  # the header may run past the first block: try the whole file
+        try:
+            return size(fs.cat_file(key))
+        except Exception as e:  # noqa: BLE001
+            error = e
+    raise DataError(f"sample {sample}: image file {path} cannot be read ({error})", "image")
 
 
 @dataclass
@@ -122,7 +138,7 @@ def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig, threads: in
     time (on S3 each is a round trip)."""
     import fsspec
 
-    base = posixpath.dirname(path)
+    base = cfg.image_base(path)
     report = LoadReport(path)
     skip = cfg.on_bad_sample == "skip"
     offsets, tokens, image_tiles, image_start = [], [], [], [0]
@@ -200,6 +216,7 @@ def index_url(path: str, run_root: str, tokenizer: Tokenizer, cfg: DataConfig) -
              "mtime": str(info.get("mtime") or info.get("LastModified") or ""), "tokenizer": tokenizer.name,
              "vocab": tokenizer.vocab_size, "max_tokens": cfg.max_tokens, "max_tiles": cfg.max_tiles, "tile": cfg.tile,
              "tokens_per_tile": cfg.tokens_per_tile, "thumbnail": cfg.thumbnail, "skip": cfg.on_bad_sample,
+             "image_root": cfg.image_root,
              "version": INDEX_VERSION}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return f"{run_root.rstrip('/')}/data/index/{digest}"
@@ -246,7 +263,7 @@ class StreamingDataset:
         self.index, self.tokenizer, self.cfg = index, tokenizer, cfg
         self.cp, self.cp_rank, self.a2a = cp, cp_rank, a2a
         self.rows = pack_rows(index.tokens.tolist(), budget, 2 * cp)  # the eager reader's rows (pack_greedy)
-        self.base = posixpath.dirname(index.path)
+        self.base = cfg.image_base(index.path)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="v2pe-prefetch") if prefetch else None
         self._ahead: tuple[tuple, Future] | None = None
 
@@ -308,5 +325,6 @@ class StreamingDataset:
         return self.build(self.rows[row_index], torch.Generator().manual_seed(seed))
 
     def close(self) -> None:
+        """Stops the prefetch: a row not started is dropped, one being read is waited for."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
