@@ -152,10 +152,10 @@ class NeedleEvaluation(Evaluation):
         """Writes each length's evaluation set under <run>/data/eval-<n> once; {n: jsonl}."""
         import fsspec
 
-        from .spec import _model_config, job_tokenizer
+        from .spec import job_model_config, job_tokenizer
         from .synth import SynthConfig, write_dataset
 
-        mc, e = _model_config(cfg), cfg.evaluation
+        mc, e = job_model_config(cfg), cfg.evaluation
         tokenizer = job_tokenizer(cfg, model_cfg=mc)
         paths = {}
         for n in e.lengths:
