@@ -34,7 +34,7 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     if not fs.exists(path):  # before anything starts: no data written, no MLflow run, no Ray job
         raise FileNotFoundError(f"no trained model at {model}: train {cfg.name} first, or pass --checkpoint")
     log.info("preparing evaluation data ...")
-    prepared = evaluation.prepare(cfg, run_uri(cfg))
+    prepared = evaluation.prepare(cfg, run_uri(cfg), model)
     out = run_uri(cfg, "eval")
     connect_ray(cfg, ray_address)
     log.info("evaluating %s on %d workers ...", model, cfg.resources.workers)

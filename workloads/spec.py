@@ -155,8 +155,9 @@ class EvalResult:
 class Evaluation:
     """`longview eval` for a workload: `prepare` on the driver, `run` on every worker."""
 
-    def prepare(self, cfg, run_root: str) -> dict[str, str]:
-        """Writes what evaluation reads (once); returns plain data handed to `run`."""
+    def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
+        """Writes what evaluation of the model at `model_url` reads (once); returns plain
+        data handed to `run`."""
         raise NotImplementedError
 
     def run(self, cfg, ctx: RunContext, model_url: str, prepared: dict[str, str]) -> EvalResult:

@@ -73,3 +73,12 @@ def test_a_published_layout_checkpoint_fine_tunes_with_its_own_tokenizer(service
     original = load_pretrained(str(ckpt))
     assert model.cfg == original.cfg
     assert not torch.equal(model.decoder.lm_head.weight, original.decoder.lm_head.weight)
+
+    # Evaluation reads the export's own tokenizer; its needle samples are sized in that
+    # tokenizer's tokens (at most the requested length).
+    proc = cli(fs["env"], "eval", "configs/v2pe-demo.yaml", "--set", f"name={name}", "--set",
+               f"storage.uri=s3://{BUCKET}/runs", "--set", "evaluation.lengths=[1024]", "--set",
+               "evaluation.strides=[256]", "--set", "evaluation.samples_per_length=1", "--set", "evaluation.images=2")
+    assert any(ln.startswith("| 1024 |") for ln in proc.stdout.splitlines()), proc.stdout[-3000:]
+    sample = json.loads(s3.cat_file(f"{BUCKET}/runs/{name}/data/eval-1024/data.jsonl").splitlines()[0])
+    assert 1000 <= sample["tokens"] <= 1024

@@ -148,15 +148,17 @@ class NeedleEvaluation(Evaluation):
     lengths (up to and beyond the training length). All workers form one context-parallel
     group (`cp_a2a` splits it for hybrid attention): each sample is spread over every rank."""
 
-    def prepare(self, cfg, run_root: str) -> dict[str, str]:
-        """Writes each length's evaluation set under <run>/data/eval-<n> once; {n: jsonl}."""
+    def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
+        """Writes each length's evaluation set under <run>/data/eval-<n> once; {n: jsonl}.
+        Tiles and token counts are those of the model evaluated and its tokenizer."""
         import fsspec
 
-        from .spec import job_model_config, job_tokenizer
+        from .checkpoint_io import read_config
+        from .spec import job_tokenizer
         from .synth import SynthConfig, write_dataset
 
-        mc, e = job_model_config(cfg), cfg.evaluation
-        tokenizer = job_tokenizer(cfg, model_cfg=mc)
+        mc, e = read_config(model_url), cfg.evaluation
+        tokenizer = job_tokenizer(cfg, checkpoint=model_url, model_cfg=mc)
         paths = {}
         for n in e.lengths:
             url = f"{run_root.rstrip('/')}/data/eval-{n}"

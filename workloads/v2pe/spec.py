@@ -37,7 +37,7 @@ def prepare_data(cfg, run_root: str) -> None:
     file that is not there, or a bad sample, stops the job before any worker starts)."""
     import fsspec
 
-    mc = job_model_config(cfg)
+    mc = _job_model_config(cfg)
     tokenizer = job_tokenizer(cfg, model_cfg=mc)
     if cfg.data.train != "synthetic":
         from .data import DataError
@@ -63,7 +63,7 @@ def prepare_data(cfg, run_root: str) -> None:
     ensure_index(path, run_root, tokenizer=tokenizer, cfg=cfg.data.loader(mc))
 
 
-def job_model_config(cfg):
+def _job_model_config(cfg):
     """The model's config: the pretrained checkpoint's config.json, else the named size."""
     if cfg.model.pretrained:
         from .checkpoint_io import read_config
