@@ -91,6 +91,7 @@ _HF_GENERIC = frozenset("""
     return_dict_in_generate sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss
     tie_encoder_decoder tokenizer_class top_k top_p torch_dtype torchscript transformers_version typical_p
     use_bfloat16 use_cache initializer_range initializer_factor attn_implementation use_flash_attn hidden_size
+    _flash_attn_2_enabled
 """.split())
 # Data-side keys of the root: how the authors tile images. longview's data section owns
 # tiling (data.max_tiles); the thumbnail follows use_thumbnail.
@@ -212,6 +213,7 @@ def config_from_hf(cfg: dict) -> V2PEModelConfig:
     l.only("bias", True, (False,), "InternLM2's layers have no biases")
     l.only("hidden_act", "silu", ("silu",), "InternLM2's SwiGLU")
     l.only("scale_img", False, (False,), "an option of the V2PE authors' code that longview does not implement")
+    l.only("pretraining_tp", 1, (1,), "tensor-parallel slicing of the pretraining code")
     # InternVLChatConfig unties the output layer whatever llm_config says.
     l.get("tie_word_embeddings")
     heads = l.get("num_attention_heads", 32)
