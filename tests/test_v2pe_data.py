@@ -190,3 +190,24 @@ def test_records_of_the_wrong_shape_are_data_errors(tmp_path):
                          ({"id": "t", "conversations": ["hello"]}, r"sample t: conversations\[0\] needs")]:
         with pytest.raises(DataError, match=message):
             encode_sample(rec, tokenizer=TOK, cfg=cfg)
+
+
+def test_tiles_are_the_normalised_crops_of_the_resized_image():
+    """Tiling normalises the grid at once and cuts it by a view; each tile must equal the
+    crop normalised alone, row-major, then the thumbnail."""
+    from PIL import Image
+
+    from workloads.v2pe.data import IMAGENET_MEAN, IMAGENET_STD
+
+    g = torch.Generator().manual_seed(0)
+    img = Image.frombytes("RGB", (300, 100), (torch.rand(100, 300, 3, generator=g) * 255).to(torch.uint8).numpy().tobytes())
+    tiles = tile_image(img, tile=TILE, max_tiles=6)  # a 3x1 grid + thumbnail
+
+    def norm(im):
+        x = torch.tensor(list(im.tobytes()), dtype=torch.uint8).view(TILE, TILE, 3).permute(2, 0, 1).float()
+        return (x / 255.0 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    resized = img.resize((3 * TILE, TILE), Image.BICUBIC)
+    want = [norm(resized.crop((c * TILE, 0, (c + 1) * TILE, TILE))) for c in range(3)]
+    want.append(norm(img.resize((TILE, TILE), Image.BICUBIC)))
+    torch.testing.assert_close(tiles, torch.stack(want), rtol=0, atol=0)  # the same elementwise ops: exact

@@ -90,27 +90,32 @@ def _closest_grid(width: int, height: int, max_tiles: int, tile: int) -> tuple[i
     return best
 
 
+def _normalised(image, tile_h: int, tile_w: int) -> torch.Tensor:
+    """(3, H, W) float32 ImageNet-normalised pixels of an RGB image of that size."""
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(tile_h, tile_w, 3).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
 def tile_image(image, *, tile: int, max_tiles: int, thumbnail: bool = True) -> torch.Tensor:
     """InternVL2 dynamic tiling: (N_tiles, 3, tile, tile) normalised float32 pixels.
 
-    The image is resized to the closest grid of tiles and cut; with more than one tile a
-    thumbnail of the whole image is appended.
+    The image is resized to the closest grid of tiles and cut (row-major); with more than
+    one tile a thumbnail of the whole image is appended. The grid is normalised at once
+    and cut by a view: the values are those of normalising each tile alone.
     """
     from PIL import Image
 
     image = image.convert("RGB")
     cols, rows = _closest_grid(image.width, image.height, max_tiles, tile)
     resized = image.resize((cols * tile, rows * tile), Image.BICUBIC)
-    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
-    if thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((tile, tile), Image.BICUBIC))
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    out = []
-    for t in tiles:
-        x = torch.frombuffer(bytearray(t.tobytes()), dtype=torch.uint8).view(tile, tile, 3).permute(2, 0, 1)
-        out.append((x.float() / 255.0 - mean) / std)
-    return torch.stack(out)
+    grid = _normalised(resized, rows * tile, cols * tile)  # (3, rows*tile, cols*tile)
+    tiles = grid.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile, tile)
+    if thumbnail and rows * cols > 1:
+        thumb = _normalised(image.resize((tile, tile), Image.BICUBIC), tile, tile)
+        tiles = torch.cat([tiles, thumb[None]])
+    return tiles
 
 
 def open_image(path: str, *, sample: str):
