@@ -6,10 +6,12 @@ Input format (InternVL / V2PE fine-tuning data), one JSON object per line:
      "conversations": [{"from": "human", "value": "<image>\\n<image>\\nWhich ...?"},
                        {"from": "gpt", "value": "Image 2"}]}
 
-Image paths are relative to the JSONL file's folder (local or s3://, through fsspec).
-Each `<image>` placeholder becomes `<img>` + tokens_per_tile x tiles context tokens +
-`</img>`. Loss is taken on the assistant turns only. Nothing is truncated: a sample
-longer than the configured maximum is an error that names it.
+Image paths are relative to the JSONL file's folder, or to `image_root` (local or s3://,
+through fsspec). Chats are rendered in the authors' `internlm2-chat` template
+(`render_tokens`); each `<image>` placeholder becomes `<img>` + tokens_per_tile x tiles
+context tokens + `</img>`. Loss is taken on the answers only. Nothing is truncated: a
+sample longer than the configured maximum is an error that names it. This module reads
+samples whole (evaluation, tests); training streams them (`stream.py`).
 """
 
 from __future__ import annotations
@@ -257,8 +259,8 @@ def render_tokens(
 
 
 def prepare_record(record, sample: str, base_dir: str = "") -> tuple[list[tuple[str, str]], list[str]]:
-    """A JSONL record checked: its (role, text) turns and its image paths (resolved
-    against the JSONL's folder), one per `<image>` placeholder."""
+    """A JSONL record checked: its (role, text) turns and its image paths (relative ones
+    resolved against `base_dir`), one per `<image>` placeholder."""
     if not isinstance(record, dict):
         raise DataError(f"sample {sample}: a record must be a JSON object, got {type(record).__name__}", "record")
     images = record.get("image", [])
