@@ -124,3 +124,66 @@ def test_a_header_past_the_first_block_is_read_whole(tmp_path):
     (tmp_path / "short.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # smaller than a block and broken
     with pytest.raises(DataError, match=r"sample s: image file .*short.png cannot be read"):
         _header_size(str(tmp_path / "short.png"), "s")
+
+
+def _dataset(folder, name, n, wide=False):
+    """A JSONL of n one-image chats under folder/annotation, images under folder/image/name."""
+    images, ann = folder / "image" / name, folder / "annotation"
+    images.mkdir(parents=True, exist_ok=True)
+    ann.mkdir(exist_ok=True)
+    lines = []
+    for i in range(n):
+        write_image(str(images / f"{i}.png"), i, size=(3 * TILE, TILE) if wide else (TILE, TILE))
+        lines.append(json.dumps({"id": f"{name}{i}", "image": [f"{i}.png"], "conversations": [
+            {"from": "human", "value": f"<image>\nSample {i} of {name}?"}, {"from": "gpt", "value": str(i)}]}))
+    (ann / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_the_authors_meta_file_mixes_datasets_with_repeat_and_roots(tmp_path):
+    """data.train may be the authors' meta file: each dataset with its image root, its
+    repeat_time (2: twice; 0.5: a seeded half) and its own max_dynamic_patch."""
+    from workloads.v2pe.stream import open_sources, prepare_sources
+
+    _dataset(tmp_path, "chart", 4, wide=True)
+    _dataset(tmp_path, "doc", 6)
+    meta = {"chart": {"root": "image/chart", "annotation": "annotation/chart.jsonl", "repeat_time": 2,
+                      "max_dynamic_patch": 1, "data_augment": False, "length": 4},
+            "doc": {"root": "image/doc", "annotation": "annotation/doc.jsonl", "repeat_time": 0.5}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    cfg = data_config(max_tokens=1024)  # max_tiles=2: a 3:1 image makes 2 tiles + thumbnail
+    run = str(tmp_path / "run")
+    prepare_sources(str(tmp_path / "meta.json"), run, tokenizer=TOK, cfg=cfg)
+    sources, order, report = open_sources(str(tmp_path / "meta.json"), run, tokenizer=TOK, cfg=cfg, seed=0)
+    assert report.loaded == 10 and [len(s.index) for s in sources] == [4, 6]
+    per_source = torch.bincount(order[:, 0]).tolist()
+    assert per_source == [8, 3]  # 4 x 2, and half of 6
+    assert order[:8, 1].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    again = open_sources(str(tmp_path / "meta.json"), run, tokenizer=TOK, cfg=cfg, seed=0)[1]
+    assert torch.equal(order, again)  # a function of the seed: a resumed run walks the same order
+    assert [sum(sources[0].index.tiles_of(i)) for i in range(4)] == [1] * 4  # chart's own max_dynamic_patch=1
+    # a row of the mixture equals the eager reader's encoding of the same records
+    ds = StreamingDataset(sources, order=order, tokenizer=TOK, cp=2, cp_rank=0, budget=1024, prefetch=False)
+    got, _ = ds.batch(0, 0)
+    eager = [load_samples(str(tmp_path / "annotation" / f"{n}.jsonl"), tokenizer=TOK,
+                          cfg=replace(cfg, image_root=str(tmp_path / "image" / n), max_tiles=t))
+             for n, t in (("chart", 1), ("doc", 2))]
+    want_row = [eager[s][i] for s, i in order[ds.rows[0]].tolist()]
+    want = shard_batch(make_batch(want_row, tokenizer=TOK, cfg=cfg, cp=2, generator=torch.Generator().manual_seed(0)),
+                       2, 0)
+    _same(got, want)
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"root": "x"}, r"dataset 'd' needs 'annotation'"),
+    ({"annotation": "a.jsonl", "repeat_time": 0}, r"dataset 'd': repeat_time must be a number > 0, got 0"),
+    ({"annotation": "a.jsonl", "max_dynamic_patch": "6"}, r"max_dynamic_patch must be an integer >= 1"),
+    ({"annotation": "a.jsonl", "weight": 2}, r"dataset 'd': weight not understood"),
+    ({"annotation": "missing.jsonl"}, r"data.train: .*missing.jsonl is not a file \(named in .*meta.json\)"),
+])
+def test_bad_meta_files_are_named(tmp_path, entry, message):
+    from workloads.v2pe.stream import prepare_sources
+
+    (tmp_path / "meta.json").write_text(json.dumps({"d": entry}))
+    with pytest.raises(DataError, match=message):
+        prepare_sources(str(tmp_path / "meta.json"), str(tmp_path / "run"), tokenizer=TOK,
+                        cfg=data_config(max_tokens=1024))

@@ -54,7 +54,9 @@ class SyntheticSection:
 
 @dataclass(kw_only=True, frozen=True)
 class DataSection:
-    train: str = "synthetic"  # "synthetic" or a JSONL path / URL
+    # "synthetic", a chat JSONL (path or URL), or the authors' dataset meta file (.json:
+    # {name: {annotation, root, repeat_time, max_dynamic_patch}}) mixing several JSONL.
+    train: str = "synthetic"
     # "auto": the checkpoint's own tokenizer (model.pretrained's tokenizer.model), else the
     # byte tokenizer of the tiny model; "byte"; or a tokenizer folder / URL. It must fit
     # the model's vocabulary (checked before anything starts).

@@ -30,7 +30,7 @@ class V2PERunner(Runner):
         from ..engine import build_engine
         from .model import V2PEModel
         from .spec import job_tokenizer
-        from .stream import StreamingDataset, ensure_index, load_index
+        from .stream import StreamingDataset, open_sources
         from .train import TrainStepConfig, parallelize
 
         p, t = cfg.parallelism, cfg.training
@@ -51,12 +51,11 @@ class V2PERunner(Runner):
         parallelize(model, self.step_cfg)
         self.engine = build_engine(model, t)
         self.data_cfg = cfg.data.loader(model.cfg)
-        # prepare_data indexed the file on the driver; a worker only reads the index.
-        index = load_index(ensure_index(train_path(cfg, ctx.run_root), ctx.run_root, tokenizer=self.tokenizer,
-                                        cfg=self.data_cfg))
-        self.report = index.report
+        # prepare_data indexed the file(s) on the driver; a worker only reads the indexes.
+        sources, order, self.report = open_sources(train_path(cfg, ctx.run_root), ctx.run_root,
+                                                   tokenizer=self.tokenizer, cfg=self.data_cfg, seed=t.seed)
         dims = self.groups.dims
-        self.data = StreamingDataset(index, tokenizer=self.tokenizer, cfg=self.data_cfg, cp=dims.cp,
+        self.data = StreamingDataset(sources, order=order, tokenizer=self.tokenizer, cp=dims.cp,
                                      cp_rank=self.groups.cp_rank, a2a=dims.cp_a2a, budget=cfg.data.max_tokens)
         self.last_row = None  # RowStats of the last batch, for the planner
 

@@ -47,7 +47,7 @@ def prepare_data(cfg, run_root: str) -> None:
             raise DataError(f"data.train: {cfg.data.train} is not a file", reason="missing_file")
 
     from .runner import train_path
-    from .stream import ensure_index
+    from .stream import prepare_sources
 
     path = train_path(cfg, run_root)
     if cfg.data.train == "synthetic":
@@ -59,8 +59,8 @@ def prepare_data(cfg, run_root: str) -> None:
             synth = SynthConfig(tokens=s.tokens, images=s.images, task=s.task, tile=mc.vision.image_size,
                                 tokens_per_tile=mc.tokens_per_tile, seed=s.seed)
             write_dataset(path.rsplit("/", 1)[0], synth, s.samples, tokenizer)
-    # Once, here on the driver: the workers read the index, not the whole file.
-    ensure_index(path, run_root, tokenizer=tokenizer, cfg=cfg.data.loader(mc))
+    # Once, here on the driver: the workers read the indexes, not the whole files.
+    prepare_sources(path, run_root, tokenizer=tokenizer, cfg=cfg.data.loader(mc))
 
 
 def _job_model_config(cfg):

@@ -252,52 +252,191 @@ class RowStats:
     supervised: int
 
 
-class StreamingDataset:
-    """A rank's batches, read from the JSONL through its index as they are needed."""
+@dataclass
+class Source:
+    """One indexed JSONL and the data settings it is read with."""
 
-    def __init__(self, index: SampleIndex, *, tokenizer: Tokenizer, cfg: DataConfig, cp: int, cp_rank: int,
-                 a2a: int = 1, budget: int, prefetch: bool = True):
-        self.index, self.tokenizer, self.cfg = index, tokenizer, cfg
+    index: SampleIndex
+    cfg: DataConfig
+
+
+# Keys of one dataset in the authors' meta file (`--meta_path` of their training script).
+_META_KEYS = {"annotation", "root", "repeat_time", "max_dynamic_patch", "data_augment", "length"}
+
+
+@dataclass(frozen=True)
+class MetaEntry:
+    name: str
+    annotation: str  # the JSONL
+    root: str | None  # where its relative image paths start
+    repeat_time: float
+    max_tiles: int | None  # the dataset's own max_dynamic_patch
+
+
+def is_meta(path: str) -> bool:
+    """A `.json` training file is a meta file naming datasets; `.jsonl` is one dataset."""
+    return path.endswith(".json")
+
+
+def read_meta(path: str) -> list[MetaEntry]:
+    """The authors' dataset meta file: {name: {annotation, root, repeat_time, ...}}.
+    Relative paths are taken from the meta file's folder. `data_augment` is not applied
+    (longview does not augment images); `length` is informational."""
+    base = posixpath.dirname(path)
+    try:
+        with fsspec.open(path, "rb") as f:
+            meta = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})", "meta") from None
+    if not isinstance(meta, dict) or not meta:
+        raise DataError(f"{path}: a meta file maps dataset names to {{annotation, root, repeat_time}}", "meta")
+
+    def resolve(p: str) -> str:
+        return p if "://" in p or p.startswith("/") else posixpath.join(base, p)
+
+    out = []
+    for name, entry in meta.items():
+        where = f"{path}: dataset {name!r}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("annotation"), str):
+            raise DataError(f"{where} needs 'annotation', the path of its JSONL", "meta")
+        unknown = sorted(set(entry) - _META_KEYS)
+        if unknown:
+            raise DataError(f"{where}: {', '.join(unknown)} not understood (known: {', '.join(sorted(_META_KEYS))})",
+                            "meta")
+        repeat = entry.get("repeat_time", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not repeat > 0:
+            raise DataError(f"{where}: repeat_time must be a number > 0, got {repeat!r}", "meta")
+        tiles = entry.get("max_dynamic_patch")
+        if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
+            raise DataError(f"{where}: max_dynamic_patch must be an integer >= 1, got {tiles!r}", "meta")
+        root = entry.get("root")
+        if root is not None and not isinstance(root, str):
+            raise DataError(f"{where}: root must be a folder path, got {root!r}", "meta")
+        if entry.get("data_augment"):
+            log.warning("%s: data_augment is not applied (longview does not augment images)", where)
+        out.append(MetaEntry(name, resolve(entry["annotation"]), resolve(root) if root else None, float(repeat), tiles))
+    return out
+
+
+def train_sources(path: str, cfg: DataConfig) -> list[tuple[str, DataConfig, float]]:
+    """(JSONL, its data settings, repeat_time) of a training file: itself once, or each
+    dataset of a meta file."""
+    if not is_meta(path):
+        return [(path, cfg, 1.0)]
+    return [(e.annotation, replace(cfg, image_root=e.root or cfg.image_root, max_tiles=e.max_tiles or cfg.max_tiles),
+             e.repeat_time) for e in read_meta(path)]
+
+
+def prepare_sources(path: str, run_root: str, *, tokenizer: Tokenizer, cfg: DataConfig) -> list[tuple[str, DataConfig,
+                                                                                                        float]]:
+    """Indexes every JSONL of a training file once (driver side); each must exist."""
+    sources = train_sources(path, cfg)
+    for jsonl, c, _ in sources:
+        fs, key = fsspec.core.url_to_fs(jsonl)
+        if not fs.isfile(key):
+            raise DataError(f"data.train: {jsonl} is not a file" + (f" (named in {path})" if jsonl != path else ""),
+                            "missing_file")
+        ensure_index(jsonl, run_root, tokenizer=tokenizer, cfg=c)
+    return sources
+
+
+def open_sources(path: str, run_root: str, *, tokenizer: Tokenizer, cfg: DataConfig,
+                 seed: int) -> tuple[list[Source], torch.Tensor, LoadReport]:
+    """A worker's view of a training file: its indexed sources, the (source, sample) order
+    with repeat_time applied (a function of the seed), and one report of them all."""
+    sources, repeats = [], []
+    for jsonl, c, repeat in train_sources(path, cfg):
+        sources.append(Source(load_index(ensure_index(jsonl, run_root, tokenizer=tokenizer, cfg=c)), c))
+        repeats.append(repeat)
+    report = LoadReport(path)
+    for src in sources:
+        r = src.index.report
+        report.loaded += r.loaded
+        for reason, n in r.skipped.items():
+            report.skipped[reason] = report.skipped.get(reason, 0) + n
+        report.examples += r.examples[: 5 - len(report.examples)]
+    return sources, mixture_order([len(s.index) for s in sources], repeats, seed), report
+
+
+def mixture_order(sizes: list[int], repeats: list[float], seed: int) -> torch.Tensor:
+    """(M, 2) (source, sample) pairs: each source repeated `int(repeat)` times in file
+    order, plus a seeded draw of the fractional part (as the authors' repeat_time)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for s, (n, r) in enumerate(zip(sizes, repeats)):
+        whole, frac = int(r), r - int(r)
+        idx = [torch.arange(n)] * whole
+        if frac > 0:
+            idx.append(torch.randperm(n, generator=g)[: int(n * frac)].sort().values)
+        if idx:
+            picked = torch.cat(idx)
+            parts.append(torch.stack([torch.full_like(picked, s), picked], dim=1))
+    return torch.cat(parts) if parts else torch.zeros(0, 2, dtype=torch.long)
+
+
+class StreamingDataset:
+    """A rank's batches, read from the JSONL(s) through their indexes as they are needed.
+
+    `sources` are the indexed files; `order` the (source, sample) pairs training walks
+    through (default: every sample of every source, in order)."""
+
+    def __init__(self, sources: list[Source] | SampleIndex, *, tokenizer: Tokenizer, cfg: DataConfig | None = None,
+                 cp: int, cp_rank: int, a2a: int = 1, budget: int, order: torch.Tensor | None = None,
+                 prefetch: bool = True):
+        if isinstance(sources, SampleIndex):  # one file read with `cfg`
+            sources = [Source(sources, cfg)]
+        self.sources, self.tokenizer = sources, tokenizer
         self.cp, self.cp_rank, self.a2a = cp, cp_rank, a2a
-        self.rows = pack_rows(index.tokens.tolist(), budget, 2 * cp)  # the eager reader's rows (pack_greedy)
-        self.base = cfg.image_base(index.path)
-        self._fs, self._key = fsspec.core.url_to_fs(index.path)
+        if order is None:
+            order = mixture_order([len(s.index) for s in sources], [1.0] * len(sources), 0)
+        self.order = order
+        lengths = [int(sources[s].index.tokens[i]) for s, i in order.tolist()]
+        self.rows = pack_rows(lengths, budget, 2 * cp)  # the eager reader's rows (pack_greedy) for one file
+        self._files = [fsspec.core.url_to_fs(s.index.path) for s in sources]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="v2pe-prefetch") if prefetch else None
         self._ahead: tuple[tuple, Future] | None = None
 
-    def _read(self, i: int) -> dict:
+    def _read(self, s: int, i: int) -> dict:
         # Exactly the sample's bytes: opening the file would read ahead a whole block
         # (50 MiB on s3fs) for every sample.
-        return json.loads(self._fs.cat_file(self._key, start=int(self.index.offsets[i]), end=int(self.index.ends[i])))
+        fs, key = self._files[s]
+        index = self.sources[s].index
+        return json.loads(fs.cat_file(key, start=int(index.offsets[i]), end=int(index.ends[i])))
 
-    def _sample(self, i: int, rec: dict) -> tuple[EncodedSample, list[str]]:
+    def _sample(self, s: int, i: int, rec: dict) -> tuple[EncodedSample, list[str]]:
         """The sample's tokens, placeholder pixels (tiles, 0, 0, 0) carrying its tile count
         through packing, and its image paths."""
-        sample = f"{rec.get('id', '?') if isinstance(rec, dict) else '?'} ({self.index.path}@{int(self.index.offsets[i])})"
-        convs, paths = prepare_record(rec, sample, self.base)
-        tiles = self.index.tiles_of(i)
-        input_ids, targets = encode_tokens(convs, tiles, tokenizer=self.tokenizer, cfg=self.cfg, sample=sample)
+        src = self.sources[s]
+        rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
+        sample = f"{rid} ({src.index.path}@{int(src.index.offsets[i])})"
+        convs, paths = prepare_record(rec, sample, src.cfg.image_base(src.index.path))
+        tiles = src.index.tiles_of(i)
+        input_ids, targets = encode_tokens(convs, tiles, tokenizer=self.tokenizer, cfg=src.cfg, sample=sample)
         return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets,
                              pixels=torch.zeros(sum(tiles), 0, 0, 0)), paths
 
     def build(self, row: list[int], generator: torch.Generator | None) -> tuple[V2PEBatch, RowStats]:
-        """The packed row, sharded for this rank, with only this rank's tiles decoded."""
-        samples, paths = zip(*(self._sample(i, self._read(i)) for i in row))
-        batch = make_batch(samples, tokenizer=self.tokenizer, cfg=self.cfg, cp=self.cp, generator=generator)
+        """The packed row (positions in `order`), sharded for this rank, with only this
+        rank's tiles decoded."""
+        pairs = [tuple(self.order[k].tolist()) for k in row]
+        samples, paths = zip(*(self._sample(s, i, self._read(s, i)) for s, i in pairs))
+        cfg = self.sources[pairs[0][0]].cfg  # packing and positions: the settings every source shares
+        batch = make_batch(samples, tokenizer=self.tokenizer, cfg=cfg, cp=self.cp, generator=generator)
         lo, hi = split_evenly(batch.num_tiles, self.cp, self.cp_rank)
         pixels, first = [], 0  # first: the batch-wide index of the current image's first tile
-        for i, s, images in zip(row, samples, paths):
-            for path, n in zip(images, self.index.tiles_of(i)):
+        for (s, i), smp, images in zip(pairs, samples, paths):
+            c = self.sources[s].cfg
+            for path, n in zip(images, self.sources[s].index.tiles_of(i)):
                 a, b = max(lo, first), min(hi, first + n)
                 if a < b:  # this rank encodes some of this image's tiles
-                    tiles = tile_image(open_image(path, sample=s.sample_id), tile=self.cfg.tile,
-                                       max_tiles=self.cfg.max_tiles, thumbnail=self.cfg.thumbnail)
+                    tiles = tile_image(open_image(path, sample=smp.sample_id), tile=c.tile, max_tiles=c.max_tiles,
+                                       thumbnail=c.thumbnail)
                     if tiles.shape[0] != n:
-                        raise DataError(f"sample {s.sample_id}: image {path} changed after the data was indexed "
+                        raise DataError(f"sample {smp.sample_id}: image {path} changed after the data was indexed "
                                         f"({tiles.shape[0]} tiles, indexed {n})", "image")
                     pixels.append(tiles[a - first: b - first])
                 first += n
-        local = torch.cat(pixels) if pixels else torch.zeros(0, 3, self.cfg.tile, self.cfg.tile)
+        local = torch.cat(pixels) if pixels else torch.zeros(0, 3, cfg.tile, cfg.tile)
         stats = RowStats(batch.input_ids.shape[1], batch.num_tiles, int((batch.targets != IGNORE_INDEX).sum()))
         sharded = shard_batch(replace(batch, pixels=torch.zeros(0)), self.cp, self.cp_rank, a2a=self.a2a)
         return replace(sharded, pixels=local), stats
