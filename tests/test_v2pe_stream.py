@@ -146,7 +146,7 @@ def test_the_authors_meta_file_mixes_datasets_with_repeat_and_roots(tmp_path):
 
     _dataset(tmp_path, "chart", 4, wide=True)
     _dataset(tmp_path, "doc", 6)
-    meta = {"chart": {"root": "image/chart", "annotation": "annotation/chart.jsonl", "repeat_time": 2,
+    meta = {"chart": {"root": "./image/chart", "annotation": "annotation/../annotation/chart.jsonl", "repeat_time": 2,
                       "max_dynamic_patch": 1, "data_augment": False, "length": 4},
             "doc": {"root": "image/doc", "annotation": "annotation/doc.jsonl", "repeat_time": 0.5}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))

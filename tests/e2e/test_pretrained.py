@@ -39,6 +39,11 @@ def test_a_published_layout_checkpoint_fine_tunes_with_its_own_tokenizer(service
     write_checkpoint(ckpt, tensors, config=cfg)
     data = tmp_path / "data"
     make_records(str(data))
+    # The V2PE authors' meta-file layout: annotations in one folder, images under a root.
+    (data / "annotation").mkdir()
+    (data / "data.jsonl").rename(data / "annotation" / "train.jsonl")
+    (data / "meta.json").write_text(json.dumps({"tiny_long_vqa": {
+        "root": ".", "annotation": "annotation/train.jsonl", "repeat_time": 2, "data_augment": False, "length": 3}}))
     tag = uuid.uuid4().hex[:8]
     ckpt_url, data_url = f"s3://{BUCKET}/models/{tag}", f"s3://{BUCKET}/datasets/{tag}"
     _upload(s3, ckpt, ckpt_url[5:])
@@ -46,7 +51,7 @@ def test_a_published_layout_checkpoint_fine_tunes_with_its_own_tokenizer(service
 
     name = f"ft-{tag}"
     args = ["train", "configs/v2pe-demo.yaml", "--set", f"name={name}", "--set", f"storage.uri=s3://{BUCKET}/runs",
-            "--set", f"model.pretrained={ckpt_url}", "--set", f"data.train={data_url}/data.jsonl",
+            "--set", f"model.pretrained={ckpt_url}", "--set", f"data.train={data_url}/meta.json",
             "--set", "data.max_tokens=1024", "--set", "data.max_tiles=2", "--set", "training.steps=2",
             "--set", "training.checkpoint_every=2"]
     # The byte tokenizer does not belong to this model: refused by name before anything runs.

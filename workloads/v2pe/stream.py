@@ -292,7 +292,10 @@ def read_meta(path: str) -> list[MetaEntry]:
         raise DataError(f"{path}: a meta file maps dataset names to {{annotation, root, repeat_time}}", "meta")
 
     def resolve(p: str) -> str:
-        return p if "://" in p or p.startswith("/") else posixpath.join(base, p)
+        if "://" in p or p.startswith("/"):
+            return p
+        scheme, sep, rest = base.rpartition("://")  # normalised after the scheme: "./x" is no S3 key
+        return f"{scheme}{sep}{posixpath.normpath(posixpath.join(rest, p))}"
 
     out = []
     for name, entry in meta.items():
