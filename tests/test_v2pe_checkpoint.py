@@ -213,3 +213,20 @@ def test_force_image_size_resizes_the_position_embedding(tmp_path):
     saved = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (saved["force_image_size"], saved["vision_config"]["image_size"]) == (84, 56)
     assert load_pretrained(str(tmp_path / "back")).cfg == model.cfg
+
+
+def test_prepare_checks_the_checkpoints_own_heads(tmp_path):
+    """At config load only the named size is known; once prepare_data has read the
+    checkpoint's config.json, its heads decide whether the all-to-all degree fits."""
+    from orchestrator.config import load_config
+    from workloads.spec import FieldError
+    from workloads.v2pe.spec import prepare_data
+
+    cfg = hf_config()
+    cfg["llm_config"]["num_key_value_heads"] = 1  # the tiny size has 2 KV heads
+    write_checkpoint(tmp_path / "ckpt", hf_tensors(), config=cfg)
+    job = load_config("configs/v2pe-demo.yaml", overrides={
+        "model.pretrained": str(tmp_path / "ckpt"), "parallelism.cp_a2a": 2, "storage.uri": str(tmp_path / "runs")})
+    with pytest.raises(FieldError, match=rf"parallelism.cp_a2a: 2 does not divide the model's num_kv_heads=1 "
+                                         rf"\({tmp_path / 'ckpt'}\)"):
+        prepare_data(job, str(tmp_path / "runs" / "x"))

@@ -6,14 +6,16 @@ from ..spec import FieldError, WorkloadSpec, lazy, register
 from .config import SECTIONS
 
 
-def validate(cfg) -> None:
-    """Rules that join V2PE's sections with the core ones."""
-    llm = cfg.model.config().llm
+def validate(cfg, model_cfg=None) -> None:
+    """Rules that join V2PE's sections with the core ones. `model_cfg`: the model the job
+    trains when known (a checkpoint's config.json), else the named size's."""
+    llm = (model_cfg or cfg.model.config()).llm
+    model = cfg.model.pretrained if model_cfg is not None else f"model.size {cfg.model.size!r}"
     a2a = cfg.parallelism.cp_a2a
     for heads, n in (("num_heads", llm.num_heads), ("num_kv_heads", llm.num_kv_heads)):
         if n % a2a:
             raise FieldError("parallelism.cp_a2a", f"{a2a} does not divide the model's {heads}={n} "
-                                                   f"(model.size {cfg.model.size!r}); the all-to-all splits heads")
+                                                   f"({model}); the all-to-all splits heads")
 
 
 def job_tokenizer(cfg, checkpoint: str | None = None, model_cfg=None):
@@ -38,6 +40,8 @@ def prepare_data(cfg, run_root: str) -> None:
     import fsspec
 
     mc = _job_model_config(cfg)
+    if cfg.model.pretrained:  # the checkpoint's own heads, now that its config.json is read
+        validate(cfg, mc)
     tokenizer = job_tokenizer(cfg, model_cfg=mc)
     if cfg.data.train != "synthetic":
         from .data import DataError
