@@ -126,3 +126,19 @@ def test_unreadable_tokenizer_folders_are_named(tmp_path, folder):
     (bad / "tokenizer_config.json").write_text("{}")
     with pytest.raises(TokenizerError, match=r"has no token '<img>'"):
         load_tokenizer(str(bad))
+
+
+def test_synthetic_samples_under_a_subword_tokenizer_fit_the_length(tok):
+    import re
+
+    from workloads.v2pe.synth import SynthConfig, make_sample
+
+    def sample(tokens):
+        return make_sample(SynthConfig(tokens=tokens, images=3, tile=56, tokens_per_tile=4), 0, tok)[0]
+
+    assert 1000 <= sample(1024)["tokens"] <= 1024  # within a few tokens, never over
+    with pytest.raises(DataError, match=r"need \d+ tokens") as e:
+        sample(1)
+    base = int(re.search(r"need (\d+) tokens", str(e.value)).group(1))
+    # exactly the room of the question and images, none for filler: the search still ends
+    assert sample(base)["tokens"] == base

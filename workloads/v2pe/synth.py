@@ -128,7 +128,7 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dic
         # Subword tokens: the most filler characters whose sample still fits, by bisection
         # (tokens grow with characters, a merge aside), so the sample ends within a token
         # or two of the requested length.
-        lo, hi = 0, cfg.tokens - base
+        lo, hi = 0, max(1, cfg.tokens - base)  # at least 1: doubling 0 would never end
         while render(hi)[1] <= cfg.tokens:
             lo, hi = hi, hi * 2
         while hi - lo > 1:
