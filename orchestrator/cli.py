@@ -144,21 +144,21 @@ def _check_cluster(cfg, args) -> None:
 
 def cmd_train(args) -> int:
     from .launch import run_training
-    from .ray_job import checkpoint_uri, submitted_job_id
+    from .ray_job import submitted_job_id
     from .storage import run_uri
 
     cfg = load_job(args)
     _check_cluster(cfg, args)
-    log.info("training %s: %d workers (%s), %d steps; checkpoints %s", cfg.name, cfg.resources.workers,
+    log.info("training %s: %s workers (%s), %d steps; checkpoints %s", cfg.name, cfg.resources.workers,
              cfg.spec.layout(cfg), cfg.training.steps, run_uri(cfg))
     tags = {"longview.ray_job_id": submitted_job_id() or "", "longview.code_version": _code_version()}
     try:
-        result, run_id = run_training(cfg, ray_address=_ray_address(args), tags=tags)
+        _, run_id, final = run_training(cfg, ray_address=_ray_address(args), tags=tags)
     except Exception as e:  # noqa: BLE001 - Ray wraps the workers' errors; say the cause last
         print(f"error: training {cfg.name} failed: {failure_reason(e, storage_retries=cfg.storage.retries)}",
               file=sys.stderr, flush=True)
         return 1
-    log.info("finished: last checkpoint %s", checkpoint_uri(cfg, result.checkpoint))
+    log.info("finished: last checkpoint %s", final)
     if run_id:
         from .tracking import run_url
 

@@ -95,7 +95,7 @@ def check_job_fits(cfg: JobConfig, cluster: dict, source: str = "cluster") -> No
             f"{source}: no node type can hold one worker of job {cfg.name} ({need}); "
             f"missing: {', '.join(best_missing or ['node types'])}"
         )
-    if capacity < cfg.resources.workers:
+    if capacity < cfg.resources.min_workers:
         raise ConfigError(
             f"{source}: at most {capacity} workers of job {cfg.name} fit ({need} each), "
             f"it asks for resources.workers={cfg.resources.workers}"

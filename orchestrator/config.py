@@ -77,10 +77,29 @@ MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to i
 
 @dataclass(kw_only=True, frozen=True)
 class ResourcesSection:
-    workers: int = bounded(1, gt=0, le=MAX_WORKERS)
+    # A count, or [min, max] for an elastic run: Ray Train starts with what the cluster
+    # holds (at least min) and grows or shrinks the group as nodes come and go.
+    workers: int | list[int] = bounded(1, gt=0, le=MAX_WORKERS)
+    resize_interval_s: float = bounded(60.0, gt=0)  # how often an elastic run looks for a new size
     gpus_per_worker: float = bounded(0, ge=0)
     cpus_per_worker: float = bounded(1, ge=0)
     custom: dict = field(default_factory=dict)  # custom Ray resources per worker, e.g. {accelerator_h100: 1}
+
+    def __post_init__(self):
+        if isinstance(self.workers, list) and (len(self.workers) != 2 or self.workers[0] > self.workers[1]):
+            raise FieldError("workers", f"{self.workers!r}: give a count or [min, max] with min <= max")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, list) and self.workers[0] < self.workers[1]
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[-1] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, list) else self.workers
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -99,13 +118,22 @@ class JobConfig:
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.name):
             raise FieldError("name", f"{self.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
-        if self.resources.workers % self.parallelism.cp:
-            raise FieldError("parallelism.cp", f"{self.parallelism.cp} does not divide resources.workers="
-                                               f"{self.resources.workers} (workers = data-parallel x context-parallel)")
+        for n in sorted({self.resources.min_workers, self.resources.max_workers}):
+            if n % self.parallelism.cp:
+                raise FieldError("parallelism.cp", f"{self.parallelism.cp} does not divide {n} workers "
+                                                   f"(resources.workers={self.resources.workers}; workers = "
+                                                   "data-parallel x context-parallel)")
+        if self.resources.elastic and self.training.global_batch is None:
+            raise FieldError("training.global_batch", "an elastic run (resources.workers: [min, max]) needs a "
+                                                      "fixed global batch: samples per optimizer step")
+        if self.resources.elastic and self.training.sharding == "deepspeed":
+            raise FieldError("training.sharding", "'deepspeed' checkpoints resume only on as many workers as "
+                                                  "wrote them; an elastic run needs 'fsdp' or 'none'")
 
     @property
     def dp(self) -> int:
-        return self.resources.workers // self.parallelism.cp
+        """Data-parallel degree at the largest worker count."""
+        return self.resources.max_workers // self.parallelism.cp
 
     @property
     def experiment(self) -> str:

@@ -37,7 +37,7 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     prepared = evaluation.prepare(cfg, run_uri(cfg), model)
     out = run_uri(cfg, "eval")
     connect_ray(cfg, ray_address)
-    log.info("evaluating %s on %d workers ...", model, cfg.resources.workers)
+    log.info("evaluating %s on %d workers ...", model, cfg.resources.max_workers)
     trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": model,
                                              "prepared": prepared, "out": out},
                             run_name=f"{cfg.name}-eval-{os.getpid()}")

@@ -64,9 +64,14 @@ def storage_for_ray(cfg):
     return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def build_trainer(cfg, loop, loop_config: dict, *, run_name: str, max_failures: int = 0, keep_checkpoints=None):
+def build_trainer(cfg, loop, loop_config: dict, *, run_name: str, max_failures: int = 0, elastic: bool = False):
     """A TorchTrainer running `loop(loop_config)` on `resources.workers` workers with the
-    job's resources (CPUs, GPUs, custom), backend, collective timeout and storage."""
+    job's resources (CPUs, GPUs, custom), backend, collective timeout and storage.
+
+    elastic: with `resources.workers: [min, max]`, Ray Train's elastic worker group: it
+    starts with as many workers as the cluster holds (at least min), asks the autoscaler
+    for max, and restarts the group at a new size when nodes come or go (the workers
+    resume from the last checkpoint, resharded)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -80,17 +85,12 @@ def build_trainer(cfg, loop, loop_config: dict, *, run_name: str, max_failures: 
         loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.parallelism.timeout_s)),
-        scaling_config=ray.train.ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(r.min_workers, r.max_workers) if elastic and r.elastic else r.max_workers,
+            elastic_resize_monitor_interval_s=r.resize_interval_s, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
-
-
-def checkpoint_uri(cfg, checkpoint) -> str:
-    """A Ray checkpoint's location as users write it (s3://bucket/... for S3 storage)."""
-    path = str(checkpoint.path)
-    return f"s3://{path}" if cfg.storage.uri.startswith("s3://") else path

@@ -22,6 +22,7 @@ import s3fs.core
 
 log = logging.getLogger(__name__)
 RETRIES = [0]  # requests of this process retried after a connection error (for the metrics)
+BYTES_READ = [0]  # bytes this process read from S3 through cat_file/cat_ranges (checkpoint restores)
 _last_report = [0.0]
 
 
@@ -46,6 +47,12 @@ class RetryingS3FileSystem(s3fs.S3FileSystem):
         self.retries = retries
         # s3fs asks one process-wide hook whether an unknown error is worth a retry.
         s3fs.core.CUSTOM_ERROR_HANDLER = _retry_connection_errors
+
+    async def _cat_file(self, path, version_id=None, start=None, end=None, **kwargs):
+        # cat_ranges goes through here too, one call per range.
+        data = await super()._cat_file(path, version_id=version_id, start=start, end=end, **kwargs)
+        BYTES_READ[0] += len(data)
+        return data
 
 
 def s3_endpoint(endpoint_url: str | None) -> str | None:

@@ -2,9 +2,11 @@
 
 Both know no workload: they rebuild the job config, ask the workload's spec for a runner
 (or an evaluation) and drive it. Training resumes from the newest usable checkpoint in
-storage (`CheckpointStore`), logs from rank 0 to the job's MLflow run, checkpoints every
-`training.checkpoint_every` steps through `ray.train.report`, and exports the model at
-the end. Batches are a pure function of (seed, step, replica), so a resumed run sees
+storage (`CheckpointStore`, resharded when the worker count changed), logs from rank 0
+to the job's MLflow run, checkpoints every `training.checkpoint_every` steps in the
+background (`Checkpointer`), and exports the model at the end. Batches are a pure
+function of (seed, global sample index): with `training.global_batch` the samples of
+step s are s*B .. s*B+B-1 whatever the worker count, so a resumed or resized run sees
 exactly the batches the uninterrupted one would have.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import tempfile
 import time
 
 import torch
@@ -26,10 +27,6 @@ from .storage import run_uri
 
 log = logging.getLogger(__name__)
 END_WAIT_S = 120.0  # how long the end of a run waits for an MLflow server that does not answer
-
-
-class CheckpointUploadError(RuntimeError):
-    pass
 
 
 def _worker_context():
@@ -75,11 +72,13 @@ def _eta(seconds: float) -> str:
 
 
 def train_loop(config: dict) -> None:
+    import ray.train
 
+    from parallelism.dims import checkpoint_group
     from workloads.memory import StepMemoryProbe
 
-    from .checkpoint import TrainState
-    from .faults import StepFaults
+    from .checkpoint import Checkpointer, TrainState
+    from .faults import StepFaults, before_checkpoint_upload
     from .storage import RETRIES as s3_retries
     from .storage import checkpoint_store
     from .tracking import Tracker, loss_curve_png
@@ -90,15 +89,18 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     runner = cfg.spec.build_runner(cfg, RunContext(rank=rank, world_size=world, device=device,
                                                    run_root=run_uri(cfg)))
-    shard = runner.checkpoint_shard(rank)
+    t = cfg.training
+    accum = t.accumulation(runner.samples_per_micro, world)
+    runner.engine.set_grad_accum(accum)
     store = checkpoint_store(cfg)
+    group = checkpoint_group(cfg.parallelism.timeout_s)
 
     state = TrainState(mlflow_run_id=config.get("mlflow_run_id"))
-    restored = store.restore_latest(rank=rank, world=world, engine=runner.engine, shard=shard.suffix)
+    restored = store.restore_latest(rank=rank, world=world, engine=runner.engine, group=group)
     if restored is not None:
         state, name, skipped = restored
         if rank == 0:
-            log.info("resumed from %s at step %d", store.location(name), state.step)
+            log.info("resumed from %s at step %d on %d workers", store.location(name), state.step, world)
     tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
     if restored is not None and rank == 0:
         # Every resume is on the run's record (the step it went back to), and so is every
@@ -113,22 +115,29 @@ def train_loop(config: dict) -> None:
             log.info("%s", line)
         tracker.log_metrics(report, step=0)
 
-    t = cfg.training
+    saver = Checkpointer(store, rank=rank, world=world, group=group, engine=runner.engine,
+                         keep=t.keep_checkpoints, layout=runner.layout(), upload_hook=before_checkpoint_upload)
     first, started, start_step = True, time.perf_counter(), state.step
     while state.step < t.steps:
         probe = StepMemoryProbe(runner.engine, device) if first else None
         t0 = time.perf_counter()
         results = []
         with StepFaults(state.step, rank), probe or contextlib.nullcontext():
-            for m in range(t.grad_accum):
-                results.append(runner.step(state.step * t.grad_accum + m))
+            for m in range(accum):
+                results.append(runner.step(state.step * accum + m))
         dt = time.perf_counter() - t0
         last = results[-1]
-        loss = sum(r.loss for r in results) / len(results)
-        metrics = {"loss": loss, "lr": _or_nan(last.lr), "grad_norm": _or_nan(last.grad_norm),
-                   "samples_per_s": runner.samples_per_micro * t.grad_accum / dt,
-                   "peak_memory_mib": _peak_memory_mib(device), **last.metrics}
         tokens = sum(r.tokens for r in results)
+        # The step's loss is the mean over its tokens (micro-steps weighted by theirs),
+        # as the gradient is (workloads.engine).
+        loss = (sum(r.loss * r.tokens for r in results) / tokens if tokens
+                else sum(r.loss for r in results) / len(results))
+        metrics = {"loss": loss, "lr": _or_nan(last.lr), "grad_norm": _or_nan(last.grad_norm),
+                   "samples_per_s": runner.samples_per_micro * accum / dt, "world_size": float(world),
+                   "grad_accum": float(accum), "peak_memory_mib": _peak_memory_mib(device), **last.metrics}
+        if saver.total_s:
+            metrics.update(checkpoint_blocked_s=saver.blocked_s, checkpoint_total_s=saver.total_s)
+            saver.total_s = 0.0
         if tokens:
             metrics["tokens_per_s"] = tokens / dt
         if probe is not None:
@@ -150,7 +159,9 @@ def train_loop(config: dict) -> None:
             log.info("step %d/%d loss %.4f (%.2f s/step, ETA %s)", state.step, t.steps, loss, dt,
                      _eta(rate * (t.steps - state.step)))
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
-            _checkpoint(cfg, store, state, runner, shard, rank, loss)
+            saver.save(state)  # waits for the previous save first; raises if that one failed
+            ray.train.report({"step": state.step, "loss": loss, "world_size": world})
+    saver.wait()  # the last checkpoint is complete before the run says it finished
     tracker.drain(wait_s=END_WAIT_S)
     if system is not None:
         system.finish()
@@ -163,29 +174,6 @@ def train_loop(config: dict) -> None:
 
 def _or_nan(x: float | None) -> float:
     return math.nan if x is None else x
-
-
-def _checkpoint(cfg, store, state, runner, shard, rank, loss) -> None:
-    """This rank's part of checkpoint step-N, uploaded through Ray Train."""
-    import ray.train
-
-    from .checkpoint import save_checkpoint
-    from .faults import before_checkpoint_upload
-
-    name = store.name(state.step)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, rank=rank, state=state, engine=runner.engine, shard=shard.suffix, writer=shard.writer)
-        before_checkpoint_upload(state.step, rank)
-        try:
-            ray.train.report({"step": state.step, "loss": loss}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=name)
-        except Exception as e:  # the storage layer's errors vary by backend
-            # Ray registers a checkpoint only after every rank's upload: this one is
-            # not taken as complete, and the previous checkpoint stays the latest.
-            raise CheckpointUploadError(
-                f"checkpoint {name} of {cfg.name} could not be uploaded to {store.location(name)} after "
-                f"storage.retries={cfg.storage.retries} attempts ({type(e).__name__}: {e}); "
-                f"the previous checkpoint stays the one to resume from") from e
 
 
 def eval_loop(config: dict) -> None:

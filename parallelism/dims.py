@@ -20,12 +20,29 @@ import torch
 import torch.distributed as dist
 
 _KINDS = {"cp": "context-parallel", "dp": "data-parallel", "a2a": "all-to-all", "ring": "ring",
-          "branch": "PIIP branch"}
+          "branch": "PIIP branch", "checkpoint": "checkpoint"}
 
 
-def _new_group(ranks: list[int], desc: str, timeout_s: float | None):
+def _new_group(ranks: list[int], desc: str, timeout_s: float | None, backend: str | None = None):
     timeout = None if timeout_s is None else _dt.timedelta(seconds=timeout_s)
-    return dist.new_group(ranks, timeout=timeout, group_desc=desc)
+    return dist.new_group(ranks, timeout=timeout, group_desc=desc, backend=backend)
+
+
+def checkpoint_group(timeout_s: float | None = None):
+    """A gloo group of the whole world for checkpointing. Collective: every rank calls it.
+
+    Checkpoints are written in a background thread while training runs collectives of
+    its own: on a group of their own those cannot interleave with training's, and gloo
+    carries the small CPU messages (plans, metadata, verdicts) on any machine."""
+    return _new_group(list(range(dist.get_world_size())), "checkpoint", timeout_s, backend="gloo")
+
+
+def shard_mesh(device: torch.device):
+    """The one-dimensional device mesh of the whole world that FSDP shards over (it
+    uses the default group: no new group)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(dist.group.WORLD, device.type)
 
 
 def describe(group) -> str:

@@ -32,7 +32,7 @@ def test_defaults_and_derived_values():
         ({"training.steps": "ten"}, r"training.steps: expected an integer, got 'ten'"),
         ({"training.steps": 0}, r"training.steps: must be > 0, got 0"),
         ({"training.lr": True}, r"training.lr: expected a number, got True"),
-        ({"parallelism.cp": 3}, r"parallelism.cp: 3 does not divide resources.workers=2"),
+        ({"parallelism.cp": 3}, r"parallelism.cp: 3 does not divide 2 workers"),
         ({"training.sharding": "fsdp"}, r"training.sharding: 'fsdp' is not allowed; choose one of 'deepspeed' \| 'none'"),
         ({"data.position_mode": "v2pe_fix"}, r"data.position_stride: required when data.position_mode is 'v2pe_fix'"),
         ({"data.position_stride": 300}, r"data.position_stride: 300 is not in 1..256"),

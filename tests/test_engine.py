@@ -53,7 +53,7 @@ def test_train_steps_fit_a_batch(tmp_path):
 
 @pytest.mark.parametrize("sharding, zero_stage", [("none", 0), ("deepspeed", 1), ("deepspeed", 3)])
 def test_checkpoint_restore_continues_exactly(gloo_world, tmp_path, sharding, zero_stage):
-    """Saved per rank, merged like Ray Train merges rank folders, restored into a fresh
+    """Saved in the background (DCP, or DeepSpeed's own shards), restored into a fresh
     engine: the next steps' losses equal those of an uninterrupted run."""
     batch = _batch(tmp_path, multiple=4)
     state = tiny_model().state_dict()

@@ -1,18 +1,14 @@
 """Security properties that need no running job: loopback-only services unless exposed
-on purpose, and checkpoints that cannot run code when loaded. (The credential scan of a
+on purpose. (Checkpoints that cannot run code when loaded: tests/test_checkpoint.py; the credential scan of a
 whole run is in tests/e2e/test_security_scan.py.)"""
 
 import os
-import pickle
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from orchestrator.checkpoint import TrainState, _write_manifest, restore_checkpoint, save_checkpoint
 from orchestrator.services import ServiceError, check_bind_host, start_s3, stop_pid
-from workloads.engine import TrainingConfig, build_engine
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -62,42 +58,3 @@ def test_exposing_the_services_takes_a_flag_and_warns(capsys, tmp_path):
     assert proc.returncode != 0 and "pass --expose" in proc.stderr and "Traceback" not in proc.stderr
 
 
-class _Boom:
-    """An object whose unpickling would run code (here: create a file)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_checkpoint_loading_never_unpickles_code(tmp_path):
-    model = torch.nn.Linear(4, 4)
-    engine = build_engine(model, TrainingConfig(sharding="none"))
-    folder = tmp_path / "ckpt"
-    save_checkpoint(folder, rank=0, state=TrainState(step=3), engine=engine)
-    restore_checkpoint(folder, rank=0, world_size=1, engine=engine)  # the honest checkpoint loads
-    # Someone with write access to the bucket swaps in a pickle that runs code, and
-    # rewrites the manifest so the checksums match.
-    canary = tmp_path / "pwned"
-    with open(folder / "model.pt", "wb") as f:
-        pickle.dump({"weight": _Boom(str(canary))}, f)
-    files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("manifest"))
-    _write_manifest(folder, 0, files)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        restore_checkpoint(folder, rank=0, world_size=1, engine=engine)
-    assert not canary.exists()
-
-
-def test_manifest_catches_missing_and_corrupted_files(tmp_path):
-    from orchestrator.checkpoint import CheckpointError, verify
-
-    (tmp_path / "a.bin").write_bytes(b"x" * 100)
-    _write_manifest(tmp_path, 0, ["a.bin"])
-    verify(tmp_path, 1)
-    with pytest.raises(CheckpointError, match="manifest of rank 1 is missing"):
-        verify(tmp_path, 2)
-    (tmp_path / "a.bin").write_bytes(b"y" * 100)
-    with pytest.raises(CheckpointError, match="a.bin fails its checksum"):
-        verify(tmp_path, 1)

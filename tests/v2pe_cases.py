@@ -79,11 +79,12 @@ def cp_engine_step(state, batch, zero_stage, steps):
 
 
 def checkpoint_roundtrip(state, batch, sharding, zero_stage, folder):
-    """Three steps straight vs. one step, checkpoint (each rank in its own folder, then
-    merged as Ray Train does), restore into a fresh engine, one more step."""
-    import shutil
+    """Three steps straight vs. one step, checkpoint (written in the background to a
+    local store), restore into a fresh engine, two more steps."""
+    import fsspec
 
-    from orchestrator.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+    from orchestrator.checkpoint import Checkpointer, CheckpointStore, TrainState
+    from parallelism.dims import checkpoint_group
     from workloads.engine import TrainingConfig, build_engine
 
     W, r = dist.get_world_size(), dist.get_rank()
@@ -106,16 +107,70 @@ def checkpoint_roundtrip(state, batch, sharding, zero_stage, folder):
     want = [step(straight), step(straight), step(straight)]
     engine = fresh()
     first = step(engine)
-    mine = f"{folder}/rank{r}"
-    save_checkpoint(mine, rank=r, state=TrainState(step=1, losses=[[1, first]]), engine=engine)
-    dist.barrier()
-    merged = f"{folder}/merged"
-    if r == 0:
-        for k in range(W):
-            shutil.copytree(f"{folder}/rank{k}", merged, dirs_exist_ok=True)
-    dist.barrier()
+    store = CheckpointStore(fsspec.filesystem("file"), folder, folder)
+    ckpt_group = checkpoint_group(60)
+    saver = Checkpointer(store, rank=r, world=W, group=ckpt_group, engine=engine, keep=2, layout={})
+    saver.save(TrainState(step=1, losses=[[1, first]]))
+    saver.wait()
     resumed = fresh()
-    st = restore_checkpoint(merged, rank=r, world_size=W, engine=resumed)
+    st, _, skipped = store.restore_latest(rank=r, world=W, engine=resumed, group=ckpt_group)
+    assert not skipped, skipped
     # Step 2 checks the restored weights, step 3 the restored Adam moments and schedule.
     later = [step(resumed), step(resumed)]
     return want, [first, *later], st.step, resumed.lr, straight.lr
+
+
+def resharded_run(state, rows, sharding, storage, endpoint, steps, global_batch, resume, save_at):
+    """Trains the tiny model on the world as dp x cp 2 with the production pieces (engine,
+    `Checkpointer`, `CheckpointStore`), drawing sample s*B + m*dp + dp_rank at micro-step
+    m of step s as the V2PE runner does. Resumes from `storage` when `resume`; saves after
+    the steps in `save_at`. Returns (step losses, bytes this rank read on restore, the
+    step it resumed at)."""
+    import os
+
+    from orchestrator.checkpoint import Checkpointer, CheckpointStore, TrainState
+    from orchestrator.services import LOCAL_CREDENTIALS
+    from orchestrator.storage import BYTES_READ, filesystem
+    from parallelism.dims import ParallelDims, checkpoint_group, shard_mesh
+    from workloads.engine import TrainingConfig, build_engine
+    from workloads.v2pe.train import fsdp_units, train_step
+
+    os.environ.update(LOCAL_CREDENTIALS)
+    W, r = dist.get_world_size(), dist.get_rank()
+    groups = ParallelDims.infer(world_size=W, cp=2).build()
+    dims = groups.dims
+    model = V2PEModel(tiny_config())
+    model.load_state_dict(state)
+    step_cfg = TrainStepConfig(loss_chunk_tokens=16)
+    parallelize(model, step_cfg)
+    # eps 1e-3: see test_deepspeed_zero_with_context_parallel_matches_one_process.
+    cfg = TrainingConfig(lr=1e-2, eps=1e-3, steps=steps, warmup_steps=1, sharding=sharding, global_batch=global_batch)
+    units, methods = fsdp_units(model)
+    engine = build_engine(model, cfg, mesh=shard_mesh(torch.device("cpu")) if sharding == "fsdp" else None,
+                          units=units, forward_methods=methods)
+    accum = cfg.accumulation(dims.dp, W)
+    engine.set_grad_accum(accum)
+    fs, root = filesystem(storage, endpoint_url=endpoint)
+    store = CheckpointStore(fs, root, storage)
+    group = checkpoint_group(60)
+    before = BYTES_READ[0]
+    restored = store.restore_latest(rank=r, world=W, engine=engine, group=group) if resume else None
+    read = BYTES_READ[0] - before
+    st = restored[0] if restored else TrainState()
+    start = st.step
+    saver = Checkpointer(store, rank=r, world=W, group=group, engine=engine, keep=2,
+                         layout={"dp": dims.dp, "cp": dims.cp})
+    losses = []
+    while st.step < steps:
+        results = []
+        for m in range(accum):
+            i = st.step * global_batch + m * dims.dp + groups.dp_rank
+            batch = shard_batch(rows[i % len(rows)], dims.cp, groups.cp_rank)
+            results.append(train_step(engine, batch, cp_group=groups.cp_group, loss_group=dist.group.WORLD,
+                                      cfg=step_cfg))
+        st.step += 1
+        losses.append(sum(x.loss * x.tokens for x in results) / sum(x.tokens for x in results))
+        if st.step in save_at:
+            saver.save(st)
+    saver.wait()
+    return losses, read, start

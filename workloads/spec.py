@@ -55,17 +55,6 @@ class StepResult:
 
 
 @dataclass(frozen=True)
-class CheckpointShard:
-    """Which part of the model state this rank writes. `suffix` names the files
-    ("model{suffix}.pt"): ranks holding different parts (PIIP's branch groups) use
-    different suffixes; `writer` is whether this rank writes its part (one rank per
-    part; the others hold copies)."""
-
-    suffix: str = ""
-    writer: bool = False
-
-
-@dataclass(frozen=True)
 class RunContext:
     """What a worker's runner gets from the orchestrator besides its config."""
 
@@ -95,9 +84,10 @@ class Runner:
         """Samples one micro-step trains on across all ranks."""
         raise NotImplementedError
 
-    def checkpoint_shard(self, rank: int) -> CheckpointShard:
-        """Default: every rank holds the same model, rank 0 writes it."""
-        return CheckpointShard("", rank == 0)
+    def layout(self) -> dict[str, int]:
+        """The parallel degrees this runner uses ({"dp": 2, "cp": 4}), recorded with each
+        checkpoint."""
+        return {}
 
     def export(self, rank: int, url: str) -> str | None:
         """Writes the trained model in the workload's published format under `url`
@@ -180,7 +170,7 @@ class WorkloadSpec:
     # (cfg, run_root) -> None: data written once, on the driver, before the workers start
     prepare_data: Callable[[Any, str], None] = lambda cfg, run_root: None
     # cfg -> "dp 2 x cp 4": the job's layout as the CLI prints it
-    layout: Callable[[Any], str] = lambda cfg: f"dp {cfg.resources.workers}"
+    layout: Callable[[Any], str] = lambda cfg: f"dp {cfg.resources.max_workers}"
     # (cfg, hardware, tiles) -> plain data for `longview plan --json`, and its text form
     plan: Callable[[Any, Any, int | None], dict] | None = None
     format_plan: Callable[[dict], str] | None = None

@@ -87,7 +87,7 @@ def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
 def plan_job(cfg, hw, tiles: int | None = None) -> dict:
     """Branch FLOPs and ranks per branch of a PIIP job (`longview plan`); `tiles` is V2PE's."""
     m = cfg.piip.model_config()
-    gpus = hw.gpus or cfg.resources.workers
+    gpus = hw.gpus or cfg.resources.max_workers
     f = backbone_flops(m)
     return {"workload": "piip", "variant": cfg.piip.variant, "resolutions": list(cfg.piip.resolutions),
             "gflops": f["total"] / 1e9, "branch_gflops": [b / 1e9 for b in f["branches"]],

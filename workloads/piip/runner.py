@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..spec import CheckpointShard, RunContext, Runner, StepResult, sample_at
+from ..spec import RunContext, Runner, StepResult, sample_at
 
 
 def data_root(cfg, run_root: str) -> str:
@@ -28,7 +28,7 @@ class PIIPRunner(Runner):
         from .parallel import owned_parameters
 
         self.cfg, self.device = cfg, ctx.device
-        layout = cfg.piip.layout(cfg.resources.workers)
+        layout = cfg.piip.layout(ctx.world_size)
         self.groups = BranchLayout(ranks_per_branch=layout, world_size=ctx.world_size).build(
             cfg.parallelism.timeout_s)
         torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
@@ -73,6 +73,5 @@ class PIIPRunner(Runner):
                           grad_norm=self.engine.last_grad_norm if stepped else None,
                           lr=self.engine.lr if stepped else None)
 
-    def checkpoint_shard(self, rank: int) -> CheckpointShard:
-        # Each branch group's first rank writes that group's model and optimizer state.
-        return CheckpointShard(f"-branch{self.groups.branch}", self.groups.index_in_branch == 0)
+    def layout(self) -> dict[str, int]:
+        return {f"branch{b}": n for b, n in enumerate(self.groups.layout.ranks_per_branch)}

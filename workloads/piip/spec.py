@@ -10,8 +10,11 @@ def validate(cfg) -> None:
     """Rules that join PIIP's section with the core ones."""
     if cfg.parallelism.cp != 1:
         raise FieldError("parallelism.cp", "PIIP places branches on groups instead; it must be 1")
-    layout = cfg.piip.layout(cfg.resources.workers)
-    if sum(layout) != cfg.resources.workers:
+    if cfg.resources.elastic:
+        raise FieldError("resources.workers", f"{cfg.resources.workers}: PIIP's branch groups are laid out for "
+                                              "one worker count; give a count, not [min, max]")
+    layout = cfg.piip.layout(cfg.resources.max_workers)
+    if sum(layout) != cfg.resources.max_workers:
         raise FieldError("piip.ranks_per_branch", f"{list(layout)} adds up to {sum(layout)}, "
                                                   f"not resources.workers={cfg.resources.workers}")
     if cfg.piip.batch_size < max(layout):
@@ -36,7 +39,7 @@ def prepare_data(cfg, run_root: str) -> None:
 
 
 def layout(cfg) -> str:
-    return f"ranks per branch {list(cfg.piip.layout(cfg.resources.workers))}"
+    return f"ranks per branch {list(cfg.piip.layout(cfg.resources.max_workers))}"
 
 
 SPEC = register(WorkloadSpec(

@@ -348,14 +348,15 @@ def load_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> V2PEMod
     return model.to(dtype)
 
 
-def save_pretrained(model: V2PEModel, path: str, *, dtype: torch.dtype | None = None) -> None:
+def save_pretrained(model: V2PEModel, path: str, *, dtype: torch.dtype | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
+    """state: the model's full state dict when `model` holds only shards of it (FSDP)."""
     import fsspec
     from safetensors.torch import save as st_save
 
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root, exist_ok=True)
-    tensors = {
-        to_hf_name(n): (t.to(dtype) if dtype else t).detach().contiguous().cpu() for n, t in model.state_dict().items()
-    }
+    state = model.state_dict() if state is None else state
+    tensors = {to_hf_name(n): (t.to(dtype) if dtype else t).detach().contiguous().cpu() for n, t in state.items()}
     fs.pipe_file(posixpath.join(root, "config.json"), json.dumps(config_to_hf(model.cfg), indent=2).encode())
     fs.pipe_file(posixpath.join(root, "model.safetensors"), st_save(tensors, metadata={"format": "pt"}))

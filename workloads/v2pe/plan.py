@@ -343,7 +343,7 @@ def job_shape(cfg, *, evaluation: bool = False, tiles: int | None = None,
         else:
             tiles = int(seq * visual_fraction) // m.tokens_per_tile
     if evaluation:
-        shape = RunShape(seq_len=seq, tiles=tiles, training=False, cp=cfg.resources.workers, cp_a2a=p.cp_a2a,
+        shape = RunShape(seq_len=seq, tiles=tiles, training=False, cp=cfg.resources.max_workers, cp_a2a=p.cp_a2a,
                          dp=1, sharding="none", bf16=t.bf16, loss_chunk_tokens=t.loss_chunk_tokens,
                          supervised_fraction=0.01)
     else:
@@ -366,7 +366,7 @@ def plan_job(cfg, hw, tiles: int | None = None) -> dict:
         # Training keeps its GPU count (--gpus, else the config's workers): data-parallel
         # replicas absorb what cp does not use. Evaluation is one sample at a time: as
         # few GPUs as fit (more would not be replicas).
-        gpus = None if evaluation else (hw.gpus or cfg.resources.workers)
+        gpus = None if evaluation else (hw.gpus or cfg.resources.max_workers)
         try:
             entry["recommended"] = recommend(m, shape, replace(hw, gpus=gpus)).to_json()
         except PlanError as e:

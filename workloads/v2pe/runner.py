@@ -25,13 +25,13 @@ def train_path(cfg, run_root: str) -> str:
 
 class V2PERunner(Runner):
     def __init__(self, cfg, ctx: RunContext):
-        from parallelism.dims import ParallelDims
+        from parallelism.dims import ParallelDims, shard_mesh
 
         from ..engine import build_engine
         from .model import V2PEModel
         from .spec import job_tokenizer
         from .stream import StreamingDataset, open_sources
-        from .train import TrainStepConfig, parallelize
+        from .train import TrainStepConfig, fsdp_units, parallelize
 
         p, t = cfg.parallelism, cfg.training
         self.cfg, self.device = cfg, ctx.device
@@ -44,12 +44,15 @@ class V2PERunner(Runner):
         else:
             model = V2PEModel(cfg.model.config())
         self.tokenizer = job_tokenizer(cfg, model_cfg=model.cfg)
-        # DeepSpeed keeps fp32 master weights itself (bf16 in its config); otherwise bf16 here.
-        model.to(ctx.device, torch.bfloat16 if t.bf16 and t.sharding != "deepspeed" else torch.float32)
+        # DeepSpeed and FSDP keep fp32 master weights themselves (bf16 compute in their
+        # configs); otherwise bf16 here.
+        model.to(ctx.device, torch.bfloat16 if t.bf16 and t.sharding == "none" else torch.float32)
         self.step_cfg = TrainStepConfig(loss_chunk_tokens=t.loss_chunk_tokens,
                                         activation_checkpointing=t.activation_checkpointing)
         parallelize(model, self.step_cfg)
-        self.engine = build_engine(model, t)
+        units, methods = fsdp_units(model)
+        self.engine = build_engine(model, t, mesh=shard_mesh(ctx.device) if t.sharding == "fsdp" else None,
+                                   units=units, forward_methods=methods)
         self.data_cfg = cfg.data.loader(model.cfg)
         # prepare_data indexed the file(s) on the driver; a worker only reads the indexes.
         sources, order, self.report = open_sources(train_path(cfg, ctx.run_root), ctx.run_root,
@@ -84,6 +87,10 @@ class V2PERunner(Runner):
     def samples_per_micro(self) -> int:
         return self.groups.dims.dp
 
+    def layout(self) -> dict[str, int]:
+        d = self.groups.dims
+        return {"dp": d.dp, "cp": d.cp, "cp_a2a": d.cp_a2a}
+
     def data_report(self) -> dict[str, float]:
         r = self.report
         return {"data_samples_loaded": r.loaded, "data_samples_skipped": r.total_skipped,
@@ -107,7 +114,14 @@ class V2PERunner(Runner):
         from .tokenizer import copy_tokenizer
 
         module = self.engine.module
-        if self.engine.ds is not None and self.cfg.training.zero_stage == 3:
+        if self.engine.kind == "fsdp":
+            # Gathered to full tensors (collective), rank 0 writes.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                save_pretrained(module, url, state=full)
+        elif self.engine.ds is not None and self.cfg.training.zero_stage == 3:
             import deepspeed
 
             # ZeRO-3 holds shards: gather the full parameters (collective), rank 0 writes.

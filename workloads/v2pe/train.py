@@ -86,10 +86,21 @@ def parallelize(model: V2PEModel, cfg: TrainStepConfig) -> V2PEModel:
     """Applies, in order: (1) context parallelism — nothing to wrap, the decoder's
     attention receives the group per call through AttentionSpec; (2) activation
     checkpointing per decoder layer and per vision block; (3) parameter/optimizer sharding happens when the
-    engine is built (DeepSpeed ZeRO, `build_engine`)."""
+    engine is built (DeepSpeed ZeRO or FSDP over `fsdp_units`, `build_engine`)."""
     model.decoder.checkpoint_layers = cfg.activation_checkpointing
     model.vision.checkpoint_layers = cfg.activation_checkpointing
     return model
+
+
+def fsdp_units(model: V2PEModel) -> tuple[list[torch.nn.Module], tuple[str, ...]]:
+    """(modules FSDP gathers one at a time, the model's methods called instead of forward).
+
+    One unit per vision block and decoder layer (each gathered just before it runs), and
+    the token embedding (called before the decoder's forward); the vocabulary head,
+    norms and projector stay with the root, which FSDP keeps gathered from the forward to
+    the backward: the chunked loss calls the head once per chunk."""
+    units = [*model.vision.blocks, *model.decoder.layers, model.decoder.embed]
+    return units, ("encode_images", "forward_hidden")
 
 
 def encode_visual(model: V2PEModel, batch: V2PEBatch, cp_group) -> torch.Tensor:
@@ -147,7 +158,9 @@ def train_step(engine, batch: V2PEBatch, *, cp_group=None, loss_group=None, hybr
     token counts, and, when the optimizer stepped, the gradient norm and learning rate.
     """
     loss, stats = forward_loss(engine.module, batch, cp_group=cp_group, loss_group=loss_group, hybrid=hybrid, cfg=cfg)
-    engine.backward(loss)
+    # Weighted by its supervised tokens over all ranks: accumulated micro-steps then add
+    # up to the mean over every token of the optimizer step, however the batch was split.
+    engine.backward(loss, weight=stats["global_tokens"])
     stepped = engine.step()
     total = loss.detach().clone()
     if loss_group is not None and dist.get_world_size(loss_group) > 1:
