@@ -397,6 +397,14 @@ class CheckpointStore:
             raise CheckpointError(f"its format {manifest.get('format')!r} is not {FORMAT}")
         return manifest
 
+    def verify(self, name: str) -> dict:
+        """Reads every file of checkpoint `name` and checks it against the manifest (for
+        tests and operators; a restore checks only the bytes it reads). Returns the manifest."""
+        manifest = self.manifest(name)
+        for rel in manifest["files"]:
+            self._fetch(name, manifest, rel)
+        return manifest
+
     def latest_complete(self) -> str | None:
         for name in self.names():
             try:

@@ -15,7 +15,6 @@ on the fields as metadata (`workloads.spec.bounded`) and this module checks them
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import functools
@@ -126,6 +125,17 @@ class JobConfig:
         if self.resources.elastic and self.training.global_batch is None:
             raise FieldError("training.global_batch", "an elastic run (resources.workers: [min, max]) needs a "
                                                       "fixed global batch: samples per optimizer step")
+        if self.resources.elastic:
+            # Ray Train may start any count in the range the cluster holds.
+            degrees = sorted({n // self.parallelism.cp for n in range(self.resources.min_workers,
+                                                                      self.resources.max_workers + 1)
+                              if n % self.parallelism.cp == 0})
+            bad = [d for d in degrees if self.training.global_batch % d]
+            if bad:
+                lcm = math.lcm(*degrees)
+                raise FieldError("training.global_batch", f"{self.training.global_batch} is not a multiple of "
+                                 f"data-parallel degree {bad[0]} (one of {degrees} that resources.workers="
+                                 f"{self.resources.workers} allows); use a multiple of {lcm}")
         if self.resources.elastic and self.training.sharding == "deepspeed":
             raise FieldError("training.sharding", "'deepspeed' checkpoints resume only on as many workers as "
                                                   "wrote them; an elastic run needs 'fsdp' or 'none'")
@@ -216,8 +226,11 @@ def _convert(value: Any, tp, key: str, bounds: dict):
         if len(real) == 1:
             return _convert(value, real[0], key, bounds)
         for a in real:
-            with contextlib.suppress(ConfigError):
+            try:
                 return _convert(value, a, key, bounds)
+            except ConfigError as e:
+                if not str(e).startswith(f"{key}: expected"):
+                    raise  # the value has this type but breaks its bounds: say so
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -22,7 +22,7 @@ import torch
 from workloads.spec import RunContext
 
 from . import log as logsetup
-from .config import from_dict
+from .config import ConfigError, from_dict
 from .storage import run_uri
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ def train_loop(config: dict) -> None:
     cfg = from_dict(config["job"])
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    if world % cfg.parallelism.cp:
+        raise ConfigError(f"Ray Train started {world} workers, not a multiple of parallelism.cp="
+                          f"{cfg.parallelism.cp} (resources.workers={cfg.resources.workers}): give each node "
+                          f"resources for a multiple of {cfg.parallelism.cp} workers")
     runner = cfg.spec.build_runner(cfg, RunContext(rank=rank, world_size=world, device=device,
                                                    run_root=run_uri(cfg)))
     t = cfg.training

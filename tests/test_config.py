@@ -15,7 +15,7 @@ parallelism: {cp: 2}
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/v2pe-*.yaml")))
 def test_shipped_configs_load(path):
     cfg = load_config(path)
-    assert cfg.workload == "v2pe" and cfg.resources.workers % cfg.parallelism.cp == 0
+    assert cfg.workload == "v2pe" and cfg.resources.max_workers % cfg.parallelism.cp == 0
 
 
 def test_defaults_and_derived_values():
@@ -33,7 +33,17 @@ def test_defaults_and_derived_values():
         ({"training.steps": 0}, r"training.steps: must be > 0, got 0"),
         ({"training.lr": True}, r"training.lr: expected a number, got True"),
         ({"parallelism.cp": 3}, r"parallelism.cp: 3 does not divide 2 workers"),
-        ({"training.sharding": "fsdp"}, r"training.sharding: 'fsdp' is not allowed; choose one of 'deepspeed' \| 'none'"),
+        ({"training.sharding": "fsdx"},
+         r"training.sharding: 'fsdx' is not allowed; choose one of 'deepspeed' \| 'fsdp' \| 'none'"),
+        # elastic ranges: [min, max], a fixed global batch every reachable dp divides, no DeepSpeed
+        ({"resources.workers": [4, 2]}, r"resources.workers: \[4, 2\]: give a count or \[min, max\] with min <= max"),
+        ({"resources.workers": [2, 3]}, r"parallelism.cp: 2 does not divide 3 workers \(resources.workers=\[2, 3\]"),
+        ({"resources.workers": [2, 6]}, r"training.global_batch: an elastic run \(resources.workers: \[min, max\]\) needs"),
+        ({"resources.workers": [2, 6], "training.global_batch": 4},
+         r"training.global_batch: 4 is not a multiple of data-parallel degree 3 \(one of \[1, 2, 3\] that "
+         r"resources.workers=\[2, 6\] allows\); use a multiple of 6"),
+        ({"resources.workers": [2, 4], "training.global_batch": 4, "training.sharding": "deepspeed"},
+         r"training.sharding: 'deepspeed' checkpoints resume only on as many workers"),
         ({"data.position_mode": "v2pe_fix"}, r"data.position_stride: required when data.position_mode is 'v2pe_fix'"),
         ({"data.position_stride": 300}, r"data.position_stride: 300 is not in 1..256"),
         ({"model.size": "gpt5"}, r"model: model size 'gpt5' is unknown"),
@@ -52,6 +62,17 @@ def test_defaults_and_derived_values():
 def test_errors_name_key_value_and_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(BASE, overrides=override)
+
+
+def test_elastic_range_maps_to_min_and_max():
+    cfg = load_config(BASE, overrides={"resources.workers": [2, 6], "training.global_batch": 6,
+                                       "training.sharding": "fsdp"})
+    r = cfg.resources
+    assert (r.elastic, r.min_workers, r.max_workers, cfg.dp) == (True, 2, 6, 3)
+    assert cfg.training.accumulation(2, 4) == 3 and cfg.training.accumulation(3, 6) == 2
+    with pytest.raises(ValueError, match="global_batch: 6 is not a multiple of the 4 samples one micro-step"):
+        cfg.training.accumulation(4, 8)
+    assert load_config(BASE, overrides={"resources.workers": [2, 2]}).resources.elastic is False
 
 
 def test_structural_errors():

@@ -20,10 +20,14 @@ def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference)
     assert ckpts == ["step-0000004", "step-0000006"]  # keep_checkpoints: 2
     last = f"{BUCKET}/runs/{name}/step-0000006"
     names = {p.rsplit("/", 1)[1] for p in s3.ls(last)}
-    assert {"manifest-rank0.json", "manifest-rank1.json", "model.pt", "optimizer.pt", "state.json",
-            "rng-rank0.pt", "rng-rank1.pt"} <= names
-    state = json.loads(s3.cat_file(f"{last}/state.json"))
+    assert {"manifest.json", "state", "rng-rank0.pt", "rng-rank1.pt"} <= names
+    # Each of the two ranks wrote its share of the DCP state.
+    shards = {p.rsplit("/", 1)[1] for p in s3.ls(f"{last}/state")}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= shards, shards
+    manifest = json.loads(s3.cat_file(f"{last}/manifest.json"))
+    state = manifest["state"]
     assert state["step"] == STEPS and len(state["losses"]) == STEPS
+    assert manifest["world_size"] == 2 and manifest["layout"] == {"dp": 1, "cp": 2, "cp_a2a": 1}
     assert s3.exists(f"{BUCKET}/runs/{name}/export/model.safetensors")
     assert s3.exists(f"{BUCKET}/runs/{name}/export/config.json")
     assert f"s3://{BUCKET}/runs/{name}/step-0000006" in out
@@ -32,7 +36,7 @@ def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference)
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
     assert losses[-1][1] < losses[0][1]  # it learns
     assert run.data.params["parallelism.cp"] == "2" and run.data.params["model.size"] == "tiny"
-    for key in ("tokens_per_s", "samples_per_s", "lr", "grad_norm", "peak_memory_mib"):
+    for key in ("tokens_per_s", "samples_per_s", "lr", "grad_norm", "peak_memory_mib", "world_size"):
         assert len(client.get_metric_history(run.info.run_id, key)) == STEPS, key
     assert run.data.tags["longview.checkpoint_uri"] == f"s3://{BUCKET}/runs/{name}"
     assert run.data.tags["longview.export"] == f"s3://{BUCKET}/runs/{name}/export"
@@ -80,7 +84,7 @@ def test_job_submission_runs_the_same_job(services):
 def test_bad_config_fails_before_anything_starts(services):
     proc = cli(services["env"], "train", "configs/v2pe-demo.yaml", "--set", "parallelism.cp=3", check=False, timeout=60)
     assert proc.returncode != 0
-    assert "config error: parallelism.cp: 3 does not divide resources.workers=2" in proc.stderr
+    assert "config error: parallelism.cp: 3 does not divide 2 workers" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -96,8 +100,11 @@ def test_piip_job_places_branches_and_resumes_exactly(services):
     client, _ = mlflow_run(fs, a, "longview-piip")
     for b in range(3):
         assert len(client.get_metric_history(run.info.run_id, f"branch{b}_step_s")) == 4
-    names = {p.rsplit("/", 1)[1] for p in s3fs_direct(fs).ls(f"{BUCKET}/runs/{a}/step-0000004")}
-    assert {f"model-branch{b}.pt" for b in range(3)} | {"manifest-rank2.json", "state.json"} <= names
+    manifest = json.loads(s3fs_direct(fs).cat_file(f"{BUCKET}/runs/{a}/step-0000004/manifest.json"))
+    assert manifest["layout"] == {"branch0": 1, "branch1": 1, "branch2": 1}
+    # Each branch's parameters were saved (by the rank that owns them), nothing twice.
+    keys = [k for k in manifest["items"]]
+    assert len({f"__{r}_0.distcp" for r in range(3)} & {k.split("@")[0] for k in keys}) == 3
 
     b_name = f"pb-{uuid.uuid4().hex[:8]}"
     proc = train(fs, b_name, *sets, config="configs/piip-demo.yaml", faults="raise@3")

@@ -33,7 +33,7 @@ def test_no_credential_in_the_traces_of_a_run(services, reference, tmp_path):
     # checkpoints and the exported model
     s3 = s3fs_direct(fs)
     objects = s3.find(f"lve2e/runs/{name}")
-    assert any(o.endswith("model.pt") for o in objects) and any("export" in o for o in objects)
+    assert any(o.endswith(".distcp") for o in objects) and any("export" in o for o in objects)
     for key in objects:
         found += [f"s3://{key}: {h}" for h in _hits(s3.cat_file(key), secrets)]
     # Ray's logs of the session (driver, workers, job agent, runtime environments)
