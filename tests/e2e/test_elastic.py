@@ -1,0 +1,131 @@
+"""Elastic training on a cluster that changes size: Ray's autoscaler adds a node mid-run
+and later removes one, Ray Train restarts the worker group at the new size, and the run
+resumes from its checkpoint, resharded, with the losses of a run that never changed size.
+
+The cluster is Ray's simulated multi-node cluster (`cluster/local-fake-multinode.yaml`)
+with its own head; S3 and MLflow are the shared services. The cluster's size is changed
+the way an operator (or a spot market) changes it: the autoscaler rereads its YAML, so
+raising the worker node type's `max_workers` adds a node, lowering it removes one.
+"""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import BUCKET, history, unique
+
+NODE = "longview.worker.cpu"
+STEPS = 30
+# cp 1: the data-parallel degree is the worker count (2..4); a global batch of 12
+# samples divides into every one of them.
+ELASTIC = ["--set", f"storage.uri=s3://{BUCKET}/runs", "--set", f"training.steps={STEPS}",
+           "--set", "training.checkpoint_every=2", "--set", "parallelism.cp=1", "--set", "training.global_batch=12",
+           "--set", "training.sharding=fsdp", "--set", "data.synthetic.samples=24", "--set", "data.synthetic.tokens=512",
+           "--set", "data.max_tokens=512", "--set", "resources.custom={longview_worker: 1}",
+           "--set", "training.max_failures=6", "--set", "resources.resize_interval_s=3"]
+
+
+def _set_max_nodes(path, n: int) -> None:
+    cluster = yaml.safe_load(path.read_text())
+    cluster["available_node_types"][NODE]["max_workers"] = n
+    path.write_text(yaml.safe_dump(cluster))
+
+
+def _wait(what: str, check, proc, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: rc {proc.returncode}")
+        got = check()
+        if got:
+            return got
+        time.sleep(2)
+    raise AssertionError(f"no {what} within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(services, tmp_path_factory):
+    """A Ray head whose autoscaler may add up to 2 worker nodes (1 worker each) for now."""
+    from orchestrator.services import start_ray, stop_pid, stop_processes_under
+
+    tmp = tmp_path_factory.mktemp("elastic")
+    spec = yaml.safe_load(open("cluster/local-fake-multinode.yaml"))
+    spec["available_node_types"][NODE]["max_workers"] = 2
+    spec["max_workers"] = 4
+    (tmp / "cluster.yaml").write_text(yaml.safe_dump(spec))
+    head = start_ray(tmp, num_cpus=1, autoscaling_yaml=str(tmp / "cluster.yaml"))
+    yield head, tmp / "autoscaling.yaml"  # the copy the autoscaler reads (start_ray wrote it)
+    stop_pid(head.pid)
+    stop_processes_under(head.extra["temp_dir"])  # simulated nodes live outside its group
+
+
+def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services, cluster, record):
+    head, autoscaling = cluster
+    env, address = services["env"], head.extra["address"]
+    ref = unique("fixed")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
+                           "--address", address, "--set", f"name={ref}", *ELASTIC, "--set", "resources.workers=2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    want, _ = history(services, ref)
+
+    name = unique("elastic")
+    out = open(services["home"] / f"{name}.log", "w+")
+    job = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
+                            "--address", address, "--set", f"name={name}", *ELASTIC, "--set", "resources.workers=[2, 4]"],
+                           env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        def sizes():
+            try:
+                return history(services, name, "world_size")[0]
+            except IndexError:  # no MLflow run yet
+                return []
+
+        _wait("two steps on 2 workers", lambda: len(sizes()) >= 2, job)
+        _set_max_nodes(autoscaling, 3)  # a node is added
+        grown = _wait("a step on 3 workers", lambda: [s for s, w in sizes() if w == 3], job)
+        _set_max_nodes(autoscaling, 2)  # a node is taken away while it trains
+        _wait("the run to shrink back to 2 workers",
+              lambda: [s for s, w in sizes() if w == 2 and s > grown[0]], job)
+        rc = job.wait(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    out.seek(0)
+    text = out.read()
+    assert rc == 0, text[-4000:]
+    got, run = history(services, name)
+    assert [s for s, _ in got] == list(range(1, STEPS + 1))
+    # The same 12 samples per step on 2 or 3 workers, each micro-step weighted by its
+    # tokens: only the order of float32 sums differs (all-reduce over 2 or 3 ranks,
+    # 6 or 4 micro-steps accumulated), ~1e-7 relative per sum, carried through 30
+    # AdamW steps; 1e-4 relative allows for that growth and nothing more.
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
+    sizes_seen = [int(w) for _, w in history(services, name, "world_size")[0]]
+    assert sizes_seen[0] == 2 and 3 in sizes_seen and sizes_seen[-1] == 2, sizes_seen
+    assert run.info.status == "FINISHED"
+    resumes = _resumes(text)
+    grow = next(r for r in resumes if r[1] == 3)
+    shrink = next(r for r in resumes if r[1] == 2 and r[0] >= grow[0])
+    record("node added mid-run (elastic workers [2, 4])", injected=1, survived=1, steps_lost=grow[2], data_lost=0,
+           note="Ray Train restarts the group at 3 workers; it resumes from the last checkpoint, resharded")
+    record("node lost and not replaced (elastic workers [2, 4])", injected=1, survived=1, steps_lost=shrink[2],
+           data_lost=0, note="the group restarts at 2 workers; the loss curve is the fixed-size run's")
+
+
+def _resumes(text: str) -> list[tuple[int, int, int]]:
+    """(checkpoint step, workers, steps computed again) of each resume, from rank 0's lines."""
+    import re
+
+    done, out = 0, []
+    for line in text.splitlines():
+        m = re.search(r"resumed from \S+ at step (\d+) on (\d+) workers", line)
+        if m and (not out or out[-1][:2] != (int(m[1]), int(m[2]))):  # Ray may print a line more than once
+            out.append((int(m[1]), int(m[2]), done - int(m[1])))
+        m = re.search(r"step (\d+)/\d+ loss", line)
+        if m:
+            done = max(done, int(m[1]))
+    return out
