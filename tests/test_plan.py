@@ -69,6 +69,12 @@ def test_memory_follows_sharding_and_sequence():
     z3 = estimate_memory(m, replace(base, zero_stage=3))
     assert z3["parameters"] == pytest.approx(mem["parameters"] / 8)  # ZeRO-3 shards weights over all 8 ranks
     assert z3["optimizer"] == mem["optimizer"]
+    # FSDP: fp32 weights and gradients and both moments, all sharded: ZeRO-3's 16 bytes
+    # per parameter over the 8 ranks, split differently.
+    fsdp = estimate_memory(m, replace(base, sharding="fsdp"))
+    states = ("parameters", "gradients", "optimizer")
+    assert sum(fsdp[k] for k in states) == pytest.approx(sum(z3[k] for k in states))
+    assert fsdp["parameters"] == pytest.approx(2 * z3["parameters"])
     wider = estimate_memory(m, replace(base, cp=8, dp=1))
     assert wider["activations"] < 0.55 * mem["activations"]  # half the tokens per rank
     ev = estimate_memory(m, replace(base, training=False))

@@ -42,7 +42,7 @@ class RunShape:
     cp: int = 1
     cp_a2a: int = 1
     dp: int = 1
-    sharding: str = "deepspeed"  # "deepspeed" | "none"
+    sharding: str = "deepspeed"  # "deepspeed" | "fsdp" | "none"
     zero_stage: int = 3
     bf16: bool = True
     activation_checkpointing: bool = True
@@ -76,6 +76,10 @@ def _model_states(n_params: int, r: RunShape) -> dict[str, float]:
     if r.sharding == "none":  # plain AdamW on the model's own dtype: m and v in that dtype
         b = 2 if r.bf16 else 4
         return {"parameters": n_params * b, "gradients": n_params * b, "optimizer": 2 * n_params * b}
+    if r.sharding == "fsdp":
+        # FSDP2 keeps the fp32 parameters and their fp32 gradients sharded (bf16 is a
+        # compute copy of the unit being gathered), and AdamW's m and v with them.
+        return {"parameters": n_params * 4.0 / n, "gradients": n_params * 4.0 / n, "optimizer": n_params * 8.0 / n}
     if r.bf16:  # bf16 weights and gradients, fp32 master copy + m + v in the optimizer
         p, g, o = 2.0, 2.0, 12.0
     else:
