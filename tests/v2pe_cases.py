@@ -120,8 +120,8 @@ def checkpoint_roundtrip(state, batch, sharding, zero_stage, folder):
     return want, [first, *later], st.step, resumed.lr, straight.lr
 
 
-def resharded_run(state, rows, sharding, storage, endpoint, steps, global_batch, resume, save_at):
-    """Trains the tiny model on the world as dp x cp 2 with the production pieces (engine,
+def resharded_run(state, rows, sharding, storage, endpoint, steps, global_batch, resume, save_at, cp=2):
+    """Trains the tiny model on the world as dp x cp with the production pieces (engine,
     `Checkpointer`, `CheckpointStore`), drawing sample s*B + m*dp + dp_rank at micro-step
     m of step s as the V2PE runner does. Resumes from `storage` when `resume`; saves after
     the steps in `save_at`. Returns (step losses, bytes this rank read on restore, the
@@ -137,7 +137,7 @@ def resharded_run(state, rows, sharding, storage, endpoint, steps, global_batch,
 
     os.environ.update(LOCAL_CREDENTIALS)
     W, r = dist.get_world_size(), dist.get_rank()
-    groups = ParallelDims.infer(world_size=W, cp=2).build()
+    groups = ParallelDims.infer(world_size=W, cp=cp).build()
     dims = groups.dims
     model = V2PEModel(tiny_config())
     model.load_state_dict(state)

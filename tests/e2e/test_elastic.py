@@ -8,6 +8,7 @@ the way an operator (or a spot market) changes it: the autoscaler rereads its YA
 raising the worker node type's `max_workers` adds a node, lowering it removes one.
 """
 
+import re
 import subprocess
 import sys
 import time
@@ -75,6 +76,10 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
 
     name = unique("elastic")
     out = open(services["home"] / f"{name}.log", "w+")
+    # When a node is lost, Ray Train first retries the size it had reserved and waits this
+    # long for the missing worker before it settles for what the cluster holds (60 s by
+    # default; the driver passes the variable on to Ray Train's controller).
+    env = dict(env, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15")
     job = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
                             "--address", address, "--set", f"name={name}", *ELASTIC, "--set", "resources.workers=[2, 4]"],
                            env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -106,6 +111,13 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
     # AdamW steps; 1e-4 relative allows for that growth and nothing more.
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
     worst = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(got, want))
+    # Steps computed again after each resize (rank 0 prints every step it computes, to 4
+    # decimals): the new group's loss is the old group's.
+    printed = {}
+    for step, loss in re.findall(r"step (\d+)/\d+ loss (\d+\.\d+)", text):
+        printed.setdefault(int(step), set()).add(float(loss))
+    for step, values in printed.items():
+        assert max(values) - min(values) <= 1e-4, (step, values)  # one unit of the last printed digit
     sizes_seen = [int(w) for _, w in history(services, name, "world_size")[0]]
     assert sizes_seen[0] == 2 and 3 in sizes_seen and sizes_seen[-1] == 2, sizes_seen
     assert run.info.status == "FINISHED"
@@ -136,8 +148,6 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
 
 def _resumes(text: str) -> list[tuple[int, int, int]]:
     """(checkpoint step, workers, steps computed again) of each resume, from rank 0's lines."""
-    import re
-
     done, out = 0, []
     for line in text.splitlines():
         m = re.search(r"resumed from \S+ at step (\d+) on (\d+) workers", line)
