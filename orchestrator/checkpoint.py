@@ -289,6 +289,18 @@ class Checkpointer:
             error, self._error = self._error, None
             raise CheckpointUploadError(error)
 
+    def settle(self, timeout_s: float | None = None) -> None:
+        """Waits for the save in flight without raising (a failure is logged): called when
+        the worker goes down for another reason, so that a save that can still complete
+        does, and the restart resumes from it."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if not self._thread.is_alive():
+                self._thread = None
+        if self._error is not None:
+            log.warning("%s", self._error)
+            self._error = None
+
     def _write(self, name: str, local: Path, tensors, record: dict, step: int, t0: float) -> None:
         mine: dict = {"files": {}, "items": {}}
         failure = None

@@ -71,23 +71,34 @@ def _due(kind: str, step: int, rank: int) -> Fault | None:
 
 
 class StepFaults:
-    """Wraps one training step: `with StepFaults(step, rank): ...`."""
+    """Wraps one training step: `with StepFaults(step, rank, settle=...): ...`.
 
-    def __init__(self, step: int, rank: int):
-        self.step, self.rank, self._timer = step, rank, None
+    settle: called before a fault fires, to let the checkpoint in flight complete; the
+    suite injects faults to test resuming from the last checkpoint, and a save still
+    being written in the background would otherwise make that point a matter of timing."""
+
+    def __init__(self, step: int, rank: int, settle=None):
+        self.step, self.rank, self.settle, self._timer = step, rank, settle, None
 
     def __enter__(self):
-        if _due("raise", self.step, self.rank):
+        for kind in ("raise", "stall", "kill"):
+            if _due(kind, self.step, self.rank):
+                if self.settle is not None:
+                    self.settle()
+                self._fire(kind)
+                break
+        return self
+
+    def _fire(self, kind: str) -> None:
+        if kind == "raise":
             raise RuntimeError(f"injected fault at step {self.step}")
-        if _due("stall", self.step, self.rank):
+        if kind == "stall":
             log.warning(f"injected stall on rank {self.rank} at step {self.step}")
             while True:
                 time.sleep(3600)
-        if _due("kill", self.step, self.rank):
-            log.warning(f"injected SIGKILL on rank {self.rank} during step {self.step}")
-            self._timer = threading.Timer(0.05, _kill_self)
-            self._timer.start()
-        return self
+        log.warning(f"injected SIGKILL on rank {self.rank} during step {self.step}")
+        self._timer = threading.Timer(0.05, _kill_self)
+        self._timer.start()
 
     def __exit__(self, *exc):
         if self._timer is not None:  # the step was quicker than the timer: die now, still inside it

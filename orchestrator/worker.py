@@ -122,50 +122,58 @@ def train_loop(config: dict) -> None:
     saver = Checkpointer(store, rank=rank, world=world, group=group, engine=runner.engine,
                          keep=t.keep_checkpoints, layout=runner.layout(), upload_hook=before_checkpoint_upload)
     first, started, start_step = True, time.perf_counter(), state.step
-    while state.step < t.steps:
-        probe = StepMemoryProbe(runner.engine, device) if first else None
-        t0 = time.perf_counter()
-        results = []
-        with StepFaults(state.step, rank), probe or contextlib.nullcontext():
-            for m in range(accum):
-                results.append(runner.step(state.step * accum + m))
-        dt = time.perf_counter() - t0
-        last = results[-1]
-        tokens = sum(r.tokens for r in results)
-        # The step's loss is the mean over its tokens (micro-steps weighted by theirs),
-        # as the gradient is (workloads.engine).
-        loss = (sum(r.loss * r.tokens for r in results) / tokens if tokens
-                else sum(r.loss for r in results) / len(results))
-        metrics = {"loss": loss, "lr": _or_nan(last.lr), "grad_norm": _or_nan(last.grad_norm),
-                   "samples_per_s": runner.samples_per_micro * accum / dt, "world_size": float(world),
-                   "grad_accum": float(accum), "peak_memory_mib": _peak_memory_mib(device), **last.metrics}
-        if saver.total_s:
-            metrics.update(checkpoint_blocked_s=saver.blocked_s, checkpoint_total_s=saver.total_s)
-            saver.total_s = 0.0
-        if tokens:
-            metrics["tokens_per_s"] = tokens / dt
-        if probe is not None:
-            first = False
-            predicted = runner.predicted_memory()
-            memory, line = probe.report(predicted)
-            metrics.update(memory)
+    try:
+        while state.step < t.steps:
+            probe = StepMemoryProbe(runner.engine, device) if first else None
+            t0 = time.perf_counter()
+            results = []
+            with StepFaults(state.step, rank, settle=saver.settle), probe or contextlib.nullcontext():
+                for m in range(accum):
+                    results.append(runner.step(state.step * accum + m))
+            dt = time.perf_counter() - t0
+            last = results[-1]
+            tokens = sum(r.tokens for r in results)
+            # The step's loss is the mean over its tokens (micro-steps weighted by theirs),
+            # as the gradient is (workloads.engine).
+            loss = (sum(r.loss * r.tokens for r in results) / tokens if tokens
+                    else sum(r.loss for r in results) / len(results))
+            metrics = {"loss": loss, "lr": _or_nan(last.lr), "grad_norm": _or_nan(last.grad_norm),
+                       "samples_per_s": runner.samples_per_micro * accum / dt, "world_size": float(world),
+                       "grad_accum": float(accum), "peak_memory_mib": _peak_memory_mib(device), **last.metrics}
+            if saver.total_s:
+                metrics.update(checkpoint_blocked_s=saver.blocked_s, checkpoint_total_s=saver.total_s)
+                saver.total_s = 0.0
+            if tokens:
+                metrics["tokens_per_s"] = tokens / dt
+            if probe is not None:
+                first = False
+                predicted = runner.predicted_memory()
+                memory, line = probe.report(predicted)
+                metrics.update(memory)
+                if rank == 0:
+                    log.info("%s", line)
+                    for k, v in (predicted or {}).items():  # tags, not params: a resumed run may predict anew
+                        tracker.call("set_tag", f"longview.memory_predicted_gib.{k}", f"{v / 2**30:.4f}")
+            if s3_retries[0]:
+                metrics["storage_retries"] = float(s3_retries[0])  # this rank's, so far
+            state.step += 1
+            state.losses.append([state.step, loss])
+            tracker.log_metrics(metrics, step=state.step)
             if rank == 0:
-                log.info("%s", line)
-                for k, v in (predicted or {}).items():  # tags, not params: a resumed run may predict anew
-                    tracker.call("set_tag", f"longview.memory_predicted_gib.{k}", f"{v / 2**30:.4f}")
-        if s3_retries[0]:
-            metrics["storage_retries"] = float(s3_retries[0])  # this rank's, so far
-        state.step += 1
-        state.losses.append([state.step, loss])
-        tracker.log_metrics(metrics, step=state.step)
-        if rank == 0:
-            rate = (time.perf_counter() - started) / (state.step - start_step)
-            log.info("step %d/%d loss %.4f (%.2f s/step, ETA %s)", state.step, t.steps, loss, dt,
-                     _eta(rate * (t.steps - state.step)))
-        if state.step % t.checkpoint_every == 0 or state.step == t.steps:
-            saver.save(state)  # waits for the previous save first; raises if that one failed
-            ray.train.report({"step": state.step, "loss": loss, "world_size": world})
+                rate = (time.perf_counter() - started) / (state.step - start_step)
+                log.info("step %d/%d loss %.4f (%.2f s/step, ETA %s)", state.step, t.steps, loss, dt,
+                         _eta(rate * (t.steps - state.step)))
+            if state.step % t.checkpoint_every == 0 or state.step == t.steps:
+                saver.save(state)  # waits for the previous save first; raises if that one failed
+                ray.train.report({"step": state.step, "loss": loss, "world_size": world})
+    except BaseException:
+        # The save in flight runs on its own group: let it complete before this worker
+        # goes down, so the restart resumes from it rather than from the one before.
+        saver.settle(cfg.parallelism.timeout_s)
+        raise
     saver.wait()  # the last checkpoint is complete before the run says it finished
+    if s3_retries[0] and rank == 0:  # with the retries of the last uploads, which ran after the last step
+        tracker.call("log_metric", "storage_retries", float(s3_retries[0]), int(time.time() * 1000), state.step)
     tracker.drain(wait_s=END_WAIT_S)
     if system is not None:
         system.finish()

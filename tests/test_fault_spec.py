@@ -28,6 +28,19 @@ def test_a_fault_fires_once_and_only_where_asked(tmp_path, monkeypatch):
         pass
 
 
+def test_the_checkpoint_in_flight_settles_before_a_fault_fires(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGVIEW_FAULTS", "raise@2")
+    monkeypatch.setenv("LONGVIEW_FAULT_DIR", str(tmp_path))
+    settled = []
+    with StepFaults(1, 0, settle=lambda: settled.append(1)):  # no fault due: nothing waits
+        pass
+    assert settled == []
+    with pytest.raises(RuntimeError, match="injected fault at step 2"):
+        with StepFaults(2, 0, settle=lambda: settled.append(2)):
+            pass
+    assert settled == [2]
+
+
 def test_failure_reason_finds_our_error_inside_rays():
     from orchestrator.cli import failure_reason
 

@@ -62,8 +62,9 @@ def test_s3_outage_during_upload_is_retried(services, reference, record):
     train(fs, name, "--set", "storage.retries=10", faults="s3down@4:0=3")
     assert fired(fs, name, "s3down-4-0")
     retries, _ = history(fs, name, "storage_retries")
-    # The step-4 upload runs in the background during steps 5 and 6 and waits the outage out.
-    assert retries and retries[0][0] in (5, 6) and retries[0][1] > 0
+    # The step-4 upload runs in the background during steps 5 and 6 and waits the outage
+    # out; its retries are logged with the next step's metrics, or at the end of the run.
+    assert retries and retries[0][0] >= 5 and retries[-1][1] > 0, retries
     assert resumed(fs, name) == []  # no restart was needed
     assert_same_run(fs, name, reference[1])
     store = CheckpointStore(s3fs_direct(fs), f"lve2e/runs/{name}", f"s3://lve2e/runs/{name}")
