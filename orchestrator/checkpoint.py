@@ -31,6 +31,7 @@ reshards: a checkpoint written by W workers loads on W' (with FSDP each rank rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -196,8 +197,6 @@ class _RangeFS:
         self.files: dict[str, dict[int, bytes]] = {}
 
     def create_stream(self, path, mode):
-        import contextlib
-
         return contextlib.nullcontext(_Ranges(self.files[str(path)], str(path)))
 
     def concat_path(self, path, suffix):
@@ -225,9 +224,8 @@ def _reader(fs, root: str, manifest: dict, metadata):
             return metadata
 
         def read_data(self, plan, planner):
-            wanted = sorted({(self.storage_data[item.storage_index].relative_path,
-                              self.storage_data[item.storage_index].offset,
-                              self.storage_data[item.storage_index].length) for item in plan.items})
+            infos = (self.storage_data[item.storage_index] for item in plan.items)
+            wanted = sorted({(info.relative_path, info.offset, info.length) for info in infos})
             paths = [posixpath.join(root, rel) for rel, _, _ in wanted]
             data = fs.cat_ranges(paths, [o for _, o, _ in wanted], [o + n for _, o, n in wanted], on_error="return") \
                 if wanted else []
@@ -259,8 +257,7 @@ class Checkpointer:
         self.upload_hook = upload_hook  # (step, rank) -> None, the fault suite's
         self._thread: threading.Thread | None = None
         self._error: str | None = None
-        self.blocked_s = 0.0  # time the last save held training up (the copy)
-        self.total_s = 0.0  # from the last save's start to its manifest
+        self._timings: dict[str, float] = {}  # of the last save, until `timings` hands them out
 
     def save(self, state: TrainState) -> None:
         self.wait()
@@ -275,8 +272,8 @@ class Checkpointer:
             tensors = _staged(self.engine.state_tensors())
         torch.save(_rng_state(), local / f"rng-rank{self.rank}.pt")
         record = {"state": asdict(state), "scheduler": self.engine.scheduler.state_dict()}
-        self.blocked_s = time.perf_counter() - t0
-        self._thread = threading.Thread(target=self._write, args=(name, local, tensors, record, state.step, t0),
+        blocked_s = time.perf_counter() - t0
+        self._thread = threading.Thread(target=self._write, args=(name, local, tensors, record, state.step, t0, blocked_s),
                                         name=f"checkpoint-{name}", daemon=True)
         self._thread.start()
 
@@ -301,7 +298,13 @@ class Checkpointer:
             log.warning("%s", self._error)
             self._error = None
 
-    def _write(self, name: str, local: Path, tensors, record: dict, step: int, t0: float) -> None:
+    def timings(self) -> dict[str, float]:
+        """{"checkpoint_blocked_s": the copy that held training up, "checkpoint_total_s":
+        until the manifest} of the last completed save, once; {} otherwise."""
+        done, self._timings = self._timings, {}
+        return done
+
+    def _write(self, name: str, local: Path, tensors, record: dict, step: int, t0: float, blocked_s: float) -> None:
         mine: dict = {"files": {}, "items": {}}
         failure = None
         try:
@@ -351,7 +354,7 @@ class Checkpointer:
         if not failures:
             dist.broadcast_object_list(committed, src=0, group=self.group)
             failures = [c for c in committed if c]
-        self.total_s = time.perf_counter() - t0
+        self._timings = {"checkpoint_blocked_s": blocked_s, "checkpoint_total_s": time.perf_counter() - t0}
         if failures:
             self._error = (f"checkpoint {name} could not be written to {self.store.location(name)} "
                            f"({'; '.join(failures)}); the previous checkpoint stays the one to resume from")

@@ -139,10 +139,8 @@ def train_loop(config: dict) -> None:
                     else sum(r.loss for r in results) / len(results))
             metrics = {"loss": loss, "lr": _or_nan(last.lr), "grad_norm": _or_nan(last.grad_norm),
                        "samples_per_s": runner.samples_per_micro * accum / dt, "world_size": float(world),
-                       "grad_accum": float(accum), "peak_memory_mib": _peak_memory_mib(device), **last.metrics}
-            if saver.total_s:
-                metrics.update(checkpoint_blocked_s=saver.blocked_s, checkpoint_total_s=saver.total_s)
-                saver.total_s = 0.0
+                       "grad_accum": float(accum), "peak_memory_mib": _peak_memory_mib(device),
+                       **saver.timings(), **last.metrics}
             if tokens:
                 metrics["tokens_per_s"] = tokens / dt
             if probe is not None:

@@ -118,7 +118,7 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
         printed.setdefault(int(step), set()).add(float(loss))
     for step, values in printed.items():
         assert max(values) - min(values) <= 1e-4, (step, values)  # one unit of the last printed digit
-    sizes_seen = [int(w) for _, w in history(services, name, "world_size")[0]]
+    sizes_seen = [int(w) for _, w in sizes()]
     assert sizes_seen[0] == 2 and 3 in sizes_seen and sizes_seen[-1] == 2, sizes_seen
     assert run.info.status == "FINISHED"
     # The FSDP run's export gathered every shard: it loads as a whole model, with the
@@ -127,9 +127,9 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
 
     s3 = s3fs_direct(services)
     exported = {}
-    for job in (ref, name):
-        s3.get(f"{BUCKET}/runs/{job}/export", str(services["home"] / f"{job}-export"), recursive=True)
-        exported[job] = load_pretrained(str(services["home"] / f"{job}-export")).state_dict()
+    for run_name in (ref, name):
+        s3.get(f"{BUCKET}/runs/{run_name}/export", str(services["home"] / f"{run_name}-export"), recursive=True)
+        exported[run_name] = load_pretrained(str(services["home"] / f"{run_name}-export")).state_dict()
     # Weights after 30 AdamW steps whose gradients differ in the order of float32 sums:
     # Adam divides by sqrt of the second moment, which can turn a ~1e-7 gradient
     # difference into a larger one for parameters with tiny gradients; 1e-3 relative
