@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # requirement would otherwise pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: test lint faults demo ring-demo install bench clean
+.PHONY: test lint faults demo experiment down ring-demo install bench clean
 
 install: $(STAMP)
 
@@ -31,8 +31,17 @@ faults: $(STAMP)
 	LONGVIEW_FAULT_REPORT=$(CURDIR)/out/faults.json $(VPY) -m pytest -q tests/e2e/test_faults.py tests/e2e/test_elastic.py tests/e2e/test_security_scan.py
 	$(VPY) -m tests.e2e.report out/faults.json
 
+# The services it starts stay up for browsing the run: `make down` stops them.
 demo: $(STAMP)
 	$(VPY) -m orchestrator.demo
+
+# V2PE against plain positions, trained and evaluated (about 20 minutes on 2 cores);
+# writes docs/length-generalisation.{png,md}.
+experiment: $(STAMP)
+	$(VPY) -m orchestrator.demo experiment
+
+down: $(STAMP)
+	$(VPY) -m orchestrator.cli down
 
 ring-demo: $(STAMP)
 	$(VPY) -m parallelism.demo

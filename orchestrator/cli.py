@@ -5,6 +5,7 @@
     longview submit CONFIG [--address URL]  submit it through Ray job submission; prints the job id
     longview status|logs|stop JOB_ID        follow a submitted job
     longview eval CONFIG [--checkpoint URI] accuracy per (context length, δ) of a trained model
+    longview experiment CONFIG [--out DIR]  V2PE against plain positions: train both, evaluate, plot
     longview runs CONFIG                    the experiment's MLflow runs with their key metrics
     longview flops VARIANT --resolutions R1,R2,...   PIIP backbone GFLOPs (paper's counting)
     longview plan CONFIG [--gpus N --gpu-memory GB ...] [--json]   memory per GPU and the layout to use
@@ -102,6 +103,7 @@ def cmd_up(args) -> int:
         raise SystemExit(f"up: {e}") from None
     for name, s in started.items():
         extra = f"  ray address {s.extra['address']}" if name == "ray" else ""
+        extra += "  (already running)" if s.extra.get("reused") else ""
         _say(f"  {name:6s} {s.url}  pid {s.pid}{extra}")
     log.info("up in %.0fs; bucket s3://%s; `longview down` stops them", time.time() - t0, args.bucket)
     return 0
@@ -151,7 +153,7 @@ def cmd_train(args) -> int:
     _check_cluster(cfg, args)
     log.info("training %s: %s workers (%s), %d steps; checkpoints %s", cfg.name, cfg.resources.workers,
              cfg.spec.layout(cfg), cfg.training.steps, run_uri(cfg))
-    tags = {"longview.ray_job_id": submitted_job_id() or "", "longview.code_version": _code_version()}
+    tags = {"longview.ray_job_id": submitted_job_id() or ""}
     try:
         _, run_id, final = run_training(cfg, ray_address=_ray_address(args), tags=tags)
     except Exception as e:  # noqa: BLE001 - Ray wraps the workers' errors; say the cause last
@@ -191,18 +193,6 @@ def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> s
     return lines[-1] if lines else "unknown error"
 
 
-def _code_version() -> str:
-    import subprocess
-
-    if os.environ.get("LONGVIEW_CODE_VERSION"):  # a submitted job's copy has no .git
-        return os.environ["LONGVIEW_CODE_VERSION"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def _job_address(args) -> str:
     """The job API's address: --address, else the local head's dashboard."""
     if args.address:
@@ -226,6 +216,7 @@ def cmd_submit(args) -> int:
     from .config import to_dict
     from .ray_job import worker_env
     from .storage import run_uri
+    from .tracking import code_version
 
     cfg = load_job(args)
     _check_cluster(cfg, args)
@@ -234,7 +225,7 @@ def cmd_submit(args) -> int:
     env = dict(worker_env(cfg))
     env[CONFIG_ENV] = json.dumps(to_dict(cfg))
     env["LONGVIEW_HOME"] = str(home())
-    env["LONGVIEW_CODE_VERSION"] = _code_version()
+    env["LONGVIEW_CODE_VERSION"] = code_version()
     deadline = time.time() + 120
     while True:
         try:
@@ -242,7 +233,8 @@ def cmd_submit(args) -> int:
                 entrypoint=f"{sys.executable} -m orchestrator.cli train -",
                 runtime_env={"working_dir": str(repo), "env_vars": env,
                              "excludes": [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]},
-                metadata={"longview.run_name": cfg.name},
+                # job_name: the Name column of the Ray dashboard's job list
+                metadata={"job_name": cfg.name, "longview.run_name": cfg.name, "longview.workload": cfg.workload},
             )
             break
         except RuntimeError as e:
@@ -334,12 +326,32 @@ def cmd_eval(args) -> int:
 
     cfg = load_job(args)
     try:
-        table = run_evaluation(cfg, checkpoint=args.checkpoint, ray_address=_ray_address(args))
+        result = run_evaluation(cfg, checkpoint=args.checkpoint, ray_address=_ray_address(args))
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     except FileNotFoundError as e:
         raise SystemExit(f"eval: {e}") from None
-    _say(table)
+    except Exception as e:  # noqa: BLE001 - Ray wraps the workers' errors; say the cause last
+        print(f"error: evaluation of {cfg.name} failed: {failure_reason(e, storage_retries=cfg.storage.retries)}",
+              file=sys.stderr, flush=True)
+        return 1
+    _say(result["table"])
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from .experiment import run_experiment
+
+    cfg = load_job(args)
+    try:
+        report = run_experiment(cfg, ray_address=_ray_address(args), out_dir=args.out)
+    except ValueError as e:  # the config cannot make the comparison (ConfigError is one)
+        raise SystemExit(f"experiment: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a run failed: its cause in one line
+        print(f"error: experiment {cfg.name} failed: {failure_reason(e, storage_retries=cfg.storage.retries)}",
+              file=sys.stderr, flush=True)
+        return 1
+    _say(report)
     return 0
 
 
@@ -397,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, hlp in [("train", cmd_train, "run a job on a Ray cluster"),
                           ("submit", cmd_submit, "submit a job through Ray job submission"),
                           ("eval", cmd_eval, "evaluate a trained model: accuracy per (length, δ)"),
+                          ("experiment", cmd_experiment, "V2PE positions against plain ones: train, evaluate, plot"),
                           ("runs", cmd_runs, "the experiment's MLflow runs")]:
         p = sub.add_parser(name, help=hlp)
         p.add_argument("config", help="job config YAML ('-' reads a submitted job's config)")
@@ -409,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--wait", action="store_true", help="wait for the job, showing its status")
         if name == "eval":
             p.add_argument("--checkpoint", default=None, help="checkpoint URI (default: the run's latest)")
+        if name == "experiment":
+            p.add_argument("--out", default=None, help="folder for the figure and the table")
         p.set_defaults(fn=fn)
     for name, fn in [("status", cmd_status), ("logs", cmd_logs), ("stop", cmd_stop)]:
         p = sub.add_parser(name, help=f"{name} of a submitted job")

@@ -1,12 +1,18 @@
-"""`make demo`: the whole path on this machine, from nothing to an accuracy table.
+"""`make demo`: the whole path on this machine, from nothing to a model that learns.
 
-1. `longview up`: S3 endpoint, MLflow server and Ray head on 127.0.0.1.
-2. `longview submit configs/v2pe-demo.yaml --wait`: a tiny V2PE model trains through Ray
-   job submission, context parallel 2 over 2 CPU workers, on synthetic long samples
-   with δ drawn per image; checkpoints go to S3, metrics to MLflow.
-3. `longview eval`: accuracy per (context length, δ) at lengths up to 4x the training
-   length, with δ = 1 and δ = 1/4, logged as a nested MLflow run.
-4. `longview down`, also when a step fails.
+1. `longview up`: S3 endpoint, MLflow server and Ray head on 127.0.0.1 (reused when
+   they are already running, restarted when some died).
+2. `longview submit configs/v2pe-demo.yaml --wait`: a tiny V2PE model learns the needle
+   task (the colour of the one image with a black square) through Ray job submission,
+   context parallel 2 over 2 CPU workers, with δ drawn per image; checkpoints go to S3,
+   metrics to MLflow.
+3. `longview eval`: accuracy per (context length, δ) on held-out samples, logged as an
+   MLflow run of its own.
+4. The services stay up so the run can be browsed; `make down` (`longview down`) stops them.
+
+`python -m orchestrator.demo experiment` runs `longview experiment
+configs/v2pe-length.yaml` the same way (`make experiment`), writing its figure and
+table to docs/.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from pathlib import Path
 
-CONFIG = "configs/v2pe-demo.yaml"
+DEMO = "configs/v2pe-demo.yaml"
+EXPERIMENT = "configs/v2pe-length.yaml"
 
 
 def run(env, *args) -> str:
@@ -33,35 +40,60 @@ def run(env, *args) -> str:
             print("  " + line.rstrip(), flush=True)
     if proc.wait() != 0:
         print("".join(lines[-60:]), file=sys.stderr)
-        raise SystemExit(f"longview {args[0]} failed")
+        raise SystemExit(f"longview {args[0]} failed; the services are still up (`make down` stops them)")
     return "".join(lines)
 
 
-def main() -> int:
-    t0 = time.time()
-    home = tempfile.mkdtemp(prefix="longview-demo-")
-    env = dict(os.environ, LONGVIEW_HOME=home, PYTHONUNBUFFERED="1")
-    name = f"v2pe-demo-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:4]}"  # a reused name would resume
-    sets = ["--set", f"name={name}", "--set", "storage.uri=s3://longview/runs"]
-    run(env, "up", "--bucket", "longview")
-    try:
-        from orchestrator.services import LocalServices
+def where_to_click(env, name: str) -> None:
+    from .cli import home
+    from .services import LocalServices
+    from .tracking import find_run, mlflow_client
 
-        env.update(LocalServices(home).env())
-        run(env, "submit", CONFIG, *sets, "--wait")
-        table = run(env, "eval", CONFIG, *sets)
-        mlflow = LocalServices(home).read()["mlflow"].url
-        print("\nV2PE demo finished in %.0fs" % (time.time() - t0))
-        print(f"  MLflow experiment : {mlflow} (experiment longview-v2pe, run {name})")
-        print(f"  S3 checkpoints    : s3://longview/runs/{name}/ (endpoint {env['AWS_ENDPOINT_URL_S3']})")
-        print("  accuracy per (context length, δ); trained at 1024 tokens:")
-        for line in table.splitlines():
-            if line.startswith("|"):
-                print("    " + line)
-    finally:
-        run(env, "down")
+    svc = LocalServices(home()).read()
+    mlflow = svc["mlflow"].url
+    link = mlflow
+    try:
+        client = mlflow_client(mlflow)
+        exp, run_id = find_run(client, "longview-v2pe", name)
+        link = f"{mlflow}/#/experiments/{exp}/runs/{run_id}" if run_id else f"{mlflow}/#/experiments/{exp}"
+    except Exception:  # noqa: BLE001 - the links below still lead there
+        pass
+    print(f"  MLflow run        : {link}")
+    print(f"  Ray dashboard     : {svc['ray'].url} (Jobs: {name})")
+    print(f"  S3 checkpoints    : s3://longview/runs/{name}/ (endpoint {svc['s3'].url})")
+    print(f"  The services stay up for browsing; `make down` (or `{Path(sys.executable).parent}/longview down`) "
+          "stops them.")
+
+
+def main(argv: list[str]) -> int:
+    t0 = time.time()
+    what = argv[0] if argv else "demo"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    stamp = f"{time.strftime('%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"  # a reused name would resume
+    run(env, "up", "--bucket", "longview")
+    from .cli import home
+    from .services import LocalServices
+
+    env.update(LocalServices(home()).env())
+    if what == "experiment":
+        name = f"v2pe-length-{stamp}"
+        out = run(env, "experiment", EXPERIMENT, "--set", f"name={name}", "--out", "docs")
+        print(f"\nexperiment finished in {(time.time() - t0) / 60:.1f} min; figure and table in docs/")
+        print("\n".join("    " + ln for ln in out.splitlines() if ln.startswith("|")))
+        where_to_click(env, f"{name}-v2pe_rnd")
+        return 0
+    name = f"v2pe-demo-{stamp}"
+    sets = ["--set", f"name={name}", "--set", "storage.uri=s3://longview/runs"]
+    run(env, "submit", DEMO, *sets, "--wait")
+    table = run(env, "eval", DEMO, *sets)
+    print(f"\nV2PE demo finished in {time.time() - t0:.0f}s")
+    print("  accuracy per (context length, δ) on held-out samples (chance: 1 in 8 colours):")
+    for line in table.splitlines():
+        if line.startswith("|"):
+            print("    " + line)
+    where_to_click(env, name)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

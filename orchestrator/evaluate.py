@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 EXPORT = "export"  # the model written at the end of training
 
 
-def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address: str | None = None) -> str:
-    """Evaluates the run's exported model (or `checkpoint`); returns the result's table."""
-    from .tracking import job_run
+def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address: str | None = None,
+                   data_root: str | None = None) -> dict:
+    """Evaluates the run's exported model (or `checkpoint`); returns the result
+    ({"table", "records", "metrics", "curves"}). data_root: where the evaluation data is
+    written once (default: the run's folder; an experiment shares one between its runs)."""
     from .worker import eval_loop
 
     if cfg.spec.evaluation is None:
@@ -33,36 +35,107 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     fs, path = storage_fs(model, cfg)  # also points the workload's plain fsspec calls at the job's S3
     if not fs.exists(path):  # before anything starts: no data written, no MLflow run, no Ray job
         raise FileNotFoundError(f"no trained model at {model}: train {cfg.name} first, or pass --checkpoint")
-    log.info("preparing evaluation data ...")
-    prepared = evaluation.prepare(cfg, run_uri(cfg), model)
-    out = run_uri(cfg, "eval")
-    connect_ray(cfg, ray_address)
-    log.info("evaluating %s on %d workers ...", model, cfg.resources.max_workers)
-    trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": model,
-                                             "prepared": prepared, "out": out},
-                            run_name=f"{cfg.name}-eval-{os.getpid()}")
-    trainer.fit()
-    fs, root = storage_fs(out, cfg)
-    result = json.loads(fs.cat_file(f"{root}/result.json"))
-    fs.pipe_file(f"{root}/result.md", result["table"].encode())
-    if cfg.tracking.uri:
-        _log_nested(cfg, job_run(cfg, {}), result)
-    return result["table"]
-
-
-def _log_nested(cfg: JobConfig, parent: str, result: dict) -> None:
-    from mlflow.entities import Metric
-
-    from .tracking import mlflow_client
-
+    mlflow_run = EvalRun(cfg, model, evaluation.params(cfg))
     try:
-        client = mlflow_client(cfg.tracking.uri)
-        exp_id = client.get_run(parent).info.experiment_id
-        run = client.create_run(exp_id, run_name=f"{cfg.name}-eval",
-                                tags={"mlflow.parentRunId": parent, "longview.kind": "evaluation"})
-        client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in result["metrics"].items()])
-        client.log_text(run.info.run_id, result["table"], "result.md")
-        client.set_terminated(run.info.run_id)
-    except Exception as e:  # noqa: BLE001 - the result is in storage whatever MLflow does
+        log.info("preparing evaluation data ...")
+        prepared = evaluation.prepare(cfg, data_root or run_uri(cfg), model)
+        out = run_uri(cfg, "eval")
+        connect_ray(cfg, ray_address)
+        log.info("evaluating %s on %d workers ...", model, cfg.resources.max_workers)
+        trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": model,
+                                                 "prepared": prepared, "out": out},
+                                run_name=f"{cfg.name}-eval-{os.getpid()}")
+        trainer.fit()
+        fs, root = storage_fs(out, cfg)
+        result = json.loads(fs.cat_file(f"{root}/result.json"))
+        fs.pipe_file(f"{root}/result.md", result["table"].encode())
+    except BaseException as e:
+        mlflow_run.failed(e)
+        raise
+    mlflow_run.finished(result, evaluation.figure(cfg, result["records"]))
+    return result
+
+
+class EvalRun:
+    """The evaluation's MLflow run, a child of the job's run when there is one: created
+    when the evaluation starts (so its duration is real), with the evaluation's params,
+    the model evaluated and its training step; ended FINISHED with the result, or FAILED
+    with the reason. Never fatal: the result is in storage whatever MLflow does."""
+
+    def __init__(self, cfg: JobConfig, model: str, params: dict[str, str]):
+        self.cfg, self.run_id, self.client = cfg, None, None
+        if not cfg.tracking.uri:
+            return
+        from .tracking import find_run, mlflow_client, run_tags
+
+        try:
+            self.client = mlflow_client(cfg.tracking.uri)
+            exp_id, parent = find_run(self.client, cfg.experiment, cfg.name)
+            # Not tagged with RUN_NAME_TAG: that tag finds a job's own (training) run.
+            tags = {**run_tags(cfg, kind="evaluation"), "longview.evaluates": cfg.name, "longview.model": model,
+                    "mlflow.note.content": f"Evaluation of {model} ({cfg.workload}, run {cfg.name})."}
+            if parent:
+                tags["mlflow.parentRunId"] = parent
+            self.run_id = self.client.create_run(exp_id, run_name=f"{cfg.name}-eval", tags=tags).info.run_id
+            from mlflow.entities import Param
+
+            params = {"model": model, "trained_steps": str(_trained_steps(model, cfg)), **params}
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        except Exception as e:  # noqa: BLE001
+            self._warn(e)
+
+    def _warn(self, e: Exception) -> None:
         log.warning("evaluation not logged to MLflow (%s: %s); the result is at %s", type(e).__name__, e,
-                    run_uri(cfg, "eval"))
+                    run_uri(self.cfg, "eval"))
+        self.run_id = None
+
+    def failed(self, e: BaseException) -> None:
+        if self.run_id is None:
+            return
+        from .cli import failure_reason
+
+        reason = failure_reason(e) if isinstance(e, Exception) else type(e).__name__
+        try:
+            self.client.set_tag(self.run_id, "longview.failure", reason[:5000])
+            self.client.set_tag(self.run_id, "mlflow.note.content", f"Evaluation failed: {reason}"[:5000])
+            self.client.set_terminated(self.run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
+        except Exception as err:  # noqa: BLE001
+            self._warn(err)
+
+    def finished(self, result: dict, figure: bytes | None) -> None:
+        if self.run_id is None:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), ts, 0) for k, v in result["metrics"].items()]
+        metrics += [Metric(k, float(v), ts, int(x)) for k, curve in result.get("curves", {}).items()
+                    for x, v in curve.items()]
+        try:
+            for i in range(0, len(metrics), 1000):
+                self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+            self.client.log_text(self.run_id, result["table"], "result.md")
+            if figure:
+                self.client.log_image(self.run_id, _png(figure), "accuracy_by_length.png")
+            self.client.set_terminated(self.run_id, "FINISHED")
+        except Exception as e:  # noqa: BLE001
+            self._warn(e)
+
+
+def _png(data: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
+def _trained_steps(model: str, cfg: JobConfig) -> int | str:
+    """The training step of the exported model (its sidecar `longview.json`), else '-'."""
+    fs, path = storage_fs(model, cfg)
+    try:
+        return int(json.loads(fs.cat_file(f"{path.rstrip('/')}/longview.json"))["step"])
+    except Exception:  # noqa: BLE001 - a checkpoint from elsewhere has none
+        return "-"

@@ -28,12 +28,17 @@ def prepare_data(cfg: JobConfig) -> None:
 def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict | None = None):
     """Fits the job on the Ray cluster at `ray_address` ("local": in-process).
     Returns (Ray's Result, the MLflow run id or None, the last complete checkpoint's URI)."""
-    from .tracking import Tracker, job_run
+    from .tracking import Tracker, job_run, log_dataset
 
     log.info("preparing data ...")
     prepare_data(cfg)
     run_id = job_run(cfg, {"longview.checkpoint_uri": run_uri(cfg), "longview.workload": cfg.workload,
                            **(tags or {})})
+    if run_id and cfg.spec.data_source is not None:
+        try:
+            log_dataset(cfg.tracking.uri, run_id, cfg.spec.data_source(cfg, run_uri(cfg)), name=f"{cfg.name}-train")
+        except Exception as e:  # noqa: BLE001 - the record of the data is not worth a failed run
+            log.warning("training data not logged to MLflow (%s: %s)", type(e).__name__, e)
     connect_ray(cfg, ray_address)
     trainer = build_trainer(cfg, train_loop,
                             {"job": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": cfg.tracking.uri},
@@ -41,13 +46,41 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
     tracker = Tracker(cfg.tracking.uri, run_id)
     try:
         result = trainer.fit()  # raises once FailureConfig's retries are used up
-    except BaseException:
-        tracker.call("set_terminated", "FAILED")
+    except BaseException as e:
+        # The run says why it failed (its description in the UI), and is never left RUNNING.
+        from .cli import failure_reason
+
+        reason = failure_reason(e, storage_retries=cfg.storage.retries) if isinstance(e, Exception) \
+            else f"{type(e).__name__}: interrupted"
+        tracker.call("set_tag", "longview.failure", reason[:5000])
+        tracker.call("set_tag", "mlflow.note.content", f"Training failed: {reason}"[:5000])
+        tracker.call("set_terminated", "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     store = checkpoint_store(cfg)
     last = store.latest_complete()
     final = store.location(last) if last else ""
+    if run_id:
+        _log_model(cfg, run_id)
     # The run's end goes on the record even if the server is restarting just now.
     tracker.call("set_tag", "longview.final_checkpoint", final, wait_s=END_WAIT_S)
     tracker.call("set_terminated", "FINISHED", wait_s=END_WAIT_S)
     return result, run_id, final
+
+
+def _log_model(cfg: JobConfig, run_id: str) -> None:
+    """The export (when the workload wrote one) as the run's logged MLflow model."""
+    import json
+
+    from .tracking import log_exported_model
+
+    export = run_uri(cfg, "export")
+    fs, root = storage_fs(export, cfg)
+    try:
+        if not fs.exists(f"{root}/longview.json"):
+            return
+        meta = json.loads(fs.cat_file(f"{root}/longview.json"))
+        small = {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.ls(root, detail=False)
+                 if p.endswith(".json") and fs.size(p) < 1 << 20}
+        log_exported_model(cfg.tracking.uri, run_id, name=cfg.name, export=export, step=int(meta["step"]), files=small)
+    except Exception as e:  # noqa: BLE001
+        log.warning("exported model not logged to MLflow (%s: %s); it is at %s", type(e).__name__, e, export)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from parallelism.local_world import free_port
 
+log = logging.getLogger(__name__)
+
 # moto accepts any key; these only exist so that boto/s3fs sign requests to it.
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "longview-local", "AWS_SECRET_ACCESS_KEY": "longview-local-secret",
                      "AWS_DEFAULT_REGION": "us-east-1"}
@@ -142,6 +144,16 @@ def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Se
     proc = _spawn([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)], log)
     url = f"http://{host}:{port}"
     _wait_http(url + "/moto-api/", 60, proc, log)
+    try:
+        create_buckets(url, buckets)
+    except ServiceError:
+        stop_pid(proc.pid)  # the endpoint must not outlive this
+        raise
+    return Service("s3", proc.pid, url, log, {"buckets": buckets})
+
+
+def create_buckets(url: str, buckets: list[str]) -> None:
+    """Creates the buckets on the local S3 endpoint (one already there is kept)."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -149,10 +161,10 @@ def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Se
     for b in buckets:
         try:
             client.create_bucket(Bucket=b)
-        except Exception as e:  # noqa: BLE001 - botocore's errors; the endpoint must not outlive this
-            stop_pid(proc.pid)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        except Exception as e:  # noqa: BLE001 - botocore's errors
             raise ServiceError(f"bucket {b!r} could not be created on the local S3 endpoint: {e}") from None
-    return Service("s3", proc.pid, url, log, {"buckets": buckets})
 
 
 def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0.1", port: int | None = None) -> Service:
@@ -161,7 +173,9 @@ def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0
     db = state_dir / "mlflow.db"
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
            f"s3://{bucket}/mlflow", "--host", host, "--port", str(port), "--workers", "1"]
-    env = dict(LOCAL_CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
+    # A local tracking server needs none of MLflow's job consumers (GenAI scorers run by
+    # a Huey pool: seven processes, ~1.7 GiB at rest).
+    env = dict(LOCAL_CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = _spawn(cmd, log, env)
     url = f"http://{host}:{port}"
     _wait_http(url + "/health", 120, proc, log)
@@ -236,8 +250,16 @@ class LocalServices:
         check_bind_host(host, expose)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         running = self.read()
-        if running:
-            raise ServiceError(f"services already recorded in {self.state_file}; run `longview down` first")
+        wanted = {"s3"} | ({"mlflow"} if mlflow else set()) | ({"ray"} if ray else set())
+        if running and set(running) == wanted and all(self.answers(s) for s in running.values()):
+            create_buckets(running["s3"].url, [bucket])
+            for name in running:
+                running[name].extra["reused"] = True
+            log.info("reusing the services recorded in %s", self.state_file)
+            return running
+        if running:  # some died, or other services were asked for: start all of them anew
+            log.info("restarting the services recorded in %s (not all of them answer)", self.state_file)
+            self.down()
         started: dict[str, Service] = {}
         try:
             started["s3"] = start_s3(self.state_dir, [bucket], host=host)
@@ -252,6 +274,20 @@ class LocalServices:
             self.down()
             raise
         return started
+
+    @staticmethod
+    def answers(svc: Service) -> bool:
+        """Is the service's process alive and does its endpoint answer?"""
+        try:
+            os.killpg(svc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        path = {"s3": "/moto-api/", "mlflow": "/health", "ray": "/api/version"}.get(svc.name, "/")
+        try:
+            with urllib.request.urlopen(svc.url + path, timeout=3) as r:
+                return r.status < 500
+        except Exception:  # noqa: BLE001 - not answering
+            return False
 
     def down(self) -> list[str]:
         stopped = []

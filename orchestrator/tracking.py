@@ -33,16 +33,70 @@ def mlflow_client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and shows a
+# training experiment as a GenAI one (traces first).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_id(client, experiment: str) -> str:
+    """The experiment's id, created (or its tags completed) as a model-training experiment."""
+    exp = client.get_experiment_by_name(experiment)
+    tags = {**EXPERIMENT_TAGS,
+            "mlflow.note.content": f"{experiment}: longview training jobs, their evaluations and experiments."}
+    if exp is None:
+        return client.create_experiment(experiment, tags=tags)
+    for k, v in tags.items():
+        if k not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
+
+
+def find_run(client, experiment: str, run_name: str) -> tuple[str, str | None]:
+    """(experiment id, id of the job `run_name`'s run or None)."""
+    exp_id = experiment_id(client, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return exp_id, (found[0].info.run_id if found else None)
+
+
 def find_or_create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
     """(run id, created) for the job `run_name` in `experiment`."""
     client = mlflow_client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    exp_id, found = find_run(client, experiment, run_name)
     if found:
-        return found[0].info.run_id, False
+        return found, False
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
     return run.info.run_id, True
+
+
+def code_version() -> str:
+    """The git commit of the code running (a submitted job's copy has no .git: the
+    submitter passes its commit in LONGVIEW_CODE_VERSION)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if os.environ.get("LONGVIEW_CODE_VERSION"):
+        return os.environ["LONGVIEW_CODE_VERSION"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def run_tags(cfg, *, kind: str) -> dict[str, str]:
+    """MLflow's own tags for where a run comes from (its Source and Version columns) and
+    longview's kind of run."""
+    import sys
+
+    commit = code_version()
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": f"longview {kind} ({cfg.workload})",
+            "longview.kind": kind, "longview.workload": cfg.workload}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+        tags["longview.code_version"] = commit
+    tags["longview.python"] = sys.version.split()[0]
+    return tags
 
 
 def job_run(cfg, tags: dict[str, str]) -> str | None:
@@ -51,6 +105,11 @@ def job_run(cfg, tags: dict[str, str]) -> str | None:
     source of the run id: the driver passes it to the workers and to evaluation."""
     if not cfg.tracking.uri:
         return None
+    from .storage import run_uri
+
+    description = (f"{cfg.workload} training job {cfg.name}: {cfg.training.steps} steps on "
+                   f"{cfg.resources.workers} workers ({cfg.spec.layout(cfg)}). Checkpoints: {run_uri(cfg)}")
+    tags = {**run_tags(cfg, kind="training"), "mlflow.note.content": description, **tags}
     run_id, created = find_or_create_run(cfg.tracking.uri, cfg.experiment, cfg.name, tags)
     if created:
         import yaml
@@ -63,6 +122,42 @@ def job_run(cfg, tags: dict[str, str]) -> str | None:
         tr.call("log_batch", [], [Param(k, str(v)[:500]) for k, v in params.items()])
         tr.log_artifact_bytes(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(), "config/job.yaml")
     return run_id
+
+
+def log_dataset(uri: str, run_id: str, source: str, *, name: str, context: str = "training") -> None:
+    """The run's data as an MLflow dataset input (the Datasets column and the run's
+    inputs): its name, where it is, and a digest of that location."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    scheme = source.split("://", 1)[0] if "://" in source else "local"
+    ds = Dataset(name=name, digest=hashlib.sha256(source.encode()).hexdigest()[:16], source_type=scheme,
+                 source=f'{{"uri": "{source}"}}')
+    mlflow_client(uri).log_inputs(run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+
+def log_exported_model(uri: str, run_id: str, *, name: str, export: str, step: int, files: dict[str, bytes]) -> str:
+    """The exported model as an MLflow logged model of the run (its Models column): the
+    small files (config, tokenizer metadata) as its artifacts, the weights left where
+    the export wrote them (tag `longview.export`), not copied. Returns the model's id."""
+    import os
+    import tempfile
+
+    from mlflow.entities import LoggedModelOutput
+
+    client = mlflow_client(uri)
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                       tags={"longview.export": export}, params={"trained_steps": str(step)})
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname, data in files.items():
+            with open(os.path.join(tmp, fname), "wb") as f:
+                f.write(data)
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    return model.model_id
 
 
 def run_url(uri: str, run_id: str) -> str:

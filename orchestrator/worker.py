@@ -13,6 +13,7 @@ exactly the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -47,8 +48,9 @@ def _system_metrics(tracker):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         logsetup.quiet_libraries()  # MLflow set its loggers' levels when it was imported
-        # resume_logging: after a restart, continue the monitor's step numbers.
-        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10, samples_before_logging=1,
+        # resume_logging: after a restart, continue the monitor's step numbers. A sample
+        # every 2 s draws a curve for a run of a few minutes too.
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=2, samples_before_logging=1,
                                        resume_logging=True, tracking_uri=tracker.uri)
         monitor.start()
         return monitor
@@ -57,12 +59,14 @@ def _system_metrics(tracker):
         return None
 
 
-def _peak_memory_mib(device: torch.device) -> float:
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """The worker's peak memory, named for what it is: tensor bytes on a GPU, the
+    process's resident set on a CPU (tensors, Python, libraries and all)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return {"gpu_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"cpu_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _eta(seconds: float) -> str:
@@ -139,7 +143,7 @@ def train_loop(config: dict) -> None:
                     else sum(r.loss for r in results) / len(results))
             metrics = {"loss": loss, "lr": _or_nan(last.lr), "grad_norm": _or_nan(last.grad_norm),
                        "samples_per_s": runner.samples_per_micro * accum / dt, "world_size": float(world),
-                       "grad_accum": float(accum), "peak_memory_mib": _peak_memory_mib(device),
+                       "grad_accum": float(accum), **_peak_memory(device),
                        **saver.timings(), **last.metrics}
             if tokens:
                 metrics["tokens_per_s"] = tokens / dt
@@ -176,6 +180,12 @@ def train_loop(config: dict) -> None:
     if system is not None:
         system.finish()
     exported = runner.export(rank, run_uri(cfg, "export"))
+    if rank == 0 and exported:
+        # What evaluation reports of the model it reads: its run and training step.
+        from .storage import storage_fs
+
+        fs, root = storage_fs(exported, cfg)
+        fs.pipe_file(f"{root.rstrip('/')}/longview.json", json.dumps({"run": cfg.name, "step": state.step}).encode())
     if rank == 0 and tracker.enabled:
         if exported:
             tracker.call("set_tag", "longview.export", exported)
@@ -188,8 +198,6 @@ def _or_nan(x: float | None) -> float:
 
 def eval_loop(config: dict) -> None:
     """The workload's evaluation on every worker; rank 0 writes the result to storage."""
-    import json
-
     ctx, device = _worker_context()
     cfg = from_dict(config["job"])
     rank = ctx.get_world_rank()
@@ -201,4 +209,5 @@ def eval_loop(config: dict) -> None:
 
         fs, root = storage_fs(config["out"], cfg)
         fs.pipe_file(f"{root}/result.json", json.dumps(
-            {"table": result.table, "records": result.records, "metrics": result.metrics}).encode())
+            {"table": result.table, "records": result.records, "metrics": result.metrics,
+             "curves": result.curves}).encode())

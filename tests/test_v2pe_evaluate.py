@@ -59,3 +59,39 @@ def test_accuracy_table_has_a_row_per_length_and_delta(tmp_path):
     assert "| 384 | 1/4 | 2 |" in format_table(rows)
     # δ reaches the model: the same samples score differently under another stride.
     assert rows[0].mean_log_likelihood != pytest.approx(rows[2].mean_log_likelihood, rel=1e-6)
+
+
+def test_wilson_interval_matches_the_formula_and_stays_in_range():
+    from workloads.v2pe.evaluate import wilson_interval
+
+    # 50 of 100: p = 0.5, centre 0.5, half width 1.96 * sqrt(0.25/100 + 1.96²/40000) / (1 + 1.96²/100)
+    low, high = wilson_interval(50, 100)
+    assert (low, high) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson_interval(0, 100)[0] == 0.0 and wilson_interval(100, 100)[1] == pytest.approx(1.0)
+    assert wilson_interval(100, 100)[0] == pytest.approx(0.9630, abs=1e-4)  # all right is not certainty
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_experiment_table_and_figure_put_the_two_modes_side_by_side():
+    import io
+
+    from PIL import Image
+
+    from orchestrator.config import load_config
+    from orchestrator.experiment import arm_config, joint_table
+    from workloads.v2pe.evaluate import accuracy_figure
+
+    cfg = load_config("configs/v2pe-length.yaml")
+    rec = lambda n, d, a: {"tokens": n, "delta": d, "samples": 100, "accuracy": a, "low": a - 0.05,  # noqa: E731
+                           "high": min(1.0, a + 0.05), "mean_log_likelihood": -1.0}
+    results = {"v2pe_rnd": {"records": [rec(1024, "1", 1.0), rec(2048, "1/4", 0.9)]},
+               "default": {"records": [rec(1024, "1", 0.8), rec(2048, "1/4", 0.1)]}}
+    table = joint_table(results, cfg)
+    assert "| 2048 | 2 | 1/4 | 0.90 (0.85–0.95) | 0.10 (0.05–0.15) |" in table
+    assert "Samples per cell: 100" in table
+    png = accuracy_figure({m: r["records"] for m, r in results.items()}, "t")
+    assert Image.open(io.BytesIO(png)).size[0] > 500
+    arm = arm_config(cfg, "default")  # only the name and the position mode differ
+    assert (arm.name, arm.data.position_mode) == ("v2pe-length-default", "default")
+    assert arm.training == cfg.training and arm.data.synthetic == cfg.data.synthetic
+    assert cfg.evaluation.images_at(8192) == 88 and cfg.evaluation.images_at(1024) == 11

@@ -11,7 +11,7 @@ from workloads.v2pe.tokenizer import ByteTokenizer
 TOK = ByteTokenizer()
 
 
-@pytest.mark.parametrize("task", ["marked", "count", "colour"])
+@pytest.mark.parametrize("task", ["marked", "count", "colour", "needle"])
 @pytest.mark.parametrize("tokens", [1024, 8192])
 def test_token_counts_are_exact(tmp_path, task, tokens):
     cfg = SynthConfig(tokens=tokens, images=5, task=task, tile=TILE, tokens_per_tile=4, seed=1)
@@ -37,7 +37,12 @@ def _pixel(img, x, y):
     return img.getpixel((x, y))
 
 
-@pytest.mark.parametrize("task", ["marked", "count", "colour"])
+def _nearest_colour(img) -> str:
+    corner = torch.tensor(_pixel(img, 1, 1), dtype=torch.float)
+    return min(PALETTE, key=lambda c: float((torch.tensor(PALETTE[c], dtype=torch.float) - corner).norm()))
+
+
+@pytest.mark.parametrize("task", ["marked", "count", "colour", "needle"])
 def test_answer_key_matches_the_pictures(tmp_path, task):
     from PIL import Image
 
@@ -48,18 +53,34 @@ def test_answer_key_matches_the_pictures(tmp_path, task):
         imgs = [Image.open(tmp_path / name).convert("RGB") for name in rec["image"]]
         # A marker is a black square over the centre; backgrounds are never that dark.
         has_marker = [max(_pixel(im, TILE // 2, TILE // 2)) < 20 for im in imgs]
-        if task == "marked":
+        if task == "needle":  # the marked image's colour; the images carry no numbers
+            assert sum(has_marker) == 1 and rec["answer"] == _nearest_colour(imgs[has_marker.index(True)])
+            assert "Image 1" not in rec["conversations"][0]["value"]
+        elif task == "marked":
             assert sum(has_marker) == 1 and rec["answer"] == f"Image {has_marker.index(True) + 1}"
         elif task == "count":
             assert rec["answer"] == str(sum(has_marker))
         else:
             k = int(rec["conversations"][0]["value"].split("colour of image ")[1].split("?")[0]) - 1
-            corner = torch.tensor(_pixel(imgs[k], 1, 1), dtype=torch.float)
-            nearest = min(PALETTE, key=lambda c: float((torch.tensor(PALETTE[c], dtype=torch.float) - corner).norm()))
-            assert rec["answer"] == nearest
+            assert rec["answer"] == _nearest_colour(imgs[k])
         assert rec["conversations"][1]["value"] == rec["answer"]
 
 
 def test_too_short_for_its_images_is_an_error():
     with pytest.raises(DataError, match=r"synthetic sample 0: 40 images and the question need \d+ tokens"):
         make_sample(SynthConfig(tokens=512, images=40, tokens_per_tile=256), 0, TOK)
+
+
+def test_image_counts_are_drawn_per_sample_and_the_tokens_stay_exact(tmp_path):
+    """min_images: each sample has its own count within the range (seeded), and the
+    filler still makes every sample exactly `tokens` long."""
+    cfg = SynthConfig(tokens=1024, images=8, min_images=1, task="needle", tile=TILE, tokens_per_tile=4, seed=3)
+    path = write_dataset(str(tmp_path), cfg, samples=24)
+    records = [json.loads(line) for line in open(path)]
+    counts = [len(r["image"]) for r in records]
+    assert min(counts) >= 1 and max(counts) <= 8 and len(set(counts)) >= 4
+    assert [len(make_sample(cfg, i, TOK)[0]["image"]) for i in range(24)] == counts  # deterministic
+    samples = load_samples(path, tokenizer=TOK, cfg=data_config(max_tokens=1024))
+    assert {len(s) for s in samples} == {1024}
+    with pytest.raises(ValueError, match="min_images must be within 1..images=8, got 9"):
+        SynthConfig(tokens=1024, images=8, min_images=9)

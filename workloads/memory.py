@@ -127,7 +127,9 @@ class StepMemoryProbe:
                 parts[-1] += f" ({err:+.1f}%)"
         else:
             parts.append("no measurement: DeepSpeed on CPU keeps buffers the tracker cannot see")
-        return metrics, "memory per GPU: " + ", ".join(parts)
+        where = ("memory per GPU" if self.device.type == "cuda"
+                 else "memory per worker (live CPU tensors, the planner's per-GPU bytes)")
+        return metrics, f"{where}: " + ", ".join(parts)
 
 
 __all__ = ["StepMemoryProbe", "TensorMemoryPeak", "model_state_tensors"]

@@ -135,11 +135,14 @@ class Command:
 @dataclass
 class EvalResult:
     """What an evaluation reports: a Markdown table for people, records for programs,
-    and metrics for MLflow."""
+    and metrics for MLflow: `metrics` as single values, `curves` as {name: {x: value}},
+    logged with the step set to x (V2PE: the context length), so MLflow's charts draw
+    them against x and compare runs."""
 
     table: str
     records: list[dict]
     metrics: dict[str, float]
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 class Evaluation:
@@ -153,6 +156,14 @@ class Evaluation:
     def run(self, cfg, ctx: RunContext, model_url: str, prepared: dict[str, str]) -> EvalResult:
         """Evaluates the model exported at `model_url` (collective over all workers)."""
         raise NotImplementedError
+
+    def params(self, cfg) -> dict[str, str]:
+        """What the evaluation was asked to do, as MLflow params of its run."""
+        return {}
+
+    def figure(self, cfg, records: list[dict]) -> bytes | None:
+        """A PNG of the result (None: no figure)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,8 @@ class WorkloadSpec:
     validate: Callable[[Any], None] = lambda cfg: None
     # (cfg, run_root) -> None: data written once, on the driver, before the workers start
     prepare_data: Callable[[Any, str], None] = lambda cfg, run_root: None
+    # (cfg, run_root) -> where the training data is (logged as the run's MLflow dataset)
+    data_source: Callable[[Any, str], str] | None = None
     # cfg -> "dp 2 x cp 4": the job's layout as the CLI prints it
     layout: Callable[[Any], str] = lambda cfg: f"dp {cfg.resources.max_workers}"
     # (cfg, hardware, tiles) -> plain data for `longview plan --json`, and its text form

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from orchestrator.checkpoint import CheckpointStore
-from tests.e2e.conftest import BASE, STEPS, cli, fault_dir, history, s3fs_direct, train, unique
+from tests.e2e.conftest import BASE, STEPS, cli, fault_dir, history, mlflow_run, s3fs_direct, train, unique
 
 
 def fired(fs, name, *markers):
@@ -89,6 +89,10 @@ def test_s3_outage_beyond_the_retries_fails_clearly_and_keeps_the_previous_check
     assert (f"checkpoint step-0000004 could not be written to s3://lve2e/runs/{name}/step-0000004" in last
             or "S3 endpoint unreachable after storage.retries=2 attempts" in last), last
     assert f"lve2e/runs/{name}" in last
+    # The MLflow run is not left RUNNING, and says why it failed (the CLI's line).
+    _, run = mlflow_run(fs, name)
+    assert run.info.status == "FAILED" and run.data.tags["longview.failure"] == last.split(" failed: ", 1)[1]
+    assert run.data.tags["mlflow.note.content"].startswith("Training failed: ")
     time.sleep(6)  # let the outage end before looking at storage
     store = CheckpointStore(s3fs_direct(fs), f"lve2e/runs/{name}", f"s3://lve2e/runs/{name}")
     store.verify("step-0000002")  # the previous checkpoint is intact: a resubmission resumes from it

@@ -36,7 +36,7 @@ def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference)
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
     assert losses[-1][1] < losses[0][1]  # it learns
     assert run.data.params["parallelism.cp"] == "2" and run.data.params["model.size"] == "tiny"
-    for key in ("tokens_per_s", "samples_per_s", "lr", "grad_norm", "peak_memory_mib", "world_size"):
+    for key in ("tokens_per_s", "samples_per_s", "lr", "grad_norm", "cpu_peak_rss_mib", "world_size"):
         assert len(client.get_metric_history(run.info.run_id, key)) == STEPS, key
     # A background save's timings arrive with the first step whose metrics are taken after
     # it completed: the saves of steps 2 and 4, each reported by step 6 unless it was
@@ -46,13 +46,23 @@ def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference)
     assert run.data.tags["longview.checkpoint_uri"] == f"s3://{BUCKET}/runs/{name}"
     assert run.data.tags["longview.export"] == f"s3://{BUCKET}/runs/{name}/export"
     assert run.info.status == "FINISHED"
+    # What MLflow's UI lists for the run: its source and commit, a description, the
+    # training data as a dataset input, the export as a logged model.
+    assert run.data.tags["mlflow.source.name"] == "longview training (v2pe)" and run.data.tags["mlflow.source.git.commit"]
+    assert run.data.tags["mlflow.note.content"].startswith(f"v2pe training job {name}: {STEPS} steps")
+    [ds] = run.inputs.dataset_inputs
+    assert f"s3://{BUCKET}/runs/{name}/data/train/data.jsonl" in ds.dataset.source
+    [out_model] = run.outputs.model_outputs
+    model = client.get_logged_model(out_model.model_id)
+    assert model.tags["longview.export"] == f"s3://{BUCKET}/runs/{name}/export" and out_model.step == STEPS
+    assert {a.path for a in client.list_logged_model_artifacts(model.model_id)} >= {"config.json", "longview.json"}
     # The planner's prediction beside the first step's measured peak (live CPU tensors).
     predicted = client.get_metric_history(run.info.run_id, "memory_predicted_mib")
     measured = client.get_metric_history(run.info.run_id, "memory_measured_mib")
     assert [m.step for m in predicted] == [m.step for m in measured] == [1]
     assert measured[0].value > 0 and predicted[0].value == pytest.approx(
         float(run.data.tags["longview.memory_predicted_gib.total"]) * 1024, rel=1e-3)
-    assert "memory per GPU: predicted" in out
+    assert "memory per worker (live CPU tensors, the planner's per-GPU bytes): predicted" in out
     assert f"step {STEPS}/{STEPS} loss" in out  # rank 0's progress line
     assert f"MLflow run: {fs['started']['mlflow'].url}/#/experiments/" in out
     assert "Traceback" not in out  # a successful run shows no error
@@ -135,7 +145,20 @@ def test_eval_scores_the_exported_model_and_logs_a_nested_run(services, referenc
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 1
-    assert set(children[0].data.metrics) == {"accuracy_len1024_delta1", "accuracy_len2048_delta1"}
+    run = client.get_run(children[0].info.run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time > run.info.start_time
+    assert run.data.tags["longview.kind"] == "evaluation" and run.data.tags["mlflow.source.git.commit"]
+    assert run.data.params["eval.lengths"] == "1024,2048" and run.data.params["eval.deltas"] == "1"
+    assert run.data.params["trained_steps"] == str(STEPS)  # read from the export's longview.json
+    assert run.data.params["model"] == f"s3://{BUCKET}/runs/{name}/export"
+    # Accuracy as a curve against context length: the step is the length, so MLflow's
+    # charts draw it over x = tokens; the timestamps are real, not 1970.
+    curve = client.get_metric_history(run.info.run_id, "accuracy_delta_1")
+    assert sorted(m.step for m in curve) == [1024, 2048] and all(m.timestamp > 1.7e12 for m in curve)
+    assert [m.value for m in sorted(curve, key=lambda m: m.step)] == [r["accuracy"] for r in result["records"]]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"result.md", "accuracy_by_length.png"}
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
 
 
 @pytest.mark.parametrize("command", ["status", "logs", "stop"])

@@ -18,6 +18,11 @@ def data_root(cfg, run_root: str) -> str:
     return root.rstrip("/")
 
 
+def task_root(cfg, run_root: str) -> str:
+    """The task's image folder (the `ImageFolder` root)."""
+    return f"{data_root(cfg, run_root)}/{cfg.piip.task}"
+
+
 class PIIPRunner(Runner):
     def __init__(self, cfg, ctx: RunContext):
         from parallelism.dims import BranchLayout
@@ -35,7 +40,7 @@ class PIIPRunner(Runner):
         self.mcfg = cfg.piip.model_config()
         model = PIIP(self.mcfg).to(ctx.device)
         self.engine = build_engine(model, cfg.training, owned=owned_parameters(model, self.groups))
-        self.data = ImageFolder(f"{data_root(cfg, ctx.run_root)}/{cfg.piip.task}", cfg.piip.task)
+        self.data = ImageFolder(task_root(cfg, ctx.run_root), cfg.piip.task)
         self.size = max(b.resolution for b in self.mcfg.branches)
 
     @property

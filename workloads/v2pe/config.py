@@ -15,7 +15,7 @@ from typing import Literal
 from ..spec import FieldError, bounded
 from .data import DataConfig
 
-Task = Literal["marked", "count", "colour"]
+Task = Literal["marked", "count", "colour", "needle"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -47,9 +47,17 @@ def _model_config(size: str, overrides: tuple):
 class SyntheticSection:
     tokens: int = bounded(2048, gt=0)
     images: int = bounded(2, gt=0)
+    # Each sample draws its image count from min_images..images (unset: always `images`),
+    # filler text making up the tokens: a small model first learns to read one image,
+    # then to find one among many.
+    min_images: int | None = bounded(None, gt=0)
     task: Task = "marked"
     samples: int = bounded(16, gt=0)
     seed: int = bounded(0, ge=0)
+
+    def __post_init__(self):
+        if self.min_images is not None and self.min_images > self.images:
+            raise FieldError("min_images", f"{self.min_images} exceeds images={self.images}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -96,7 +104,18 @@ class EvaluationSection:
     strides: list[int] = bounded(ge=1, le=256, default_factory=lambda: [256, 64])  # δ = stride/256
     samples_per_length: int = bounded(4, gt=0)
     images: int = bounded(2, gt=0)
+    # "fixed": every length has `images` images (longer samples: more text);
+    # "proportional": `images` at the shortest length, scaled with the length, so longer
+    # samples hold more images, as in V2PE's long multimodal benchmarks, and the visual
+    # share of the tokens stays the same.
+    images_per_length: Literal["fixed", "proportional"] = "fixed"
     task: Task = "marked"
+
+    def images_at(self, tokens: int) -> int:
+        """Images per sample of `tokens` tokens."""
+        if self.images_per_length == "fixed" or not self.lengths:
+            return self.images
+        return max(1, round(self.images * tokens / min(self.lengths)))
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "evaluation": EvaluationSection}

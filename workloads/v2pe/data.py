@@ -120,13 +120,18 @@ def tile_image(image, *, tile: int, max_tiles: int, thumbnail: bool = True) -> t
     return tiles
 
 
-def open_image(path: str, *, sample: str):
+def open_image(path: str, *, sample: str, data: bytes | Exception | None = None):
+    """The decoded image at `path` (`data`: its bytes, or the error reading them, when
+    already fetched by `fetch_files`)."""
     import fsspec
     from PIL import Image
 
     try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
+        if isinstance(data, Exception):
+            raise data
+        if data is None:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
     except FileNotFoundError:
         raise DataError(f"sample {sample}: image file {path} does not exist", "image") from None
     try:
@@ -135,6 +140,25 @@ def open_image(path: str, *, sample: str):
         return img
     except Exception as e:  # noqa: BLE001
         raise DataError(f"sample {sample}: image file {path} cannot be read ({e})", "image") from None
+
+
+def fetch_files(paths: Sequence[str]) -> dict[str, bytes | Exception]:
+    """Every file's bytes (or the error reading it), read concurrently: one batch per
+    filesystem, so a row's images cost one round of requests to S3, not one (or two,
+    with s3fs's size lookup) after another."""
+    import fsspec
+
+    by_fs: dict[int, tuple] = {}
+    for p in dict.fromkeys(paths):
+        fs, key = fsspec.core.url_to_fs(p)
+        by_fs.setdefault(id(fs), (fs, []))[1].append((p, key))
+    out: dict[str, bytes | Exception] = {}
+    for fs, items in by_fs.values():
+        got = fs.cat([k for _, k in items], on_error="return")
+        for p, k in items:
+            value = got.get(k) if isinstance(got, dict) else got
+            out[p] = value if value is not None else FileNotFoundError(p)
+    return out
 
 
 # --- samples ------------------------------------------------------------------------------

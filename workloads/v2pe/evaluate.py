@@ -95,6 +95,19 @@ class AccuracyRow:
     samples: int
     accuracy: float
     mean_log_likelihood: float
+    low: float = 0.0  # 95% Wilson score interval of the accuracy
+    high: float = 1.0
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion: unlike the normal
+    approximation it stays inside [0, 1] and is honest at 0 or n correct."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def accuracy_table(
@@ -115,12 +128,16 @@ def accuracy_table(
             group = [s for s in samples if len(s) == n]
             scores = [score_sample(model, s, tokenizer=tokenizer, mode="v2pe_fix", stride=stride,
                                    cp_group=cp_group, hybrid=hybrid, kernel=kernel) for s in group]
+            correct = sum(s.exact_match for s in scores)
+            low, high = wilson_interval(correct, len(scores))
             rows.append(AccuracyRow(
                 tokens=n,
                 delta=_delta_name(stride),
                 samples=len(scores),
-                accuracy=sum(s.exact_match for s in scores) / len(scores),
+                accuracy=correct / len(scores),
                 mean_log_likelihood=sum(s.log_likelihood for s in scores) / len(scores),
+                low=low,
+                high=high,
             ))
             r = rows[-1]
             log.info("evaluated %d tokens, δ = %s: accuracy %.3f over %d samples (%d of %d cells)", n, r.delta,
@@ -135,9 +152,63 @@ def _delta_name(stride: int) -> str:
 
 
 def format_table(rows: Sequence[AccuracyRow]) -> str:
-    lines = ["| tokens | δ | samples | accuracy | mean log-likelihood |", "|---|---|---|---|---|"]
-    lines += [f"| {r.tokens} | {r.delta} | {r.samples} | {r.accuracy:.3f} | {r.mean_log_likelihood:.3f} |" for r in rows]
+    lines = ["| tokens | δ | samples | accuracy | 95% interval | mean log-likelihood |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.tokens} | {r.delta} | {r.samples} | {r.accuracy:.3f} | {r.low:.2f}–{r.high:.2f} | "
+              f"{r.mean_log_likelihood:.3f} |" for r in rows]
     return "\n".join(lines)
+
+
+def metric_key(name: str, delta: str) -> str:
+    """MLflow's key of a (quantity, δ) curve: `accuracy_delta_1_4` for δ = 1/4."""
+    return f"{name}_delta_{delta.replace('/', '_')}"
+
+
+def accuracy_figure(curves: dict[str, Sequence[dict]], title: str) -> bytes:
+    """A PNG of accuracy against context length: one line per (label, δ), a colour per δ
+    and a line style per label (e.g. the training position mode), each point with its
+    95% interval. curves: {label: AccuracyRow dicts}."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = ["-", "--", ":", "-."]
+    deltas = sorted({r["delta"] for rows in curves.values() for r in rows}, key=lambda d: -_fraction(d))
+    colours = {d: plt.get_cmap("viridis")(i / max(1, len(deltas) - 1)) for i, d in enumerate(deltas)}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for i, (label, rows) in enumerate(curves.items()):
+        for d in deltas:
+            pts = sorted((r for r in rows if r["delta"] == d), key=lambda r: r["tokens"])
+            if not pts:
+                continue
+            x = [r["tokens"] for r in pts]
+            y = [r["accuracy"] for r in pts]
+            err = [[r["accuracy"] - r.get("low", r["accuracy"]) for r in pts],
+                   [r.get("high", r["accuracy"]) - r["accuracy"] for r in pts]]
+            ax.errorbar(x, y, yerr=err, color=colours[d], linestyle=styles[i % len(styles)], marker="o",
+                        markersize=3, capsize=2, label=f"{label}, δ = {d}")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["tokens"] for rows in curves.values() for r in rows})
+    ax.set_xticks(ticks, [f"{t // 1024}K" if t % 1024 == 0 else str(t) for t in ticks])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fraction(delta: str) -> float:
+    from fractions import Fraction
+
+    return float(Fraction(delta))
 
 
 # --- `longview eval` for V2PE (workloads.spec.Evaluation) -----------------------------------------
@@ -161,10 +232,11 @@ class NeedleEvaluation(Evaluation):
         tokenizer = job_tokenizer(cfg, checkpoint=model_url, model_cfg=mc)
         paths = {}
         for n in e.lengths:
-            url = f"{run_root.rstrip('/')}/data/eval-{n}"
+            # named by what it holds: a changed evaluation section writes a new set
+            url = f"{run_root.rstrip('/')}/data/eval-{n}-{e.task}-{e.images_at(n)}img-{e.samples_per_length}"
             fs, root = fsspec.core.url_to_fs(url)
             if not fs.exists(f"{root}/data.jsonl"):
-                write_dataset(url, SynthConfig(tokens=n, images=e.images, task=e.task, tile=mc.vision.image_size,
+                write_dataset(url, SynthConfig(tokens=n, images=e.images_at(n), task=e.task, tile=mc.vision.image_size,
                                                tokens_per_tile=mc.tokens_per_tile, seed=10_000 + n),
                               e.samples_per_length, tokenizer)
             paths[str(n)] = f"{url}/data.jsonl"
@@ -188,6 +260,21 @@ class NeedleEvaluation(Evaluation):
             cfg.parallelism.timeout_s)
         rows = accuracy_table(model, samples, tokenizer=tok, strides=cfg.evaluation.strides,
                               cp_group=groups.cp_group if world > 1 else None, hybrid=groups.hybrid)
-        metrics = {f"accuracy_len{r.tokens}_delta{r.delta.replace('/', '_')}": r.accuracy for r in rows}
-        return EvalResult(table=format_table(rows), records=[r.__dict__ for r in rows], metrics=metrics)
+        curves: dict[str, dict[int, float]] = {}
+        for r in rows:
+            curves.setdefault(metric_key("accuracy", r.delta), {})[r.tokens] = r.accuracy
+            curves.setdefault(metric_key("log_likelihood", r.delta), {})[r.tokens] = r.mean_log_likelihood
+        mean = {"mean_accuracy": sum(r.accuracy for r in rows) / len(rows)}
+        return EvalResult(table=format_table(rows), records=[r.__dict__ for r in rows], metrics=mean, curves=curves)
+
+    def params(self, cfg) -> dict[str, str]:
+        e = cfg.evaluation
+        return {"eval.lengths": ",".join(map(str, e.lengths)), "eval.deltas": ",".join(_delta_name(s) for s in e.strides),
+                "eval.samples_per_length": str(e.samples_per_length), "eval.task": e.task,
+                "eval.images": ",".join(str(e.images_at(n)) for n in e.lengths),
+                "trained.position_mode": cfg.data.position_mode}
+
+    def figure(self, cfg, records: list[dict]) -> bytes | None:
+        return accuracy_figure({f"trained with {cfg.data.position_mode}": records},
+                               f"{cfg.name}: accuracy by context length") if records else None
 

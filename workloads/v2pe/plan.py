@@ -341,7 +341,7 @@ def job_shape(cfg, *, evaluation: bool = False, tiles: int | None = None,
     seq = max(cfg.evaluation.lengths) if evaluation and cfg.evaluation.lengths else cfg.data.max_tokens
     if tiles is None:
         if evaluation:
-            tiles = cfg.evaluation.images
+            tiles = cfg.evaluation.images_at(seq)
         elif cfg.data.train == "synthetic":
             tiles = cfg.data.synthetic.images
         else:

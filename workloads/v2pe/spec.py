@@ -60,7 +60,7 @@ def prepare_data(cfg, run_root: str) -> None:
         fs, key = fsspec.core.url_to_fs(path)
         if not fs.exists(key):
             s = cfg.data.synthetic
-            synth = SynthConfig(tokens=s.tokens, images=s.images, task=s.task, tile=mc.vision.image_size,
+            synth = SynthConfig(tokens=s.tokens, images=s.images, min_images=s.min_images, task=s.task, tile=mc.vision.image_size,
                                 tokens_per_tile=mc.tokens_per_tile, seed=s.seed)
             write_dataset(path.rsplit("/", 1)[0], synth, s.samples, tokenizer)
     # Once, here on the driver: the workers read the indexes, not the whole files.
@@ -84,7 +84,7 @@ def layout(cfg) -> str:
 
 SPEC = register(WorkloadSpec(
     name="v2pe", sections=SECTIONS, validate=validate, prepare_data=prepare_data, layout=layout,
-    build_runner=lazy("workloads.v2pe.runner:V2PERunner"),
+    build_runner=lazy("workloads.v2pe.runner:V2PERunner"), data_source=lazy("workloads.v2pe.runner:train_path"),
     plan=lazy("workloads.v2pe.plan:plan_job"), format_plan=lazy("workloads.v2pe.plan:format_plan"),
     evaluation=lazy("workloads.v2pe.evaluate:NeedleEvaluation"),
 ))

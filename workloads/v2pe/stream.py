@@ -47,6 +47,7 @@ from .data import (
     V2PEBatch,
     _closest_grid,
     encode_tokens,
+    fetch_files,
     make_batch,
     open_image,
     pack_rows,
@@ -426,14 +427,22 @@ class StreamingDataset:
         cfg = self.sources[pairs[0][0]].cfg  # packing and positions: the settings every source shares
         batch = make_batch(samples, tokenizer=self.tokenizer, cfg=cfg, cp=self.cp, generator=generator)
         lo, hi = split_evenly(batch.num_tiles, self.cp, self.cp_rank)
+        # The images whose tiles fall in this rank's share, fetched in one concurrent batch.
+        mine, first = [], 0
+        for (s, i), images in zip(pairs, paths):
+            for path, n in zip(images, self.sources[s].index.tiles_of(i)):
+                if max(lo, first) < min(hi, first + n):
+                    mine.append(path)
+                first += n
+        files = fetch_files(mine)
         pixels, first = [], 0  # first: the batch-wide index of the current image's first tile
         for (s, i), smp, images in zip(pairs, samples, paths):
             c = self.sources[s].cfg
             for path, n in zip(images, self.sources[s].index.tiles_of(i)):
                 a, b = max(lo, first), min(hi, first + n)
                 if a < b:  # this rank encodes some of this image's tiles
-                    tiles = tile_image(open_image(path, sample=smp.sample_id), tile=c.tile, max_tiles=c.max_tiles,
-                                       thumbnail=c.thumbnail)
+                    tiles = tile_image(open_image(path, sample=smp.sample_id, data=files[path]), tile=c.tile,
+                                       max_tiles=c.max_tiles, thumbnail=c.thumbnail)
                     if tiles.shape[0] != n:
                         raise DataError(f"sample {smp.sample_id}: image {path} changed after the data was indexed "
                                         f"({tiles.shape[0]} tiles, indexed {n})", "image")

@@ -6,6 +6,9 @@ framed by filler text, then one question about the images:
 - "marked":  exactly one image carries a marker; which one?      -> "Image k"
 - "count":   several images carry a marker; how many?             -> "n"
 - "colour":  what is the background colour of image k?            -> colour name
+- "needle":  exactly one image carries a marker; what colour is it?  -> colour name.
+  Images carry no numbers, so the answer never depends on how many there are: the
+  task of the length-generalisation experiment, where longer samples hold more images.
 
 Images are square tiles (one tile each under dynamic tiling) drawn procedurally: a
 solid colour from a fixed palette with noise, and for a marked image a black square in
@@ -31,7 +34,7 @@ PALETTE = {
     "red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40),
     "purple": (130, 50, 160), "orange": (230, 130, 30), "teal": (30, 150, 150), "grey": (128, 128, 128),
 }
-TASKS = ("marked", "count", "colour")
+TASKS = ("marked", "count", "colour", "needle")
 _WORDS = (
     "the river bends past quiet hills where old stone walls divide the fields and a narrow road climbs toward "
     "a village of slate roofs under a pale morning sky while distant bells mark the hour"
@@ -41,7 +44,11 @@ _WORDS = (
 @dataclass(kw_only=True, frozen=True)
 class SynthConfig:
     tokens: int  # length of each encoded sample (exact under the byte tokenizer, else at most)
-    images: int  # images per sample
+    images: int  # images per sample (the most, with min_images)
+    # Each sample draws its image count from min_images..images (None: exactly `images`);
+    # the filler text makes up the rest of the tokens. Mixed counts let a small model
+    # learn to read one image before it learns to find one among many.
+    min_images: int | None = None
     task: str = "marked"
     tile: int = 448
     tokens_per_tile: int = 256
@@ -52,6 +59,8 @@ class SynthConfig:
             raise ValueError(f"task={self.task!r} is not one of {TASKS}")
         if self.images < 1:
             raise ValueError(f"images must be >= 1, got {self.images}")
+        if self.min_images is not None and not 1 <= self.min_images <= self.images:
+            raise ValueError(f"min_images must be within 1..images={self.images}, got {self.min_images}")
 
 
 def draw_image(colour: str, marked: bool, tile: int, rng: random.Random):
@@ -59,7 +68,11 @@ def draw_image(colour: str, marked: bool, tile: int, rng: random.Random):
     from PIL import Image, ImageDraw
 
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    noise = torch.randint(-12, 13, (tile, tile, 3), generator=gen) + torch.tensor(PALETTE[colour])
+    # Noise in 8-pixel blocks: as hard to read as per-pixel noise for a 14-pixel patch
+    # encoder, but the PNG compresses (~20x smaller files to store and fetch).
+    block = -(-tile // 8)
+    noise = torch.randint(-12, 13, (block, block, 3), generator=gen).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    noise = noise[:tile, :tile] + torch.tensor(PALETTE[colour])
     img = Image.frombytes("RGB", (tile, tile), noise.clamp(0, 255).to(torch.uint8).numpy().tobytes())
     if marked:
         s = tile // 4
@@ -83,15 +96,17 @@ def _question(task: str, colours: list[str], marked: list[bool], k: int) -> tupl
         return "Which image carries a black square? Answer with its number.", f"Image {marked.index(True) + 1}"
     if task == "count":
         return "How many images carry a black square? Answer with a number.", str(sum(marked))
+    if task == "needle":
+        return "What colour is the image with the black square? Answer with one word.", colours[marked.index(True)]
     return f"What is the background colour of image {k + 1}? Answer with one word.", colours[k]
 
 
 def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dict, list]:
     """One record (with `answer` and `tokens`) and its PIL images, deterministic in (seed, index)."""
     rng = random.Random(cfg.seed * 1_000_003 + index)
-    n = cfg.images
+    n = cfg.images if cfg.min_images is None else rng.randint(cfg.min_images, cfg.images)
     colours = [rng.choice(list(PALETTE)) for _ in range(n)]
-    if cfg.task == "marked":
+    if cfg.task in ("marked", "needle"):
         marked = [False] * n
         marked[rng.randrange(n)] = True
     elif cfg.task == "count":
@@ -104,7 +119,8 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dic
     def conversation(fillers: list[str]) -> list[tuple[str, str]]:
         # Starts and ends with words: the chat template strips each turn, and the filler
         # must count in full.
-        parts = ["Read on.\n"] + [f"{fillers[i]}\nImage {i + 1}: <image>\n" for i in range(n)]
+        label = (lambda i: "") if cfg.task == "needle" else (lambda i: f"\nImage {i + 1}: ")
+        parts = ["Read on.\n"] + [f"{fillers[i]}{label(i)}<image>\n" for i in range(n)]
         parts.append(fillers[n] + "\n" + question)
         return [("user", "".join(parts)), ("assistant", answer)]
 
