@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # requirement would otherwise pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: test lint faults demo experiment down ring-demo install bench clean
+.PHONY: test chromium lint faults demo experiment down ring-demo install bench clean
 
 install: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# The UI test renders MLflow's pages in headless Chromium (Debian's package).
+test: $(STAMP) chromium
 	$(VPY) -m pytest -q -m "not gpu" tests
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # ruff, configured in pyproject.toml (CI runs it before the tests)
 lint: $(STAMP)

@@ -47,7 +47,7 @@ def run(env, *args) -> str:
 def where_to_click(env, name: str) -> None:
     from .cli import home
     from .services import LocalServices
-    from .tracking import find_run, mlflow_client
+    from .tracking import UI_MODEL_TRAINING, find_run, mlflow_client
 
     svc = LocalServices(home()).read()
     mlflow = svc["mlflow"].url
@@ -55,7 +55,8 @@ def where_to_click(env, name: str) -> None:
     try:
         client = mlflow_client(mlflow)
         exp, run_id = find_run(client, "longview-v2pe", name)
-        link = f"{mlflow}/#/experiments/{exp}/runs/{run_id}" if run_id else f"{mlflow}/#/experiments/{exp}"
+        link = (f"{mlflow}/#/experiments/{exp}/runs/{run_id}" if run_id else f"{mlflow}/#/experiments/{exp}") \
+            + UI_MODEL_TRAINING
     except Exception:  # noqa: BLE001 - the links below still lead there
         pass
     print(f"  MLflow run        : {link}")

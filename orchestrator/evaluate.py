@@ -3,8 +3,10 @@
 The driver asks the workload's `Evaluation` to prepare its data (written to storage
 once), then runs one Ray Train worker group (`ray_job.build_trainer`, the same builder
 as training) whose workers run `worker.eval_loop`. Rank 0 writes the result to
-<run>/eval/; the driver logs it to MLflow as a nested run of the job's run: the table as
-an artifact, each figure as a metric.
+<run>/eval/; the driver records it in an MLflow run of its own (`EvalRun`), a child of
+the job's run: params of what was evaluated, the table and figure as artifacts, the
+curves as metrics whose step is the curve's x (V2PE: context length), a real duration,
+and FAILED with the reason when the evaluation does not finish.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ def mlflow_client(uri: str):
 # MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and shows a
 # training experiment as a GenAI one (traces first).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3's UI remembers a GenAI / model-training switch per browser (GenAI unless
+# changed); links longview prints carry the model-training view in their query.
+UI_MODEL_TRAINING = "?workflowType=machine_learning"
 
 
 def experiment_id(client, experiment: str) -> str:
@@ -118,7 +121,7 @@ def job_run(cfg, tags: dict[str, str]) -> str | None:
         from .config import flatten, to_dict
 
         tr = Tracker(cfg.tracking.uri, run_id)
-        params = flatten(to_dict(cfg))
+        params = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in cfg.spec.unused_keys}
         tr.call("log_batch", [], [Param(k, str(v)[:500]) for k, v in params.items()])
         tr.log_artifact_bytes(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(), "config/job.yaml")
     return run_id
@@ -166,8 +169,8 @@ def run_url(uri: str, run_id: str) -> str:
     try:
         exp = mlflow_client(uri).get_run(run_id).info.experiment_id
     except Exception:  # noqa: BLE001 - a tracking outage must not fail a finished run
-        return f"{uri}/#/runs/{run_id}"
-    return f"{uri}/#/experiments/{exp}/runs/{run_id}"
+        return f"{uri}/#/runs/{run_id}{UI_MODEL_TRAINING}"
+    return f"{uri}/#/experiments/{exp}/runs/{run_id}{UI_MODEL_TRAINING}"
 
 
 class Tracker:

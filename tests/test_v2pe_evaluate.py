@@ -95,3 +95,20 @@ def test_experiment_table_and_figure_put_the_two_modes_side_by_side():
     assert (arm.name, arm.data.position_mode) == ("v2pe-length-default", "default")
     assert arm.training == cfg.training and arm.data.synthetic == cfg.data.synthetic
     assert cfg.evaluation.images_at(8192) == 88 and cfg.evaluation.images_at(1024) == 11
+
+
+@pytest.mark.parametrize("world_size,cp", [(2, 1), (4, 2)])
+def test_groups_that_share_the_samples_give_the_one_process_table(gloo_world, tmp_path, world_size, cp):
+    """evaluation.cp < workers: each group scores its share of the samples (ring inside a
+    group of 2), the scores are gathered, and every rank holds the single-process rows."""
+    samples = synth_samples(tmp_path, per_length=3)
+    model = tiny_model()
+    want = accuracy_table(model, samples, tokenizer=TOK, strides=[256, 64])
+    got = gloo_world(world_size).run(v2pe_cases.replicated_table, model.state_dict(), samples, [256, 64], cp)
+    for rows in got:
+        assert [(r.tokens, r.delta, r.samples, r.accuracy) for r in rows] == \
+            [(r.tokens, r.delta, r.samples, r.accuracy) for r in want]
+        # Sums over the same samples in another order; ring vs plain attention (cp 2) differ
+        # by ~1e-6 per logit in float32.
+        assert [r.mean_log_likelihood for r in rows] == pytest.approx([r.mean_log_likelihood for r in want],
+                                                                     rel=1e-5, abs=1e-4)

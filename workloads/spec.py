@@ -180,6 +180,9 @@ class WorkloadSpec:
     validate: Callable[[Any], None] = lambda cfg: None
     # (cfg, run_root) -> None: data written once, on the driver, before the workers start
     prepare_data: Callable[[Any, str], None] = lambda cfg, run_root: None
+    # Core config keys the workload never reads (PIIP: context parallelism, the chunked
+    # loss): left out of its MLflow params, so a run shows what shaped it.
+    unused_keys: tuple[str, ...] = ()
     # (cfg, run_root) -> where the training data is (logged as the run's MLflow dataset)
     data_source: Callable[[Any, str], str] | None = None
     # cfg -> "dp 2 x cp 4": the job's layout as the CLI prints it

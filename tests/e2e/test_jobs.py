@@ -103,7 +103,7 @@ def test_bad_config_fails_before_anything_starts(services):
     assert "Traceback" not in proc.stderr
 
 
-def test_piip_job_places_branches_and_resumes_exactly(services):
+def test_piip_job_places_branches_and_resumes_exactly(services, monkeypatch):
     """PIIP over three Ray workers, one branch each: per-branch checkpoints and step times,
     and a fault at step 3 resumes with the uninterrupted run's losses."""
     fs = services
@@ -113,6 +113,10 @@ def test_piip_job_places_branches_and_resumes_exactly(services):
     want, run = history(fs, a, experiment="longview-piip")
     assert [s for s, _ in want] == [1, 2, 3, 4]
     client, _ = mlflow_run(fs, a, "longview-piip")
+    params = set(run.data.params)  # its own section and the core keys it reads, nothing of V2PE's
+    assert "piip.variant" in params and "training.lr" in params
+    assert not {"parallelism.cp", "training.loss_chunk_tokens"} & params and not any(
+        p.startswith(("model.", "data.", "evaluation.")) for p in params)
     for b in range(3):
         assert len(client.get_metric_history(run.info.run_id, f"branch{b}_step_s")) == 4
     manifest = json.loads(s3fs_direct(fs).cat_file(f"{BUCKET}/runs/{a}/step-0000004/manifest.json"))
@@ -120,6 +124,14 @@ def test_piip_job_places_branches_and_resumes_exactly(services):
     # Each branch's parameters were saved (by the rank that owns them), nothing twice.
     keys = [k for k in manifest["items"]]
     assert len({f"__{r}_0.distcp" for r in range(3)} & {k.split("@")[0] for k in keys}) == 3
+    # The export exists where the tag points, holds every branch's trained parameters
+    # (each from the group that trained it), and `longview eval` scores it on held-out shapes.
+    assert run.data.tags["longview.export"] == f"s3://{BUCKET}/runs/{a}/export"
+    proc = cli(fs["env"], "eval", "configs/piip-demo.yaml", "--set", f"name={a}", *BASE[:2],
+               "--set", "piip.eval_samples=12")
+    assert "| 12 | 3 |" in proc.stdout, proc.stdout[-2000:]
+    result = json.loads(s3fs_direct(fs).cat_file(f"{BUCKET}/runs/{a}/eval/result.json"))
+    _check_piip_export(fs, a, result["records"][0]["accuracy"], monkeypatch)
 
     b_name = f"pb-{uuid.uuid4().hex[:8]}"
     proc = train(fs, b_name, *sets, config="configs/piip-demo.yaml", faults="raise@3")
@@ -128,6 +140,26 @@ def test_piip_job_places_branches_and_resumes_exactly(services):
     got, _ = history(fs, b_name, experiment="longview-piip")
     assert [s for s, _ in got] == [1, 2, 3, 4]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # deterministic CPU float32
+
+
+def _check_piip_export(fs, name, accuracy, monkeypatch):
+    """The export reloads in one process, and its held-out accuracy recomputed here
+    equals what the workers reported (so every branch's parameters came through)."""
+    import torch
+
+    from workloads.piip.data import ImageFolder, batch
+    from workloads.piip.evaluate import load_export
+    from workloads.piip.model import make_pyramid
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fs["direct_s3"])
+    for k, v in fs["creds"].items():
+        monkeypatch.setenv(k, v)
+    model, _ = load_export(f"s3://{BUCKET}/runs/{name}/export")
+    data = ImageFolder(f"s3://{BUCKET}/runs/{name}/data/eval-shapes-12/classification", "classification")
+    images, labels, _ = batch([data[i] for i in range(len(data))], 64)
+    with torch.no_grad():
+        got = (model(make_pyramid(images, model.cfg))["logits"].argmax(-1) == labels).float().mean().item()
+    assert got == pytest.approx(accuracy)
 
 
 def test_eval_scores_the_exported_model_and_logs_a_nested_run(services, reference):

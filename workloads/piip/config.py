@@ -20,6 +20,7 @@ class PIIPSection:
     ranks_per_branch: list[int] = bounded(ge=1, default_factory=list)  # empty: proposed from the branches' FLOPs
     data: str = "synthetic"  # "synthetic" (procedural shapes) or an image-folder URL
     synthetic_samples: int = bounded(64, gt=0)
+    eval_samples: int = bounded(90, gt=0)  # held-out procedural samples `longview eval` scores
     batch_size: int = bounded(4, gt=0)  # global batch; each branch splits it over its ranks
 
     def __post_init__(self):

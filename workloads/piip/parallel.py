@@ -103,6 +103,33 @@ def segmentation_criterion(model: PIIP, feats: list[torch.Tensor], masks: torch.
     return F.cross_entropy(seg, target)
 
 
+def owner_branch(name: str) -> int:
+    """The branch whose group computes with parameter `name` (see `owned_parameters`)."""
+    parts = name.split(".")
+    if parts[0] in ("branches", "cls_heads"):
+        return int(parts[1])
+    if parts[0] == "units":
+        unit = int(parts[2])
+        return unit if parts[3] in ("a_to_b", "into_a") else unit + 1
+    return 0  # merge, seg_head
+
+
+def full_state(model: PIIP, groups: BranchGroups) -> dict[str, torch.Tensor]:
+    """Every parameter as trained, on every rank: each is broadcast from the first rank of
+    the branch group that owns it (a rank's copies of other branches' parameters never
+    moved). Collective over all ranks."""
+    import torch.distributed as dist
+
+    state = {}
+    for name, p in model.named_parameters():
+        t = p.detach().clone()
+        dist.broadcast(t, src=groups.layout.ranks(owner_branch(name))[0])
+        state[name] = t
+    for name, b in model.named_buffers():
+        state[name] = b.detach().clone()
+    return state
+
+
 def owned_parameters(model: PIIP, groups: BranchGroups) -> dict[str, object]:
     """Parameter name -> the branch group that computes with it, for this rank's branch.
 
@@ -110,18 +137,4 @@ def owned_parameters(model: PIIP, groups: BranchGroups) -> dict[str, object]:
     interaction unit (unit k: a_to_b and into_a on branch k; b_to_a and into_b on branch
     k+1); branch 0 also owns the merge and the segmentation head.
     """
-    k = groups.branch
-    mine = {}
-    for name, _ in model.named_parameters():
-        parts = name.split(".")
-        if parts[0] in ("branches", "cls_heads"):
-            own = int(parts[1]) == k
-        elif parts[0] == "units":
-            unit = int(parts[2])
-            own = ((unit == k and parts[3] in ("a_to_b", "into_a"))
-                   or (unit == k - 1 and parts[3] in ("b_to_a", "into_b")))
-        else:  # merge, seg_head
-            own = k == 0
-        if own:
-            mine[name] = groups.group
-    return mine
+    return {name: groups.group for name, _ in model.named_parameters() if owner_branch(name) == groups.branch}

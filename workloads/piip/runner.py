@@ -80,3 +80,24 @@ class PIIPRunner(Runner):
 
     def layout(self) -> dict[str, int]:
         return {f"branch{b}": n for b, n in enumerate(self.groups.layout.ranks_per_branch)}
+
+    def export(self, rank: int, url: str) -> str:
+        """The trained model, whole, at `url`: model.safetensors (every parameter from the
+        branch group that trained it) and config.json (the `piip:` section that builds it).
+        Collective: every rank takes part in gathering; rank 0 writes."""
+        import dataclasses
+        import json
+
+        import fsspec
+        from safetensors.torch import save
+
+        from .parallel import full_state
+
+        state = full_state(self.engine.module, self.groups)
+        if rank == 0:
+            fs, root = fsspec.core.url_to_fs(url)
+            fs.makedirs(root, exist_ok=True)
+            fs.pipe_file(f"{root}/model.safetensors", save({k: v.contiguous().cpu() for k, v in state.items()}))
+            fs.pipe_file(f"{root}/config.json", json.dumps({"piip": dataclasses.asdict(self.cfg.piip)}).encode())
+        return url
+

@@ -45,6 +45,9 @@ def layout(cfg) -> str:
 SPEC = register(WorkloadSpec(
     name="piip", sections=SECTIONS, validate=validate, prepare_data=prepare_data, layout=layout,
     build_runner=lazy("workloads.piip.runner:PIIPRunner"), data_source=lazy("workloads.piip.runner:task_root"),
+    evaluation=lazy("workloads.piip.evaluate:HeldOutAccuracy"),
+    unused_keys=("parallelism.cp", "parallelism.cp_a2a", "training.loss_chunk_tokens",
+                 "training.activation_checkpointing"),
     plan=lazy("workloads.piip.flops:plan_job"), format_plan=lazy("workloads.piip.flops:format_plan"),
     commands=(Command("flops", "backbone GFLOPs of a PIIP variant or ViT baseline",
                       lazy("workloads.piip.flops:add_flops_arguments"), lazy("workloads.piip.flops:flops_command")),),

@@ -110,6 +110,9 @@ class EvaluationSection:
     # share of the tokens stays the same.
     images_per_length: Literal["fixed", "proportional"] = "fixed"
     task: Task = "marked"
+    # Workers per context-parallel group in evaluation; several groups score different
+    # samples. Unset: one group of every worker (one 1M-token sample over all of them).
+    cp: int | None = bounded(None, gt=0)
 
     def images_at(self, tokens: int) -> int:
         """Images per sample of `tokens` tokens."""

@@ -142,6 +142,13 @@ def open_image(path: str, *, sample: str, data: bytes | Exception | None = None)
         raise DataError(f"sample {sample}: image file {path} cannot be read ({e})", "image") from None
 
 
+def concurrency(fs, requests: int = 16) -> dict:
+    """Keyword arguments that bound an async filesystem's batch of requests in flight
+    (s3fs would otherwise open up to 128 connections at once, more than a small S3
+    endpoint serves); none for a synchronous one, which takes no such argument."""
+    return {"batch_size": requests} if getattr(fs, "async_impl", False) else {}
+
+
 def fetch_files(paths: Sequence[str]) -> dict[str, bytes | Exception]:
     """Every file's bytes (or the error reading it), read concurrently: one batch per
     filesystem, so a row's images cost one round of requests to S3, not one (or two,
@@ -154,7 +161,7 @@ def fetch_files(paths: Sequence[str]) -> dict[str, bytes | Exception]:
         by_fs.setdefault(id(fs), (fs, []))[1].append((p, key))
     out: dict[str, bytes | Exception] = {}
     for fs, items in by_fs.values():
-        got = fs.cat([k for _, k in items], on_error="return")
+        got = fs.cat([k for _, k in items], on_error="return", **concurrency(fs))
         for p, k in items:
             value = got.get(k) if isinstance(got, dict) else got
             out[p] = value if value is not None else FileNotFoundError(p)
@@ -327,9 +334,10 @@ def encode_sample(
     """One JSONL record -> token ids, shifted targets and image tiles."""
     sample = sample or (str(record.get("id", "?")) if isinstance(record, dict) else "?")
     convs, paths = prepare_record(record, sample, base_dir)
+    files = fetch_files(paths) if len(paths) > 1 else {}  # a sample's images in one concurrent batch
     # open_image decodes the whole file, so a corrupt one fails there, naming it
-    tiles = [tile_image(open_image(p, sample=sample), tile=cfg.tile, max_tiles=cfg.max_tiles, thumbnail=cfg.thumbnail)
-             for p in paths]
+    tiles = [tile_image(open_image(p, sample=sample, data=files.get(p)), tile=cfg.tile, max_tiles=cfg.max_tiles,
+                        thumbnail=cfg.thumbnail) for p in paths]
     input_ids, targets = encode_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, cfg=cfg, sample=sample)
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, cfg.tile, cfg.tile)
     return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets, pixels=pixels)

@@ -11,8 +11,8 @@ analysis, including lengths beyond the training length.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ class SampleScore:
     answer_tokens: int
     log_likelihood: float
     exact_match: bool
+    visual: torch.Tensor | None = field(default=None, repr=False)  # for the next δ of the same sample
 
 
 @torch.no_grad()
@@ -50,11 +51,14 @@ def score_sample(
     hybrid: tuple | None = None,
     kernel: str = "auto",
     chunk: int = 4096,
+    visual: torch.Tensor | None = None,
 ) -> SampleScore:
     """Teacher-forced score of one sample's supervised (answer) tokens.
 
     hybrid: (a2a_group, ring_group) to lay the sample out for hybrid context
-    parallelism over cp_group (see `forward_loss`); None: cp_group is one ring."""
+    parallelism over cp_group (see `forward_loss`); None: cp_group is one ring.
+    visual: the sample's visual tokens from an earlier call (the result's `visual`):
+    positions change with δ, the image encodings do not."""
     W = 1 if cp_group is None else dist.get_world_size(cp_group)
     r = 0 if cp_group is None else dist.get_rank(cp_group)
     a2a_group, ring_group = hybrid or (None, None)
@@ -64,7 +68,8 @@ def score_sample(
     device = next(model.parameters()).device
     local = shard_batch(batch, W, r, a2a=a2a) if W > 1 else batch
     local.pixels = local.pixels.to(device, next(model.parameters()).dtype)
-    visual = encode_visual(model, local, cp_group)
+    if visual is None:
+        visual = encode_visual(model, local, cp_group)
     spec = AttentionSpec(group=cp_group if W > 1 else None, a2a_group=a2a_group, ring_group=ring_group,
                          cu_seqlens=prepare_documents(local.cu_seqlens.to(device), group=cp_group if W > 1 else None),
                          kernel=kernel)
@@ -85,7 +90,7 @@ def score_sample(
     if W > 1:  # answer tokens may sit on any rank
         dist.all_reduce(stats, group=cp_group)
     loglik, wrong, n = stats.tolist()
-    return SampleScore(sample.sample_id, len(sample), int(n), loglik, wrong == 0 and n > 0)
+    return SampleScore(sample.sample_id, len(sample), int(n), loglik, wrong == 0 and n > 0, visual)
 
 
 @dataclass
@@ -112,33 +117,57 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 
 def accuracy_table(
     model: V2PEModel,
-    samples: Sequence[EncodedSample],
+    samples: Iterable[EncodedSample],
     *,
     tokenizer: Tokenizer,
     strides: Sequence[int],
     cp_group=None,
     hybrid: tuple | None = None,
     kernel: str = "auto",
+    replicas: tuple[int, int] = (0, 1),
 ) -> list[AccuracyRow]:
-    """Accuracy per (sample length, δ = stride/256), lengths ascending, strides as given."""
+    """Accuracy per (sample length, δ = stride/256): rows by stride as given, then length
+    ascending. `samples` is read once, one at a time (a generator holds one sample in
+    memory, not all of them); each is scored under every δ, its images encoded once.
+
+    replicas: (this replica's index, replica count) when several context-parallel groups
+    share the samples (sample i goes to replica i mod count); the scores are then
+    gathered over the default group, so every rank returns the same rows."""
+    index, count = replicas
+    scores: dict[tuple[int, int], list[tuple[bool, float]]] = {}
+    seen = []
+    for i, s in enumerate(samples):
+        if len(s) not in seen:
+            seen.append(len(s))
+            log.info("evaluating %d-token samples under δ = %s", len(s), ", ".join(_delta_name(x) for x in strides))
+        if i % count != index:
+            continue
+        visual = None
+        for stride in strides:
+            score = score_sample(model, s, tokenizer=tokenizer, mode="v2pe_fix", stride=stride, cp_group=cp_group,
+                                 hybrid=hybrid, kernel=kernel, visual=visual)
+            visual = score.visual  # kept for this sample's next δ only
+            scores.setdefault((len(s), stride), []).append((score.exact_match, score.log_likelihood))
+    if count > 1:
+        # Every rank of a context-parallel group holds its group's scores: take them once,
+        # from the group's first rank.
+        first = cp_group is None or dist.get_rank(cp_group) == 0
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, scores if first else None)
+        scores = {}
+        for part in filter(None, parts):
+            for key, got in part.items():
+                scores.setdefault(key, []).extend(got)
+    lengths = sorted({n for n, _ in scores})
     rows = []
-    lengths = sorted({len(s) for s in samples})
     for stride in strides:
         for n in lengths:
-            group = [s for s in samples if len(s) == n]
-            scores = [score_sample(model, s, tokenizer=tokenizer, mode="v2pe_fix", stride=stride,
-                                   cp_group=cp_group, hybrid=hybrid, kernel=kernel) for s in group]
-            correct = sum(s.exact_match for s in scores)
-            low, high = wilson_interval(correct, len(scores))
-            rows.append(AccuracyRow(
-                tokens=n,
-                delta=_delta_name(stride),
-                samples=len(scores),
-                accuracy=correct / len(scores),
-                mean_log_likelihood=sum(s.log_likelihood for s in scores) / len(scores),
-                low=low,
-                high=high,
-            ))
+            group = scores[(n, stride)]
+            correct = sum(ok for ok, _ in group)
+            low, high = wilson_interval(correct, len(group))
+            rows.append(AccuracyRow(tokens=n, delta=_delta_name(stride), samples=len(group),
+                                    accuracy=correct / len(group),
+                                    mean_log_likelihood=sum(ll for _, ll in group) / len(group), low=low, high=high))
             r = rows[-1]
             log.info("evaluated %d tokens, δ = %s: accuracy %.3f over %d samples (%d of %d cells)", n, r.delta,
                      r.accuracy, r.samples, len(rows), len(strides) * len(lengths))
@@ -216,8 +245,10 @@ def _fraction(delta: str) -> float:
 
 class NeedleEvaluation(Evaluation):
     """Accuracy per (context length, δ) on synthetic needle samples of the configured
-    lengths (up to and beyond the training length). All workers form one context-parallel
-    group (`cp_a2a` splits it for hybrid attention): each sample is spread over every rank."""
+    lengths (up to and beyond the training length). By default all workers form one
+    context-parallel group (`cp_a2a` splits it for hybrid attention): each sample is
+    spread over every rank; `evaluation.cp` smaller than the worker count splits them into
+    groups that score different samples (no ring where the samples fit one worker)."""
 
     def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
         """Writes each length's evaluation set under <run>/data/eval-<n> once; {n: jsonl}.
@@ -247,19 +278,29 @@ class NeedleEvaluation(Evaluation):
         from parallelism.dims import ParallelDims
 
         from .checkpoint_io import load_pretrained
-        from .data import load_samples
+        from .data import encode_sample, read_jsonl
         from .spec import job_tokenizer
 
         model = load_pretrained(model_url).eval()
         tok = job_tokenizer(cfg, checkpoint=model_url, model_cfg=model.cfg)
-        samples = []
-        for n, path in sorted(prepared.items(), key=lambda kv: int(kv[0])):
-            samples += load_samples(path, tokenizer=tok, cfg=cfg.data.loader(model.cfg, max_tokens=int(n)))
+
+        def samples() -> Iterator[EncodedSample]:  # one at a time: a 1M-token sample's tiles are GBs
+            for n, path in sorted(prepared.items(), key=lambda kv: int(kv[0])):
+                loader = cfg.data.loader(model.cfg, max_tokens=int(n))
+                base = loader.image_base(path)
+                for line, rec in read_jsonl(path):
+                    yield encode_sample(rec, tokenizer=tok, cfg=loader, base_dir=base,
+                                        sample=f"{rec.get('id', '?')} ({path}:{line})")
+
         world = ctx.world_size
-        groups = ParallelDims(world_size=world, cp=world, cp_a2a=cfg.parallelism.cp_a2a).build(
+        cp = cfg.evaluation.cp or world
+        if world % cp:
+            raise ValueError(f"evaluation.cp: {cp} does not divide the {world} workers")
+        groups = ParallelDims.infer(world_size=world, cp=cp, cp_a2a=cfg.parallelism.cp_a2a if cp > 1 else 1).build(
             cfg.parallelism.timeout_s)
-        rows = accuracy_table(model, samples, tokenizer=tok, strides=cfg.evaluation.strides,
-                              cp_group=groups.cp_group if world > 1 else None, hybrid=groups.hybrid)
+        rows = accuracy_table(model, samples(), tokenizer=tok, strides=cfg.evaluation.strides,
+                              cp_group=groups.cp_group if cp > 1 else None, hybrid=groups.hybrid if cp > 1 else None,
+                              replicas=(groups.dp_rank, world // cp))
         curves: dict[str, dict[int, float]] = {}
         for r in rows:
             curves.setdefault(metric_key("accuracy", r.delta), {})[r.tokens] = r.accuracy
