@@ -1,8 +1,8 @@
-"""`make demo`: the whole path on this machine, from nothing to a model that learns.
+"""`make demo`: the whole path on this machine, from nothing to an evaluated model.
 
 1. `longview up`: S3 endpoint, MLflow server and Ray head on 127.0.0.1 (reused when
    they are already running, restarted when some died).
-2. `longview submit configs/v2pe-demo.yaml --wait`: a tiny V2PE model learns the needle
+2. `longview submit configs/v2pe-demo.yaml --wait`: a tiny V2PE model is trained on the needle
    task (the colour of the one image with a black square) through Ray job submission,
    context parallel 2 over 2 CPU workers, with δ drawn per image; checkpoints go to S3,
    metrics to MLflow.

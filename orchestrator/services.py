@@ -189,7 +189,11 @@ def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscali
     log = str(state_dir / "ray.log")
     # Ray's unix socket paths must stay short: a temp dir under /tmp, named by port.
     tmp = f"/tmp/lv-ray-{gcs}"
-    cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address", host, "--port", str(gcs),
+    # Every port of its own: Ray's fixed defaults (the dashboard agent's 52365, ...) would
+    # collide with any other Ray head on the machine, leaving this one without a job agent.
+    agent = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address", host, "--port", str(gcs), *agent,
            "--dashboard-host", host, "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
            "--temp-dir", tmp, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats"]
     # The local cluster's nodes hold the local S3 endpoint's credentials in their own

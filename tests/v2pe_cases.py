@@ -179,12 +179,13 @@ def resharded_run(state, rows, sharding, storage, endpoint, steps, global_batch,
 def replicated_table(state, samples, strides, cp):
     """accuracy_table with the world split into groups of `cp` ranks scoring different samples."""
     from parallelism.dims import ParallelDims
-    from workloads.v2pe.evaluate import accuracy_table
+    from workloads.v2pe.evaluate import accuracy_table, share_of
     from workloads.v2pe.tokenizer import ByteTokenizer
 
     model = V2PEModel(tiny_config())
     model.load_state_dict(state)
     W = dist.get_world_size()
     groups = ParallelDims.infer(world_size=W, cp=cp).build()
-    return accuracy_table(model, iter(samples), tokenizer=ByteTokenizer(), strides=strides,
-                          cp_group=groups.cp_group if cp > 1 else None, replicas=(groups.dp_rank, W // cp))
+    replicas = (groups.dp_rank, W // cp)
+    return accuracy_table(model, share_of(samples, replicas), tokenizer=ByteTokenizer(), strides=strides,
+                          cp_group=groups.cp_group if cp > 1 else None, replicas=replicas)

@@ -131,17 +131,15 @@ def accuracy_table(
     memory, not all of them); each is scored under every δ, its images encoded once.
 
     replicas: (this replica's index, replica count) when several context-parallel groups
-    share the samples (sample i goes to replica i mod count); the scores are then
-    gathered over the default group, so every rank returns the same rows."""
-    index, count = replicas
+    share the samples: `samples` is then this replica's share (`share_of` picks it), and
+    the scores are gathered over the default group, so every rank returns the same rows."""
+    count = replicas[1]
     scores: dict[tuple[int, int], list[tuple[bool, float]]] = {}
     seen = []
-    for i, s in enumerate(samples):
+    for s in samples:
         if len(s) not in seen:
             seen.append(len(s))
             log.info("evaluating %d-token samples under δ = %s", len(s), ", ".join(_delta_name(x) for x in strides))
-        if i % count != index:
-            continue
         visual = None
         for stride in strides:
             score = score_sample(model, s, tokenizer=tokenizer, mode="v2pe_fix", stride=stride, cp_group=cp_group,
@@ -172,6 +170,12 @@ def accuracy_table(
             log.info("evaluated %d tokens, δ = %s: accuracy %.3f over %d samples (%d of %d cells)", n, r.delta,
                      r.accuracy, r.samples, len(rows), len(strides) * len(lengths))
     return rows
+
+
+def share_of(items: Iterable, replicas: tuple[int, int]) -> Iterator:
+    """Item i goes to replica i mod count: the samples one replica scores."""
+    index, count = replicas
+    return (x for i, x in enumerate(items) if i % count == index)
 
 
 def _delta_name(stride: int) -> str:
@@ -284,11 +288,13 @@ class NeedleEvaluation(Evaluation):
         model = load_pretrained(model_url).eval()
         tok = job_tokenizer(cfg, checkpoint=model_url, model_cfg=model.cfg)
 
-        def samples() -> Iterator[EncodedSample]:  # one at a time: a 1M-token sample's tiles are GBs
+        def samples(replicas: tuple[int, int]) -> Iterator[EncodedSample]:
+            """This replica's samples, read and encoded one at a time (a 1M-token sample's
+            tiles are GBs); the others' are never read."""
             for n, path in sorted(prepared.items(), key=lambda kv: int(kv[0])):
                 loader = cfg.data.loader(model.cfg, max_tokens=int(n))
                 base = loader.image_base(path)
-                for line, rec in read_jsonl(path):
+                for line, rec in share_of(read_jsonl(path), replicas):
                     yield encode_sample(rec, tokenizer=tok, cfg=loader, base_dir=base,
                                         sample=f"{rec.get('id', '?')} ({path}:{line})")
 
@@ -298,9 +304,10 @@ class NeedleEvaluation(Evaluation):
             raise ValueError(f"evaluation.cp: {cp} does not divide the {world} workers")
         groups = ParallelDims.infer(world_size=world, cp=cp, cp_a2a=cfg.parallelism.cp_a2a if cp > 1 else 1).build(
             cfg.parallelism.timeout_s)
-        rows = accuracy_table(model, samples(), tokenizer=tok, strides=cfg.evaluation.strides,
+        replicas = (groups.dp_rank, world // cp)
+        rows = accuracy_table(model, samples(replicas), tokenizer=tok, strides=cfg.evaluation.strides,
                               cp_group=groups.cp_group if cp > 1 else None, hybrid=groups.hybrid if cp > 1 else None,
-                              replicas=(groups.dp_rank, world // cp))
+                              replicas=replicas)
         curves: dict[str, dict[int, float]] = {}
         for r in rows:
             curves.setdefault(metric_key("accuracy", r.delta), {})[r.tokens] = r.accuracy
