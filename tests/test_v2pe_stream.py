@@ -48,12 +48,18 @@ def test_a_rank_decodes_only_the_images_of_its_tiles(tmp_path, monkeypatch):
     import workloads.v2pe.stream as stream
 
     real = stream.open_image
-    monkeypatch.setattr(stream, "open_image", lambda p, sample: opened.append(p.rsplit("/", 1)[1]) or real(p, sample=sample))
+    monkeypatch.setattr(stream, "open_image",
+                        lambda p, sample, **kw: opened.append(p.rsplit("/", 1)[1]) or real(p, sample=sample, **kw))
+    fetched = []
+    real_fetch = stream.fetch_files
+    monkeypatch.setattr(stream, "fetch_files", lambda paths: fetched.extend(paths) or real_fetch(paths))
     # 5 tiles over 4 ranks: rank 0 gets tiles 0-1 (a, and b's first), rank 3 the last (c)
     for rank, want in [(0, ["a.png", "b.png"]), (3, ["c.png"])]:
         opened.clear()
+        fetched.clear()
         StreamingDataset(index, tokenizer=TOK, cfg=cfg, cp=4, cp_rank=rank, budget=1024, prefetch=False).batch(0, 0)
         assert opened == want
+        assert [p.rsplit("/", 1)[1] for p in fetched] == want  # nor are other images read from storage
 
 
 def test_index_counts_from_headers_and_is_stored_once(tmp_path):
