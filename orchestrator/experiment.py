@@ -73,6 +73,8 @@ def run_experiment(cfg: JobConfig, *, ray_address: str | None = None, out_dir: s
 
 def joint_table(results: dict[str, dict], cfg: JobConfig) -> str:
     """One row per (context length, δ), a column pair per training mode."""
+    from workloads.v2pe.evaluate import delta_value
+
     modes = list(results)
     rows = {(r["tokens"], r["delta"]): {} for res in results.values() for r in res["records"]}
     for mode, res in results.items():
@@ -81,7 +83,7 @@ def joint_table(results: dict[str, dict], cfg: JobConfig) -> str:
     head = "| tokens | × train | δ | " + " | ".join(f"{m}: accuracy (95% interval)" for m in modes) + " |"
     lines = [head, "|" + "---|" * (3 + len(modes))]
     train = cfg.data.synthetic.tokens
-    order = sorted(rows, key=lambda k: (k[0], -_value(k[1])))
+    order = sorted(rows, key=lambda k: (k[0], -delta_value(k[1])))
     for tokens, delta in order:
         cells = []
         for m in modes:
@@ -92,12 +94,6 @@ def joint_table(results: dict[str, dict], cfg: JobConfig) -> str:
     lines.append("")
     lines.append(f"Samples per cell: {', '.join(map(str, sorted(n)))}; intervals are 95% Wilson score intervals.")
     return "\n".join(lines)
-
-
-def _value(delta: str) -> float:
-    from fractions import Fraction
-
-    return float(Fraction(delta))
 
 
 def _timing_lines(timings: dict[str, tuple[float, float]], total: float) -> str:

@@ -208,7 +208,7 @@ def accuracy_figure(curves: dict[str, Sequence[dict]], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     styles = ["-", "--", ":", "-."]
-    deltas = sorted({r["delta"] for rows in curves.values() for r in rows}, key=lambda d: -_fraction(d))
+    deltas = sorted({r["delta"] for rows in curves.values() for r in rows}, key=lambda d: -delta_value(d))
     colours = {d: plt.get_cmap("viridis")(i / max(1, len(deltas) - 1)) for i, d in enumerate(deltas)}
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for i, (label, rows) in enumerate(curves.items()):
@@ -238,7 +238,8 @@ def accuracy_figure(curves: dict[str, Sequence[dict]], title: str) -> bytes:
     return buf.getvalue()
 
 
-def _fraction(delta: str) -> float:
+def delta_value(delta: str) -> float:
+    """δ as a number, from its name ("1/4" -> 0.25)."""
     from fractions import Fraction
 
     return float(Fraction(delta))
