@@ -151,6 +151,9 @@ def log_exported_model(uri: str, run_id: str, *, name: str, export: str, step: i
 
     client = mlflow_client(uri)
     run = client.get_run(run_id)
+    done = [m.model_id for m in (run.outputs.model_outputs if run.outputs else []) if m.step == step]
+    if done:  # a resubmitted finished run exports the same step again: one model for it
+        return done[0]
     model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
                                        tags={"longview.export": export}, params={"trained_steps": str(step)})
     with tempfile.TemporaryDirectory() as tmp:
