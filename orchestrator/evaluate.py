@@ -135,9 +135,8 @@ def _png(data: bytes):
 
 
 def _trained_steps(model: str, cfg: JobConfig) -> int | str:
-    """The training step of the exported model (its sidecar `longview.json`), else '-'."""
-    fs, path = storage_fs(model, cfg)
-    try:
-        return int(json.loads(fs.cat_file(f"{path.rstrip('/')}/longview.json"))["step"])
-    except Exception:  # noqa: BLE001 - a checkpoint from elsewhere has none
-        return "-"
+    """The training step of the exported model (its `longview.json`), else '-'."""
+    from .storage import read_export_meta
+
+    meta = read_export_meta(model, cfg)
+    return int(meta["step"]) if meta else "-"

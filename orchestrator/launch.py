@@ -69,16 +69,15 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
 
 def _log_model(cfg: JobConfig, run_id: str) -> None:
     """The export (when the workload wrote one) as the run's logged MLflow model."""
-    import json
-
+    from .storage import read_export_meta
     from .tracking import log_exported_model
 
     export = run_uri(cfg, "export")
     fs, root = storage_fs(export, cfg)
     try:
-        if not fs.exists(f"{root}/longview.json"):
+        meta = read_export_meta(export, cfg)
+        if meta is None:
             return
-        meta = json.loads(fs.cat_file(f"{root}/longview.json"))
         small = {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.ls(root, detail=False)
                  if p.endswith(".json") and fs.size(p) < 1 << 20}
         log_exported_model(cfg.tracking.uri, run_id, name=cfg.name, export=export, step=int(meta["step"]), files=small)

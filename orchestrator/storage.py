@@ -89,3 +89,24 @@ def checkpoint_store(cfg):
 
     fs, root = storage_fs(run_uri(cfg), cfg)
     return CheckpointStore(fs, root, run_uri(cfg))
+
+
+EXPORT_META = "longview.json"  # beside an export: the run and training step it came from
+
+
+def write_export_meta(url: str, cfg, run: str, step: int) -> None:
+    import json
+
+    fs, root = storage_fs(url, cfg)
+    fs.pipe_file(f"{root.rstrip('/')}/{EXPORT_META}", json.dumps({"run": run, "step": step}).encode())
+
+
+def read_export_meta(url: str, cfg) -> dict | None:
+    """The export's `longview.json` ({"run", "step"}), or None (a model from elsewhere has none)."""
+    import json
+
+    fs, root = storage_fs(url, cfg)
+    try:
+        return json.loads(fs.cat_file(f"{root.rstrip('/')}/{EXPORT_META}"))
+    except FileNotFoundError:
+        return None

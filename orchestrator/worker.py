@@ -182,10 +182,9 @@ def train_loop(config: dict) -> None:
     exported = runner.export(rank, run_uri(cfg, "export"))
     if rank == 0 and exported:
         # What evaluation reports of the model it reads: its run and training step.
-        from .storage import storage_fs
+        from .storage import write_export_meta
 
-        fs, root = storage_fs(exported, cfg)
-        fs.pipe_file(f"{root.rstrip('/')}/longview.json", json.dumps({"run": cfg.name, "step": state.step}).encode())
+        write_export_meta(exported, cfg, cfg.name, state.step)
     if rank == 0 and tracker.enabled:
         if exported:
             tracker.call("set_tag", "longview.export", exported)
