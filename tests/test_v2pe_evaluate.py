@@ -84,17 +84,17 @@ def test_experiment_table_and_figure_put_the_two_modes_side_by_side():
     cfg = load_config("configs/v2pe-length.yaml")
     rec = lambda n, d, a: {"tokens": n, "delta": d, "samples": 100, "accuracy": a, "low": a - 0.05,  # noqa: E731
                            "high": min(1.0, a + 0.05), "mean_log_likelihood": -1.0}
-    results = {"v2pe_rnd": {"records": [rec(1024, "1", 1.0), rec(2048, "1/4", 0.9)]},
-               "default": {"records": [rec(1024, "1", 0.8), rec(2048, "1/4", 0.1)]}}
+    results = {"v2pe_rnd": {"records": [rec(512, "1", 1.0), rec(1024, "1/4", 0.9)]},
+               "default": {"records": [rec(512, "1", 0.8), rec(1024, "1/4", 0.1)]}}
     table = joint_table(results, cfg)
-    assert "| 2048 | 2 | 1/4 | 0.90 (0.85–0.95) | 0.10 (0.05–0.15) |" in table
+    assert "| 1024 | 2 | 1/4 | 0.90 (0.85–0.95) | 0.10 (0.05–0.15) |" in table
     assert "Samples per cell: 100" in table
     png = accuracy_figure({m: r["records"] for m, r in results.items()}, "t")
     assert Image.open(io.BytesIO(png)).size[0] > 500
     arm = arm_config(cfg, "default")  # only the name and the position mode differ
     assert (arm.name, arm.data.position_mode) == ("v2pe-length-default", "default")
     assert arm.training == cfg.training and arm.data.synthetic == cfg.data.synthetic
-    assert cfg.evaluation.images_at(8192) == 88 and cfg.evaluation.images_at(1024) == 11
+    assert cfg.evaluation.images_at(8192) == 256 and cfg.evaluation.images_at(512) == 16
 
 
 @pytest.mark.parametrize("world_size,cp", [(2, 1), (4, 2)])

@@ -27,7 +27,8 @@ def test_long_sample_is_exact_at_a_million_tokens():
 
     cfg = SynthConfig(tokens=2**20, images=64, task="colour", tile=16, tokens_per_tile=256)  # small pictures
     record, images = make_sample(cfg, 0, TOK)
-    convs = [("user", record["conversations"][0]["value"]), ("assistant", record["answer"])]
+    convs = [("system", record["conversations"][0]["value"]), ("user", record["conversations"][1]["value"]),
+             ("assistant", record["answer"])]
     ids, _ = render_tokens(convs, [1] * 64, tokenizer=TOK, tokens_per_tile=256)
     assert len(ids) == 2**20 and len(images) == 64
     assert ids.count(TOK.img_context_id) == 64 * 256
@@ -55,15 +56,16 @@ def test_answer_key_matches_the_pictures(tmp_path, task):
         has_marker = [max(_pixel(im, TILE // 2, TILE // 2)) < 20 for im in imgs]
         if task == "needle":  # the marked image's colour; the images carry no numbers
             assert sum(has_marker) == 1 and rec["answer"] == _nearest_colour(imgs[has_marker.index(True)])
-            assert "Image 1" not in rec["conversations"][0]["value"]
+            assert "Image 1" not in rec["conversations"][1]["value"]
         elif task == "marked":
             assert sum(has_marker) == 1 and rec["answer"] == f"Image {has_marker.index(True) + 1}"
         elif task == "count":
             assert rec["answer"] == str(sum(has_marker))
         else:
-            k = int(rec["conversations"][0]["value"].split("colour of image ")[1].split("?")[0]) - 1
+            k = int(rec["conversations"][1]["value"].split("colour of image ")[1].split("?")[0]) - 1
             assert rec["answer"] == _nearest_colour(imgs[k])
-        assert rec["conversations"][1]["value"] == rec["answer"]
+        assert rec["conversations"][0] == {"from": "system", "value": cfg.system}
+        assert rec["conversations"][2]["value"] == rec["answer"]
 
 
 def test_too_short_for_its_images_is_an_error():

@@ -53,6 +53,9 @@ class SynthConfig:
     tile: int = 448
     tokens_per_tile: int = 256
     seed: int = 0
+    # A short system turn in place of the chat template's default message, which under the
+    # byte tokenizer costs ~200 tokens (UTF-8 Chinese) the task never reads.
+    system: str = "Answer questions about the images."
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -71,9 +74,9 @@ def draw_image(colour: str, marked: bool, tile: int, rng: random.Random):
     # Noise per pixel: a 14-pixel patch averages ~200 draws, so colour reads cleanly. Noise
     # in 2- or 8-pixel blocks compresses the PNG 5-40x, but made the needle task harder for
     # the tiny model (600 steps in one process: 0.82-1.00 and 0.55-0.78 against 1.00).
-    noise = torch.randint(-12, 13, (tile, tile, 3), generator=gen)
-    noise = noise + torch.tensor(PALETTE[colour])
-    img = Image.frombytes("RGB", (tile, tile), noise.clamp(0, 255).to(torch.uint8).numpy().tobytes())
+    noise = torch.randint(-12, 13, (tile, tile, 3), generator=gen, dtype=torch.int16)
+    noise = noise.add_(torch.tensor(PALETTE[colour], dtype=torch.int16)).clamp_(0, 255)
+    img = Image.frombytes("RGB", (tile, tile), noise.to(torch.uint8).numpy().tobytes())
     if marked:
         s = tile // 4
         ImageDraw.Draw(img).rectangle([tile // 2 - s // 2, tile // 2 - s // 2, tile // 2 + s // 2, tile // 2 + s // 2],
@@ -122,7 +125,7 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dic
         label = (lambda i: "") if cfg.task == "needle" else (lambda i: f"\nImage {i + 1}: ")
         parts = ["Read on.\n"] + [f"{fillers[i]}{label(i)}<image>\n" for i in range(n)]
         parts.append(fillers[n] + "\n" + question)
-        return [("user", "".join(parts)), ("assistant", answer)]
+        return [("system", cfg.system), ("user", "".join(parts)), ("assistant", answer)]
 
     def render(total: int) -> tuple[list[tuple[str, str]], int]:
         # The filler spread over the n+1 gaps (the same draws for every total tried).
@@ -155,7 +158,8 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dic
     record = {
         "id": f"{cfg.task}-{cfg.tokens}-{index}",
         "image": [f"images/{cfg.task}-{cfg.tokens}-{index}-{i}.png" for i in range(n)],
-        "conversations": [{"from": "human", "value": convs[0][1]}, {"from": "gpt", "value": answer}],
+        "conversations": [{"from": "system", "value": cfg.system}, {"from": "human", "value": convs[1][1]},
+                          {"from": "gpt", "value": answer}],
         "answer": answer,
         "tokens": length,
         "task": cfg.task,
@@ -168,21 +172,30 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dic
 def write_dataset(url: str, cfg: SynthConfig, samples: int, tokenizer: Tokenizer | None = None) -> str:
     """Writes `samples` records to URL/data.jsonl and their images under URL/images/."""
     import fsspec
+    import torch
 
     tokenizer = tokenizer or ByteTokenizer()
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(posixpath.join(root, "images"), exist_ok=True)
     lines, pending = [], {}
-    for i in range(samples):
-        record, images = make_sample(cfg, i, tokenizer)
-        for name, img in zip(record["image"], images):
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            pending[posixpath.join(root, name)] = buf.getvalue()
-        lines.append(json.dumps(record))
-        if len(pending) >= 256 or i == samples - 1:
-            fs.pipe(pending, **concurrency(fs))  # concurrent uploads on S3, not a request after another
-            pending = {}
+    # One thread: on a tensor of one tile, torch's thread pool costs more than it saves
+    # (25 ms an image instead of 1.5 on a busy 2-core machine; 50,000 images make the
+    # experiment's evaluation set).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(samples):
+            record, images = make_sample(cfg, i, tokenizer)
+            for name, img in zip(record["image"], images):
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                pending[posixpath.join(root, name)] = buf.getvalue()
+            lines.append(json.dumps(record))
+            if len(pending) >= 256 or i == samples - 1:
+                fs.pipe(pending, **concurrency(fs))  # concurrent uploads on S3, not a request after another
+                pending = {}
+    finally:
+        torch.set_num_threads(threads)
     jsonl = posixpath.join(root, "data.jsonl")
     fs.pipe_file(jsonl, ("\n".join(lines) + "\n").encode())
     return url.rstrip("/") + "/data.jsonl"
