@@ -211,3 +211,25 @@ def test_tiles_are_the_normalised_crops_of_the_resized_image():
     want = [norm(resized.crop((c * TILE, 0, (c + 1) * TILE, TILE))) for c in range(3)]
     want.append(norm(img.resize((TILE, TILE), Image.BICUBIC)))
     torch.testing.assert_close(tiles, torch.stack(want), rtol=0, atol=0)  # the same elementwise ops: exact
+
+
+def test_file_cache_reads_a_file_once_within_its_budget(tmp_path, monkeypatch):
+    import workloads.v2pe.data as data
+
+    for name, size in (("a", 100), ("b", 100), ("c", 150)):
+        (tmp_path / name).write_bytes(bytes([ord(name)]) * size)
+    reads = []
+    real = data.fetch_files
+    monkeypatch.setattr(data, "fetch_files", lambda paths: reads.extend(paths) or real(paths))
+    cache = data.FileCache(budget_bytes=250)
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    assert cache.fetch([a, b, a])[a] == b"a" * 100 and reads == [a, b]  # asked twice, read once
+    assert cache.fetch([b])[b] == b"b" * 100 and reads == [a, b]
+    cache.fetch([c])  # 350 bytes > 250: the least recently used (a) goes
+    assert reads == [a, b, c]
+    cache.fetch([b, c, a])
+    assert reads == [a, b, c, a]
+    missing = str(tmp_path / "gone")
+    assert isinstance(cache.fetch([missing])[missing], FileNotFoundError)
+    cache.fetch([missing])
+    assert reads.count(missing) == 2  # an error is not kept: asked again

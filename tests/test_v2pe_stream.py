@@ -51,15 +51,21 @@ def test_a_rank_decodes_only_the_images_of_its_tiles(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "open_image",
                         lambda p, sample, **kw: opened.append(p.rsplit("/", 1)[1]) or real(p, sample=sample, **kw))
     fetched = []
-    real_fetch = stream.fetch_files
-    monkeypatch.setattr(stream, "fetch_files", lambda paths: fetched.extend(paths) or real_fetch(paths))
+    import workloads.v2pe.data as data
+
+    real_fetch = data.fetch_files
+    monkeypatch.setattr(data, "fetch_files", lambda paths: fetched.extend(paths) or real_fetch(paths))
     # 5 tiles over 4 ranks: rank 0 gets tiles 0-1 (a, and b's first), rank 3 the last (c)
     for rank, want in [(0, ["a.png", "b.png"]), (3, ["c.png"])]:
         opened.clear()
         fetched.clear()
-        StreamingDataset(index, tokenizer=TOK, cfg=cfg, cp=4, cp_rank=rank, budget=1024, prefetch=False).batch(0, 0)
+        ds = StreamingDataset(index, tokenizer=TOK, cfg=cfg, cp=4, cp_rank=rank, budget=1024, prefetch=False)
+        first, _ = ds.batch(0, 0)
         assert opened == want
         assert [p.rsplit("/", 1)[1] for p in fetched] == want  # nor are other images read from storage
+        again, _ = ds.batch(0, 0)  # the next epoch's row: decoded again, not read again
+        assert [p.rsplit("/", 1)[1] for p in fetched] == want and opened == want + want
+        torch.testing.assert_close(again.pixels, first.pixels, rtol=0, atol=0)  # the same bytes: exact
 
 
 def test_index_counts_from_headers_and_is_stored_once(tmp_path):

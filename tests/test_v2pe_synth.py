@@ -86,3 +86,19 @@ def test_image_counts_are_drawn_per_sample_and_the_tokens_stay_exact(tmp_path):
     assert {len(s) for s in samples} == {1024}
     with pytest.raises(ValueError, match="min_images must be within 1..images=8, got 9"):
         SynthConfig(tokens=1024, images=8, min_images=9)
+
+
+def test_an_image_pool_shares_files_and_keeps_the_answer_keys(tmp_path):
+    from PIL import Image
+
+    cfg = SynthConfig(tokens=4096, images=12, task="needle", tile=TILE, tokens_per_tile=4, seed=3, image_pool=2)
+    path = write_dataset(str(tmp_path), cfg, samples=6)
+    records = [json.loads(line) for line in open(path)]
+    names = {n for rec in records for n in rec["image"]}
+    assert len(names) <= 8 * 2 * 2 < 6 * 12  # colours x (marked, plain) x pool: shared, not one per picture
+    assert {p.name for p in (tmp_path / "images").iterdir()} == {n.split("/")[1] for n in names}
+    for rec in records:
+        imgs = [Image.open(tmp_path / name).convert("RGB") for name in rec["image"]]
+        has_marker = [max(_pixel(im, TILE // 2, TILE // 2)) < 20 for im in imgs]
+        assert sum(has_marker) == 1 and rec["answer"] == _nearest_colour(imgs[has_marker.index(True)])
+        assert [_nearest_colour(im) for im in imgs] == rec["colours"]

@@ -85,6 +85,8 @@ def test_a_published_layout_checkpoint_fine_tunes_with_its_own_tokenizer(service
                f"storage.uri=s3://{BUCKET}/runs", "--set", "evaluation.lengths=[1024]", "--set",
                "evaluation.strides=[256]", "--set", "evaluation.samples_per_length=1", "--set", "evaluation.images=2")
     assert any(ln.startswith("| 1024 |") for ln in proc.stdout.splitlines()), proc.stdout[-3000:]
-    # The evaluation set's folder names what it holds: length, task, images, samples.
-    sample = json.loads(s3.cat_file(f"{BUCKET}/runs/{name}/data/eval-1024-needle-2img-1/data.jsonl").splitlines()[0])
+    # The evaluation set's folder names what it holds: length, task, images, samples, pool.
+    folder = f"{BUCKET}/runs/{name}/data/eval-1024-needle-2img-1-pool64"
+    sample = json.loads(s3.cat_file(f"{folder}/data.jsonl").splitlines()[0])
+    assert all(p.startswith("images/pool-") for p in sample["image"])  # the demo's pictures come from a pool
     assert 1000 <= sample["tokens"] <= 1024

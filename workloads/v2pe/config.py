@@ -113,6 +113,11 @@ class EvaluationSection:
     # Workers per context-parallel group in evaluation; several groups score different
     # samples. Unset: one group of every worker (one 1M-token sample over all of them).
     cp: int | None = bounded(None, gt=0)
+    # Pictures drawn from a pool of this many per (colour, marker) and shared by the
+    # samples (unset: each its own file). The model never saw any of them (other seeds
+    # than training); the pool makes a set of 50,000 pictures ~1,000 files, written to
+    # and read from S3 once, where one request per picture costs minutes.
+    image_pool: int | None = bounded(None, gt=0)
 
     def images_at(self, tokens: int) -> int:
         """Images per sample of `tokens` tokens."""

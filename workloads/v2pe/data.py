@@ -168,6 +168,43 @@ def fetch_files(paths: Sequence[str]) -> dict[str, bytes | Exception]:
     return out
 
 
+class FileCache:
+    """Files read before, kept in memory up to a byte budget (least recently used out
+    first), so files that samples share — a synthetic set drawn from a pool of images,
+    a picture repeated across documents, the next epoch's rows — come from S3 once per
+    process. Errors are not kept: a file that failed is asked for again. Thread-safe
+    (the stream's prefetch reads rows in a pool)."""
+
+    def __init__(self, budget_bytes: int = 256 << 20):
+        import collections
+        import threading
+
+        self.budget = budget_bytes
+        self._files: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def fetch(self, paths: Sequence[str]) -> dict[str, bytes | Exception]:
+        out: dict[str, bytes | Exception] = {}
+        with self._lock:
+            for p in paths:
+                if p in self._files:
+                    self._files.move_to_end(p)
+                    out[p] = self._files[p]
+        missing = [p for p in dict.fromkeys(paths) if p not in out]
+        got = fetch_files(missing) if missing else {}
+        with self._lock:
+            for p, value in got.items():
+                out[p] = value
+                if isinstance(value, bytes) and p not in self._files and len(value) <= self.budget:
+                    self._files[p] = value
+                    self._bytes += len(value)
+            while self._bytes > self.budget:
+                _, old = self._files.popitem(last=False)
+                self._bytes -= len(old)
+        return out
+
+
 # --- samples ------------------------------------------------------------------------------
 
 
@@ -330,11 +367,16 @@ def encode_sample(
     cfg: DataConfig,
     base_dir: str = "",
     sample: str | None = None,
+    files: FileCache | None = None,
 ) -> EncodedSample:
-    """One JSONL record -> token ids, shifted targets and image tiles."""
+    """One JSONL record -> token ids, shifted targets and image tiles (the images read
+    through `files` when given, so samples that share images read each once)."""
     sample = sample or (str(record.get("id", "?")) if isinstance(record, dict) else "?")
     convs, paths = prepare_record(record, sample, base_dir)
-    files = fetch_files(paths) if len(paths) > 1 else {}  # a sample's images in one concurrent batch
+    if files is not None:
+        files = files.fetch(paths)
+    else:
+        files = fetch_files(paths) if len(paths) > 1 else {}  # a sample's images in one concurrent batch
     # open_image decodes the whole file, so a corrupt one fails there, naming it
     tiles = [tile_image(open_image(p, sample=sample, data=files.get(p)), tile=cfg.tile, max_tiles=cfg.max_tiles,
                         thumbnail=cfg.thumbnail) for p in paths]

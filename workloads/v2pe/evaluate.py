@@ -267,13 +267,15 @@ class NeedleEvaluation(Evaluation):
         mc, e = read_config(model_url), cfg.evaluation
         tokenizer = job_tokenizer(cfg, checkpoint=model_url, model_cfg=mc)
         paths = {}
+        pool = e.image_pool
         for n in e.lengths:
             # named by what it holds: a changed evaluation section writes a new set
-            url = f"{run_root.rstrip('/')}/data/eval-{n}-{e.task}-{e.images_at(n)}img-{e.samples_per_length}"
+            url = (f"{run_root.rstrip('/')}/data/eval-{n}-{e.task}-{e.images_at(n)}img-{e.samples_per_length}"
+                   + (f"-pool{pool}" if pool else ""))
             fs, root = fsspec.core.url_to_fs(url)
             if not fs.exists(f"{root}/data.jsonl"):
                 write_dataset(url, SynthConfig(tokens=n, images=e.images_at(n), task=e.task, tile=mc.vision.image_size,
-                                               tokens_per_tile=mc.tokens_per_tile, seed=10_000 + n),
+                                               tokens_per_tile=mc.tokens_per_tile, seed=10_000 + n, image_pool=pool),
                               e.samples_per_length, tokenizer)
             paths[str(n)] = f"{url}/data.jsonl"
         return paths
@@ -283,7 +285,7 @@ class NeedleEvaluation(Evaluation):
         from parallelism.dims import ParallelDims
 
         from .checkpoint_io import load_pretrained
-        from .data import encode_sample, read_jsonl
+        from .data import FileCache, encode_sample, read_jsonl
         from .spec import job_tokenizer
 
         model = load_pretrained(model_url).eval()
@@ -292,12 +294,13 @@ class NeedleEvaluation(Evaluation):
         def samples(replicas: tuple[int, int]) -> Iterator[EncodedSample]:
             """This replica's samples, read and encoded one at a time (a 1M-token sample's
             tiles are GBs); the others' are never read."""
+            images = FileCache()  # samples drawn from an image pool share their files
             for n, path in sorted(prepared.items(), key=lambda kv: int(kv[0])):
                 loader = cfg.data.loader(model.cfg, max_tokens=int(n))
                 base = loader.image_base(path)
                 for line, rec in share_of(read_jsonl(path), replicas):
                     yield encode_sample(rec, tokenizer=tok, cfg=loader, base_dir=base,
-                                        sample=f"{rec.get('id', '?')} ({path}:{line})")
+                                        sample=f"{rec.get('id', '?')} ({path}:{line})", files=images)
 
         world = ctx.world_size
         cp = cfg.evaluation.cp or world

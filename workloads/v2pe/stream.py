@@ -43,11 +43,11 @@ from .data import (
     DataConfig,
     DataError,
     EncodedSample,
+    FileCache,
     LoadReport,
     V2PEBatch,
     _closest_grid,
     encode_tokens,
-    fetch_files,
     make_batch,
     open_image,
     pack_rows,
@@ -397,6 +397,7 @@ class StreamingDataset:
         lengths = [int(sources[s].index.tokens[i]) for s, i in order.tolist()]
         self.rows = pack_rows(lengths, budget, 2 * cp)  # the eager reader's rows (pack_greedy) for one file
         self._files = [fsspec.core.url_to_fs(s.index.path) for s in sources]
+        self._images = FileCache()  # an image shared by samples (or seen last epoch) is read once
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="v2pe-prefetch") if prefetch else None
         self._ahead: tuple[tuple, Future] | None = None
 
@@ -434,7 +435,7 @@ class StreamingDataset:
                 if max(lo, first) < min(hi, first + n):
                     mine.append(path)
                 first += n
-        files = fetch_files(mine)
+        files = self._images.fetch(mine)
         pixels, first = [], 0  # first: the batch-wide index of the current image's first tile
         for (s, i), smp, images in zip(pairs, samples, paths):
             c = self.sources[s].cfg

@@ -53,6 +53,10 @@ class SynthConfig:
     tile: int = 448
     tokens_per_tile: int = 256
     seed: int = 0
+    # Images drawn from a pool of this many per (colour, marker) and shared by the samples
+    # (None: every image its own). Each sample still draws its colours and marker; the
+    # pool makes a set of 50,000 pictures ~500 files, written and read from S3 once.
+    image_pool: int | None = None
     # A short system turn in place of the chat template's default message, which under the
     # byte tokenizer costs ~200 tokens (UTF-8 Chinese) the task never reads.
     system: str = "Answer questions about the images."
@@ -64,6 +68,8 @@ class SynthConfig:
             raise ValueError(f"images must be >= 1, got {self.images}")
         if self.min_images is not None and not 1 <= self.min_images <= self.images:
             raise ValueError(f"min_images must be within 1..images={self.images}, got {self.min_images}")
+        if self.image_pool is not None and self.image_pool < 1:
+            raise ValueError(f"image_pool must be >= 1, got {self.image_pool}")
 
 
 def draw_image(colour: str, marked: bool, tile: int, rng: random.Random):
@@ -155,9 +161,16 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dic
             lo, hi = (mid, hi) if render(mid)[1] <= cfg.tokens else (lo, mid)
         convs, length = render(lo)
     assert length <= cfg.tokens, (length, cfg.tokens)  # construction invariant, not input checking
+    if cfg.image_pool is None:
+        names = [f"images/{cfg.task}-{cfg.tokens}-{index}-{i}.png" for i in range(n)]
+        images = [draw_image(c, m, cfg.tile, rng) for c, m in zip(colours, marked)]
+    else:
+        picks = [rng.randrange(cfg.image_pool) for _ in range(n)]
+        names = [_pool_name(c, m, j) for c, m, j in zip(colours, marked, picks)]
+        images = [_pool_image(cfg, c, m, j) for c, m, j in zip(colours, marked, picks)]
     record = {
         "id": f"{cfg.task}-{cfg.tokens}-{index}",
-        "image": [f"images/{cfg.task}-{cfg.tokens}-{index}-{i}.png" for i in range(n)],
+        "image": names,
         "conversations": [{"from": "system", "value": cfg.system}, {"from": "human", "value": convs[1][1]},
                           {"from": "gpt", "value": answer}],
         "answer": answer,
@@ -166,7 +179,16 @@ def make_sample(cfg: SynthConfig, index: int, tokenizer: Tokenizer) -> tuple[dic
         "marked": marked,
         "colours": colours,
     }
-    return record, [draw_image(c, m, cfg.tile, rng) for c, m in zip(colours, marked)]
+    return record, images
+
+
+def _pool_name(colour: str, marked: bool, j: int) -> str:
+    return f"images/pool-{colour}-{'marked' if marked else 'plain'}-{j}.png"
+
+
+def _pool_image(cfg: SynthConfig, colour: str, marked: bool, j: int):
+    # Its own draws, from the set's seed: the same picture wherever a sample picks it.
+    return draw_image(colour, marked, cfg.tile, random.Random(f"{cfg.seed}-{colour}-{marked}-{j}"))
 
 
 def write_dataset(url: str, cfg: SynthConfig, samples: int, tokenizer: Tokenizer | None = None) -> str:
@@ -177,7 +199,7 @@ def write_dataset(url: str, cfg: SynthConfig, samples: int, tokenizer: Tokenizer
     tokenizer = tokenizer or ByteTokenizer()
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(posixpath.join(root, "images"), exist_ok=True)
-    lines, pending = [], {}
+    lines, pending, written = [], {}, set()
     # One thread: on a tensor of one tile, torch's thread pool costs more than it saves
     # (25 ms an image instead of 1.5 on a busy 2-core machine; 50,000 images make the
     # experiment's evaluation set).
@@ -187,6 +209,9 @@ def write_dataset(url: str, cfg: SynthConfig, samples: int, tokenizer: Tokenizer
         for i in range(samples):
             record, images = make_sample(cfg, i, tokenizer)
             for name, img in zip(record["image"], images):
+                if name in written:  # a pool image another sample has written
+                    continue
+                written.add(name)
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
                 pending[posixpath.join(root, name)] = buf.getvalue()
