@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # requirement would otherwise pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: test chromium lint faults demo experiment down ring-demo install bench clean
+.PHONY: test chromium lint faults demo experiment down ring-demo install bench gpu-bench clean
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ ring-demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/ring_cpu.py
+
+# Every GPU figure in one run (~8 minutes on one H100/H200; `make test` runs its --smoke
+# mode on CPU). On a GPU machine without the venv: python benchmarks/gpu_all.py --out gpu_all.json
+gpu-bench: $(STAMP)
+	$(VPY) benchmarks/gpu_all.py --out gpu_all.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

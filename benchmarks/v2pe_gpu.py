@@ -72,6 +72,114 @@ def fit_line(xs, ys):
     return my - b * mx, b
 
 
+def _peak_bytes(device: torch.device, fn) -> int:
+    """Peak tensor bytes while fn runs: CUDA's allocator statistics, or live CPU tensors."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from workloads.memory import TensorMemoryPeak
+
+    mode = TensorMemoryPeak("cpu")
+    with mode:
+        fn()
+    return mode.peak  # counts what fn allocates (the model's weights were made before it)
+
+
+def _batch(S: int, model: V2PEModel, device: torch.device, dtype: torch.dtype, every: int):
+    tok = ByteTokenizer()
+    sample = synthetic_sample(S, tok, model.cfg.tokens_per_tile, model.cfg.vision.image_size, every)
+    batch = pack([sample], tokenizer=tok, tokens_per_tile=model.cfg.tokens_per_tile, multiple=2, mode="v2pe_rnd",
+                 generator=torch.Generator().manual_seed(0))
+    for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight", "cu_seqlens"):
+        setattr(batch, name, getattr(batch, name).to(device))
+    batch.pixels = batch.pixels.to(device, dtype)
+    return batch
+
+
+def capacity(report: dict, *, size: str, lengths: list[int], device: torch.device, every: int = 4096) -> None:
+    """Training and forward-only steps at growing lengths until both run out of memory;
+    rows in report["train"] / report["eval"], and the linear memory models."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = V2PEModel(model_config(size)).to(device, dtype)
+    cfg = TrainStepConfig(loss_chunk_tokens=4096, activation_checkpointing=True)
+    parallelize(model, cfg)
+    engine = build_engine(model, TrainingConfig(lr=1e-5, sharding="none"))
+    report.update(size=size, params=sum(p.numel() for p in model.parameters()))
+    report.setdefault("train", [])
+    report.setdefault("eval", [])
+    for S in lengths:
+        batch = _batch(S, model, device, dtype, every)
+        # The planner's figure for the same step (one GPU, no sharding, 64 answer tokens).
+        shape = RunShape(seq_len=batch.input_ids.shape[1], tiles=batch.num_tiles, sharding="none",
+                         bf16=dtype == torch.bfloat16, loss_chunk_tokens=cfg.loss_chunk_tokens,
+                         supervised_fraction=64 / S)
+        row = {"S": S, "predicted_gib": estimate_memory(model.cfg, shape)["total"] / 2**30}
+        try:
+            train_step(engine, batch, cfg=cfg)  # warm-up (and optimizer state allocation)
+            t0 = time.perf_counter()
+            peak = _peak_bytes(device, lambda b=batch: train_step(engine, b, cfg=cfg))
+            dt = time.perf_counter() - t0
+            f = model_flops_per_token(model, S, batch.num_tiles) * S
+            row.update(step_s=dt, tokens_per_s=S / dt, mfu=f / dt / 1e12 / PEAK_TFLOPS, peak_gib=peak / 2**30)
+            row["plan_error"] = (row["predicted_gib"] - row["peak_gib"]) / row["peak_gib"]
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+        report["train"].append(row)
+        print("train", row, flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        erow = forward_peak(model, batch, shape, device)
+        report["eval"].append(erow)
+        print("eval", erow, flush=True)
+        if row.get("oom") and erow.get("oom"):
+            break
+    report.update(memory_models(report["train"], report["eval"]))
+
+
+def forward_peak(model: V2PEModel, batch, shape: RunShape, device: torch.device) -> dict:
+    """Forward-only (evaluation) peak memory of one batch, with the planner's figure."""
+    eshape = RunShape(**{**shape.__dict__, "training": False})
+    erow = {"S": shape.seq_len, "predicted_gib": estimate_memory(model.cfg, eshape)["total"] / 2**30}
+
+    def run():
+        with torch.no_grad():
+            visual = model.encode_images(batch.pixels)
+            model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index,
+                                 AttentionSpec(cu_seqlens=batch.cu_seqlens))
+
+    try:
+        t0 = time.perf_counter()
+        erow["peak_gib"] = _peak_bytes(device, run) / 2**30
+        erow["forward_s"] = time.perf_counter() - t0
+        erow["plan_error"] = (erow["predicted_gib"] - erow["peak_gib"]) / erow["peak_gib"]
+    except torch.OutOfMemoryError:
+        erow["oom"] = True
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return erow
+
+
+def memory_models(train: list[dict], evals: list[dict]) -> dict:
+    """Least-squares lines of peak memory against length, and what they give at 256K / 1M."""
+    out = {}
+    fits = [r for r in train if "peak_gib" in r]
+    efits = [r for r in evals if "peak_gib" in r]
+    if len(fits) >= 2:
+        a, b = fit_line([r["S"] for r in fits], [r["peak_gib"] for r in fits])
+        out["train_memory_model"] = {"fixed_gib": a, "gib_per_token": b, "256k_on_8_gpus_gib": a + b * 262144 / 8,
+                                     "longest_trained": max(r["S"] for r in fits)}
+    if len(efits) >= 2:
+        a, b = fit_line([r["S"] for r in efits], [r["peak_gib"] for r in efits])
+        out["eval_memory_model"] = {"fixed_gib": a, "gib_per_token": b,
+                                    **{f"1m_on_{w}_gpus_gib": a + b * 2**20 / w for w in (1, 4, 8, 16, 32)},
+                                    "longest_evaluated": max(r["S"] for r in efits)}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="internvl2-2b")
@@ -79,74 +187,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    dev = torch.device("cuda")
-    tok = ByteTokenizer()
-    torch.manual_seed(0)
-    model = V2PEModel(model_config(args.size)).to(dev, torch.bfloat16)
-    cfg = TrainStepConfig(loss_chunk_tokens=4096, activation_checkpointing=True)
-    parallelize(model, cfg)
-    engine = build_engine(model, TrainingConfig(lr=1e-5, sharding="none"))
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
-              "params": sum(p.numel() for p in model.parameters()), "train": [], "eval": []}
-    print(report, flush=True)
-    for S in args.lengths:
-        sample = synthetic_sample(S, tok, model.cfg.tokens_per_tile, model.cfg.vision.image_size)
-        batch = pack([sample], tokenizer=tok, tokens_per_tile=model.cfg.tokens_per_tile, multiple=2, mode="v2pe_rnd",
-                     generator=torch.Generator().manual_seed(0))
-        for name in ("input_ids", "targets", "positions", "visual_index", "loss_weight", "cu_seqlens"):
-            setattr(batch, name, getattr(batch, name).to(dev))
-        batch.pixels = batch.pixels.to(dev, torch.bfloat16)
-        # The planner's figure for the same step (one GPU, no sharding, 64 answer tokens).
-        shape = RunShape(seq_len=batch.input_ids.shape[1], tiles=batch.num_tiles, sharding="none", bf16=True,
-                         loss_chunk_tokens=cfg.loss_chunk_tokens, supervised_fraction=64 / S)
-        row = {"S": S, "predicted_gib": estimate_memory(model.cfg, shape)["total"] / 2**30}
-        try:
-            train_step(engine, batch, cfg=cfg)  # warm-up (and optimizer state allocation)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            train_step(engine, batch, cfg=cfg)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            f = model_flops_per_token(model, S, batch.num_tiles) * S
-            row.update(step_s=dt, tokens_per_s=S / dt, mfu=f / dt / 1e12 / PEAK_TFLOPS,
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-            row["plan_error"] = (row["predicted_gib"] - row["peak_gib"]) / row["peak_gib"]
-        except torch.OutOfMemoryError:
-            row["oom"] = True
-        report["train"].append(row)
-        print("train", row, flush=True)
-        torch.cuda.empty_cache()
-        eshape = RunShape(**{**shape.__dict__, "training": False})
-        erow = {"S": S, "predicted_gib": estimate_memory(model.cfg, eshape)["total"] / 2**30}
-        try:
-            torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
-                visual = model.encode_images(batch.pixels)
-                model.forward_hidden(batch.input_ids, batch.positions, visual, batch.visual_index,
-                                     AttentionSpec(cu_seqlens=batch.cu_seqlens))
-            torch.cuda.synchronize()
-            erow["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            erow["plan_error"] = (erow["predicted_gib"] - erow["peak_gib"]) / erow["peak_gib"]
-        except torch.OutOfMemoryError:
-            erow["oom"] = True
-        report["eval"].append(erow)
-        print("eval", erow, flush=True)
-        torch.cuda.empty_cache()
-        if row.get("oom") and erow.get("oom"):
-            break
-    fits = [r for r in report["train"] if "peak_gib" in r]
-    efits = [r for r in report["eval"] if "peak_gib" in r]
-    if len(fits) >= 2:
-        a, b = fit_line([r["S"] for r in fits], [r["peak_gib"] for r in fits])
-        report["train_memory_model"] = {"fixed_gib": a, "gib_per_token": b,
-                                        "256k_on_8_gpus_gib": a + b * 262144 / 8,
-                                        "longest_trained": max(r["S"] for r in fits)}
-    if len(efits) >= 2:
-        a, b = fit_line([r["S"] for r in efits], [r["peak_gib"] for r in efits])
-        report["eval_memory_model"] = {"fixed_gib": a, "gib_per_token": b,
-                                       "1m_on_16_gpus_gib": a + b * 2**20 / 16, "1m_on_32_gpus_gib": a + b * 2**20 / 32,
-                                       "longest_evaluated": max(r["S"] for r in efits)}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    capacity(report, size=args.size, lengths=args.lengths, device=torch.device("cuda"))
     print(json.dumps({k: v for k, v in report.items() if k.endswith("model")}, indent=1))
     if args.out:
         with open(args.out, "w") as f:
