@@ -40,7 +40,7 @@ faults: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m orchestrator.demo
 
-# V2PE against plain positions, trained and evaluated (about 20 minutes on 2 cores);
+# V2PE against plain positions, trained and evaluated (about 16 minutes on 2 cores);
 # writes docs/length-generalisation.{png,md}.
 experiment: $(STAMP)
 	$(VPY) -m orchestrator.demo experiment
