@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: process memory on Linux."""
+"""Shared helpers for the benchmark scripts: process memory on Linux, tensor memory peaks."""
 
 from __future__ import annotations
 
@@ -16,3 +16,24 @@ def reset_peak() -> None:
     """Sets the peak-RSS mark (VmHWM) back to the current RSS (Linux >= 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def peak_tensor_bytes(device, fn, tracked=()) -> int:
+    """Peak tensor bytes while fn runs: CUDA's allocator statistics, or on CPU the live
+    tensors (`workloads.memory.TensorMemoryPeak`) counting `tracked`, made before, too."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from workloads.memory import TensorMemoryPeak
+
+    mode = TensorMemoryPeak("cpu")
+    with mode:
+        mode.track(tracked)
+        mode.reset_peak()
+        fn()
+    return mode.peak

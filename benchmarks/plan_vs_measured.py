@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._measure import peak_tensor_bytes
 from parallelism.dims import ParallelDims
 from parallelism.local_world import LocalWorld
 from workloads.engine import TrainingConfig, build_engine
-from workloads.memory import TensorMemoryPeak, model_state_tensors
+from workloads.memory import model_state_tensors
 from workloads.v2pe.data import DataConfig, load_samples, make_batch, shard_batch
 from workloads.v2pe.model import V2PEModel, model_config
 from workloads.v2pe.plan import RunShape, estimate_memory
@@ -43,22 +44,6 @@ def _model_cfg(size: str):
     return model_config("tiny", **SMALL) if size == "small" else model_config(size)
 
 
-def _peak(device, fn, tracked):
-    """Peak tensor bytes while fn runs: CUDA's allocator statistics, or the CPU tracker."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    mode = TensorMemoryPeak("cpu")
-    with mode:
-        mode.track(tracked)
-        mode.reset_peak()
-        fn()
-    return mode.peak
-
-
 def _eval_rank(size, sample, a2a, device, bf16):
     from workloads.v2pe.evaluate import score_sample
 
@@ -68,7 +53,7 @@ def _eval_rank(size, sample, a2a, device, bf16):
     groups = ParallelDims(world_size=W, cp=W, cp_a2a=a2a).build() if W > 1 else None
     kw = dict(tokenizer=ByteTokenizer(), mode="v2pe_fix", stride=64, chunk=CHUNK,
               cp_group=groups.cp_group if groups else None, hybrid=groups.hybrid if groups else None)
-    return _peak(device, lambda: score_sample(model, sample, **kw), list(model.parameters()))
+    return peak_tensor_bytes(device, lambda: score_sample(model, sample, **kw), list(model.parameters()))
 
 
 def _rank(size, batch, a2a, device, bf16):
@@ -90,7 +75,7 @@ def _rank(size, batch, a2a, device, bf16):
     train_step(engine, local, **kw)  # warm-up: gradients and optimizer states exist from here on
     tracked = list(model_state_tensors(engine.module, engine.optimizer))
     tracked += [t for t in vars(local).values() if isinstance(t, torch.Tensor)]
-    return _peak(device, lambda: train_step(engine, local, **kw), tracked)
+    return peak_tensor_bytes(device, lambda: train_step(engine, local, **kw), tracked)
 
 
 def main(argv=None):

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._measure import peak_tensor_bytes
 from workloads.engine import TrainingConfig, build_engine
 from workloads.v2pe.data import EncodedSample, pack
 from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config
@@ -72,22 +73,6 @@ def fit_line(xs, ys):
     return my - b * mx, b
 
 
-def _peak_bytes(device: torch.device, fn) -> int:
-    """Peak tensor bytes while fn runs: CUDA's allocator statistics, or live CPU tensors."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    from workloads.memory import TensorMemoryPeak
-
-    mode = TensorMemoryPeak("cpu")
-    with mode:
-        fn()
-    return mode.peak  # counts what fn allocates (the model's weights were made before it)
-
-
 def _batch(S: int, model: V2PEModel, device: torch.device, dtype: torch.dtype, every: int):
     tok = ByteTokenizer()
     sample = synthetic_sample(S, tok, model.cfg.tokens_per_tile, model.cfg.vision.image_size, every)
@@ -121,7 +106,7 @@ def capacity(report: dict, *, size: str, lengths: list[int], device: torch.devic
         try:
             train_step(engine, batch, cfg=cfg)  # warm-up (and optimizer state allocation)
             t0 = time.perf_counter()
-            peak = _peak_bytes(device, lambda b=batch: train_step(engine, b, cfg=cfg))
+            peak = peak_tensor_bytes(device, lambda b=batch: train_step(engine, b, cfg=cfg))
             dt = time.perf_counter() - t0
             f = model_flops_per_token(model, S, batch.num_tiles) * S
             row.update(step_s=dt, tokens_per_s=S / dt, mfu=f / dt / 1e12 / PEAK_TFLOPS, peak_gib=peak / 2**30)
@@ -153,7 +138,7 @@ def forward_peak(model: V2PEModel, batch, shape: RunShape, device: torch.device)
 
     try:
         t0 = time.perf_counter()
-        erow["peak_gib"] = _peak_bytes(device, run) / 2**30
+        erow["peak_gib"] = peak_tensor_bytes(device, run) / 2**30
         erow["forward_s"] = time.perf_counter() - t0
         erow["plan_error"] = (erow["predicted_gib"] - erow["peak_gib"]) / erow["peak_gib"]
     except torch.OutOfMemoryError:
