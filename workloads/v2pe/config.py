@@ -115,8 +115,9 @@ class EvaluationSection:
     cp: int | None = bounded(None, gt=0)
     # Pictures drawn from a pool of this many per (colour, marker) and shared by the
     # samples (unset: each its own file). The model never saw any of them (other seeds
-    # than training); the pool makes a set of 50,000 pictures ~1,000 files, written to
-    # and read from S3 once, where one request per picture costs minutes.
+    # than training); a length's set is then at most 16 x image_pool files, written to
+    # and read from S3 once, where one request per picture (25,600 at 100 samples of
+    # 256 images) costs minutes.
     image_pool: int | None = bounded(None, gt=0)
 
     def images_at(self, tokens: int) -> int:

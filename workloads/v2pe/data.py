@@ -374,11 +374,11 @@ def encode_sample(
     sample = sample or (str(record.get("id", "?")) if isinstance(record, dict) else "?")
     convs, paths = prepare_record(record, sample, base_dir)
     if files is not None:
-        files = files.fetch(paths)
+        read = files.fetch(paths)
     else:
-        files = fetch_files(paths) if len(paths) > 1 else {}  # a sample's images in one concurrent batch
+        read = fetch_files(paths) if len(paths) > 1 else {}  # a sample's images in one concurrent batch
     # open_image decodes the whole file, so a corrupt one fails there, naming it
-    tiles = [tile_image(open_image(p, sample=sample, data=files.get(p)), tile=cfg.tile, max_tiles=cfg.max_tiles,
+    tiles = [tile_image(open_image(p, sample=sample, data=read.get(p)), tile=cfg.tile, max_tiles=cfg.max_tiles,
                         thumbnail=cfg.thumbnail) for p in paths]
     input_ids, targets = encode_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, cfg=cfg, sample=sample)
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, cfg.tile, cfg.tile)

@@ -54,8 +54,9 @@ class SynthConfig:
     tokens_per_tile: int = 256
     seed: int = 0
     # Images drawn from a pool of this many per (colour, marker) and shared by the samples
-    # (None: every image its own). Each sample still draws its colours and marker; the
-    # pool makes a set of 50,000 pictures ~500 files, written and read from S3 once.
+    # (None: every image its own). Each sample still draws its colours and marker; a set
+    # then writes, and a reader fetches, at most 16 x image_pool files, however many
+    # pictures its samples show.
     image_pool: int | None = None
     # A short system turn in place of the chat template's default message, which under the
     # byte tokenizer costs ~200 tokens (UTF-8 Chinese) the task never reads.
