@@ -170,7 +170,7 @@ def cmd_train(args) -> int:
 
 # Errors of ours whose message is the whole story, in the order they are looked for.
 _OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ConfigError",
-               "TokenizerError")
+               "TokenizerError", "DivergenceError")
 
 
 def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> str:

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from workloads.engine import DivergenceError
 from workloads.spec import RunContext
 
 from . import log as logsetup
@@ -126,6 +127,7 @@ def train_loop(config: dict) -> None:
     saver = Checkpointer(store, rank=rank, world=world, group=group, engine=runner.engine,
                          keep=t.keep_checkpoints, layout=runner.layout(), upload_hook=before_checkpoint_upload)
     first, started, start_step = True, time.perf_counter(), state.step
+    nonfinite = NonFiniteSteps(t, deepspeed=runner.engine.ds is not None)
     try:
         while state.step < t.steps:
             probe = StepMemoryProbe(runner.engine, device) if first else None
@@ -158,6 +160,13 @@ def train_loop(config: dict) -> None:
                         tracker.call("set_tag", f"longview.memory_predicted_gib.{k}", f"{v / 2**30:.4f}")
             if s3_retries[0]:
                 metrics["storage_retries"] = float(s3_retries[0])  # this rank's, so far
+            stop = nonfinite.check(state.step + 1, loss, last.grad_norm, runner.engine.last_applied)
+            if nonfinite.total:
+                metrics["nonfinite_steps"] = float(nonfinite.total)
+            if stop is not None:  # before the step counts or any checkpoint holds it
+                tracker.log_metrics(metrics, step=state.step + 1)
+                tracker.drain(wait_s=END_WAIT_S)  # the bad step's figures reach MLflow before the run ends
+                raise stop
             state.step += 1
             state.losses.append([state.step, loss])
             tracker.log_metrics(metrics, step=state.step)
@@ -189,6 +198,37 @@ def train_loop(config: dict) -> None:
         if exported:
             tracker.call("set_tag", "longview.export", exported)
         tracker.log_artifact_bytes(loss_curve_png(state.losses, cfg.name), "plots/loss.png")
+
+
+class NonFiniteSteps:
+    """The training loop's watch on non-finite steps (`training.on_nonfinite`)."""
+
+    def __init__(self, t, *, deepspeed: bool):
+        self.policy, self.limit, self.deepspeed = t.on_nonfinite, t.max_nonfinite_steps, deepspeed
+        self.in_row = 0
+        self.total = 0
+
+    def check(self, step: int, loss: float, grad_norm: float | None, applied: bool) -> DivergenceError | None:
+        """None to go on; else the error that ends the run. Every rank sees the same global
+        loss and norm, so every rank decides alike."""
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            self.in_row = 0
+            return None
+        self.in_row += 1
+        self.total += 1
+        what = f"step {step}: loss {loss:.4g}, gradient norm {_or_nan(grad_norm):.4g}"
+        if applied and self.deepspeed:
+            return DivergenceError(f"{what}; DeepSpeed applied the update, so the run stops before any "
+                                   "checkpoint holds it: resume from the last one with a smaller training.lr")
+        if self.policy == "stop" or self.in_row >= self.limit:
+            why = ("training.on_nonfinite: stop" if self.policy == "stop"
+                   else f"{self.in_row} in a row, training.max_nonfinite_steps={self.limit}")
+            return DivergenceError(f"{what}; the update was not applied and the run stops ({why}); no checkpoint "
+                                   "holds a non-finite value: resume from the last one with a smaller "
+                                   "training.lr, or set training.on_nonfinite: skip")
+        log.warning("%s: the update was skipped (%d in a row, at most %d; training.on_nonfinite: skip)",
+                    what, self.in_row, self.limit)
+        return None
 
 
 def _or_nan(x: float | None) -> float:

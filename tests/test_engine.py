@@ -64,3 +64,45 @@ def test_checkpoint_restore_continues_exactly(gloo_world, tmp_path, sharding, ze
     # Same data, same restored weights and Adam moments: bit-identical in practice;
     # 1e-6 relative only allows for a different reduction order after a restore.
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_a_nonfinite_gradient_is_never_applied():
+    model = torch.nn.Linear(4, 2)
+    engine = build_engine(model, TrainingConfig(lr=1e-1, steps=10, sharding="none"))
+    x = torch.ones(3, 4)
+    engine.backward(model(x).sum())
+    assert engine.step() and engine.last_applied
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in engine.optimizer.state[model.weight].items()}
+    lr = engine.lr
+    engine.backward(model(x).sum() * float("nan"))
+    assert engine.step() and not engine.last_applied and engine.last_grad_norm != engine.last_grad_norm  # nan
+    for k, v in model.state_dict().items():  # weights, Adam's moments and the schedule as they were
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    for k, v in engine.optimizer.state[model.weight].items():
+        torch.testing.assert_close(v, moments[k], rtol=0, atol=0)
+    assert engine.lr == lr
+    engine.backward(model(x).sum())  # the next finite step applies, from clean gradients
+    assert engine.step() and engine.last_applied
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.weight, before["weight"])
+
+
+def test_the_loop_stops_or_skips_nonfinite_steps_as_configured():
+    from orchestrator.worker import NonFiniteSteps
+    from workloads.engine import DivergenceError
+
+    stop = NonFiniteSteps(TrainingConfig(), deepspeed=False)  # on_nonfinite: stop by default
+    assert stop.check(1, 0.5, 1.0, True) is None
+    err = stop.check(2, float("nan"), float("nan"), False)
+    assert isinstance(err, DivergenceError) and "step 2: loss nan, gradient norm nan" in str(err)
+    assert "training.on_nonfinite: stop" in str(err)
+    skip = NonFiniteSteps(TrainingConfig(on_nonfinite="skip", max_nonfinite_steps=3), deepspeed=False)
+    assert [skip.check(s, float("inf"), float("inf"), False) for s in (1, 2)] == [None, None]
+    assert skip.check(3, 0.4, 0.9, True) is None  # a finite step ends the row
+    assert [skip.check(s, 0.4, float("nan"), False) for s in (4, 5)] == [None, None]
+    err = skip.check(6, 0.4, float("nan"), False)
+    assert isinstance(err, DivergenceError) and "3 in a row, training.max_nonfinite_steps=3" in str(err)
+    assert skip.total == 5
+    ds = NonFiniteSteps(TrainingConfig(on_nonfinite="skip"), deepspeed=True)
+    assert "DeepSpeed applied the update" in str(ds.check(1, float("nan"), float("nan"), True))

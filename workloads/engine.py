@@ -68,6 +68,12 @@ class TrainingConfig:
     checkpoint_every: int = bounded(5, gt=0)
     keep_checkpoints: int = bounded(2, gt=0)
     max_failures: int = bounded(3, ge=0)  # worker failures Ray Train recovers from (resuming the last checkpoint)
+    # A step whose gradient norm (or loss) is not finite is never applied; "stop" ends the
+    # run on it, "skip" goes on unless max_nonfinite_steps of them come in a row. Either
+    # way no checkpoint holds its result. (DeepSpeed applies its update before the norm is
+    # known: with it the run always stops, before any checkpoint of that step.)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_steps: int = bounded(3, gt=0)
     seed: int = bounded(0, ge=0)
     # Used by workloads with a chunked loss and activation checkpointing (V2PE).
     loss_chunk_tokens: int = bounded(4096, gt=0)
@@ -85,6 +91,10 @@ class TrainingConfig:
             raise FieldError("global_batch", f"{self.global_batch} is not a multiple of the {samples_per_micro} "
                                              f"samples one micro-step takes on {workers} workers")
         return self.global_batch // samples_per_micro
+
+
+class DivergenceError(RuntimeError):
+    """A step's loss or gradient norm was not finite and the run cannot go on."""
 
 
 def lr_lambda(cfg: TrainingConfig):
@@ -125,6 +135,7 @@ class Engine:
         self._micro = 0
         self._weight = 0.0  # sum of the micro-steps' weights since the last optimizer step
         self.last_grad_norm = float("nan")
+        self.last_applied = True  # whether the last optimizer step changed the weights
 
     def set_grad_accum(self, n: int) -> None:
         """Micro-steps per optimizer step (an elastic run derives it from its data-parallel degree)."""
@@ -155,6 +166,7 @@ class Engine:
         if self.ds is not None:
             boundary = self.ds.is_gradient_accumulation_boundary()
             self.ds.step()
+            self.last_applied = True  # DeepSpeed steps on whatever the norm is
             if boundary:
                 norm = self.ds.get_global_grad_norm()
                 self.last_grad_norm = float(norm) if norm is not None else float("nan")
@@ -187,8 +199,13 @@ class Engine:
             if hasattr(norm, "full_tensor"):  # FSDP: a DTensor over the shards
                 norm = norm.full_tensor()
         self.last_grad_norm = float(norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        # The norm is global (summed gradients, or reduced over the shards), so every rank
+        # takes the same branch. A non-finite one would write NaN into every weight and
+        # into Adam's moments for good: the update is dropped, the schedule holds.
+        self.last_applied = math.isfinite(self.last_grad_norm)
+        if self.last_applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 

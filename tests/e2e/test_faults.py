@@ -5,6 +5,7 @@ Every job is the CPU V2PE demo, shortened: 6 steps, checkpoints every 2 (two kep
 float32 on one thread per worker, so a resumed run recomputes exactly the same losses.
 """
 
+import math
 import os
 import signal
 import subprocess
@@ -101,6 +102,34 @@ def test_s3_outage_beyond_the_retries_fails_clearly_and_keeps_the_previous_check
     assert back_to in (2, 4)  # step 4 only if every rank's upload had completed
     record("S3 down 6 s (past storage.retries) during an upload", injected=1, survived=0, steps_lost=4 - back_to,
            data_lost=0, note="the run stops with an error naming the storage; resubmitted, it resumes")
+
+
+def test_divergence_stops_the_run_before_any_checkpoint_holds_it(services, record):
+    fs = services
+    name = unique("nan")
+    # lr 1e6: step 1's update is huge but finite, step 2's loss and gradient are not.
+    # max_failures=0: a restart would meet the same step again (retrying errors that
+    # cannot succeed is a separate matter).
+    out = train(fs, name, "--set", "training.lr=1e6", "--set", "training.checkpoint_every=1",
+                "--set", "training.max_failures=0", check=False)
+    assert out.returncode != 0
+    mine = [ln for ln in out.stderr.splitlines() if ln.startswith(f"error: training {name} failed: ")]
+    assert len(mine) == 1 and "DivergenceError: step " in mine[0], out.stderr[-3000:]
+    assert "the update was not applied" in mine[0] and "training.on_nonfinite: stop" in mine[0]
+    bad = int(mine[0].split("DivergenceError: step ")[1].split(":")[0])
+    got, run = history(fs, name)
+    assert run.info.status == "FAILED" and "DivergenceError" in run.data.tags["longview.failure"]
+    # MLflow shows the step that went wrong; every step before it was finite.
+    assert [s for s, _ in got] == list(range(1, bad + 1))
+    assert all(math.isfinite(v) for _, v in got[:-1]) and not math.isfinite(got[-1][1])
+    # Checkpoints stop before the bad step (none was written from it), and they are whole.
+    store = CheckpointStore(s3fs_direct(fs), f"lve2e/runs/{name}", f"s3://lve2e/runs/{name}")
+    names = store.names()
+    assert names and all(int(n.rsplit("-", 1)[1]) < bad for n in names)
+    for n in names:
+        store.verify(n)
+    record("loss diverges (training.lr=1e6)", injected=1, survived=0, steps_lost=0, data_lost=0,
+           note=f"stops at step {bad} with one line; its update never applied, no checkpoint holds it")
 
 
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(services, reference, record):
