@@ -127,7 +127,7 @@ def train_loop(config: dict) -> None:
     saver = Checkpointer(store, rank=rank, world=world, group=group, engine=runner.engine,
                          keep=t.keep_checkpoints, layout=runner.layout(), upload_hook=before_checkpoint_upload)
     first, started, start_step = True, time.perf_counter(), state.step
-    nonfinite = NonFiniteSteps(t, deepspeed=runner.engine.ds is not None)
+    nonfinite = NonFiniteSteps(t)
     try:
         while state.step < t.steps:
             probe = StepMemoryProbe(runner.engine, device) if first else None
@@ -203,8 +203,8 @@ def train_loop(config: dict) -> None:
 class NonFiniteSteps:
     """The training loop's watch on non-finite steps (`training.on_nonfinite`)."""
 
-    def __init__(self, t, *, deepspeed: bool):
-        self.policy, self.limit, self.deepspeed = t.on_nonfinite, t.max_nonfinite_steps, deepspeed
+    def __init__(self, t):
+        self.policy, self.limit = t.on_nonfinite, t.max_nonfinite_steps
         self.in_row = 0
         self.total = 0
 
@@ -217,9 +217,9 @@ class NonFiniteSteps:
         self.in_row += 1
         self.total += 1
         what = f"step {step}: loss {loss:.4g}, gradient norm {_or_nan(grad_norm):.4g}"
-        if applied and self.deepspeed:
-            return DivergenceError(f"{what}; DeepSpeed applied the update, so the run stops before any "
-                                   "checkpoint holds it: resume from the last one with a smaller training.lr")
+        if applied:  # DeepSpeed steps before the norm is known (or the loss alone was not finite)
+            return DivergenceError(f"{what}; the update was applied, so the run stops before any checkpoint "
+                                   "holds it: resume from the last one with a smaller training.lr")
         if self.policy == "stop" or self.in_row >= self.limit:
             why = ("training.on_nonfinite: stop" if self.policy == "stop"
                    else f"{self.in_row} in a row, training.max_nonfinite_steps={self.limit}")

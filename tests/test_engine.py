@@ -92,17 +92,18 @@ def test_the_loop_stops_or_skips_nonfinite_steps_as_configured():
     from orchestrator.worker import NonFiniteSteps
     from workloads.engine import DivergenceError
 
-    stop = NonFiniteSteps(TrainingConfig(), deepspeed=False)  # on_nonfinite: stop by default
+    stop = NonFiniteSteps(TrainingConfig())  # on_nonfinite: stop by default
     assert stop.check(1, 0.5, 1.0, True) is None
     err = stop.check(2, float("nan"), float("nan"), False)
     assert isinstance(err, DivergenceError) and "step 2: loss nan, gradient norm nan" in str(err)
     assert "training.on_nonfinite: stop" in str(err)
-    skip = NonFiniteSteps(TrainingConfig(on_nonfinite="skip", max_nonfinite_steps=3), deepspeed=False)
+    skip = NonFiniteSteps(TrainingConfig(on_nonfinite="skip", max_nonfinite_steps=3))
     assert [skip.check(s, float("inf"), float("inf"), False) for s in (1, 2)] == [None, None]
     assert skip.check(3, 0.4, 0.9, True) is None  # a finite step ends the row
     assert [skip.check(s, 0.4, float("nan"), False) for s in (4, 5)] == [None, None]
     err = skip.check(6, 0.4, float("nan"), False)
     assert isinstance(err, DivergenceError) and "3 in a row, training.max_nonfinite_steps=3" in str(err)
     assert skip.total == 5
-    ds = NonFiniteSteps(TrainingConfig(on_nonfinite="skip"), deepspeed=True)
-    assert "DeepSpeed applied the update" in str(ds.check(1, float("nan"), float("nan"), True))
+    # An update that was applied (DeepSpeed's) stops the run even under skip.
+    ds = NonFiniteSteps(TrainingConfig(on_nonfinite="skip"))
+    assert "the update was applied, so the run stops" in str(ds.check(1, float("nan"), float("nan"), True))
