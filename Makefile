@@ -54,7 +54,7 @@ ring-demo: $(STAMP)
 bench: $(STAMP)
 	$(VPY) benchmarks/ring_cpu.py
 
-# Every GPU figure in one run (~8 minutes on one H100/H200; `make test` runs its --smoke
+# Every GPU figure in one run (at most 8 minutes on one H100/H200, never yet run on one; `make test` runs its --smoke
 # mode on CPU). On a GPU machine without the venv: python benchmarks/gpu_all.py --out gpu_all.json
 gpu-bench: $(STAMP)
 	$(VPY) benchmarks/gpu_all.py --out gpu_all.json

@@ -37,3 +37,11 @@ def peak_tensor_bytes(device, fn, tracked=()) -> int:
         mode.reset_peak()
         fn()
     return mode.peak
+
+
+def empty_cache(device) -> None:
+    """Returns the CUDA allocator's cached blocks between cases (nothing to do on CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

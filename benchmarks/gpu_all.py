@@ -1,6 +1,6 @@
 """Every GPU figure longview reports, from one command.
 
-    python benchmarks/gpu_all.py --out gpu_all.json   # one H100/H200: ~8 minutes
+    python benchmarks/gpu_all.py --out gpu_all.json   # one H100/H200: at most 8 minutes (its parts' budgets)
     python benchmarks/gpu_all.py --smoke              # CPU, tiny sizes, seconds (`make test` runs it)
 
 Parts, in order, each in a child process with its own time budget, so a part that hangs
@@ -180,6 +180,7 @@ def _every(smoke: bool) -> int:
 
 
 def part_eval_1m(out: dict, sizes: Sizes, smoke: bool) -> None:
+    from benchmarks._measure import empty_cache
     from benchmarks.v2pe_gpu import _batch, forward_peak, memory_models
     from workloads.v2pe.model import V2PEModel, model_config
     from workloads.v2pe.plan import RunShape
@@ -204,8 +205,7 @@ def part_eval_1m(out: dict, sizes: Sizes, smoke: bool) -> None:
         if fitted and max(lengths) < 2**20:
             out["extrapolated"].append({"size": size, **fitted})
         del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device)
 
 
 PARTS = {"kernels": part_kernels, "ring": part_ring, "capacity": part_capacity, "eval_1m": part_eval_1m}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._measure import empty_cache
 from parallelism.attention_kernels import KERNELS, resolve_kernel, supported_kernels
 from parallelism.ring_attention import plan_step, simulated_ring_attention
 from parallelism.sharding import zigzag_shard, zigzag_unshard
@@ -67,11 +68,6 @@ def timed(fn, reps=3, warmup=1, device="cuda"):
 def rnd(S, h, dtype=torch.bfloat16, seed=0, device="cuda"):
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(1, S, h, D, device=device, dtype=dtype, generator=g)
-
-
-def _empty_cache(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def check_kernels(report, device="cuda", dtype=torch.bfloat16, S=512):
@@ -143,7 +139,7 @@ def single_call(report, kernel, S, device="cuda", dtype=torch.bfloat16):
     report["single"].append(row)
     print("single", row, flush=True)
     del q, k, v, do, state
-    _empty_cache(device)
+    empty_cache(device)
     return row
 
 
@@ -151,8 +147,9 @@ def peer_forward(q, kv_by_rank, rank, *, kernel, causal=True):
     """The same rank's ring schedule with the plain per-block merge of ring-flash-attn:
     each block's (o_b, lse_b) is folded in as soon as it is computed,
         out <- out - sigmoid(lse_b - lse) * (out - o_b),  lse <- lse - logsigmoid(lse - lse_b)
-    (its `update_out_and_lse`), one pass over the rows' output per block, where longview
-    batches a step's blocks into one merge. Forward only; out in float32."""
+    (its `update_out_and_lse`): several element-wise passes over the rows' output per
+    block, where longview merges pending blocks in one multi-way pass
+    (`ring_attention._Merger`). Forward only; out in float32."""
     W = len(kv_by_rank)
     blk = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
     scale = q.shape[-1] ** -0.5
@@ -215,7 +212,7 @@ def simulated(report, kernel, S, W, ceiling, device="cuda", dtype=torch.bfloat16
     report["simulated"].append(row)
     print("simulated", row, flush=True)
     del q, kv, do
-    _empty_cache(device)
+    empty_cache(device)
 
 
 def main(argv=None):

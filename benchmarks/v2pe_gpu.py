@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._measure import peak_tensor_bytes
+from benchmarks._measure import empty_cache, peak_tensor_bytes
 from workloads.engine import TrainingConfig, build_engine
 from workloads.v2pe.data import EncodedSample, pack
 from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config
@@ -115,8 +115,7 @@ def capacity(report: dict, *, size: str, lengths: list[int], device: torch.devic
             row["oom"] = True
         report["train"].append(row)
         print("train", row, flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device)
         erow = forward_peak(model, batch, shape, device)
         report["eval"].append(erow)
         print("eval", erow, flush=True)
@@ -143,8 +142,7 @@ def forward_peak(model: V2PEModel, batch, shape: RunShape, device: torch.device)
         erow["plan_error"] = (erow["predicted_gib"] - erow["peak_gib"]) / erow["peak_gib"]
     except torch.OutOfMemoryError:
         erow["oom"] = True
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    empty_cache(device)
     return erow
 
 
