@@ -8,8 +8,9 @@ Layout in storage (`<storage.uri>/<name>/`):
       deepspeed/...            instead of state/ with DeepSpeed: every rank's ZeRO shard
       rng-rank<r>.pt           rank r's torch and Python RNG states
       manifest.json            written last: the run's progress (TrainState), the schedule,
-                               the writers' layout, and the size and SHA-256 of every file
-                               and of every tensor's bytes. No manifest: incomplete.
+                               the writers' layout and job config, and the size and SHA-256
+                               of every file and of every tensor's bytes. No manifest:
+                               incomplete.
     export/                    the trained model in the workload's published format
     data/                      data written by `prepare_data`
 
@@ -251,9 +252,10 @@ class Checkpointer:
     Collective: every rank calls `save` for the same steps, and `wait` at the same points."""
 
     def __init__(self, store: CheckpointStore, *, rank: int, world: int, group, engine, keep: int,
-                 layout: dict, upload_hook=None):
+                 layout: dict, upload_hook=None, job: dict | None = None):
         self.store, self.rank, self.world, self.group, self.engine = store, rank, world, group, engine
         self.keep, self.layout = keep, layout  # layout: the writers' parallel degrees, for the manifest
+        self.job = job  # the job config that writes it, for the manifest (`orchestrator.resume`)
         self.upload_hook = upload_hook  # (step, rank) -> None, the fault suite's
         self._thread: threading.Thread | None = None
         self._error: str | None = None
@@ -271,7 +273,7 @@ class Checkpointer:
         else:
             tensors = _staged(self.engine.state_tensors())
         torch.save(_rng_state(), local / f"rng-rank{self.rank}.pt")
-        record = {"state": asdict(state), "scheduler": self.engine.scheduler.state_dict()}
+        record = {"state": asdict(state), "scheduler": self.engine.scheduler.state_dict(), "job": self.job}
         blocked_s = time.perf_counter() - t0
         self._thread = threading.Thread(target=self._write, args=(name, local, tensors, record, state.step, t0, blocked_s),
                                         name=f"checkpoint-{name}", daemon=True)
@@ -429,6 +431,17 @@ class CheckpointStore:
                 continue
         return None
 
+    def drop_incomplete(self) -> list[str]:
+        """Removes the checkpoints that have no manifest (a save cut short by a stop or a
+        crash), so no restore has to pass over them. Only while no worker of the run
+        writes: the driver calls it under the run's lease, before the workers start."""
+        dropped = []
+        for name in self.names():
+            if not self.fs.exists(posixpath.join(self.root, name, MANIFEST)):
+                self.fs.rm(posixpath.join(self.root, name), recursive=True)
+                dropped.append(name)
+        return dropped
+
     def rotate(self, keep: int) -> None:
         """Keeps the newest `keep` complete checkpoints, and anything newer than those."""
         complete = 0
@@ -497,6 +510,7 @@ class CheckpointStore:
                     os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
                     Path(tmp, rel).write_bytes(self._fetch(name, manifest, rel))
             engine.ds.load_checkpoint(os.path.join(tmp, "deepspeed"), tag="state")
+        engine.follow_schedule()
 
     def restore_latest(self, *, rank: int, world: int, engine, group):
         """Restores the newest checkpoint that verifies, going back past any that do not

@@ -110,7 +110,12 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    stopped = _services().down()
+    from .services import ServiceError
+
+    try:
+        stopped = _services().down()
+    except ServiceError as e:
+        raise SystemExit(f"down: {e}") from None
     log.info("stopped: %s", ", ".join(stopped) or "nothing was running")
     return 0
 
@@ -145,17 +150,25 @@ def _check_cluster(cfg, args) -> None:
 
 
 def cmd_train(args) -> int:
-    from .launch import run_training
+    from .launch import RunStopped, run_training, stop_on_sigterm, stop_signal
     from .ray_job import submitted_job_id
     from .storage import run_uri
 
     cfg = load_job(args)
+    stop_on_sigterm()
     _check_cluster(cfg, args)
     log.info("training %s: %s workers (%s), %d steps; checkpoints %s", cfg.name, cfg.resources.workers,
              cfg.spec.layout(cfg), cfg.training.steps, run_uri(cfg))
     tags = {"longview.ray_job_id": submitted_job_id() or ""}
     try:
         _, run_id, final = run_training(cfg, ray_address=_ray_address(args), tags=tags)
+    except RunStopped as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:  # before the workers started: nothing to resume from but what was there
+        print(f"stopped: training {cfg.name} stopped ({stop_signal()}) before its workers started",
+              file=sys.stderr, flush=True)
+        return 130
     except Exception as e:  # noqa: BLE001 - Ray wraps the workers' errors; say the cause last
         print(f"error: training {cfg.name} failed: {failure_reason(e, storage_retries=cfg.storage.retries)}",
               file=sys.stderr, flush=True)
@@ -169,8 +182,8 @@ def cmd_train(args) -> int:
 
 
 # Errors of ours whose message is the whole story, in the order they are looked for.
-_OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ConfigError",
-               "TokenizerError", "DivergenceError")
+_OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ResumeRefused",
+               "RunBusy", "ConfigError", "TokenizerError", "DivergenceError")
 
 
 def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> str:

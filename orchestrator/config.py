@@ -23,10 +23,10 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from workloads.engine import TrainingConfig
-from workloads.spec import FieldError, WorkloadSpec, bound_error, bounded
+from workloads.spec import APPLY, NEW_RUN, FieldError, WorkloadSpec, bound_error, bounded
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,9 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True, frozen=True)
 class ParallelismSection:
+    # cp itself may change on resume; a change of the data-parallel degree it brings is
+    # checked with the worker count (`orchestrator.resume`).
+    RESUME: ClassVar[dict[str, str]] = dict.fromkeys(("cp", "cp_a2a", "timeout_s"), APPLY)
     cp: int = bounded(1, gt=0)  # context-parallel degree; dp = workers / cp
     # All-to-all degree inside the context-parallel group (hybrid context parallelism):
     # heads are exchanged all-to-all among cp_a2a adjacent ranks (one node), the ring runs
@@ -50,6 +53,8 @@ class ParallelismSection:
 
 @dataclass(kw_only=True, frozen=True)
 class StorageSection:
+    # The uri is where the run is (another uri is another run); the endpoint may move.
+    RESUME: ClassVar[dict[str, str]] = {"uri": NEW_RUN, "endpoint_url": APPLY, "retries": APPLY}
     uri: str = ""  # s3://bucket/prefix (or a local folder for one-machine runs)
     endpoint_url: str | None = None  # S3-compatible endpoint; None = AWS
     # Attempts per S3 request when the endpoint cannot be reached, waiting 0.1 s x 1.7^i
@@ -67,6 +72,9 @@ class StorageSection:
 
 @dataclass(kw_only=True, frozen=True)
 class TrackingSection:
+    # The server may move (its address changes with `longview up`); the run stays in the
+    # experiment it was created in.
+    RESUME: ClassVar[dict[str, str]] = {"uri": APPLY, "experiment": NEW_RUN}
     uri: str | None = None  # MLflow tracking server; None = no tracking
     experiment: str | None = None  # default: longview-<workload>
 
@@ -76,6 +84,9 @@ MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to i
 
 @dataclass(kw_only=True, frozen=True)
 class ResourcesSection:
+    # Checkpoints reshard to any worker count (DeepSpeed's excepted: `orchestrator.resume`).
+    RESUME: ClassVar[dict[str, str]] = dict.fromkeys(("workers", "resize_interval_s", "gpus_per_worker",
+                                                      "cpus_per_worker", "custom"), APPLY)
     # A count, or [min, max] for an elastic run: Ray Train starts with what the cluster
     # holds (at least min) and grows or shrinks the group as nodes come and go.
     workers: int | list[int] = bounded(1, gt=0, le=MAX_WORKERS)

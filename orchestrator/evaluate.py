@@ -73,6 +73,10 @@ class EvalRun:
         try:
             self.client = mlflow_client(cfg.tracking.uri)
             exp_id, parent = find_run(self.client, cfg.experiment, cfg.name)
+            from .identity import read_run_record
+
+            record = read_run_record(cfg)  # the run this storage's model was trained in, if it names one
+            parent = record["mlflow_run_id"] if record else parent
             # Not tagged with RUN_NAME_TAG: that tag finds a job's own (training) run.
             tags = {**run_tags(cfg, kind="evaluation"), "longview.evaluates": cfg.name, "longview.model": model,
                     "mlflow.note.content": f"Evaluation of {model} ({cfg.workload}, run {cfg.name})."}

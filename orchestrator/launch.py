@@ -1,14 +1,19 @@
 """The driver side of a training job: data, the MLflow run, the Ray Train fit.
 
-`run_training` asks the workload to prepare its data (written to the run's storage
-once), finds or creates the job's MLflow run (the one source of its id, handed to the
-workers), and fits a TorchTrainer (`ray_job.build_trainer`) running
-`worker.train_loop`, with `FailureConfig` so a failed worker group restarts from the
-last checkpoint (the workers write and rotate checkpoints themselves, `Checkpointer`).
+`run_training` takes the run's lease (one writer per run, `identity.RunLease`), checks
+what a resume would change against its newest checkpoint (`resume.check`: refused
+before anything starts if the run cannot take it), asks the workload to prepare its
+data (written to the run's storage once), finds the run's MLflow run (named in its
+storage, `identity`) or creates it, and fits a TorchTrainer (`ray_job.build_trainer`)
+running `worker.train_loop`. A failed worker group is started again from the last
+checkpoint up to `training.max_failures` times, unless its error is one a restart
+would meet again (`retriable`); the workers write and rotate checkpoints themselves
+(`Checkpointer`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from .config import JobConfig, to_dict
@@ -25,38 +30,175 @@ def prepare_data(cfg: JobConfig) -> None:
     cfg.spec.prepare_data(cfg, run_uri(cfg))
 
 
-def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict | None = None):
-    """Fits the job on the Ray cluster at `ray_address` ("local": in-process).
-    Returns (Ray's Result, the MLflow run id or None, the last complete checkpoint's URI)."""
-    from .tracking import Tracker, job_run, log_dataset
+# Failures a restart would meet again: the run ends on the first (by class name, as the
+# workers' errors reach the driver as copies inside Ray's own errors).
+NOT_RETRIED = ("ConfigError", "DataError", "TokenizerError", "CheckpointMismatch", "DivergenceError",
+               "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
+
+def _errors(e: BaseException):
+    """`e`, its causes, and the worker and controller errors inside Ray Train's."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__, getattr(x, "_base_exc", None), getattr(x, "controller_failure", None),
+                 *getattr(x, "worker_failures", {}).values()]
+
+
+def retriable(e: BaseException) -> bool:
+    """Whether restarting the worker group could get past `e`: not for our errors that
+    name a bad input, a missing file, a full disk or a diverged run."""
+    for x in _errors(e):
+        if any(c.__name__ in NOT_RETRIED for c in type(x).__mro__):
+            return False
+        if (isinstance(x, OSError) and x.errno in NO_SPACE) or "No space left on device" in str(x):
+            return False
+    return True
+
+
+class RunStopped(Exception):
+    """The run was stopped (Ctrl-C, SIGTERM, `longview stop`); the message says where it
+    resumes from."""
+
+
+_STOP_SIGNAL = ["SIGINT (Ctrl-C)"]
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`longview stop`, a scheduler, `kill`) stops a run as Ctrl-C does: Ray
+    Train's SIGINT handler aborts the worker group while the driver waits in `fit`."""
+    import signal
+
+    def forward(signum, frame):
+        _STOP_SIGNAL[0] = "SIGTERM"
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+def stop_signal() -> str:
+    """The signal that stopped the run, as the user sent it."""
+    return _STOP_SIGNAL[0]
+
+
+def check_resume(cfg: JobConfig, store) -> tuple[str | None, list]:
+    """(the checkpoint a start resumes from or None, the config changes it applies);
+    raises ResumeRefused for changes the run cannot take, before anything starts."""
+    from .resume import check
+
+    name = store.latest_complete()
+    if name is None:
+        return None, []
+    manifest = store.manifest(name)
+    if manifest.get("job") is None:  # written before checkpoints recorded their config
+        log.warning("checkpoint %s does not record its config: the resume cannot check what changed",
+                    store.location(name))
+        return name, []
+    return name, check(manifest["job"], cfg, checkpoint=store.location(name), world_size=manifest["world_size"],
+                       engine=manifest["engine"])
+
+
+def _bind_run(cfg: JobConfig, store, tags: dict) -> str | None:
+    """The MLflow run of this storage's run (`orchestrator.identity`), created on its
+    first start; runs from before run.json are found by name."""
+    from .identity import read_run_record, write_run_record
+    from .tracking import job_run
+
+    record = read_run_record(cfg)
+    bound = record["mlflow_run_id"] if record else None
+    run_id = job_run(cfg, tags, bound=bound, by_name=record is None and bool(store.names()))
+    if run_id and run_id != bound:
+        write_run_record(cfg, run_id)
+    return run_id
+
+
+def _record_resume(cfg: JobConfig, tracker, resumed: str | None, applied: list) -> None:
+    """What a resume changed, on the run's record: MLflow params cannot change, so a tag
+    per resume lists the changes and config/job.yaml is replaced by the config in effect."""
+    if not resumed or not applied:
+        return
+    import yaml
+
+    from .resume import describe
+
+    log.info("resuming from %s with changes: %s", resumed, describe(applied))
+    tracker.call("set_tag", f"longview.resume.{resumed}", describe(applied)[:5000])
+    tracker.log_artifact_bytes(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(), "config/job.yaml")
+
+
+def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict | None = None):
+    """Fits the job on the Ray cluster at `ray_address` ("local": in-process), holding
+    the run's lease (one writer per run) from the first check to the last record.
+    Returns (Ray's Result, the MLflow run id or None, the last complete checkpoint's URI)."""
+    from .identity import RunLease
+
+    with RunLease(cfg):
+        return _run_training(cfg, ray_address=ray_address, tags=tags)
+
+
+def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None):
+    from .tracking import Tracker, log_dataset
+
+    store = checkpoint_store(cfg)
+    dropped = store.drop_incomplete()
+    if dropped:
+        log.info("removed %s: incomplete (a save cut short by a stop or a crash)", ", ".join(dropped))
+    resumed, applied = check_resume(cfg, store)
     log.info("preparing data ...")
     prepare_data(cfg)
-    run_id = job_run(cfg, {"longview.checkpoint_uri": run_uri(cfg), "longview.workload": cfg.workload,
-                           **(tags or {})})
+    run_id = _bind_run(cfg, store, {"longview.checkpoint_uri": run_uri(cfg), "longview.workload": cfg.workload,
+                                    **(tags or {})})
     if run_id and cfg.spec.data_source is not None:
         try:
             log_dataset(cfg.tracking.uri, run_id, cfg.spec.data_source(cfg, run_uri(cfg)), name=f"{cfg.name}-train")
         except Exception as e:  # noqa: BLE001 - the record of the data is not worth a failed run
             log.warning("training data not logged to MLflow (%s: %s)", type(e).__name__, e)
     connect_ray(cfg, ray_address)
-    trainer = build_trainer(cfg, train_loop,
-                            {"job": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": cfg.tracking.uri},
-                            run_name=cfg.name, max_failures=cfg.training.max_failures, elastic=True)
+    stop_on_sigterm()  # again: ray.init installs a SIGTERM handler of its own that aborts the process
     tracker = Tracker(cfg.tracking.uri, run_id)
+    _record_resume(cfg, tracker, resumed, applied)
+    from .cli import failure_reason
+
     try:
-        result = trainer.fit()  # raises once FailureConfig's retries are used up
+        for attempt in range(cfg.training.max_failures + 1):
+            # Ray retries nothing itself (max_failures=0): a failure that a restart would
+            # only meet again (bad data, a full disk, divergence) must end the run at once.
+            trainer = build_trainer(cfg, train_loop,
+                                    {"job": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": cfg.tracking.uri},
+                                    run_name=cfg.name, max_failures=0, elastic=True)
+            try:
+                result = trainer.fit()
+                break
+            except Exception as e:
+                if attempt == cfg.training.max_failures or not retriable(e):
+                    raise
+                log.warning("attempt %d of %s failed (%s); restarting from its last checkpoint (retry %d of "
+                            "training.max_failures=%d)", attempt + 1, cfg.name,
+                            failure_reason(e, storage_retries=cfg.storage.retries), attempt + 1,
+                            cfg.training.max_failures)
+    except (KeyboardInterrupt, SystemExit):
+        # Stopped: Ray's own SIGINT handler has aborted the worker group (its `sys.exit`
+        # is the SystemExit), so no save is in flight any more and a cut one can go.
+        store.drop_incomplete()
+        last = store.latest_complete()
+        where = (f"it resumes from {store.location(last)} (step {store.manifest(last)['state']['step']}) when "
+                 "started again" if last else "it had no complete checkpoint yet: a new start begins at step 0")
+        line = f"training {cfg.name} stopped ({stop_signal()}); {where}"
+        tracker.call("set_tag", "mlflow.note.content", f"Stopped: {line}"[:5000])
+        tracker.call("set_terminated", "KILLED")
+        raise RunStopped(line) from None
     except BaseException as e:
         # The run says why it failed (its description in the UI), and is never left RUNNING.
-        from .cli import failure_reason
-
-        reason = failure_reason(e, storage_retries=cfg.storage.retries) if isinstance(e, Exception) \
-            else f"{type(e).__name__}: interrupted"
+        reason = failure_reason(e, storage_retries=cfg.storage.retries)
         tracker.call("set_tag", "longview.failure", reason[:5000])
         tracker.call("set_tag", "mlflow.note.content", f"Training failed: {reason}"[:5000])
-        tracker.call("set_terminated", "FAILED" if isinstance(e, Exception) else "KILLED")
+        tracker.call("set_terminated", "FAILED")
         raise
-    store = checkpoint_store(cfg)
     last = store.latest_complete()
     final = store.location(last) if last else ""
     if run_id:

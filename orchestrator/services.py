@@ -4,7 +4,10 @@ Each service is a child process in its own process group, on free ports, with it
 state (PID, URL, log file) in a JSON state file, and is stopped by PID (never
 `ray stop`, which would kill every Ray process on the machine).
 
-- S3: moto's standalone server, an S3-protocol endpoint (any credentials accepted).
+- S3: moto's standalone server, an S3-protocol endpoint (any credentials accepted). It
+  keeps objects in memory: `down` writes every bucket to $LONGVIEW_HOME/s3/<bucket>/
+  and `up` loads them back, so checkpoints and data outlive a restart of the services
+  (not a crash of the endpoint itself: what it held since the last `down` is gone).
 - MLflow: `mlflow server` on a sqlite store, artifacts proxied to s3://BUCKET/mlflow,
   so workers need no S3 credentials to log artifacts.
 - Ray: `ray start --head --block` with its own ports and temp dir.
@@ -154,10 +157,7 @@ def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Se
 
 def create_buckets(url: str, buckets: list[str]) -> None:
     """Creates the buckets on the local S3 endpoint (one already there is kept)."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    client = _s3_client(url)
     for b in buckets:
         try:
             client.create_bucket(Bucket=b)
@@ -165,6 +165,69 @@ def create_buckets(url: str, buckets: list[str]) -> None:
             pass
         except Exception as e:  # noqa: BLE001 - botocore's errors
             raise ServiceError(f"bucket {b!r} could not be created on the local S3 endpoint: {e}") from None
+
+
+def _s3_client(url: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def _objects(client, bucket: str):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        yield from page.get("Contents", [])
+
+
+def save_buckets(url: str, folder: Path) -> int:
+    """Writes every bucket of the endpoint at `url` to `folder/<bucket>/<key>` (objects
+    already there with the same size and ETag are not fetched again; files of deleted
+    objects are removed). Returns the number of objects written."""
+    client = _s3_client(url)
+    written = 0
+    for b in client.list_buckets()["Buckets"]:
+        bucket = b["Name"]
+        root = (folder / bucket).resolve()
+        index_file = folder / f"{bucket}.index.json"
+        index = json.loads(index_file.read_text()) if index_file.exists() else {}
+        now = {}
+        for obj in _objects(client, bucket):
+            key, tag = obj["Key"], [obj["Size"], obj["ETag"]]
+            path = (root / key).resolve()
+            if not path.is_relative_to(root) or key.endswith("/"):
+                log.warning("s3://%s/%s not saved: its key is not a file path", bucket, key)
+                continue
+            now[key] = tag
+            if index.get(key) == tag and path.is_file():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(path))
+            written += 1
+        for key in set(index) - set(now):
+            (root / key).unlink(missing_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        index_file.write_text(json.dumps(now))
+    return written
+
+
+def load_buckets(url: str, folder: Path) -> int:
+    """Puts back what `save_buckets` wrote to `folder` (buckets created as needed).
+    Returns the number of objects loaded."""
+    if not folder.is_dir():
+        return 0
+    client = _s3_client(url)
+    loaded = 0
+    for index_file in sorted(folder.glob("*.index.json")):
+        bucket = index_file.name.removesuffix(".index.json")
+        create_buckets(url, [bucket])
+        root = folder / bucket
+        for key in json.loads(index_file.read_text()):
+            if (root / key).is_file():
+                client.upload_file(str(root / key), bucket, key)
+                loaded += 1
+        # ETags of multipart uploads differ from the originals': index what is there now.
+        index_file.write_text(json.dumps({o["Key"]: [o["Size"], o["ETag"]] for o in _objects(client, bucket)}))
+    return loaded
 
 
 def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0.1", port: int | None = None) -> Service:
@@ -268,6 +331,9 @@ class LocalServices:
         try:
             started["s3"] = start_s3(self.state_dir, [bucket], host=host)
             self._write(started)
+            loaded = load_buckets(started["s3"].url, self.objects_dir)
+            if loaded:
+                log.info("S3: %d objects loaded from %s", loaded, self.objects_dir)
             if mlflow:
                 started["mlflow"] = start_mlflow(self.state_dir, started["s3"], bucket, host=host)
                 self._write(started)
@@ -293,9 +359,31 @@ class LocalServices:
         except Exception:  # noqa: BLE001 - not answering
             return False
 
-    def down(self) -> list[str]:
+    @property
+    def objects_dir(self) -> Path:
+        """Where the S3 endpoint's objects are kept while it is down."""
+        return self.state_dir / "s3"
+
+    def down(self, *, keep_objects: bool = True) -> list[str]:
+        """Stops the services by PID. The S3 endpoint's objects are written to
+        `objects_dir` first (`keep_objects`); if that fails, the endpoint stays up, so
+        nothing is lost, and ServiceError says why."""
+        running = self.read()
+        s3 = running.get("s3")
+        if keep_objects and s3 is not None and self.answers(s3):
+            try:
+                n = save_buckets(s3.url, self.objects_dir)
+            except Exception as e:  # noqa: BLE001 - botocore's and the disk's errors
+                for name in ("ray", "mlflow"):
+                    if name in running:
+                        stop_pid(running.pop(name).pid)
+                self._write(running)
+                raise ServiceError(f"the S3 endpoint's objects could not be saved to {self.objects_dir} "
+                                   f"({type(e).__name__}: {e}); it is left running at {s3.url} (pid {s3.pid}) so "
+                                   "nothing is lost: free the disk and run `longview down` again") from None
+            log.info("S3: %d objects saved to %s", n, self.objects_dir)
         stopped = []
-        for name, svc in reversed(list(self.read().items())):
+        for name, svc in reversed(list(running.items())):
             stop_pid(svc.pid)
             stopped.append(name)
         if self.state_file.exists():

@@ -102,10 +102,12 @@ def run_tags(cfg, *, kind: str) -> dict[str, str]:
     return tags
 
 
-def job_run(cfg, tags: dict[str, str]) -> str | None:
-    """The job's MLflow run id (None without tracking): found by the job's name, or
-    created with the job's config as params and as the artifact config/job.yaml. The one
-    source of the run id: the driver passes it to the workers and to evaluation."""
+def job_run(cfg, tags: dict[str, str], *, bound: str | None = None, by_name: bool = False) -> str | None:
+    """The job's MLflow run id (None without tracking): `bound` (the run its storage
+    names, `orchestrator.identity`) when the server has it; with `by_name`, the run
+    tagged with the job's name (a run from before storage named its run); else a new
+    run, with the job's config as params and as the artifact config/job.yaml. The
+    driver passes the id to the workers and to evaluation."""
     if not cfg.tracking.uri:
         return None
     from .storage import run_uri
@@ -113,7 +115,28 @@ def job_run(cfg, tags: dict[str, str]) -> str | None:
     description = (f"{cfg.workload} training job {cfg.name}: {cfg.training.steps} steps on "
                    f"{cfg.resources.workers} workers ({cfg.spec.layout(cfg)}). Checkpoints: {run_uri(cfg)}")
     tags = {**run_tags(cfg, kind="training"), "mlflow.note.content": description, **tags}
-    run_id, created = find_or_create_run(cfg.tracking.uri, cfg.experiment, cfg.name, tags)
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(cfg.tracking.uri)
+    if bound:
+        try:
+            if client.get_run(bound).info.lifecycle_stage == "active":
+                return bound
+            log.warning("MLflow run %s of %s was deleted; a new run is created", bound, cfg.name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("MLflow at %s has no run %s (the run's storage names it); a new run is created",
+                        cfg.tracking.uri, bound)
+    if by_name:
+        run_id, created = find_or_create_run(cfg.tracking.uri, cfg.experiment, cfg.name, tags)
+    else:
+        exp_id, earlier = find_run(client, cfg.experiment, cfg.name)
+        if earlier:
+            log.info("MLflow has an earlier run named %s (%s, other storage); this run is a new one", cfg.name,
+                     earlier)
+        run_id, created = client.create_run(exp_id, run_name=cfg.name,
+                                            tags={RUN_NAME_TAG: cfg.name, **tags}).info.run_id, True
     if created:
         import yaml
         from mlflow.entities import Param

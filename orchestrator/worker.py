@@ -110,6 +110,9 @@ def train_loop(config: dict) -> None:
         state, name, skipped = restored
         if rank == 0:
             log.info("resumed from %s at step %d on %d workers", store.location(name), state.step, world)
+    # The driver's run (bound to the run's storage, `orchestrator.identity`) wins over the
+    # one a checkpoint recorded: the metrics go where the CLI said they would.
+    state.mlflow_run_id = config.get("mlflow_run_id") or state.mlflow_run_id
     tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
     if restored is not None and rank == 0:
         # Every resume is on the run's record (the step it went back to), and so is every
@@ -125,7 +128,8 @@ def train_loop(config: dict) -> None:
         tracker.log_metrics(report, step=0)
 
     saver = Checkpointer(store, rank=rank, world=world, group=group, engine=runner.engine,
-                         keep=t.keep_checkpoints, layout=runner.layout(), upload_hook=before_checkpoint_upload)
+                         keep=t.keep_checkpoints, layout=runner.layout(), upload_hook=before_checkpoint_upload,
+                         job=config["job"])
     first, started, start_step = True, time.perf_counter(), state.step
     nonfinite = NonFiniteSteps(t)
     try:

@@ -69,6 +69,15 @@ def test_incomplete_and_corrupted_checkpoints_are_passed_over(gloo_world, saved)
     assert results[1][:2] == (1, "step-0000001")  # both ranks settled on the same checkpoint
 
 
+def test_a_start_drops_checkpoints_a_stop_cut_short(saved):
+    folder, _ = saved
+    _manifest(folder, 3).unlink()  # the save in flight when the run was stopped
+    store = checkpoint_cases._store(str(folder))
+    assert store.drop_incomplete() == ["step-0000003"]
+    assert store.names() == ["step-0000002", "step-0000001"] and not (folder / "step-0000003").exists()
+    assert store.drop_incomplete() == []
+
+
 def test_a_tampered_index_or_tensor_file_runs_no_code(gloo_world, saved, tmp_path_factory):
     folder, weights = saved
     canary = tmp_path_factory.mktemp("canary") / "pwned"

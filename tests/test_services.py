@@ -42,3 +42,36 @@ def test_up_reuses_what_answers_and_restarts_what_died(tmp_path):
     assert stopped == ["s3"] and not _alive(svc_pid := third["s3"].pid), svc_pid
     with pytest.raises(FileNotFoundError):
         open(svc.state_file)
+
+
+def test_the_local_s3_keeps_its_objects_across_down_and_up(tmp_path):
+    """moto holds objects in memory: `down` writes them under LONGVIEW_HOME and `up` puts
+    them back, so a local run's checkpoints survive a restart of the services."""
+    from orchestrator.services import _s3_client
+
+    svc = LocalServices(tmp_path)
+    url = svc.up(bucket="lv-keep", ray=False, mlflow=False)["s3"].url
+    try:
+        s3 = _s3_client(url)
+        s3.put_object(Bucket="lv-keep", Key="runs/a/step-0000002/manifest.json", Body=b'{"step": 2}')
+        s3.put_object(Bucket="lv-keep", Key="runs/a/gone.bin", Body=b"x" * 10)
+        big = os.urandom(9 << 20)  # above boto3's multipart threshold: another kind of ETag
+        s3.put_object(Bucket="lv-keep", Key="runs/a/state.distcp", Body=big)
+    finally:
+        svc.down()
+    assert (svc.objects_dir / "lv-keep" / "runs/a/step-0000002/manifest.json").read_bytes() == b'{"step": 2}'
+    url = svc.up(bucket="lv-keep", ray=False, mlflow=False)["s3"].url
+    try:
+        s3 = _s3_client(url)
+        assert s3.get_object(Bucket="lv-keep", Key="runs/a/step-0000002/manifest.json")["Body"].read() == b'{"step": 2}'
+        assert s3.get_object(Bucket="lv-keep", Key="runs/a/state.distcp")["Body"].read() == big
+        s3.delete_object(Bucket="lv-keep", Key="runs/a/gone.bin")  # deleted while up: gone after the next down
+    finally:
+        svc.down()
+    assert not (svc.objects_dir / "lv-keep" / "runs/a/gone.bin").exists()
+    url = svc.up(bucket="lv-keep", ray=False, mlflow=False)["s3"].url
+    try:
+        keys = {o["Key"] for o in _s3_client(url).list_objects_v2(Bucket="lv-keep")["Contents"]}
+        assert keys == {"runs/a/step-0000002/manifest.json", "runs/a/state.distcp"}
+    finally:
+        svc.down(keep_objects=False)

@@ -32,14 +32,14 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 
 from parallelism.dims import named_collectives
 
-from .spec import FieldError, bounded
+from .spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -47,6 +47,18 @@ class TrainingConfig:
     """The job's `training:` section, used as it is by the engine and the training loop.
 
     Bounds sit on the fields; the config loader checks them and names the key."""
+
+    # On resume: the schedule, the optimizer's settings and the run's safety nets follow
+    # the new config from the resumed step (the schedule is recomputed at that step, so a
+    # new `steps` or `lr` moves the learning rate there). What fixes the data order
+    # (samples per step, seed) or the stored tensors (sharding, precision) is the run's.
+    RESUME: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("steps", "lr", "weight_decay", "beta1", "beta2", "eps", "warmup_steps", "min_lr_ratio",
+                         "grad_clip", "checkpoint_every", "keep_checkpoints", "max_failures", "on_nonfinite",
+                         "max_nonfinite_steps", "loss_chunk_tokens", "activation_checkpointing"), APPLY),
+        **dict.fromkeys(("grad_accum", "global_batch", "seed", "bf16"), NEW_RUN),
+        **dict.fromkeys(("sharding", "zero_stage"), REFUSE),
+    }
 
     steps: int = bounded(10, gt=0)  # optimizer steps; also the schedule's length
     lr: float = bounded(1e-4, gt=0)
@@ -127,6 +139,7 @@ class Engine:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self._configured_lrs = list(scheduler.base_lrs)  # this job's training.lr, whatever a restore loads
         self.ds = ds_engine
         self.kind = kind  # TrainingConfig.sharding
         self.grad_clip = grad_clip
@@ -284,9 +297,22 @@ class Engine:
             name, _, field = key.removeprefix("optim/").rpartition("/")
             if key.startswith("optim/"):
                 self.optimizer.state[params[name]][field] = v
-        self.scheduler.load_state_dict(scheduler)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr  # the optimizer's lr is set by the schedule's next step otherwise
+        self.follow_schedule(scheduler)
+
+    def follow_schedule(self, scheduler: dict | None = None) -> None:
+        """Puts the schedule at the restored step (`scheduler`: its saved state; None: as
+        loaded already, DeepSpeed's case) on this job's curve: LambdaLR's saved state holds
+        the learning rate it was built with, which would win over a changed training.lr,
+        so the configured one is kept and the optimizer's lr recomputed at that step."""
+        configured = self._configured_lrs
+        if scheduler is not None:
+            self.scheduler.load_state_dict(scheduler)
+        self.scheduler.base_lrs = list(configured)
+        step = self.scheduler.last_epoch
+        for group, base, f in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * f(step)  # the optimizer's lr is set by the schedule's next step otherwise
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 def shard_model(model: torch.nn.Module, mesh, units=(), forward_methods=(), bf16: bool = False) -> None:

@@ -36,6 +36,14 @@ import torch
 
 WORKLOADS_ENV = "LONGVIEW_WORKLOADS"
 
+# What a resumed run may change, field by field (`orchestrator.resume`). A config section
+# lists its rules in a class attribute `RESUME = {"field": APPLY | NEW_RUN | REFUSE}`;
+# a field it leaves out is NEW_RUN, so a section nobody classified never lets a change
+# slip into a checkpoint's run unseen.
+APPLY = "apply"  # takes effect from the resumed step (learning rate, steps, logging, workers)
+NEW_RUN = "new_run"  # fixed for the run's life (data order, its MLflow experiment): start a new run
+REFUSE = "refuse"  # the checkpoint cannot hold it (model shape, tokenizer, the data itself)
+
 
 @dataclass
 class StepResult:

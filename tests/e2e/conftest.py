@@ -63,7 +63,7 @@ def services(tmp_path_factory):
     yield {"started": started, "env": env, "home": home, "control": control, "creds": creds,
            "direct_s3": started["s3"].url, "svc": svc}
     stop_pid(proxy.pid)
-    svc.down()
+    svc.down(keep_objects=False)  # the suite's objects are not worth writing out (test_services: they are kept)
     services_mod.LOCAL_CREDENTIALS.clear()
     services_mod.LOCAL_CREDENTIALS.update(old)
     for s in started.values():  # every PID is gone

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from orchestrator.checkpoint import CheckpointStore
+from orchestrator.config import load_config
 from tests.e2e.conftest import BASE, STEPS, cli, fault_dir, history, mlflow_run, s3fs_direct, train, unique
 
 
@@ -108,10 +109,9 @@ def test_divergence_stops_the_run_before_any_checkpoint_holds_it(services, recor
     fs = services
     name = unique("nan")
     # lr 1e6: step 1's update is huge but finite, step 2's loss and gradient are not.
-    # max_failures=0: a restart would meet the same step again (retrying errors that
-    # cannot succeed is a separate matter).
+    # max_failures=3: a restart would meet the same step again, so none is made.
     out = train(fs, name, "--set", "training.lr=1e6", "--set", "training.checkpoint_every=1",
-                "--set", "training.max_failures=0", check=False)
+                "--set", "training.max_failures=3", check=False)
     assert out.returncode != 0
     mine = [ln for ln in out.stderr.splitlines() if ln.startswith(f"error: training {name} failed: ")]
     assert len(mine) == 1 and "DivergenceError: step " in mine[0], out.stderr[-3000:]
@@ -122,6 +122,7 @@ def test_divergence_stops_the_run_before_any_checkpoint_holds_it(services, recor
     # MLflow shows the step that went wrong; every step before it was finite.
     assert [s for s, _ in got] == list(range(1, bad + 1))
     assert all(math.isfinite(v) for _, v in got[:-1]) and not math.isfinite(got[-1][1])
+    assert resumed(fs, name) == [] and "restarting from its last checkpoint" not in out.stderr  # failed once
     # Checkpoints stop before the bad step (none was written from it), and they are whole.
     store = CheckpointStore(s3fs_direct(fs), f"lve2e/runs/{name}", f"s3://lve2e/runs/{name}")
     names = store.names()
@@ -130,6 +131,63 @@ def test_divergence_stops_the_run_before_any_checkpoint_holds_it(services, recor
         store.verify(n)
     record("loss diverges (training.lr=1e6)", injected=1, survived=0, steps_lost=0, data_lost=0,
            note=f"stops at step {bad} with one line; its update never applied, no checkpoint holds it")
+
+
+def test_a_resume_applies_safe_changes_and_refuses_the_rest_before_anything_starts(services, record):
+    from workloads.engine import lr_lambda
+
+    fs, name = services, unique("change")
+    train(fs, name, "--set", "training.steps=4")
+    # A change the checkpoint cannot hold: refused in one line naming key and values;
+    # no worker starts, MLflow and the checkpoints are as they were.
+    out = train(fs, name, "--set", "training.steps=6", "--set", "model.overrides={vision_image_size: 56}",
+                "--set", "training.seed=5", check=False)
+    assert out.returncode != 0
+    mine = [ln for ln in out.stderr.splitlines() if ln.startswith(f"error: training {name} failed: ")]
+    assert len(mine) == 1 and "ResumeRefused: run " in mine[0], out.stderr[-3000:]
+    assert "model.overrides: {'vision_image_size': 112} -> {'vision_image_size': 56}" in mine[0]
+    assert "training.seed: 0 -> 5 (can change only in a new run)" in mine[0] and "Traceback" not in out.stderr
+    assert "preparing data" not in out.stderr
+    got, run = history(fs, name)
+    assert [s for s, _ in got] == [1, 2, 3, 4] and not any(k.startswith("longview.resume.") for k in run.data.tags)
+    # Safe changes apply from the resumed step: the schedule runs on the new lr and length.
+    train(fs, name, "--set", "training.steps=6", "--set", "training.lr=0.03")
+    got, run = history(fs, name)
+    assert [s for s, _ in got] == list(range(1, 7)) and run.info.status == "FINISHED"
+    lrs = dict(history(fs, name, "lr")[0])
+    new = lr_lambda(load_config("configs/v2pe-demo.yaml", overrides={"training.steps": 6}).training)
+    # The lr logged for a step is the schedule's after it (as in a fresh run): 1e-9 only
+    # absorbs float printing.
+    assert lrs[5] == pytest.approx(0.03 * new(5), rel=1e-9) and lrs[6] == pytest.approx(0.03 * new(6), rel=1e-9)
+    diff = run.data.tags["longview.resume.step-0000004"]
+    assert "training.lr: 0.003 -> 0.03" in diff and "training.steps: 4 -> 6" in diff
+    record("resume with changed config (lr/steps; model shape, seed)", injected=2, survived=2, steps_lost=0,
+           data_lost=0, note="lr and steps applied from the resumed step and tagged; shape and seed refused "
+                             "by name before any worker starts")
+
+
+def test_a_run_is_its_storage_not_its_name(services, monkeypatch):
+    """The MLflow run is bound to the run's storage (run.json beside its checkpoints): a
+    restart finds it there; a fresh start of the same name in other storage is a new run."""
+    from orchestrator.checkpoint import CheckpointStore as Store
+    from orchestrator.launch import _bind_run
+
+    fs = services
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", fs["creds"]["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", fs["creds"]["AWS_SECRET_ACCESS_KEY"])
+    name = unique("bound")
+
+    def bind(prefix):
+        cfg = load_config("configs/v2pe-demo.yaml", overrides={
+            "name": name, "storage.uri": f"s3://lve2e/{prefix}", "storage.endpoint_url": fs["direct_s3"],
+            "tracking.uri": fs["started"]["mlflow"].url})
+        store = Store(s3fs_direct(fs), f"lve2e/{prefix}/{name}", f"s3://lve2e/{prefix}/{name}")
+        return _bind_run(cfg, store, {})
+
+    first = bind("runs")
+    assert bind("runs") == first  # a restart: the run its storage names
+    other = bind("elsewhere")
+    assert other != first and bind("elsewhere") == other
 
 
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(services, reference, record):
@@ -194,6 +252,49 @@ def test_mlflow_restart_mid_run_loses_no_metric(services, reference, record):
     assert run.info.status == "FINISHED"
     record("MLflow server stopped mid-run, back after training ended", injected=1, survived=1, steps_lost=0,
            data_lost=0)
+
+
+def test_sigterm_stops_the_run_cleanly_at_its_last_checkpoint(services, record):
+    fs = services
+    name = unique("term")
+    # Checkpoints every step: a save is in flight (or just done) whenever the signal comes.
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
+                             "--set", f"name={name}", *BASE, "--set", "training.steps=40",
+                             "--set", "training.checkpoint_every=1"],
+                            env=dict(fs["env"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if len(history(fs, name)[0]) >= 3:
+                    break
+            except (IndexError, AttributeError):
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the run never logged three steps")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    mine = [ln for ln in err.splitlines() if ln.startswith("stopped: ")]
+    assert len(mine) == 1 and f"training {name} stopped (SIGTERM); it resumes from s3://lve2e/runs/{name}/step-" \
+        in mine[0], err[-3000:]
+    assert "Traceback" not in err
+    step = int(mine[0].split("(step ")[1].split(")")[0])
+    # Every checkpoint left is complete (a save the stop cut short is gone), the newest is
+    # the one the line names, and the run is KILLED in MLflow.
+    store = CheckpointStore(s3fs_direct(fs), f"lve2e/runs/{name}", f"s3://lve2e/runs/{name}")
+    names = store.names()
+    assert names and names[0] == store.name(step)
+    for n in names:
+        store.verify(n)
+    got, run = history(fs, name)
+    assert run.info.status == "KILLED" and len(got) < 40
+    record("SIGTERM of `longview train` mid-run", injected=1, survived=1, steps_lost=len(got) - step, data_lost=0,
+           note=f"one line naming the resume point (step {step} of {len(got)} done); no partial checkpoint left")
 
 
 def test_stalled_rank_fails_the_run_naming_the_group(services, record):

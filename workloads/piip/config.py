@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from ..spec import FieldError, bounded
+from ..spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded
 
 
 @dataclass(kw_only=True, frozen=True)
 class PIIPSection:
+    # The branches' shapes and the data are the run's; branch placement reshards (each
+    # parameter is restored by name wherever its branch now lives).
+    RESUME: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("variant", "resolutions", "interactions", "attn_type", "task", "data",
+                         "synthetic_samples"), REFUSE),
+        "batch_size": NEW_RUN, "ranks_per_branch": APPLY, "eval_samples": APPLY,
+    }
     variant: str = "piip-tiny"
     # one per branch, any order
     resolutions: list[int] = bounded(ge=1, default_factory=lambda: [32, 48, 64])

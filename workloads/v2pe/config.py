@@ -8,11 +8,12 @@ join sections are in `spec.validate`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from ..spec import FieldError, bounded
+from ..spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded
 from .data import DataConfig
 
 Task = Literal["marked", "count", "colour", "needle"]
@@ -20,6 +21,9 @@ Task = Literal["marked", "count", "colour", "needle"]
 
 @dataclass(kw_only=True, frozen=True)
 class ModelSection:
+    # The checkpoint holds this model: its shape is the run's. (pretrained only seeds a
+    # fresh start, but another one means another run.)
+    RESUME: ClassVar[dict[str, str]] = dict.fromkeys(("size", "overrides", "pretrained"), REFUSE)
     size: str = "tiny"
     # Field overrides of the named size, e.g. {"vision_image_size": 56} (see model.model_config).
     overrides: dict = field(default_factory=dict)
@@ -62,6 +66,12 @@ class SyntheticSection:
 
 @dataclass(kw_only=True, frozen=True)
 class DataSection:
+    # The data and its tokens are the run's; packing and positions fix its batches.
+    RESUME: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("train", "tokenizer", "image_root", "synthetic"), REFUSE),
+        **dict.fromkeys(("max_tokens", "max_tiles", "position_mode", "position_stride"), NEW_RUN),
+        "on_bad_sample": APPLY,
+    }
     # "synthetic", a chat JSONL (path or URL), or the authors' dataset meta file (.json:
     # {name: {annotation, root, repeat_time, max_dynamic_patch}}) mixing several JSONL.
     train: str = "synthetic"
@@ -100,6 +110,7 @@ class DataSection:
 
 @dataclass(kw_only=True, frozen=True)
 class EvaluationSection:
+    RESUME: ClassVar[dict[str, str]] = {}  # filled below: training never reads this section
     lengths: list[int] = bounded(ge=1, default_factory=list)  # token lengths of synthetic eval samples
     strides: list[int] = bounded(ge=1, le=256, default_factory=lambda: [256, 64])  # δ = stride/256
     samples_per_length: int = bounded(4, gt=0)
@@ -127,4 +138,5 @@ class EvaluationSection:
         return max(1, round(self.images * tokens / min(self.lengths)))
 
 
+EvaluationSection.RESUME.update(dict.fromkeys((f.name for f in dataclasses.fields(EvaluationSection)), APPLY))
 SECTIONS = {"model": ModelSection, "data": DataSection, "evaluation": EvaluationSection}

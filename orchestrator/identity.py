@@ -1,0 +1,148 @@
+"""A run's identity lives in its storage, beside its checkpoints:
+
+    <storage.uri>/<name>/run.json     the MLflow run this storage's run logs to
+    <storage.uri>/<name>/lease.json   who writes the run now (the driver that holds it)
+
+A run is its storage folder, not its name: a fresh start under an old name in another
+storage is a new MLflow run; a restart, a resubmission or a resume finds its run in
+`run.json` whatever MLflow's search would say. Only one driver writes a run at a time:
+`RunLease` is taken before anything starts and renewed while the run lives; a second
+`longview train` of the same run fails at once naming the holder. A holder that died
+without letting go (SIGKILL, a lost machine) is passed over when its lease has not been
+renewed for `LEASE_TTL_S`, or at once when it was a process of this machine that is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from .storage import run_uri, storage_fs
+
+log = logging.getLogger(__name__)
+RUN_RECORD = "run.json"
+LEASE = "lease.json"
+LEASE_TTL_S = 60.0  # a lease not renewed for this long belongs to nobody
+RENEW_S = 10.0
+SETTLE_S = 1.0  # between writing a lease and reading it back: a rival's write lands in it
+
+
+class RunBusy(RuntimeError):
+    """Another driver is writing this run now."""
+
+
+def read_run_record(cfg) -> dict | None:
+    """The run's `run.json` ({"mlflow_run_id", "experiment", "tracking_uri"}), or None."""
+    fs, root = storage_fs(run_uri(cfg, RUN_RECORD), cfg)
+    try:
+        return json.loads(fs.cat_file(root))
+    except FileNotFoundError:
+        return None
+
+
+def write_run_record(cfg, mlflow_run_id: str) -> None:
+    fs, root = storage_fs(run_uri(cfg, RUN_RECORD), cfg)
+    fs.pipe_file(root, json.dumps({"mlflow_run_id": mlflow_run_id, "experiment": cfg.experiment,
+                                   "tracking_uri": cfg.tracking.uri}).encode())
+
+
+def _holder() -> dict:
+    from .ray_job import submitted_job_id
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "ray_job": submitted_job_id() or "",
+            "token": uuid.uuid4().hex}
+
+
+def _describe(lease: dict) -> str:
+    job = f", Ray job {lease['ray_job']}" if lease.get("ray_job") else ""
+    return f"pid {lease['pid']} on {lease['host']}{job}"
+
+
+def _gone(lease: dict) -> bool:
+    """Whether the holder was a process of this machine that no longer runs."""
+    if lease.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(lease["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError):
+        return False
+    return False
+
+
+class RunLease:
+    """The right to write one run: taken in `__enter__` (RunBusy if someone else holds
+    it), renewed in the background, given back in `__exit__`."""
+
+    def __init__(self, cfg):
+        self.fs, self.path = storage_fs(run_uri(cfg, LEASE), cfg)
+        self.name = cfg.name
+        self.uri = run_uri(cfg, LEASE)
+        self.me = _holder()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            self.fs.invalidate_cache(self.path)
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn or foreign file: nobody's
+            return None
+
+    def _write(self) -> None:
+        self.fs.pipe_file(self.path, json.dumps({**self.me, "renewed": time.time()}).encode())
+
+    def _refuse_if_held(self) -> None:
+        held = self._read()
+        if held is None or held.get("token") == self.me["token"]:
+            return
+        age = time.time() - float(held.get("renewed", 0))
+        if age > LEASE_TTL_S or _gone(held):
+            log.info("run %s: taking over the lease of %s (renewed %.0f s ago, holder gone)", self.name,
+                     _describe(held), age)
+            return
+        raise RunBusy(f"run {self.name} is being written by {_describe(held)} (lease {self.uri}, renewed "
+                      f"{age:.0f} s ago): wait for it to end or stop it; a holder that died is passed over "
+                      f"{LEASE_TTL_S:.0f} s after its last renewal")
+
+    def __enter__(self) -> RunLease:
+        self._refuse_if_held()
+        self._write()
+        # Two drivers that both found the lease free: each reads back after the other's
+        # write has landed, and only the last writer goes on.
+        time.sleep(SETTLE_S)
+        self._refuse_if_held()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            try:
+                held = self._read()
+                if held is not None and held.get("token") != self.me["token"]:
+                    log.error("run %s: the lease was taken over by %s; this driver writes on regardless until "
+                              "its run ends", self.name, _describe(held))
+                    return
+                self._write()
+            except Exception as e:  # noqa: BLE001 - storage blips: the next renewal tries again
+                log.warning("run %s: lease not renewed (%s: %s)", self.name, type(e).__name__, e)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            if (self._read() or {}).get("token") == self.me["token"]:
+                self.fs.rm(self.path)
+        except Exception as e:  # noqa: BLE001 - it expires on its own
+            log.warning("run %s: lease not released (%s: %s); it expires in %.0f s", self.name,
+                        type(e).__name__, e, LEASE_TTL_S)
