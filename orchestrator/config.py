@@ -74,9 +74,12 @@ class StorageSection:
 class TrackingSection:
     # The server may move (its address changes with `longview up`); the run stays in the
     # experiment it was created in.
-    RESUME: ClassVar[dict[str, str]] = {"uri": APPLY, "experiment": NEW_RUN}
+    RESUME: ClassVar[dict[str, str]] = {"uri": APPLY, "experiment": NEW_RUN, "wait_s": APPLY}
     uri: str | None = None  # MLflow tracking server; None = no tracking
     experiment: str | None = None  # default: longview-<workload>
+    # How long the end of a run waits for a server that does not answer; what it has not
+    # taken then is kept in the run's storage and sent by the next start or `longview runs`.
+    wait_s: float = bounded(120.0, ge=0)
 
 
 MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to it

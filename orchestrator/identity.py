@@ -2,6 +2,7 @@
 
     <storage.uri>/<name>/run.json     the MLflow run this storage's run logs to
     <storage.uri>/<name>/lease.json   who writes the run now (the driver that holds it)
+    <storage.uri>/<name>/mlflow-outbox/   what MLflow did not take before the run's end
 
 A run is its storage folder, not its name: a fresh start under an old name in another
 storage is a new MLflow run; a restart, a resubmission or a resume finds its run in
@@ -27,6 +28,7 @@ from .storage import run_uri, storage_fs
 log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
 LEASE = "lease.json"
+OUTBOX = "mlflow-outbox"
 LEASE_TTL_S = 60.0  # a lease not renewed for this long belongs to nobody
 RENEW_S = 10.0
 SETTLE_S = 1.0  # between writing a lease and reading it back: a rival's write lands in it
@@ -49,6 +51,42 @@ def write_run_record(cfg, mlflow_run_id: str) -> None:
     fs, root = storage_fs(run_uri(cfg, RUN_RECORD), cfg)
     fs.pipe_file(root, json.dumps({"mlflow_run_id": mlflow_run_id, "experiment": cfg.experiment,
                                    "tracking_uri": cfg.tracking.uri}).encode())
+
+
+def bind_run(cfg, tags: dict, *, by_name: bool = False) -> str | None:
+    """The MLflow run of this storage's run: the one `run.json` names, else a new one
+    (with `by_name`: the run tagged with the job's name, for runs from before run.json),
+    recorded in `run.json`. Raises while the server does not answer."""
+    from .tracking import job_run
+
+    record = read_run_record(cfg)
+    bound = record["mlflow_run_id"] if record else None
+    run_id = job_run(cfg, tags, bound=bound, by_name=by_name and record is None)
+    if run_id and run_id != bound:
+        write_run_record(cfg, run_id)
+    return run_id
+
+
+def run_tags_of(cfg, extra: dict | None = None) -> dict:
+    """The tags a training run is created with."""
+    return {"longview.checkpoint_uri": run_uri(cfg), "longview.workload": cfg.workload, **(extra or {})}
+
+
+def outbox(cfg):
+    """The run's `Outbox` (tracking)."""
+    from .tracking import Outbox
+
+    fs, root = storage_fs(run_uri(cfg, OUTBOX), cfg)
+    return Outbox(fs, root, run_uri(cfg, OUTBOX))
+
+
+def deliver_outbox(cfg) -> int:
+    """Sends what the run kept for MLflow (binding its run first if it never had one).
+    Returns the records sent; raises while the server does not answer."""
+    box = outbox(cfg)
+    if not cfg.tracking.uri or not box.names():
+        return 0
+    return box.deliver(cfg.tracking.uri, bind_run(cfg, run_tags_of(cfg)))
 
 
 def _holder() -> dict:

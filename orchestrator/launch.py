@@ -19,7 +19,7 @@ import logging
 from .config import JobConfig, to_dict
 from .ray_job import build_trainer, connect_ray
 from .storage import checkpoint_store, run_uri, storage_fs
-from .worker import END_WAIT_S, train_loop
+from .worker import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +103,6 @@ def check_resume(cfg: JobConfig, store) -> tuple[str | None, list]:
                        engine=manifest["engine"])
 
 
-def _bind_run(cfg: JobConfig, store, tags: dict) -> str | None:
-    """The MLflow run of this storage's run (`orchestrator.identity`), created on its
-    first start; runs from before run.json are found by name."""
-    from .identity import read_run_record, write_run_record
-    from .tracking import job_run
-
-    record = read_run_record(cfg)
-    bound = record["mlflow_run_id"] if record else None
-    run_id = job_run(cfg, tags, bound=bound, by_name=record is None and bool(store.names()))
-    if run_id and run_id != bound:
-        write_run_record(cfg, run_id)
-    return run_id
-
-
 def _record_resume(cfg: JobConfig, tracker, resumed: str | None, applied: list) -> None:
     """What a resume changed, on the run's record: MLflow params cannot change, so a tag
     per resume lists the changes and config/job.yaml is replaced by the config in effect."""
@@ -141,7 +127,34 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
         return _run_training(cfg, ray_address=ray_address, tags=tags)
 
 
+def _start_run(cfg: JobConfig, run_tags: dict, *, by_name: bool) -> str | None:
+    """The run's MLflow run id, and what an earlier outage kept for it sent; None (with
+    a warning) while the server does not answer: training starts without it, and the
+    run is bound when the server first answers (`Tracker(bind=...)`)."""
+    from .identity import bind_run, deliver_outbox
+
+    if not cfg.tracking.uri:
+        return None
+    try:
+        run_id = bind_run(cfg, run_tags, by_name=by_name)
+        sent = deliver_outbox(cfg)
+        if sent:
+            log.info("sent %d MLflow records an earlier outage had kept in storage", sent)
+        return run_id
+    except Exception as e:  # noqa: BLE001 - an outage must not keep training from starting
+        log.warning("MLflow at %s does not answer (%s: %s): training starts without it; the run is created and "
+                    "its metrics sent when it answers", cfg.tracking.uri, type(e).__name__, _first_line(e))
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
 def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None):
+    import functools
+
+    from .identity import bind_run, deliver_outbox, outbox, run_tags_of
     from .tracking import Tracker, log_dataset
 
     store = checkpoint_store(cfg)
@@ -151,8 +164,9 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
     resumed, applied = check_resume(cfg, store)
     log.info("preparing data ...")
     prepare_data(cfg)
-    run_id = _bind_run(cfg, store, {"longview.checkpoint_uri": run_uri(cfg), "longview.workload": cfg.workload,
-                                    **(tags or {})})
+    run_tags = run_tags_of(cfg, tags)
+    by_name = bool(store.names())  # a run from before run.json: its MLflow run is found by name
+    run_id = _start_run(cfg, run_tags, by_name=by_name)
     if run_id and cfg.spec.data_source is not None:
         try:
             log_dataset(cfg.tracking.uri, run_id, cfg.spec.data_source(cfg, run_uri(cfg)), name=f"{cfg.name}-train")
@@ -160,7 +174,8 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
             log.warning("training data not logged to MLflow (%s: %s)", type(e).__name__, e)
     connect_ray(cfg, ray_address)
     stop_on_sigterm()  # again: ray.init installs a SIGTERM handler of its own that aborts the process
-    tracker = Tracker(cfg.tracking.uri, run_id)
+    tracker = Tracker(cfg.tracking.uri, run_id, bind=functools.partial(bind_run, cfg, run_tags, by_name=by_name),
+                      outbox=outbox(cfg))
     _record_resume(cfg, tracker, resumed, applied)
     from .cli import failure_reason
 
@@ -169,7 +184,8 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
             # Ray retries nothing itself (max_failures=0): a failure that a restart would
             # only meet again (bad data, a full disk, divergence) must end the run at once.
             trainer = build_trainer(cfg, train_loop,
-                                    {"job": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": cfg.tracking.uri},
+                                    {"job": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": cfg.tracking.uri,
+                                     "run_tags": run_tags},
                                     run_name=cfg.name, max_failures=0, elastic=True)
             try:
                 result = trainer.fit()
@@ -201,11 +217,22 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
         raise
     last = store.latest_complete()
     final = store.location(last) if last else ""
+    if cfg.tracking.uri:
+        try:  # what the workers kept for a server that was down at their end, if it is back
+            deliver_outbox(cfg)
+        except Exception:  # noqa: BLE001 - kept, and said below
+            pass
+    run_id = tracker.run_id  # bound meanwhile if the server was down at the start
     if run_id:
         _log_model(cfg, run_id)
-    # The run's end goes on the record even if the server is restarting just now.
-    tracker.call("set_tag", "longview.final_checkpoint", final, wait_s=END_WAIT_S)
-    tracker.call("set_terminated", "FINISHED", wait_s=END_WAIT_S)
+    # The run's end goes on the record even if the server is restarting just now; if it
+    # does not answer within tracking.wait_s, the end is kept with the rest.
+    tracker.call("set_tag", "longview.final_checkpoint", final, wait_s=cfg.tracking.wait_s)
+    tracker.call("set_terminated", "FINISHED", wait_s=cfg.tracking.wait_s)
+    kept = len(tracker.outbox.names()) if cfg.tracking.uri else 0
+    if kept:
+        log.warning("MLflow at %s did not answer: %d records of this run (metrics, tags, its status) are kept in "
+                    "%s; the next start or `longview runs` sends them", cfg.tracking.uri, kept, tracker.outbox.uri)
     return result, run_id, final
 
 

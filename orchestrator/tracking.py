@@ -7,6 +7,10 @@
   drops metrics at or below it; an exact resume reproduces those values anyway.
 - A tracking outage never stops training: failed calls are kept in a buffer, a
   warning is printed once, and the buffer is flushed when the server answers again.
+  A run whose server does not answer at its start is created when it first answers
+  (`Tracker(bind=...)`); what the server has not taken by the run's end (metrics, tags,
+  the status, the loss plot) is kept in the run's storage (`Outbox`) and sent by the
+  next start or `longview runs`.
 """
 
 from __future__ import annotations
@@ -199,21 +203,92 @@ def run_url(uri: str, run_id: str) -> str:
     return f"{uri}/#/experiments/{exp}/runs/{run_id}{UI_MODEL_TRAINING}"
 
 
-class Tracker:
-    """Buffered metric logging to one MLflow run (rank 0 only)."""
+class Outbox:
+    """MLflow records a run could not send before its end, kept in its storage (one JSON
+    file per record, named in order) until `deliver` sends them: metrics, client calls
+    (tags, status) and artifacts."""
 
-    def __init__(self, uri: str | None, run_id: str | None, *, metric_key: str = "loss"):
-        self.uri, self.run_id = uri, run_id
-        self.enabled = bool(uri and run_id)
+    MAX_PENDING = 20_000  # metric values a tracker holds in memory before it keeps them here
+
+    def __init__(self, fs, root: str, uri: str):
+        self.fs, self.root, self.uri = fs, root.rstrip("/"), uri
+
+    def put(self, record: dict) -> None:
+        import json
+        import uuid
+
+        self.fs.pipe_file(f"{self.root}/{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.json",
+                          json.dumps(record).encode())
+
+    def names(self) -> list[str]:
+        try:
+            self.fs.invalidate_cache(self.root)
+            return sorted(p for p in self.fs.ls(self.root, detail=False) if p.endswith(".json"))
+        except FileNotFoundError:
+            return []
+
+    def deliver(self, uri: str, run_id: str) -> int:
+        """Sends every kept record to run `run_id`, oldest first, each removed once the
+        server took it; raises (keeping the rest) while the server does not answer."""
+        import base64
+        import json
+
+        from mlflow.entities import Metric
+
+        client = mlflow_client(uri)
+        sent = 0
+        for path in self.names():
+            rec = json.loads(self.fs.cat_file(path))
+            if rec["kind"] == "metrics":
+                metrics = [Metric(k, v, ts, step) for k, v, ts, step in rec["metrics"]]
+                for i in range(0, len(metrics), 1000):
+                    client.log_batch(run_id, metrics=metrics[i:i + 1000])
+            elif rec["kind"] == "call":
+                getattr(client, rec["method"])(run_id, *rec["args"])
+            elif rec["kind"] == "artifact":
+                Tracker(uri, run_id).log_artifact_bytes(base64.b64decode(rec["data"]), rec["path"], strict=True)
+            self.fs.rm(path)
+            sent += 1
+        return sent
+
+
+class Tracker:
+    """Buffered metric logging to one MLflow run (rank 0 only).
+
+    bind: with no run id yet (the server did not answer when the run started), called
+    to find or create the run once the server answers. outbox: where what could not be
+    sent is kept (`keep`), and where calls that failed go."""
+
+    def __init__(self, uri: str | None, run_id: str | None, *, metric_key: str = "loss", bind=None,
+                 outbox: Outbox | None = None):
+        self.uri, self.run_id, self._bind, self.outbox = uri, run_id, bind, outbox
+        self.metric_key = metric_key
+        self.enabled = bool(uri and (run_id or bind))
         self.pending: list = []  # metrics not yet accepted by the server
         self._warned = False
+        self._gave_up = False  # a call that waited for the server did not get it: later calls do not wait
+        self._synced = False  # whether the run's last logged step has been asked for
         self.last_logged_step = -1
         if self.enabled:
             try:
-                hist = mlflow_client(uri).get_metric_history(run_id, metric_key)
-                self.last_logged_step = max((m.step for m in hist), default=-1)
+                self._run()
             except Exception as e:  # noqa: BLE001 - outage at start: log everything later
                 self._warn(e)
+
+    def _run(self) -> str:
+        """The run id, on first contact with the server: the run bound if it had none yet,
+        and its last logged step asked for (a restarted run drops what it logged before
+        it went down). Raises while the server does not answer."""
+        if self.run_id is None:
+            self.run_id = self._bind()
+            log.info("MLflow answers: the run is %s", self.run_id)
+        if not self._synced:
+            hist = mlflow_client(self.uri).get_metric_history(self.run_id, self.metric_key)
+            logged = max((m.step for m in hist), default=-1)
+            self.pending = [m for m in self.pending if m.step > logged]
+            self.last_logged_step = max(self.last_logged_step, logged)
+            self._synced = True
+        return self.run_id
 
     def _warn(self, e: Exception) -> None:
         if not self._warned:
@@ -228,13 +303,24 @@ class Tracker:
 
         ts = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        self.flush()
+        if not self.flush() and self.outbox is not None and len(self.pending) > Outbox.MAX_PENDING:
+            self.keep()  # a long outage: memory is not where a run's record waits
+
+    def keep(self) -> int:
+        """Moves the metrics the server has not taken into the outbox. Returns how many."""
+        n = len(self.pending)
+        if n and self.outbox is not None:
+            self.outbox.put({"kind": "metrics", "metrics": [[m.key, m.value, m.timestamp, m.step]
+                                                             for m in self.pending]})
+            self.last_logged_step = max(m.step for m in self.pending)
+            self.pending = []
+        return n
 
     def flush(self) -> bool:
         if not self.enabled or not self.pending:
             return True
         try:
-            mlflow_client(self.uri).log_batch(self.run_id, metrics=self.pending[:1000])
+            mlflow_client(self.uri).log_batch(self._run(), metrics=self.pending[:1000])
         except Exception as e:  # noqa: BLE001
             self._warn(e)
             return False
@@ -243,10 +329,12 @@ class Tracker:
         self._warned = False
         return self.flush()
 
-    def log_artifact_bytes(self, data: bytes, path: str) -> bool:
-        """Uploads bytes as an artifact (through the tracking server's artifact proxy)."""
+    def log_artifact_bytes(self, data: bytes, path: str, *, wait_s: float = 0.0, strict: bool = False) -> bool:
+        """Uploads bytes as an artifact (through the tracking server's artifact proxy);
+        kept in the outbox if the server does not take it (strict: raises instead)."""
         if not self.enabled:
             return False
+        import base64
         import os
         import tempfile
 
@@ -254,21 +342,33 @@ class Tracker:
             local = os.path.join(tmp, os.path.basename(path))
             with open(local, "wb") as f:
                 f.write(data)
-            return self.call("log_artifact", local, os.path.dirname(path) or None)
+            if strict:
+                mlflow_client(self.uri).log_artifact(self._run(), local, os.path.dirname(path) or None)
+                return True
+            if self.call("log_artifact", local, os.path.dirname(path) or None, wait_s=wait_s, keep=False):
+                return True
+        if self.outbox is not None:
+            self.outbox.put({"kind": "artifact", "path": path, "data": base64.b64encode(data).decode()})
+        return False
 
-    def call(self, method: str, *args: Any, wait_s: float = 0.0) -> bool:
-        """Any other MlflowClient call (params, tags, artifacts), tolerant of outages:
-        tried again for up to `wait_s` seconds while the server does not answer."""
+    def call(self, method: str, *args: Any, wait_s: float = 0.0, keep: bool = True) -> bool:
+        """Any other MlflowClient call (params, tags, status), tolerant of outages: tried
+        again for up to `wait_s` seconds while the server does not answer (not at all
+        once such a wait went unanswered), then kept in the outbox (`keep`, JSON args)."""
         if not self.enabled:
             return False
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + (0.0 if self._gave_up else wait_s)
         while True:
             try:
-                getattr(mlflow_client(self.uri), method)(self.run_id, *args)
+                getattr(mlflow_client(self.uri), method)(self._run(), *args)
+                self._gave_up = False
                 return True
             except Exception as e:  # noqa: BLE001
                 self._warn(e)
                 if time.monotonic() >= deadline:
+                    self._gave_up = self._gave_up or wait_s > 0
+                    if keep and self.outbox is not None:
+                        self.outbox.put({"kind": "call", "method": method, "args": list(args)})
                     return False
                 time.sleep(2)
 
@@ -278,7 +378,7 @@ class Tracker:
         deadline = time.monotonic() + wait_s
         while not self.flush():
             if time.monotonic() >= deadline:
-                log.warning("%d metric values could not be sent to MLflow at %s within %.0f s", len(self.pending),
+                log.warning("%d metric values not sent to MLflow at %s within %.0f s", len(self.pending),
                             self.uri, wait_s)
                 return False
             time.sleep(2)

@@ -13,6 +13,7 @@ exactly the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -28,7 +29,6 @@ from .config import ConfigError, from_dict
 from .storage import run_uri
 
 log = logging.getLogger(__name__)
-END_WAIT_S = 120.0  # how long the end of a run waits for an MLflow server that does not answer
 
 
 def _worker_context():
@@ -43,7 +43,7 @@ def _worker_context():
 
 def _system_metrics(tracker):
     """MLflow's system-metrics monitor (CPU, memory, GPU) on rank 0's node, into the job's run."""
-    if not tracker.enabled:
+    if not tracker.enabled or tracker.run_id is None:  # not while MLflow has not answered yet
         return None
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -113,7 +113,13 @@ def train_loop(config: dict) -> None:
     # The driver's run (bound to the run's storage, `orchestrator.identity`) wins over the
     # one a checkpoint recorded: the metrics go where the CLI said they would.
     state.mlflow_run_id = config.get("mlflow_run_id") or state.mlflow_run_id
-    tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id) if rank == 0 else Tracker(None, None)
+    tracker = Tracker(None, None)
+    if rank == 0:
+        from .identity import bind_run, outbox
+
+        # Without a run id (MLflow did not answer the driver), the run is bound when it first answers.
+        tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id, outbox=outbox(cfg),
+                          bind=functools.partial(bind_run, cfg, config.get("run_tags") or {}))
     if restored is not None and rank == 0:
         # Every resume is on the run's record (the step it went back to), and so is every
         # checkpoint passed over; the driver's copy of worker output can miss lines.
@@ -169,7 +175,7 @@ def train_loop(config: dict) -> None:
                 metrics["nonfinite_steps"] = float(nonfinite.total)
             if stop is not None:  # before the step counts or any checkpoint holds it
                 tracker.log_metrics(metrics, step=state.step + 1)
-                tracker.drain(wait_s=END_WAIT_S)  # the bad step's figures reach MLflow before the run ends
+                _drain_or_keep(tracker, cfg)  # the bad step's figures reach MLflow before the run ends
                 raise stop
             state.step += 1
             state.losses.append([state.step, loss])
@@ -189,7 +195,7 @@ def train_loop(config: dict) -> None:
     saver.wait()  # the last checkpoint is complete before the run says it finished
     if s3_retries[0] and rank == 0:  # with the retries of the last uploads, which ran after the last step
         tracker.call("log_metric", "storage_retries", float(s3_retries[0]), int(time.time() * 1000), state.step)
-    tracker.drain(wait_s=END_WAIT_S)
+    _drain_or_keep(tracker, cfg)
     if system is not None:
         system.finish()
     exported = runner.export(rank, run_uri(cfg, "export"))
@@ -202,6 +208,15 @@ def train_loop(config: dict) -> None:
         if exported:
             tracker.call("set_tag", "longview.export", exported)
         tracker.log_artifact_bytes(loss_curve_png(state.losses, cfg.name), "plots/loss.png")
+
+
+def _drain_or_keep(tracker, cfg) -> None:
+    """Every metric to MLflow, waiting up to tracking.wait_s for the server; what it
+    has not taken by then is kept in the run's storage for the next start to send."""
+    if not tracker.drain(wait_s=cfg.tracking.wait_s):
+        n = tracker.keep()
+        log.warning("%d metric values kept in %s for MLflow at %s, which did not answer", n, tracker.outbox.uri,
+                    tracker.uri)
 
 
 class NonFiniteSteps:

@@ -297,6 +297,40 @@ def test_sigterm_stops_the_run_cleanly_at_its_last_checkpoint(services, record):
            note=f"one line naming the resume point (step {step} of {len(got)} done); no partial checkpoint left")
 
 
+def test_mlflow_down_for_a_whole_run_loses_nothing(services, reference, record):
+    """Down before the run starts, back only after it ended: training starts anyway, and
+    everything MLflow did not take (metrics, tags, status, the loss plot) waits in the
+    run's storage until `longview runs` sends it."""
+    from orchestrator.services import start_mlflow, stop_pid
+
+    fs, name = services, unique("nomlflow")
+    mlflow = fs["svc"].read()["mlflow"]
+    stop_pid(mlflow.pid)
+    try:
+        out = train(fs, name, "--set", "tracking.wait_s=2")
+    finally:
+        restarted = start_mlflow(fs["home"], fs["started"]["s3"], "lve2e", port=int(mlflow.url.rsplit(":", 1)[1]))
+        fs["svc"]._write({**fs["svc"].read(), "mlflow": restarted})  # `down` stops the new one
+    assert f"MLflow at {mlflow.url} does not answer" in out.stderr and "training starts without it" in out.stderr
+    assert f"kept in s3://lve2e/runs/{name}/mlflow-outbox" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(IndexError):  # nothing reached MLflow yet
+        history(fs, name)
+    runs = cli(fs["env"], "runs", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE)
+    assert "MLflow records run " in runs.stdout and f"| {name} | FINISHED | 6 |" in runs.stdout, runs.stdout
+    got, run = history(fs, name)
+    # The same run as the reference, every step once.
+    assert [s for s, _ in got] == list(range(1, STEPS + 1))
+    assert [v for _, v in got] == pytest.approx([v for _, v in reference[1]], rel=1e-6)
+    assert run.info.status == "FINISHED" and run.data.tags["longview.final_checkpoint"].endswith("step-0000006")
+    client, _ = mlflow_run(fs, name)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss.png"]
+    s3 = s3fs_direct(fs)
+    assert not s3.exists(f"lve2e/runs/{name}/mlflow-outbox") or s3.ls(f"lve2e/runs/{name}/mlflow-outbox") == []
+    record("MLflow down for a whole run, back after it ended", injected=1, survived=1, steps_lost=0, data_lost=0,
+           note="training starts without it; what MLflow did not take is kept in the run's storage and sent by "
+                "`longview runs`")
+
+
 def test_stalled_rank_fails_the_run_naming_the_group(services, record):
     fs = services
     name = unique("stall")
