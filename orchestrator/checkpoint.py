@@ -128,6 +128,27 @@ def _dcp_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {_first_line(e)}"
 
 
+LOW_SPACE = 64 << 20  # free bytes below which a failed local write is taken for a full disk
+
+
+def _space_hint(local: Path) -> str:
+    """"; No space left on device: ..." when the local temp folder's disk is (nearly)
+    full, so the failure reads as what it is (and is not retried, `launch.retriable`)."""
+    try:
+        free = shutil.disk_usage(local.parent).free
+    except OSError:
+        return ""
+    if free >= LOW_SPACE:
+        return ""
+    return (f"; No space left on device: {free >> 20} MiB free in {local.parent} (the workers' temp folder, "
+            "TMPDIR): free it or point TMPDIR at a larger disk")
+
+
+def _local_reason(e: BaseException, local: Path) -> str:
+    """Why writing this rank's files into its local temp folder failed, in one line."""
+    return f"writing {local} failed ({type(e).__name__}: {_first_line(e)}){_space_hint(local)}"
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
@@ -266,16 +287,22 @@ class Checkpointer:
         t0 = time.perf_counter()
         name = self.store.name(state.step)
         local = Path(tempfile.mkdtemp(prefix=f"longview-{name}-"))
-        tensors = None
-        if self.engine.ds is not None:
-            # DeepSpeed writes its shards itself, synchronously (into local disk, not S3).
-            self.engine.ds.save_checkpoint(str(local / "deepspeed"), tag="state")
-        else:
-            tensors = _staged(self.engine.state_tensors())
-        torch.save(_rng_state(), local / f"rng-rank{self.rank}.pt")
+        tensors, failed = None, None
+        try:
+            if self.engine.ds is not None:
+                # DeepSpeed writes its shards itself, synchronously (into local disk, not S3).
+                self.engine.ds.save_checkpoint(str(local / "deepspeed"), tag="state")
+            else:
+                tensors = _staged(self.engine.state_tensors())
+            torch.save(_rng_state(), local / f"rng-rank{self.rank}.pt")
+        except (OSError, RuntimeError) as e:
+            # A full or broken local disk: told to every rank by the verdict exchange in
+            # the background, so the ranks agree that this checkpoint failed.
+            failed = f"rank {self.rank}: {_local_reason(e, local)}"
         record = {"state": asdict(state), "scheduler": self.engine.scheduler.state_dict(), "job": self.job}
         blocked_s = time.perf_counter() - t0
-        self._thread = threading.Thread(target=self._write, args=(name, local, tensors, record, state.step, t0, blocked_s),
+        self._thread = threading.Thread(target=self._write, args=(name, local, tensors, record, state.step, t0,
+                                                                  blocked_s, failed),
                                         name=f"checkpoint-{name}", daemon=True)
         self._thread.start()
 
@@ -306,10 +333,12 @@ class Checkpointer:
         done, self._timings = self._timings, {}
         return done
 
-    def _write(self, name: str, local: Path, tensors, record: dict, step: int, t0: float, blocked_s: float) -> None:
+    def _write(self, name: str, local: Path, tensors, record: dict, step: int, t0: float, blocked_s: float,
+               failure: str | None = None) -> None:
         mine: dict = {"files": {}, "items": {}}
-        failure = None
         try:
+            # DCP's save is collective: a rank whose local copy failed already still takes
+            # part (and DCP shares any rank's failure), then only exchanges its verdict.
             if tensors is not None:
                 import torch.distributed.checkpoint as dcp
                 from torch.distributed.checkpoint.api import CheckpointException
@@ -318,7 +347,10 @@ class Checkpointer:
                     metadata = dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(local / "state")),
                                         process_group=self.group)
                 except CheckpointException as e:
-                    raise CheckpointError(f"writing the state failed on {_dcp_reason(e)}") from None
+                    raise CheckpointError(f"writing the state failed on {_dcp_reason(e)}"
+                                          f"{_space_hint(local)}") from None
+                if failure is not None:
+                    raise CheckpointError(failure)
                 for info in metadata.storage_data.values():
                     path = local / "state" / info.relative_path
                     if path.exists():  # this rank's file: a checksum per tensor, for ranged reads
@@ -326,6 +358,8 @@ class Checkpointer:
                             f.seek(info.offset)
                             blob = f.read(info.length)
                         mine["items"][_item_key(info.relative_path, info.offset, info.length)] = _sha256(blob)
+            if failure is not None:
+                raise CheckpointError(failure)
             files = sorted(p for p in local.rglob("*") if p.is_file())
             mine["files"] = {str(p.relative_to(local)): [p.stat().st_size, _file_sha256(p)] for p in files}
             if self.upload_hook is not None:
@@ -336,8 +370,10 @@ class Checkpointer:
                 if "://" not in self.store.uri:  # a local folder (S3 has no folders to make)
                     self.store.fs.makedirs(posixpath.dirname(target), exist_ok=True)
                 self.store.fs.put_file(str(p), target)
+        except CheckpointError as e:
+            failure = failure or f"rank {self.rank}: {e}"
         except Exception as e:  # noqa: BLE001 - the storage layer's errors vary by backend; reported below
-            failure = f"rank {self.rank}: {type(e).__name__}: {e}"
+            failure = f"rank {self.rank}: {type(e).__name__}: {e}{_space_hint(local)}"
         finally:
             shutil.rmtree(local, ignore_errors=True)
         verdicts: list = [None] * self.world

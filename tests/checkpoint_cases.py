@@ -58,3 +58,49 @@ def restore(folder, sharding="none"):
                                         group=checkpoint_group(60))
     state, name, skipped = got
     return state.step, name, skipped, engine.module[0].weight[0].tolist()
+
+
+def save_on_a_full_disk(folder, tmp_base):
+    """Saves step 1, then step 2 with rank 1's local temp disk full: its RNG file's write
+    fails as torch's zip writer fails on a full disk. Returns (the errors seen, the temp
+    folders left behind)."""
+    import os
+    import tempfile
+    from collections import namedtuple
+    from unittest import mock
+
+    from orchestrator import checkpoint
+
+    tmp = os.path.join(tmp_base, f"rank{dist.get_rank()}")
+    os.makedirs(tmp)
+    tempfile.tempdir = tmp  # this rank's own temp folder, so leftovers can be counted
+    engine = _engine()
+    saver = Checkpointer(_store(folder), rank=dist.get_rank(), world=dist.get_world_size(),
+                         group=checkpoint_group(60), engine=engine, keep=3, layout={})
+    _step(engine, 1)
+    saver.save(TrainState(step=1))
+    saver.wait()
+    _step(engine, 2)
+    errors = []
+    real_save = torch.save
+    usage = namedtuple("usage", "total used free")
+
+    def full(obj, path, *a, **k):
+        if str(path).startswith(tmp):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, path, *a, **k)
+
+    patches = [mock.patch.object(checkpoint.torch, "save", full),
+               mock.patch.object(checkpoint.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 0))] \
+        if dist.get_rank() == 1 else []
+    for p in patches:
+        p.start()
+    try:
+        saver.save(TrainState(step=2))
+        saver.wait()
+    except Exception as e:  # noqa: BLE001 - the test looks at the type and message
+        errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        for p in patches:
+            p.stop()
+    return errors, os.listdir(tmp)

@@ -78,6 +78,18 @@ def test_a_start_drops_checkpoints_a_stop_cut_short(saved):
     assert store.drop_incomplete() == []
 
 
+def test_a_full_local_disk_fails_the_save_on_every_rank_in_one_line(gloo_world, tmp_path):
+    folder = tmp_path / "ckpt"
+    results = gloo_world(2).run(checkpoint_cases.save_on_a_full_disk, str(folder), str(tmp_path / "tmp"))
+    for errors, left in results:
+        assert len(errors) == 1 and errors[0].startswith("CheckpointUploadError: checkpoint step-0000002 "), errors
+        assert "rank 1: writing " in errors[0] and "unexpected pos" in errors[0]
+        assert "No space left on device: 0 MiB free in " in errors[0] and "TMPDIR" in errors[0]
+        assert left == []  # no temp folder left behind
+    store = checkpoint_cases._store(str(folder))
+    assert store.latest_complete() == "step-0000001"  # the failed save never became a checkpoint
+
+
 def test_a_tampered_index_or_tensor_file_runs_no_code(gloo_world, saved, tmp_path_factory):
     folder, weights = saved
     canary = tmp_path_factory.mktemp("canary") / "pwned"
