@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from workloads.engine import TrainingConfig
-from workloads.spec import APPLY, NEW_RUN, FieldError, WorkloadSpec, bound_error, bounded
+from workloads.spec import APPLY, NEW_RUN, FieldError, WorkloadSpec, bound_error, bounded, no_credentials
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,7 @@ class StorageSection:
     retries: int = bounded(10, gt=0)
 
     def __post_init__(self):
+        no_credentials("endpoint_url", self.endpoint_url)
         if self.uri.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", self.uri):
             raise FieldError("uri", f"{self.uri!r} is not an s3://bucket/prefix URI")
         if self.uri and not self.uri.startswith(("s3://", "/")):
@@ -80,6 +81,9 @@ class TrackingSection:
     # How long the end of a run waits for a server that does not answer; what it has not
     # taken then is kept in the run's storage and sent by the next start or `longview runs`.
     wait_s: float = bounded(120.0, ge=0)
+
+    def __post_init__(self):
+        no_credentials("uri", self.uri)
 
 
 MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to it
@@ -325,19 +329,63 @@ def load_config(path_or_text: str, *, overrides: dict | None = None) -> JobConfi
     """
     import os
 
-    import yaml
-
     if os.path.isdir(path_or_text):
         raise ConfigError(f"{path_or_text}: is a folder, not a config file")
     if "\n" not in path_or_text and path_or_text.endswith((".yaml", ".yml", ".json")) \
             and not os.path.exists(path_or_text):
         raise ConfigError(f"{path_or_text}: no such config file")
-    text = open(path_or_text).read() if os.path.exists(path_or_text) else path_or_text
+    if os.path.exists(path_or_text):
+        size = os.path.getsize(path_or_text)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path_or_text}: {size / 2**20:.1f} MiB is not a job config (at most "
+                              f"{MAX_CONFIG_BYTES >> 10} KiB; a config is a few KiB)")
+        with open(path_or_text, "rb") as f:
+            try:
+                text = f.read().decode()
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path_or_text}: not UTF-8 text (byte {e.start})") from None
+    else:
+        text = path_or_text
+    return from_dict(_parse_yaml(text, "config"), overrides=overrides)
+
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 100  # a real config uses a handful
+MAX_NODES = 100_000  # values in the document once aliases are expanded (an alias bomb: billions)
+
+
+def _parse_yaml(text: str, what: str):
+    """YAML with longview's loader: safe tags only, YAML 1.2 numbers, aliases bounded.
+    Any error is a ConfigError saying where."""
+    import yaml
+
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what}: {len(text) / 2**20:.1f} MiB of YAML is not a job config")
     try:
         data = yaml.load(text, Loader=_yaml_loader())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config is not valid YAML: {e}") from None
-    return from_dict(data, overrides=overrides)
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(e).split())}") from None
+    if _expanded_size(data) > MAX_NODES:
+        raise ConfigError(f"{what} is not valid YAML: its aliases expand to more than {MAX_NODES} values (an alias "
+                          "bomb?): not a job config")
+    return data
+
+
+def _expanded_size(data) -> int:
+    """How many values `data` holds with every alias expanded, counted without expanding
+    them (an alias is the same object each time it appears)."""
+    sizes: dict[int, int] = {}
+
+    def size(x) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        if id(x) not in sizes:
+            sizes[id(x)] = 0  # a cycle counts once
+            items = list(x.keys()) + list(x.values()) if isinstance(x, dict) else x
+            sizes[id(x)] = min(1 + sum(size(v) for v in items), MAX_NODES + 1)
+        return sizes[id(x)]
+
+    return size(data)
 
 
 def from_dict(data: dict, *, overrides: dict | None = None) -> JobConfig:
@@ -366,7 +414,17 @@ def _yaml_loader():
 
     class Loader(yaml.SafeLoader):
         """YAML 1.1's safe loader reading numbers as YAML 1.2 does: `1e-3` and `3e6` are
-        floats (1.1 wants `1.0e-3`, and would hand the config a string)."""
+        floats (1.1 wants `1.0e-3`, and would hand the config a string); at most
+        MAX_ALIASES aliases (nested aliases grow a document exponentially)."""
+
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_ALIASES:
+                    raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*name): not a job config")
+            return super().compose_node(parent, index)
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -377,9 +435,7 @@ def _yaml_loader():
 
 def yaml_value(text: str):
     """One value as YAML reads it with longview's loader (`--set key=value`)."""
-    import yaml
-
-    return yaml.load(text, Loader=_yaml_loader())
+    return _parse_yaml(text, "the value")
 
 
 def to_dict(cfg) -> dict:

@@ -145,3 +145,34 @@ def test_a_config_path_that_is_not_a_file_is_named(tmp_path):
 def test_storage_is_s3_or_an_absolute_folder(uri):
     with pytest.raises(ConfigError, match=r"storage.uri: .* is neither an s3://bucket/prefix URI nor an absolute folder"):
         load_config(BASE, overrides={"storage.uri": uri})
+
+
+@pytest.mark.parametrize("key", ["tracking.uri", "storage.endpoint_url", "data.train", "model.pretrained"])
+def test_uris_with_credentials_are_refused_without_echoing_them(key):
+    with pytest.raises(ConfigError) as e:
+        load_config(BASE, overrides={key: "http://alice:s3cret@host:5000/x"})
+    assert str(e.value).startswith(f"{key}: http://host:5000/x is given with credentials") and "s3cret" not in str(e.value)
+
+
+def test_hostile_yaml_is_one_config_error_quickly(tmp_path):
+    # Nested aliases: 9 levels of 9 would expand to 9^9 items in anything that walks them.
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)] + ["model: {overrides: {x: *a8}}"]
+    with pytest.raises(ConfigError, match=r"config is not valid YAML: its aliases expand to more than 100000"):
+        load_config(BASE + "\n".join(lines) + "\n")
+    many = [f"k{i}: &k{i} {i}" for i in range(101)] + [f"r{i}: *k{i}" for i in range(101)]
+    with pytest.raises(ConfigError, match=r"config is not valid YAML: more than 100 aliases"):
+        load_config(BASE + "\n".join(many) + "\n")
+    big = tmp_path / "big.yaml"
+    big.write_text(BASE + "# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"big.yaml: 2.0 MiB is not a job config"):
+        load_config(str(big))
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"bin.yaml: not UTF-8 text \(byte 6\)"):
+        load_config(str(binary))
+    from orchestrator.config import yaml_value
+
+    for bad in ("[", "!!python/object:os.system", "{a: 1"):  # --set values
+        with pytest.raises(ConfigError, match=r"the value is not valid YAML: "):
+            yaml_value(bad)

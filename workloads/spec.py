@@ -281,6 +281,21 @@ def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: 
     return field(default=default, default_factory=default_factory, metadata=meta)
 
 
+def no_credentials(key: str, uri: str | None) -> None:
+    """A URI field must not carry a user or password (`http://alice:secret@host`): the
+    config is printed, logged as MLflow params and stored with the run. FieldError if it does."""
+    if not uri or "://" not in uri:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        safe = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+        raise FieldError(key, f"{safe} is given with credentials in it (user:password@), which would be printed "
+                              "and stored with the run: give them in the environment (MLFLOW_TRACKING_USERNAME / "
+                              "MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+
+
 class FieldError(ValueError):
     """A config section's own rule was broken; `key` is the field inside the section
     ("" for the section as a whole). The config loader adds the section's path."""

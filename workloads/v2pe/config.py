@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded
+from ..spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded, no_credentials
 from .data import DataConfig
 
 Task = Literal["marked", "count", "colour", "needle"]
@@ -30,6 +30,7 @@ class ModelSection:
     pretrained: str | None = None  # InternVL2 checkpoint folder, local or s3://
 
     def __post_init__(self):
+        no_credentials("pretrained", self.pretrained)
         try:
             self.config()
         except (ValueError, TypeError) as e:
@@ -94,6 +95,8 @@ class DataSection:
     on_bad_sample: Literal["fail", "skip"] = "fail"
 
     def __post_init__(self):
+        for key in ("train", "tokenizer", "image_root"):
+            no_credentials(key, getattr(self, key))
         if self.position_mode == "v2pe_fix" and self.position_stride is None:
             raise FieldError("position_stride", "required when data.position_mode is 'v2pe_fix' (δ = stride/256)")
         if self.train == "synthetic" and self.synthetic.tokens > self.max_tokens:
