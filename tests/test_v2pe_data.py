@@ -220,7 +220,7 @@ def test_file_cache_reads_a_file_once_within_its_budget(tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(bytes([ord(name)]) * size)
     reads = []
     real = data.fetch_files
-    monkeypatch.setattr(data, "fetch_files", lambda paths: reads.extend(paths) or real(paths))
+    monkeypatch.setattr(data, "fetch_files", lambda paths, **kw: reads.extend(paths) or real(paths, **kw))
     cache = data.FileCache(budget_bytes=250)
     a, b, c = (str(tmp_path / n) for n in "abc")
     assert cache.fetch([a, b, a])[a] == b"a" * 100 and reads == [a, b]  # asked twice, read once

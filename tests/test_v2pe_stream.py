@@ -54,7 +54,7 @@ def test_a_rank_decodes_only_the_images_of_its_tiles(tmp_path, monkeypatch):
     import workloads.v2pe.data as data
 
     real_fetch = data.fetch_files
-    monkeypatch.setattr(data, "fetch_files", lambda paths: fetched.extend(paths) or real_fetch(paths))
+    monkeypatch.setattr(data, "fetch_files", lambda paths, **kw: fetched.extend(paths) or real_fetch(paths, **kw))
     # 5 tiles over 4 ranks: rank 0 gets tiles 0-1 (a, and b's first), rank 3 the last (c)
     for rank, want in [(0, ["a.png", "b.png"]), (3, ["c.png"])]:
         opened.clear()

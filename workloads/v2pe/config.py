@@ -93,10 +93,20 @@ class DataSection:
     # its images, empty conversation, longer than max_tokens, not JSON): "fail" stops the
     # job naming it; "skip" leaves it out, counted by reason in the log and in MLflow.
     on_bad_sample: Literal["fail", "skip"] = "fail"
+    # Image references lead inside the dataset's root (image_root, else the JSONL's
+    # folder) only; list other roots (a folder, s3://bucket/prefix) to allow them.
+    allowed_roots: list[str] = field(default_factory=list)
+    # Bounds a real dataset never meets: past them a sample is a bad sample (above), not
+    # a worker out of memory or a read that never ends.
+    max_line_bytes: int = bounded(16 << 20, gt=0)
+    max_image_bytes: int = bounded(64 << 20, gt=0)
+    max_image_pixels: int = bounded(64_000_000, gt=0)
 
     def __post_init__(self):
         for key in ("train", "tokenizer", "image_root"):
             no_credentials(key, getattr(self, key))
+        for root in self.allowed_roots:
+            no_credentials("allowed_roots", root)
         if self.position_mode == "v2pe_fix" and self.position_stride is None:
             raise FieldError("position_stride", "required when data.position_mode is 'v2pe_fix' (δ = stride/256)")
         if self.train == "synthetic" and self.synthetic.tokens > self.max_tokens:
@@ -108,7 +118,9 @@ class DataSection:
                           tile=model_cfg.vision.image_size, tokens_per_tile=model_cfg.tokens_per_tile,
                           thumbnail=model_cfg.thumbnail,
                           position_mode=self.position_mode, position_stride=self.position_stride,
-                          on_bad_sample=self.on_bad_sample, image_root=self.image_root)
+                          on_bad_sample=self.on_bad_sample, image_root=self.image_root,
+                          allowed_roots=tuple(self.allowed_roots), max_line_bytes=self.max_line_bytes,
+                          max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -7,11 +7,15 @@ Input format (InternVL / V2PE fine-tuning data), one JSON object per line:
                        {"from": "gpt", "value": "Image 2"}]}
 
 Image paths are relative to the JSONL file's folder, or to `image_root` (local or s3://,
-through fsspec). Chats are rendered in the authors' `internlm2-chat` template
-(`render_tokens`); each `<image>` placeholder becomes `<img>` + tokens_per_tile x tiles
-context tokens + `</img>`. Loss is taken on the answers only. Nothing is truncated: a
-sample longer than the configured maximum is an error that names it. This module reads
-samples whole (evaluation, tests); training streams them (`stream.py`).
+through fsspec). A dataset is contained: its image references resolve inside that root
+(or a root `allowed_roots` names), only regular files are read, lines, files and decoded
+pixels are bounded (`DataConfig.max_*`), and every per-sample failure is a DataError that
+names the file and line (text from the data printed escaped, `printable`). Chats are
+rendered in the authors' `internlm2-chat` template (`render_tokens`); each `<image>`
+placeholder becomes `<img>` + tokens_per_tile x tiles context tokens + `</img>`. Loss is
+taken on the answers only. Nothing is truncated: a sample longer than the configured
+maximum is an error that names it. This module reads samples whole (evaluation, tests);
+training streams them (`stream.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import posixpath
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -66,6 +72,87 @@ class LoadReport:
     def summary(self) -> str:
         why = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
         return f"{self.path}: {self.loaded} samples loaded, {self.total_skipped} skipped ({why})"
+
+
+# --- containment: what a dataset may make the reader touch ----------------------------------
+
+
+def printable(text, limit: int = 200) -> str:
+    """Text from the data as it may be printed: control characters (ANSI escapes, line
+    breaks) escaped, at most `limit` characters."""
+    s = str(text)
+    if len(s) > limit:
+        s = s[:limit] + "..."
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+                   for c in s)
+
+
+def _split(url: str) -> tuple[str, str]:
+    """("s3://", "bucket/key") or ("", "/local/path"); file:// is a local path."""
+    scheme, sep, rest = url.rpartition("://")
+    if scheme in ("", "file"):
+        return "", rest if sep else url
+    return f"{scheme}://", rest
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether `path` lies under `root`: the same scheme and a normalised prefix, with
+    local symlinks followed (a link out of the folder is outside it)."""
+    (ps, pr), (rs, rr) = _split(path), _split(root)
+    if ps != rs:
+        return False
+    if not ps:
+        pr, rr = os.path.realpath(pr or "."), os.path.realpath(rr or ".")
+    else:
+        pr, rr = posixpath.normpath(pr), posixpath.normpath(rr)
+    return pr == rr or pr.startswith(rr.rstrip("/") + "/")
+
+
+def resolve_image(name: str, base: str, *, sample: str, allowed: Sequence[str] = ()) -> str:
+    """A record's image reference resolved against the dataset's root `base`. One that
+    leads out of it (an absolute path or URL elsewhere, `..`, a symlink pointing out) is
+    a DataError unless it lies inside one of `allowed` (data.allowed_roots): a dataset
+    must not make the workers read arbitrary files or fetch arbitrary URLs."""
+    if "://" in name or name.startswith("/"):
+        path = name
+    else:
+        scheme, rest = _split(base)
+        path = f"{scheme}{posixpath.normpath(posixpath.join(rest, name))}" if rest else posixpath.normpath(name)
+    if not any(_inside(path, root) for root in (base, *allowed)):
+        raise DataError(f"sample {sample}: image {printable(name)} is outside the dataset's root {base or '.'} "
+                        "(data.allowed_roots lists other places images may come from)", "outside_root")
+    return path
+
+
+class Refused(OSError):
+    """A file the reader will not read (not a regular file, or over its size limit)."""
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    st = os.stat(path)  # follows links: their target is what would be read
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused("is not a regular file")
+    if st.st_size > max_bytes:
+        raise Refused(f"is {st.st_size / 2**20:.1f} MiB, more than data.max_image_bytes={max_bytes}")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise Refused(f"is more than data.max_image_bytes={max_bytes} bytes")
+    return data
+
+
+def read_head(path: str, n: int) -> bytes:
+    """The first `n` bytes of a file (a regular one, if local)."""
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(path)
+    if "local" in getattr(fs, "protocol", ()) or "file" in getattr(fs, "protocol", ()):
+        st = os.stat(key)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused("is not a regular file")
+        with open(key, "rb") as f:
+            return f.read(n)
+    return fs.cat_file(key, start=0, end=n)
 
 
 # --- images -------------------------------------------------------------------------------
@@ -120,26 +207,49 @@ def tile_image(image, *, tile: int, max_tiles: int, thumbnail: bool = True) -> t
     return tiles
 
 
-def open_image(path: str, *, sample: str, data: bytes | Exception | None = None):
+MAX_IMAGE_BYTES = 64 << 20
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: a photo of a page is ~10 M; PIL warns at 89 M
+
+
+def open_image(path: str, *, sample: str, data: bytes | Exception | None = None, max_bytes: int = MAX_IMAGE_BYTES,
+               max_pixels: int = MAX_IMAGE_PIXELS):
     """The decoded image at `path` (`data`: its bytes, or the error reading them, when
-    already fetched by `fetch_files`)."""
-    import fsspec
+    already fetched by `fetch_files`); at most `max_bytes` read and `max_pixels` decoded."""
     from PIL import Image
 
     try:
         if isinstance(data, Exception):
             raise data
         if data is None:
-            with fsspec.open(path, "rb") as f:
-                data = f.read()
+            data = fetch_files([path], max_bytes=max_bytes)[path]
+            if isinstance(data, Exception):
+                raise data
     except FileNotFoundError:
-        raise DataError(f"sample {sample}: image file {path} does not exist", "image") from None
+        raise DataError(f"sample {sample}: image file {printable(path)} does not exist", "image") from None
+    except OSError as e:  # Refused, a directory, a permission
+        raise DataError(f"sample {sample}: image file {printable(path)} {_why(e)}", "image") from None
     try:
         img = Image.open(io.BytesIO(data))
+        check_pixels(img.size, max_pixels, path=path, sample=sample)
         img.load()  # decode now: a truncated or corrupt file fails here, not halfway through tiling
         return img
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"sample {sample}: image file {path} cannot be read ({e})", "image") from None
+        raise DataError(f"sample {sample}: image file {printable(path)} cannot be read ({printable(e)})",
+                        "image") from None
+
+
+def _why(e: OSError) -> str:
+    return str(e) if isinstance(e, Refused) else f"cannot be read ({type(e).__name__}: {printable(e.strerror or e)})"
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int, *, path: str, sample: str) -> None:
+    """A DataError before decoding an image of more than `max_pixels` pixels."""
+    w, h = size
+    if w * h > max_pixels:
+        raise DataError(f"sample {sample}: image file {printable(path)} is {w}x{h} pixels, more than "
+                        f"data.max_image_pixels={max_pixels}", "image_too_large")
 
 
 def concurrency(fs, requests: int = 16) -> dict:
@@ -149,10 +259,12 @@ def concurrency(fs, requests: int = 16) -> dict:
     return {"batch_size": requests} if getattr(fs, "async_impl", False) else {}
 
 
-def fetch_files(paths: Sequence[str]) -> dict[str, bytes | Exception]:
+def fetch_files(paths: Sequence[str], *, max_bytes: int = MAX_IMAGE_BYTES) -> dict[str, bytes | Exception]:
     """Every file's bytes (or the error reading it), read concurrently: one batch per
     filesystem, so a row's images cost one round of requests to S3, not one (or two,
-    with s3fs's size lookup) after another."""
+    with s3fs's size lookup) after another. At most `max_bytes` of each are read (a
+    larger file is a `Refused` error); local files must be regular files (a FIFO would
+    block, /dev/zero never end)."""
     import fsspec
 
     by_fs: dict[int, tuple] = {}
@@ -161,10 +273,22 @@ def fetch_files(paths: Sequence[str]) -> dict[str, bytes | Exception]:
         by_fs.setdefault(id(fs), (fs, []))[1].append((p, key))
     out: dict[str, bytes | Exception] = {}
     for fs, items in by_fs.values():
-        got = fs.cat([k for _, k in items], on_error="return", **concurrency(fs))
-        for p, k in items:
-            value = got.get(k) if isinstance(got, dict) else got
-            out[p] = value if value is not None else FileNotFoundError(p)
+        if "file" in fs.protocol or "local" in fs.protocol:
+            for p, k in items:
+                try:
+                    out[p] = _read_local(k, max_bytes)
+                except OSError as e:
+                    out[p] = e
+            continue
+        keys = [k for _, k in items]
+        got = fs.cat_ranges(keys, [0] * len(keys), [max_bytes + 1] * len(keys), on_error="return",
+                            **concurrency(fs))
+        for (p, _), value in zip(items, got):
+            if value is None:
+                value = FileNotFoundError(p)
+            elif isinstance(value, bytes) and len(value) > max_bytes:
+                value = Refused(f"is more than data.max_image_bytes={max_bytes} bytes")
+            out[p] = value
     return out
 
 
@@ -184,7 +308,7 @@ class FileCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def fetch(self, paths: Sequence[str]) -> dict[str, bytes | Exception]:
+    def fetch(self, paths: Sequence[str], *, max_bytes: int = MAX_IMAGE_BYTES) -> dict[str, bytes | Exception]:
         out: dict[str, bytes | Exception] = {}
         with self._lock:
             for p in paths:
@@ -192,7 +316,7 @@ class FileCache:
                     self._files.move_to_end(p)
                     out[p] = self._files[p]
         missing = [p for p in dict.fromkeys(paths) if p not in out]
-        got = fetch_files(missing) if missing else {}
+        got = fetch_files(missing, max_bytes=max_bytes) if missing else {}
         with self._lock:
             for p, value in got.items():
                 out[p] = value
@@ -223,6 +347,14 @@ class DataConfig:
     # The folder relative image paths start from (the `root` of the authors' dataset
     # meta files); None: the JSONL's own folder.
     image_root: str | None = None
+    # Other places image references may lead to (absolute paths, URLs); by default only
+    # inside the dataset's root.
+    allowed_roots: tuple[str, ...] = ()
+    # Bounds a real dataset never meets; beyond them a sample is a DataError, not a
+    # worker that runs out of memory.
+    max_line_bytes: int = 16 << 20  # one JSONL record (a 1M-token sample is ~4 MiB of text)
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def image_base(self, jsonl: str) -> str:
         return self.image_root or posixpath.dirname(jsonl)
@@ -326,9 +458,10 @@ def render_tokens(
     return ids, supervised
 
 
-def prepare_record(record, sample: str, base_dir: str = "") -> tuple[list[tuple[str, str]], list[str]]:
-    """A JSONL record checked: its (role, text) turns and its image paths (relative ones
-    resolved against `base_dir`), one per `<image>` placeholder."""
+def prepare_record(record, sample: str, base_dir: str = "", allowed: Sequence[str] = ()
+                   ) -> tuple[list[tuple[str, str]], list[str]]:
+    """A JSONL record checked: its (role, text) turns and its image paths (resolved
+    against `base_dir`, and inside it or `allowed`), one per `<image>` placeholder."""
     if not isinstance(record, dict):
         raise DataError(f"sample {sample}: a record must be a JSON object, got {type(record).__name__}", "record")
     images = record.get("image", [])
@@ -340,7 +473,7 @@ def prepare_record(record, sample: str, base_dir: str = "") -> tuple[list[tuple[
     if n_placeholders != len(images):
         raise DataError(f"sample {sample}: {len(images)} image(s) but {n_placeholders} '<image>' placeholder(s)",
                         "placeholders")
-    paths = [name if "://" in name or name.startswith("/") else posixpath.join(base_dir, name) for name in images]
+    paths = [resolve_image(name, base_dir, sample=sample, allowed=allowed) for name in images]
     return convs, paths
 
 
@@ -371,35 +504,78 @@ def encode_sample(
 ) -> EncodedSample:
     """One JSONL record -> token ids, shifted targets and image tiles (the images read
     through `files` when given, so samples that share images read each once)."""
-    sample = sample or (str(record.get("id", "?")) if isinstance(record, dict) else "?")
-    convs, paths = prepare_record(record, sample, base_dir)
+    sample = sample or sample_name(record)
+    convs, paths = prepare_record(record, sample, base_dir, cfg.allowed_roots)
     if files is not None:
-        read = files.fetch(paths)
-    else:
-        read = fetch_files(paths) if len(paths) > 1 else {}  # a sample's images in one concurrent batch
+        read = files.fetch(paths, max_bytes=cfg.max_image_bytes)
+    else:  # a sample's images in one concurrent batch
+        read = fetch_files(paths, max_bytes=cfg.max_image_bytes) if len(paths) > 1 else {}
     # open_image decodes the whole file, so a corrupt one fails there, naming it
-    tiles = [tile_image(open_image(p, sample=sample, data=read.get(p)), tile=cfg.tile, max_tiles=cfg.max_tiles,
-                        thumbnail=cfg.thumbnail) for p in paths]
+    tiles = [tile_image(open_image(p, sample=sample, data=read.get(p), max_bytes=cfg.max_image_bytes,
+                                   max_pixels=cfg.max_image_pixels),
+                        tile=cfg.tile, max_tiles=cfg.max_tiles, thumbnail=cfg.thumbnail) for p in paths]
     input_ids, targets = encode_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, cfg=cfg, sample=sample)
     pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, cfg.tile, cfg.tile)
     return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets, pixels=pixels)
 
 
-def read_jsonl(path: str, report: LoadReport | None = None) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of every non-empty line. A line that is not JSON raises, or
-    with `report` is counted there and left out."""
+def sample_name(record, where: str = "") -> str:
+    """How messages name a sample: its id (printable) and where it is."""
+    rid = printable(record.get("id", "?"), 100) if isinstance(record, dict) else "?"
+    return f"{rid} ({where})" if where else rid
+
+
+def iter_lines(f, max_bytes: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """(byte offset, line number, line) of a binary file, each line read at most
+    `max_bytes` at a time: a longer one comes as None after it was skipped in chunks,
+    never held whole."""
+    offset = 0
+    for line_no in range(1, 1 << 62):
+        raw = f.readline(max_bytes + 1)
+        if not raw:
+            return
+        start, offset = offset, offset + len(raw)
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(1 << 20)
+                offset += len(raw)
+            yield start, line_no, None
+            continue
+        yield start, line_no, raw
+
+
+def parse_line(raw: bytes | None, *, where: str, max_bytes: int):
+    """One JSONL line as a record; a DataError naming `where` it is ("file line N") when
+    it is too long, not UTF-8, not JSON or nested too deeply to parse."""
+    if raw is None:
+        raise DataError(f"{where}: longer than data.max_line_bytes={max_bytes}", "too_large")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start} of the line)", "encoding") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})", "json") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read", "json") from None
+
+
+def read_jsonl(path: str, report: LoadReport | None = None, *,
+               max_line_bytes: int = DataConfig.max_line_bytes) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-empty line. A line that cannot be a record
+    (too long, not UTF-8, not JSON) raises, or with `report` is counted there and left out."""
     import fsspec
 
-    with fsspec.open(path, "rt") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    with fsspec.open(path, "rb") as f:
+        for _, line_no, raw in iter_lines(f, max_line_bytes):
+            if raw is not None and not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                err = DataError(f"{path} line {line_no}: not valid JSON ({e.msg})", "json")
+                rec = parse_line(raw, where=f"{path} line {line_no}", max_bytes=max_line_bytes)
+            except DataError as err:
                 if report is None:
-                    raise err from None
+                    raise
                 report.skip(err)
                 continue
             yield line_no, rec
@@ -414,10 +590,10 @@ def load_samples(path: str, *, tokenizer: Tokenizer, cfg: DataConfig,
     report = report if report is not None else LoadReport(path)
     skip = cfg.on_bad_sample == "skip"
     out = []
-    for n, rec in read_jsonl(path, report if skip else None):
-        rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
+    for n, rec in read_jsonl(path, report if skip else None, max_line_bytes=cfg.max_line_bytes):
         try:
-            out.append(encode_sample(rec, tokenizer=tokenizer, cfg=cfg, base_dir=base, sample=f"{rid} ({path}:{n})"))
+            out.append(encode_sample(rec, tokenizer=tokenizer, cfg=cfg, base_dir=base,
+                                     sample=sample_name(rec, f"{path}:{n}")))
         except DataError as e:
             if not skip:
                 raise

@@ -45,13 +45,21 @@ from .data import (
     EncodedSample,
     FileCache,
     LoadReport,
+    Refused,
     V2PEBatch,
     _closest_grid,
+    check_pixels,
     encode_tokens,
+    fetch_files,
+    iter_lines,
     make_batch,
     open_image,
     pack_rows,
+    parse_line,
     prepare_record,
+    printable,
+    read_head,
+    sample_name,
     shard_batch,
     tile_image,
 )
@@ -71,31 +79,42 @@ def tiles_for(width: int, height: int, cfg: DataConfig) -> int:
 HEADER_BYTES = 1 << 16  # PNG and JPEG headers (with their EXIF/ICC blocks, almost always) fit
 
 
-def _header_size(path: str, sample: str) -> tuple[int, int]:
+def _header_size(path: str, sample: str, cfg: DataConfig | None = None) -> tuple[int, int]:
     """(width, height) from the image's header: the pixels are not decoded, and on S3 it
-    is one ranged GET of the first 64 KiB (the whole file if the header runs past it)."""
+    is one ranged GET of the first 64 KiB (the whole file, within data.max_image_bytes,
+    if the header runs past it). An image over data.max_image_pixels is a DataError here,
+    before any worker decodes it."""
     from PIL import Image
 
-    fs, key = fsspec.core.url_to_fs(path)
+    cfg = cfg or DataConfig()
     try:
-        head = fs.cat_file(key, start=0, end=HEADER_BYTES)
+        head = read_head(path, HEADER_BYTES)
     except FileNotFoundError:
-        raise DataError(f"sample {sample}: image file {path} does not exist", "image") from None
+        raise DataError(f"sample {sample}: image file {printable(path)} does not exist", "image") from None
+    except OSError as e:
+        why = str(e) if isinstance(e, Refused) else f"cannot be read ({type(e).__name__})"
+        raise DataError(f"sample {sample}: image file {printable(path)} {why}", "image") from None
 
     def size(data: bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
 
     try:
-        return size(head)
+        found = size(head)
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for an unreadable header
-        error = e
-    if len(head) == HEADER_BYTES:  # the header may run past the first block: try the whole file
+        found, error = None, e
+    if found is None and len(head) == HEADER_BYTES:  # the header may run past the first block: the whole file
+        whole = fetch_files([path], max_bytes=cfg.max_image_bytes)[path]
         try:
-            return size(fs.cat_file(key))
+            if isinstance(whole, Exception):
+                raise whole
+            found = size(whole)
         except Exception as e:  # noqa: BLE001
             error = e
-    raise DataError(f"sample {sample}: image file {path} cannot be read ({error})", "image")
+    if found is None:
+        raise DataError(f"sample {sample}: image file {printable(path)} cannot be read ({printable(error)})", "image")
+    check_pixels(found, cfg.max_image_pixels, path=path, sample=sample)
+    return found
 
 
 @dataclass
@@ -147,23 +166,19 @@ def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig, threads: in
     def header(item):
         p, sample = item
         try:
-            return _header_size(p, sample)
+            return _header_size(p, sample, cfg)
         except DataError as e:
             return e
 
     def index_chunk(chunk, pool):
         """chunk: (offset, line number, raw line) in file order."""
         parsed = []
-        for start, line_no, raw in chunk:
-            span = (start, start + len(raw))
+        for start, line_no, raw, end in chunk:
+            span = (start, end)
             try:
-                try:
-                    rec = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{path} line {line_no}: not valid JSON ({e})", "json") from None
-                rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
-                sample = f"{rid} ({path}:{line_no})"
-                parsed.append((span, sample, *prepare_record(rec, sample, base)))
+                rec = parse_line(raw, where=f"{path} line {line_no}", max_bytes=cfg.max_line_bytes)
+                sample = sample_name(rec, f"{path}:{line_no}")
+                parsed.append((span, sample, *prepare_record(rec, sample, base, cfg.allowed_roots)))
             except DataError as e:
                 parsed.append(e)
         wanted = [(p, item[1]) for item in parsed if not isinstance(item, DataError) for p in item[3]]
@@ -191,11 +206,10 @@ def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig, threads: in
             image_start.append(len(image_tiles))
 
     with fsspec.open(path, "rb") as f, ThreadPoolExecutor(threads, thread_name_prefix="v2pe-index") as pool:
-        chunk, offset = [], 0
-        for line_no, raw in enumerate(f, start=1):
-            here, offset = offset, offset + len(raw)
-            if raw.strip():
-                chunk.append((here, line_no, raw))
+        chunk = []
+        for start, line_no, raw in iter_lines(f, cfg.max_line_bytes):
+            if raw is None or raw.strip():  # None: too long, reported by parse_line
+                chunk.append((start, line_no, raw, start + (len(raw) if raw is not None else 0)))
             if len(chunk) == 256:
                 index_chunk(chunk, pool)
                 chunk = []
@@ -218,7 +232,8 @@ def index_url(path: str, run_root: str, tokenizer: Tokenizer, cfg: DataConfig) -
              "mtime": str(info.get("mtime") or info.get("LastModified") or ""), "tokenizer": tokenizer.name,
              "vocab": tokenizer.vocab_size, "max_tokens": cfg.max_tokens, "max_tiles": cfg.max_tiles, "tile": cfg.tile,
              "tokens_per_tile": cfg.tokens_per_tile, "thumbnail": cfg.thumbnail, "skip": cfg.on_bad_sample,
-             "image_root": cfg.image_root,
+             "image_root": cfg.image_root, "allowed_roots": list(cfg.allowed_roots),
+             "limits": [cfg.max_line_bytes, cfg.max_image_bytes, cfg.max_image_pixels],
              "version": INDEX_VERSION}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return f"{run_root.rstrip('/')}/data/index/{digest}"
@@ -406,15 +421,16 @@ class StreamingDataset:
         # (50 MiB on s3fs) for every sample.
         fs, key = self._files[s]
         index = self.sources[s].index
-        return json.loads(fs.cat_file(key, start=int(index.offsets[i]), end=int(index.ends[i])))
+        start = int(index.offsets[i])
+        return parse_line(fs.cat_file(key, start=start, end=int(index.ends[i])), where=f"{index.path} at byte {start}",
+                          max_bytes=self.sources[s].cfg.max_line_bytes)
 
     def _sample(self, s: int, i: int, rec: dict) -> tuple[EncodedSample, list[str]]:
         """The sample's tokens, placeholder pixels (tiles, 0, 0, 0) carrying its tile count
         through packing, and its image paths."""
         src = self.sources[s]
-        rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
-        sample = f"{rid} ({src.index.path}@{int(src.index.offsets[i])})"
-        convs, paths = prepare_record(rec, sample, src.cfg.image_base(src.index.path))
+        sample = sample_name(rec, f"{src.index.path}@{int(src.index.offsets[i])}")
+        convs, paths = prepare_record(rec, sample, src.cfg.image_base(src.index.path), src.cfg.allowed_roots)
         tiles = src.index.tiles_of(i)
         input_ids, targets = encode_tokens(convs, tiles, tokenizer=self.tokenizer, cfg=src.cfg, sample=sample)
         return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets,
@@ -435,15 +451,16 @@ class StreamingDataset:
                 if max(lo, first) < min(hi, first + n):
                     mine.append(path)
                 first += n
-        files = self._images.fetch(mine)
+        files = self._images.fetch(mine, max_bytes=max(src.cfg.max_image_bytes for src in self.sources))
         pixels, first = [], 0  # first: the batch-wide index of the current image's first tile
         for (s, i), smp, images in zip(pairs, samples, paths):
             c = self.sources[s].cfg
             for path, n in zip(images, self.sources[s].index.tiles_of(i)):
                 a, b = max(lo, first), min(hi, first + n)
                 if a < b:  # this rank encodes some of this image's tiles
-                    tiles = tile_image(open_image(path, sample=smp.sample_id, data=files[path]), tile=c.tile,
-                                       max_tiles=c.max_tiles, thumbnail=c.thumbnail)
+                    image = open_image(path, sample=smp.sample_id, data=files[path], max_bytes=c.max_image_bytes,
+                                       max_pixels=c.max_image_pixels)
+                    tiles = tile_image(image, tile=c.tile, max_tiles=c.max_tiles, thumbnail=c.thumbnail)
                     if tiles.shape[0] != n:
                         raise DataError(f"sample {smp.sample_id}: image {path} changed after the data was indexed "
                                         f"({tiles.shape[0]} tiles, indexed {n})", "image")
