@@ -149,3 +149,21 @@ def test_generated_hostile_lines_end_as_counted_skips_or_one_named_error(hostile
         if isinstance(result, DataError):  # fail mode: the first bad line, named
             assert f"{path}:" in str(result) or f"{path} line " in str(result), str(result)
             assert "\x1b" not in str(result)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300) | st.lists(st.sampled_from([b"a", b"bc", b"\n", b"\r", b"xyz" * 5]),
+                                              max_size=40).map(b"".join),
+       max_bytes=st.integers(1, 20), chunk=st.integers(1, 16))
+def test_lines_are_read_in_bounded_chunks_as_a_plain_split_would(data, max_bytes, chunk):
+    import io
+
+    from workloads.v2pe.data import iter_lines
+
+    want, offset = [], 0
+    for n, line in enumerate(data.split(b"\n")[:-1] + ([data.rsplit(b"\n", 1)[-1]] if not data.endswith(b"\n")
+                                                        and data else []), start=1):
+        raw = line + b"\n" if offset + len(line) < len(data) else line
+        want.append((offset, n, raw if len(raw) <= max_bytes else None))
+        offset += len(raw)
+    assert list(iter_lines(io.BytesIO(data), max_bytes, chunk=chunk)) == want

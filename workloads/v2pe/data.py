@@ -525,23 +525,30 @@ def sample_name(record, where: str = "") -> str:
     return f"{rid} ({where})" if where else rid
 
 
-def iter_lines(f, max_bytes: int) -> Iterator[tuple[int, int, bytes | None]]:
-    """(byte offset, line number, line) of a binary file, each line read at most
-    `max_bytes` at a time: a longer one comes as None after it was skipped in chunks,
-    never held whole."""
-    offset = 0
-    for line_no in range(1, 1 << 62):
-        raw = f.readline(max_bytes + 1)
-        if not raw:
+def iter_lines(f, max_bytes: int, chunk: int = 1 << 20) -> Iterator[tuple[int, int, bytes | None]]:
+    """(byte offset, line number, line with its newline) of a binary file read in chunks
+    (fsspec's remote files have no bounded readline). A line longer than `max_bytes`
+    comes as None: its bytes are dropped as they arrive, never held whole."""
+    buf = bytearray()
+    buf_start = line_start = 0  # file offsets of buf[0] and of the current line
+    line_no, too_long = 0, False
+    while True:
+        data = f.read(chunk)
+        buf += data
+        while (nl := buf.find(b"\n")) >= 0:
+            line_no += 1
+            yield line_start, line_no, None if too_long or nl + 1 > max_bytes else bytes(buf[:nl + 1])
+            del buf[:nl + 1]
+            buf_start += nl + 1
+            line_start, too_long = buf_start, False
+        if not data:
+            if buf or too_long:  # a last line without a newline
+                yield line_start, line_no + 1, None if too_long or len(buf) > max_bytes else bytes(buf)
             return
-        start, offset = offset, offset + len(raw)
-        if len(raw) > max_bytes and not raw.endswith(b"\n"):
-            while raw and not raw.endswith(b"\n"):
-                raw = f.readline(1 << 20)
-                offset += len(raw)
-            yield start, line_no, None
-            continue
-        yield start, line_no, raw
+        if len(buf) > max_bytes:  # no newline yet and already too long: keep nothing of it
+            too_long = True
+            buf_start += len(buf)
+            buf.clear()
 
 
 def parse_line(raw: bytes | None, *, where: str, max_bytes: int):
