@@ -149,6 +149,20 @@ def _check_cluster(cfg, args) -> None:
             raise SystemExit(f"refused: {e}") from None
 
 
+def _preflight(cfg, what: str, *, inputs: bool = True) -> None:
+    """The checks that cost seconds (`preflight`): one line and exit 1 if one fails."""
+    from .preflight import InputError, check_inputs, check_storage, check_tracking
+
+    try:
+        check_storage(cfg)
+        if inputs:
+            check_inputs(cfg)
+    except InputError as e:
+        print(f"error: {what}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    check_tracking(cfg)
+
+
 def cmd_train(args) -> int:
     from .launch import RunStopped, run_training, stop_on_sigterm, stop_signal
     from .ray_job import submitted_job_id
@@ -157,6 +171,7 @@ def cmd_train(args) -> int:
     cfg = load_job(args)
     stop_on_sigterm()
     _check_cluster(cfg, args)
+    _preflight(cfg, f"training {cfg.name} failed")
     log.info("training %s: %s workers (%s), %d steps; checkpoints %s", cfg.name, cfg.resources.workers,
              cfg.spec.layout(cfg), cfg.training.steps, run_uri(cfg))
     tags = {"longview.ray_job_id": submitted_job_id() or ""}
@@ -233,6 +248,7 @@ def cmd_submit(args) -> int:
 
     cfg = load_job(args)
     _check_cluster(cfg, args)
+    _preflight(cfg, f"{cfg.name} not submitted")
     client = _job_client(args)
     repo = Path(__file__).resolve().parent.parent
     env = dict(worker_env(cfg))
@@ -346,6 +362,7 @@ def cmd_eval(args) -> int:
     from .evaluate import run_evaluation
 
     cfg = load_job(args)
+    _preflight(cfg, f"evaluation of {cfg.name} failed", inputs=False)
     try:
         result = run_evaluation(cfg, checkpoint=args.checkpoint, ray_address=_ray_address(args))
     except ConfigError as e:
@@ -364,6 +381,7 @@ def cmd_experiment(args) -> int:
     from .experiment import run_experiment
 
     cfg = load_job(args)
+    _preflight(cfg, f"experiment {cfg.name} failed")
     try:
         report = run_experiment(cfg, ray_address=_ray_address(args), out_dir=args.out)
     except ValueError as e:  # the config cannot make the comparison (ConfigError is one)

@@ -188,6 +188,9 @@ class WorkloadSpec:
     validate: Callable[[Any], None] = lambda cfg: None
     # (cfg, run_root) -> None: data written once, on the driver, before the workers start
     prepare_data: Callable[[Any, str], None] = lambda cfg, run_root: None
+    # cfg -> anything: the job's inputs (data files, a pretrained checkpoint, the tokenizer)
+    # checked in seconds before a job is started or submitted; raises naming what is wrong
+    check_inputs: Callable[[Any], Any] = lambda cfg: None
     # Core config keys the workload never reads (PIIP: context parallelism, the chunked
     # loss): left out of its MLflow params, so a run shows what shaped it.
     unused_keys: tuple[str, ...] = ()

@@ -22,6 +22,17 @@ def validate(cfg) -> None:
                                             f"({max(layout)} ranks): every rank needs at least one sample")
 
 
+def check_inputs(cfg) -> None:
+    """An image-folder dataset is there (the procedural one is written by prepare_data)."""
+    if cfg.piip.data == "synthetic":
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(cfg.piip.data)
+    if not fs.isdir(root):
+        raise FieldError("piip.data", f"{cfg.piip.data} is not a folder (an image folder per class is expected)")
+
+
 def prepare_data(cfg, run_root: str) -> None:
     """Writes the procedural shapes under <run>/data/shapes once (kept if there)."""
     if cfg.piip.data != "synthetic":
@@ -43,7 +54,8 @@ def layout(cfg) -> str:
 
 
 SPEC = register(WorkloadSpec(
-    name="piip", sections=SECTIONS, validate=validate, prepare_data=prepare_data, layout=layout,
+    name="piip", sections=SECTIONS, validate=validate, prepare_data=prepare_data, check_inputs=check_inputs,
+    layout=layout,
     build_runner=lazy("workloads.piip.runner:PIIPRunner"), data_source=lazy("workloads.piip.runner:task_root"),
     evaluation=lazy("workloads.piip.evaluate:HeldOutAccuracy"),
     unused_keys=("parallelism.cp", "parallelism.cp_a2a", "training.loss_chunk_tokens",

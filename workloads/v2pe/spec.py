@@ -33,10 +33,10 @@ def job_tokenizer(cfg, checkpoint: str | None = None, model_cfg=None):
     return tokenizer
 
 
-def prepare_data(cfg, run_root: str) -> None:
-    """Checks the tokenizer against the model; writes the synthetic training set under
-    <run>/data/train once (kept if there); indexes the training file once (a configured
-    file that is not there, or a bad sample, stops the job before any worker starts)."""
+def check_inputs(cfg):
+    """What the job reads before it writes anything, checked in seconds: the pretrained
+    checkpoint's config.json (and the heads it implies), the tokenizer against the
+    model's vocabulary, the training file. Returns (model config, tokenizer)."""
     import fsspec
 
     mc = _job_model_config(cfg)
@@ -49,6 +49,16 @@ def prepare_data(cfg, run_root: str) -> None:
         fs, key = fsspec.core.url_to_fs(cfg.data.train)
         if not fs.isfile(key):
             raise DataError(f"data.train: {cfg.data.train} is not a file", reason="missing_file")
+    return mc, tokenizer
+
+
+def prepare_data(cfg, run_root: str) -> None:
+    """Checks the inputs (`check_inputs`); writes the synthetic training set under
+    <run>/data/train once (kept if there); indexes the training file once (a configured
+    file that is not there, or a bad sample, stops the job before any worker starts)."""
+    import fsspec
+
+    mc, tokenizer = check_inputs(cfg)
 
     from .runner import train_path
     from .stream import prepare_sources
@@ -83,7 +93,8 @@ def layout(cfg) -> str:
 
 
 SPEC = register(WorkloadSpec(
-    name="v2pe", sections=SECTIONS, validate=validate, prepare_data=prepare_data, layout=layout,
+    name="v2pe", sections=SECTIONS, validate=validate, prepare_data=prepare_data, check_inputs=check_inputs,
+    layout=layout,
     build_runner=lazy("workloads.v2pe.runner:V2PERunner"), data_source=lazy("workloads.v2pe.runner:train_path"),
     plan=lazy("workloads.v2pe.plan:plan_job"), format_plan=lazy("workloads.v2pe.plan:format_plan"),
     evaluation=lazy("workloads.v2pe.evaluate:NeedleEvaluation"),
