@@ -502,6 +502,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): nothing is left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        print(f"{args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # the last net: one line, the traceback only when asked for
+        if args.verbose:
+            raise
+        print(f"error: {args.command}: {failure_reason(e)} (`longview -v {args.command} ...` shows where)",
+              file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
