@@ -29,6 +29,19 @@ def resumed(fs, name) -> list[int]:
     return [int(v) for _, v in history(fs, name, "resumed_from_step")[0]]
 
 
+def wait_for_steps(fs, name, n, timeout_s=300):
+    """Waits until job `name` has logged `n` steps to MLflow."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if len(history(fs, name)[0]) >= n:
+                return
+        except (IndexError, AttributeError):  # no run yet
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"job {name} never logged {n} steps")
+
+
 def assert_same_run(fs, name, want):
     got, run = history(fs, name)
     assert [s for s, _ in got] == list(range(1, STEPS + 1)), "a step is missing or was logged twice"
@@ -220,16 +233,7 @@ def test_mlflow_restart_mid_run_loses_no_metric(services, reference, record):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mlflow = fs["started"]["mlflow"]
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # wait until the run is logging
-            try:
-                if len(history(fs, name)[0]) >= 2:
-                    break
-            except (IndexError, AttributeError):
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError("the run never logged two steps")
+        wait_for_steps(fs, name, 2)  # the run is logging
         stop_pid(mlflow.pid)
         # Training goes on meanwhile, and ends before the server is back: the metrics it
         # kept must still reach the run (the end of a run waits for the server).
@@ -263,16 +267,7 @@ def test_sigterm_stops_the_run_cleanly_at_its_last_checkpoint(services, record):
                              "--set", "training.checkpoint_every=1"],
                             env=dict(fs["env"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if len(history(fs, name)[0]) >= 3:
-                    break
-            except (IndexError, AttributeError):
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the run never logged three steps")
+        wait_for_steps(fs, name, 3)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
