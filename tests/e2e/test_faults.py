@@ -182,8 +182,7 @@ def test_a_resume_applies_safe_changes_and_refuses_the_rest_before_anything_star
 def test_a_run_is_its_storage_not_its_name(services, monkeypatch):
     """The MLflow run is bound to the run's storage (run.json beside its checkpoints): a
     restart finds it there; a fresh start of the same name in other storage is a new run."""
-    from orchestrator.checkpoint import CheckpointStore as Store
-    from orchestrator.launch import _bind_run
+    from orchestrator.identity import bind_run
 
     fs = services
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", fs["creds"]["AWS_ACCESS_KEY_ID"])
@@ -194,8 +193,7 @@ def test_a_run_is_its_storage_not_its_name(services, monkeypatch):
         cfg = load_config("configs/v2pe-demo.yaml", overrides={
             "name": name, "storage.uri": f"s3://lve2e/{prefix}", "storage.endpoint_url": fs["direct_s3"],
             "tracking.uri": fs["started"]["mlflow"].url})
-        store = Store(s3fs_direct(fs), f"lve2e/{prefix}/{name}", f"s3://lve2e/{prefix}/{name}")
-        return _bind_run(cfg, store, {})
+        return bind_run(cfg, {})
 
     first = bind("runs")
     assert bind("runs") == first  # a restart: the run its storage names
