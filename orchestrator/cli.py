@@ -255,6 +255,10 @@ def cmd_submit(args) -> int:
     env[CONFIG_ENV] = json.dumps(to_dict(cfg))
     env["LONGVIEW_HOME"] = str(home())
     env["LONGVIEW_CODE_VERSION"] = code_version()
+    # `longview stop` (Ray's job stop) sends SIGTERM, then SIGKILL after this many
+    # seconds (Ray's default: 3): time for the run to stop its workers and say where it
+    # resumes from. Read by the job's supervisor, which runs in the job's environment.
+    env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "60")
     deadline = time.time() + 120
     while True:
         try:

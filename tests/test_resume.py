@@ -129,12 +129,19 @@ def s3(tmp_path_factory):
     stop_pid(svc.pid)
 
 
-def _cfg(s3, name):
-    import os
-
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The endpoint's credentials, and fsspec's endpoint variable (which the storage layer
+    sets for plain fsspec calls) restored after the test."""
     from orchestrator.services import LOCAL_CREDENTIALS
 
-    os.environ.update(LOCAL_CREDENTIALS)
+    for k, v in LOCAL_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3)
+    return s3
+
+
+def _cfg(s3, name):
     return load_config(DEMO, overrides={"name": name, "storage.uri": "s3://lease/runs", "storage.endpoint_url": s3})
 
 
@@ -150,7 +157,7 @@ with RunLease(cfg):
 """
 
 
-def test_a_second_writer_of_a_run_fails_at_once_naming_the_holder(s3, monkeypatch):
+def test_a_second_writer_of_a_run_fails_at_once_naming_the_holder(s3_env, monkeypatch):
     import os
     import signal
     import subprocess
@@ -160,6 +167,7 @@ def test_a_second_writer_of_a_run_fails_at_once_naming_the_holder(s3, monkeypatc
     from orchestrator import identity
     from orchestrator.services import LOCAL_CREDENTIALS
 
+    s3 = s3_env
     cfg = _cfg(s3, "leased")
     holder = subprocess.Popen([sys.executable, "-c", HOLD.format(demo=DEMO, name="leased", s3=s3)],
                               env=dict(os.environ, **LOCAL_CREDENTIALS), stdout=subprocess.PIPE, text=True,
@@ -201,10 +209,10 @@ def test_a_second_writer_of_a_run_fails_at_once_naming_the_holder(s3, monkeypatc
     assert sorted(results) == ["busy", "ran"]
 
 
-def test_the_run_record_binds_storage_to_its_mlflow_run(s3):
+def test_the_run_record_binds_storage_to_its_mlflow_run(s3_env):
     from orchestrator import identity
 
-    cfg = _cfg(s3, "recorded")
+    cfg = _cfg(s3_env, "recorded")
     assert identity.read_run_record(cfg) is None
     identity.write_run_record(cfg, "abc123")
     assert identity.read_run_record(cfg) == {"mlflow_run_id": "abc123", "experiment": "longview-v2pe",

@@ -187,6 +187,9 @@ def test_a_run_is_its_storage_not_its_name(services, monkeypatch):
     fs = services
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", fs["creds"]["AWS_ACCESS_KEY_ID"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", fs["creds"]["AWS_SECRET_ACCESS_KEY"])
+    # The storage layer points fsspec's plain calls at the endpoint through this variable:
+    # set here, so it is gone again after the test (later tests start their own endpoints).
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", fs["direct_s3"])
     name = unique("bound")
 
     def bind(prefix):
@@ -338,6 +341,34 @@ def test_stalled_rank_fails_the_run_naming_the_group(services, record):
     # around without a restart, which max_failures=0 forbids here.
     record("one rank stalls inside a collective", injected=1, survived=0, steps_lost=0, data_lost=0,
            note=f"the run ends with a timeout naming the group (timeout 10 s; the whole command took {took:.0f} s)")
+
+
+def test_longview_stop_ends_a_submitted_job_cleanly(services, record):
+    fs = services
+    name = unique("stop")
+    out = cli(fs["env"], "submit", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE,
+              "--set", "training.steps=40", "--set", "training.checkpoint_every=1").stdout
+    job_id = out.split("submitted job ", 1)[1].split()[0]
+    wait_for_steps(fs, name, 3)
+    cli(fs["env"], "stop", job_id)
+    deadline, status = time.monotonic() + 180, ""
+    while time.monotonic() < deadline and not any(s in status for s in ("STOPPED", "FAILED", "SUCCEEDED")):
+        time.sleep(2)
+        status = cli(fs["env"], "status", job_id).stdout
+    assert "STOPPED" in status, status
+    logs = cli(fs["env"], "logs", job_id).stdout
+    mine = [ln for ln in logs.splitlines() if ln.startswith("stopped: ")]
+    assert len(mine) == 1 and f"training {name} stopped (SIGTERM); it resumes from s3://lve2e/runs/{name}/step-" \
+        in mine[0], logs[-3000:]
+    step = int(mine[0].split("(step ")[1].split(")")[0])
+    store = CheckpointStore(s3fs_direct(fs), f"lve2e/runs/{name}", f"s3://lve2e/runs/{name}")
+    assert store.names()[0] == store.name(step)
+    for n in store.names():
+        store.verify(n)
+    got, run = history(fs, name)
+    assert run.info.status == "KILLED"
+    record("`longview stop` of a submitted job mid-run", injected=1, survived=1, steps_lost=len(got) - step,
+           data_lost=0, note="the job ends STOPPED with one line naming the resume point; no partial checkpoint")
 
 
 def test_driver_disconnect_leaves_the_job_running(services, record):
