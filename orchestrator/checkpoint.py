@@ -124,8 +124,8 @@ def _dcp_reason(e: BaseException) -> str:
     if failures:
         rank, wrapped = sorted(failures.items())[0]
         exc = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exc", wrapped)
-        return f"rank {rank}: {type(exc).__name__}: {_first_line(exc)}"
-    return f"{type(e).__name__}: {_first_line(e)}"
+        return f"rank {rank}: {type(exc).__name__}: {first_line(exc)}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 LOW_SPACE = 64 << 20  # free bytes below which a failed local write is taken for a full disk
@@ -146,10 +146,10 @@ def _space_hint(local: Path) -> str:
 
 def _local_reason(e: BaseException, local: Path) -> str:
     """Why writing this rank's files into its local temp folder failed, in one line."""
-    return f"writing {local} failed ({type(e).__name__}: {_first_line(e)}){_space_hint(local)}"
+    return f"writing {local} failed ({type(e).__name__}: {first_line(e)}){_space_hint(local)}"
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
 

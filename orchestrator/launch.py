@@ -131,6 +131,7 @@ def _start_run(cfg: JobConfig, run_tags: dict, *, by_name: bool) -> str | None:
     """The run's MLflow run id, and what an earlier outage kept for it sent; None (with
     a warning) while the server does not answer: training starts without it, and the
     run is bound when the server first answers (`Tracker(bind=...)`)."""
+    from .checkpoint import first_line
     from .identity import bind_run, deliver_outbox
 
     if not cfg.tracking.uri:
@@ -143,12 +144,8 @@ def _start_run(cfg: JobConfig, run_tags: dict, *, by_name: bool) -> str | None:
         return run_id
     except Exception as e:  # noqa: BLE001 - an outage must not keep training from starting
         log.warning("MLflow at %s does not answer (%s: %s): training starts without it; the run is created and "
-                    "its metrics sent when it answers", cfg.tracking.uri, type(e).__name__, _first_line(e))
+                    "its metrics sent when it answers", cfg.tracking.uri, type(e).__name__, first_line(e))
         return None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None):

@@ -227,7 +227,7 @@ def open_image(path: str, *, sample: str, data: bytes | Exception | None = None,
     except FileNotFoundError:
         raise DataError(f"sample {sample}: image file {printable(path)} does not exist", "image") from None
     except OSError as e:  # Refused, a directory, a permission
-        raise DataError(f"sample {sample}: image file {printable(path)} {_why(e)}", "image") from None
+        raise DataError(f"sample {sample}: image file {printable(path)} {unreadable(e)}", "image") from None
     try:
         img = Image.open(io.BytesIO(data))
         check_pixels(img.size, max_pixels, path=path, sample=sample)
@@ -240,7 +240,8 @@ def open_image(path: str, *, sample: str, data: bytes | Exception | None = None,
                         "image") from None
 
 
-def _why(e: OSError) -> str:
+def unreadable(e: OSError) -> str:
+    """Why a file could not be read, as the end of "image file X ..."."""
     return str(e) if isinstance(e, Refused) else f"cannot be read ({type(e).__name__}: {printable(e.strerror or e)})"
 
 

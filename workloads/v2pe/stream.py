@@ -45,7 +45,6 @@ from .data import (
     EncodedSample,
     FileCache,
     LoadReport,
-    Refused,
     V2PEBatch,
     _closest_grid,
     check_pixels,
@@ -62,6 +61,7 @@ from .data import (
     sample_name,
     shard_batch,
     tile_image,
+    unreadable,
 )
 from .tokenizer import Tokenizer
 
@@ -92,8 +92,7 @@ def _header_size(path: str, sample: str, cfg: DataConfig | None = None) -> tuple
     except FileNotFoundError:
         raise DataError(f"sample {sample}: image file {printable(path)} does not exist", "image") from None
     except OSError as e:
-        why = str(e) if isinstance(e, Refused) else f"cannot be read ({type(e).__name__})"
-        raise DataError(f"sample {sample}: image file {printable(path)} {why}", "image") from None
+        raise DataError(f"sample {sample}: image file {printable(path)} {unreadable(e)}", "image") from None
 
     def size(data: bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
