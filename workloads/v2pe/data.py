@@ -128,10 +128,21 @@ class Refused(OSError):
     """A file the reader will not read (not a regular file, or over its size limit)."""
 
 
-def _read_local(path: str, max_bytes: int) -> bytes:
+def _is_local(fs) -> bool:
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
+def _regular(path: str) -> os.stat_result:
+    """The local file's stat; Refused unless it is a regular file (a FIFO would block a
+    read, /dev/zero never end it)."""
     st = os.stat(path)  # follows links: their target is what would be read
     if not stat.S_ISREG(st.st_mode):
         raise Refused("is not a regular file")
+    return st
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    st = _regular(path)
     if st.st_size > max_bytes:
         raise Refused(f"is {st.st_size / 2**20:.1f} MiB, more than data.max_image_bytes={max_bytes}")
     with open(path, "rb") as f:
@@ -146,10 +157,8 @@ def read_head(path: str, n: int) -> bytes:
     import fsspec
 
     fs, key = fsspec.core.url_to_fs(path)
-    if "local" in getattr(fs, "protocol", ()) or "file" in getattr(fs, "protocol", ()):
-        st = os.stat(key)
-        if not stat.S_ISREG(st.st_mode):
-            raise Refused("is not a regular file")
+    if _is_local(fs):
+        _regular(key)
         with open(key, "rb") as f:
             return f.read(n)
     return fs.cat_file(key, start=0, end=n)
@@ -264,8 +273,7 @@ def fetch_files(paths: Sequence[str], *, max_bytes: int = MAX_IMAGE_BYTES) -> di
     """Every file's bytes (or the error reading it), read concurrently: one batch per
     filesystem, so a row's images cost one round of requests to S3, not one (or two,
     with s3fs's size lookup) after another. At most `max_bytes` of each are read (a
-    larger file is a `Refused` error); local files must be regular files (a FIFO would
-    block, /dev/zero never end)."""
+    larger file is a `Refused` error); local files must be regular files."""
     import fsspec
 
     by_fs: dict[int, tuple] = {}
@@ -274,7 +282,7 @@ def fetch_files(paths: Sequence[str], *, max_bytes: int = MAX_IMAGE_BYTES) -> di
         by_fs.setdefault(id(fs), (fs, []))[1].append((p, key))
     out: dict[str, bytes | Exception] = {}
     for fs, items in by_fs.values():
-        if "file" in fs.protocol or "local" in fs.protocol:
+        if _is_local(fs):
             for p, k in items:
                 try:
                     out[p] = _read_local(k, max_bytes)
