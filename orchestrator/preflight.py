@@ -36,8 +36,9 @@ def check_storage(cfg) -> None:
     bucket = uri[len("s3://"):].split("/", 1)[0]
     endpoint = s3_endpoint(cfg.storage.endpoint_url)
     where = endpoint or "AWS S3"
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint,  # a fresh session: no cached credentials
-                          config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+    # A fresh session: the default one caches the credentials it found first.
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
     try:
         client.head_bucket(Bucket=bucket)
     except NoCredentialsError:
