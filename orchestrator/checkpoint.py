@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .errors import first_line
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = 2
@@ -147,10 +149,6 @@ def _space_hint(local: Path) -> str:
 def _local_reason(e: BaseException, local: Path) -> str:
     """Why writing this rank's files into its local temp folder failed, in one line."""
     return f"writing {local} failed ({type(e).__name__}: {first_line(e)}){_space_hint(local)}"
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -27,14 +27,12 @@ import time
 from pathlib import Path
 
 from . import log as logsetup
+from .errors import failure_reason
+from .services import home
 
 log = logging.getLogger("longview")
 
 CONFIG_ENV = "LONGVIEW_JOB_CONFIG"  # a submitted job's resolved config, as JSON
-
-
-def home() -> Path:
-    return Path(os.environ.get("LONGVIEW_HOME", Path.home() / ".longview"))
 
 
 def _services():
@@ -197,30 +195,6 @@ def cmd_train(args) -> int:
 
 
 # Errors of ours whose message is the whole story, in the order they are looked for.
-_OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ResumeRefused",
-               "RunBusy", "ConfigError", "TokenizerError", "DivergenceError")
-
-
-def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> str:
-    """The one line a user needs from a failed run: our own error's message when a worker
-    raised one (Ray nests it in its own error text), else the last line of the error."""
-    texts, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        texts.append(f"{type(e).__name__}: {e}")
-        e = e.__cause__ or e.__context__
-    lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
-    for name in _OUR_ERRORS:
-        for ln in lines:
-            if f"{name}: " in ln:
-                return ln[ln.index(f"{name}: "):]
-    for ln in lines:  # storage unreachable, met by Ray's own code (its controller's records)
-        if "Could not connect to the endpoint URL" in ln:
-            return (f"S3 endpoint unreachable after storage.retries={storage_retries} attempts: "
-                    + ln[ln.index("Could not connect"):])
-    return lines[-1] if lines else "unknown error"
-
-
 def _job_address(args) -> str:
     """The job API's address: --address, else the local head's dashboard."""
     if args.address:

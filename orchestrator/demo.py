@@ -45,8 +45,7 @@ def run(env, *args) -> str:
 
 
 def where_to_click(env, name: str) -> None:
-    from .cli import home
-    from .services import LocalServices
+    from .services import LocalServices, home
     from .tracking import UI_MODEL_TRAINING, find_run, mlflow_client
 
     svc = LocalServices(home()).read()
@@ -72,8 +71,7 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     stamp = f"{time.strftime('%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"  # a reused name would resume
     run(env, "up", "--bucket", "longview")
-    from .cli import home
-    from .services import LocalServices
+    from .services import LocalServices, home
 
     env.update(LocalServices(home()).env())
     if what == "experiment":

@@ -16,6 +16,7 @@ import logging
 import os
 
 from .config import ConfigError, JobConfig, to_dict
+from .errors import failure_reason
 from .ray_job import build_trainer, connect_ray
 from .storage import run_uri, storage_fs
 
@@ -98,7 +99,6 @@ class EvalRun:
     def failed(self, e: BaseException) -> None:
         if self.run_id is None:
             return
-        from .cli import failure_reason
 
         reason = failure_reason(e) if isinstance(e, Exception) else type(e).__name__
         try:
@@ -115,6 +115,8 @@ class EvalRun:
 
         from mlflow.entities import Metric
 
+        from .tracking import png_image
+
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(v), ts, 0) for k, v in result["metrics"].items()]
         metrics += [Metric(k, float(v), ts, int(x)) for k, curve in result.get("curves", {}).items()
@@ -124,18 +126,10 @@ class EvalRun:
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
             self.client.log_text(self.run_id, result["table"], "result.md")
             if figure:
-                self.client.log_image(self.run_id, _png(figure), "accuracy_by_length.png")
+                self.client.log_image(self.run_id, png_image(figure), "accuracy_by_length.png")
             self.client.set_terminated(self.run_id, "FINISHED")
         except Exception as e:  # noqa: BLE001
             self._warn(e)
-
-
-def _png(data: bytes):
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(data))
 
 
 def _trained_steps(model: str, cfg: JobConfig) -> int | str:

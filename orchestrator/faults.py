@@ -13,6 +13,12 @@ again. Kinds:
   peers block until the collective timeout;
 - s3down: before the upload of checkpoint step-STEP, S3 goes away for ARG seconds (the
   TCP proxy of the suite watches LONGVIEW_S3_CONTROL; the worker writes ARG there).
+- hold: every rank (RANK is ignored) waits before step STEP, at every visit, until the
+  file `release-ARG` exists in LONGVIEW_FAULT_DIR; while it waits, rank 0 writes the
+  group's size to `held-ARG`. A test that must change the cluster while the run is still
+  going holds it there instead of racing it. The wait is bounded by
+  LONGVIEW_HOLD_TIMEOUT_S (default 900 s); past it the worker raises, naming the file it
+  waited for.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from dataclasses import dataclass
 FAULTS_ENV = "LONGVIEW_FAULTS"
 FAULT_DIR_ENV = "LONGVIEW_FAULT_DIR"
 S3_CONTROL_ENV = "LONGVIEW_S3_CONTROL"
-ENV_KEYS = (FAULTS_ENV, FAULT_DIR_ENV, S3_CONTROL_ENV)
-KINDS = ("raise", "kill", "stall", "s3down")
+HOLD_TIMEOUT_ENV = "LONGVIEW_HOLD_TIMEOUT_S"
+ENV_KEYS = (FAULTS_ENV, FAULT_DIR_ENV, S3_CONTROL_ENV, HOLD_TIMEOUT_ENV)
+KINDS = ("raise", "kill", "stall", "s3down", "hold")
 log = logging.getLogger(__name__)
 
 
@@ -62,12 +69,43 @@ def _due(kind: str, step: int, rank: int) -> Fault | None:
         return None
     for f in parse(spec):
         if f.kind == kind and f.step == step and f.rank == rank:
-            marker = os.path.join(os.environ.get(FAULT_DIR_ENV, "."), f"{kind}-{step}-{rank}")
+            marker = os.path.join(_fault_dir(), f"{kind}-{step}-{rank}")
             if os.path.exists(marker):
                 return None
             open(marker, "w").close()  # before firing: a killed worker cannot write it afterwards
             return f
     return None
+
+
+def _fault_dir() -> str:
+    return os.environ.get(FAULT_DIR_ENV, ".")
+
+
+def hold(step: int, rank: int, world: int, settle=None) -> None:
+    """Waits before `step` while a `hold` fault for it is not released (see the module's doc)."""
+    spec = os.environ.get(FAULTS_ENV)
+    if not spec:
+        return
+    for f in parse(spec):
+        if f.kind != "hold" or f.step != step:
+            continue
+        release = os.path.join(_fault_dir(), f"release-{f.arg}")
+        if os.path.exists(release):
+            continue
+        if settle is not None:
+            settle()  # the checkpoint in flight lands first: a resize resumes from it
+        if rank == 0:
+            held = os.path.join(_fault_dir(), f"held-{f.arg}")
+            with open(held + ".tmp", "w") as fh:
+                fh.write(str(world))
+            os.replace(held + ".tmp", held)
+            log.warning(f"held before step {step} on {world} workers until {release} exists")
+        timeout_s = float(os.environ.get(HOLD_TIMEOUT_ENV, "900"))
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(release):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"hold@{step}: {release} did not appear within {timeout_s:.0f} s")
+            time.sleep(0.2)
 
 
 class StepFaults:
@@ -77,10 +115,11 @@ class StepFaults:
     suite injects faults to test resuming from the last checkpoint, and a save still
     being written in the background would otherwise make that point a matter of timing."""
 
-    def __init__(self, step: int, rank: int, settle=None):
-        self.step, self.rank, self.settle, self._timer = step, rank, settle, None
+    def __init__(self, step: int, rank: int, settle=None, world: int = 1):
+        self.step, self.rank, self.world, self.settle, self._timer = step, rank, world, settle, None
 
     def __enter__(self):
+        hold(self.step, self.rank, self.world, self.settle)
         for kind in ("raise", "stall", "kill"):
             if _due(kind, self.step, self.rank):
                 if self.settle is not None:

@@ -17,6 +17,7 @@ import errno
 import logging
 
 from .config import JobConfig, to_dict
+from .errors import failure_reason, first_line
 from .ray_job import build_trainer, connect_ray
 from .storage import checkpoint_store, run_uri, storage_fs
 from .worker import train_loop
@@ -131,7 +132,6 @@ def _start_run(cfg: JobConfig, run_tags: dict, *, by_name: bool) -> str | None:
     """The run's MLflow run id, and what an earlier outage kept for it sent; None (with
     a warning) while the server does not answer: training starts without it, and the
     run is bound when the server first answers (`Tracker(bind=...)`)."""
-    from .checkpoint import first_line
     from .identity import bind_run, deliver_outbox
 
     if not cfg.tracking.uri:
@@ -174,7 +174,6 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
     tracker = Tracker(cfg.tracking.uri, run_id, bind=functools.partial(bind_run, cfg, run_tags, by_name=by_name),
                       outbox=outbox(cfg))
     _record_resume(cfg, tracker, resumed, applied)
-    from .cli import failure_reason
 
     try:
         for attempt in range(cfg.training.max_failures + 1):

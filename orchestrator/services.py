@@ -39,6 +39,11 @@ class ServiceError(RuntimeError):
     pass
 
 
+def home() -> Path:
+    """Where `longview up` keeps the local services' state: $LONGVIEW_HOME, default ~/.longview."""
+    return Path(os.environ.get("LONGVIEW_HOME", Path.home() / ".longview"))
+
+
 def _bin(name: str) -> str:
     """An executable of the running Python environment (the venv's, not the PATH's)."""
     path = Path(sys.executable).with_name(name)

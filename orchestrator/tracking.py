@@ -385,6 +385,15 @@ class Tracker:
         return True
 
 
+def png_image(data: bytes):
+    """A PNG's bytes as the PIL image MLflow's `log_image` takes (it renders inline)."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
 def loss_curve_png(losses: list, title: str) -> bytes:
     """A PNG of loss against step (steps and losses as recorded in TrainState)."""
     import io

@@ -143,7 +143,7 @@ def train_loop(config: dict) -> None:
             probe = StepMemoryProbe(runner.engine, device) if first else None
             t0 = time.perf_counter()
             results = []
-            with StepFaults(state.step, rank, settle=saver.settle), probe or contextlib.nullcontext():
+            with StepFaults(state.step, rank, settle=saver.settle, world=world), probe or contextlib.nullcontext():
                 for m in range(accum):
                     results.append(runner.step(state.step * accum + m))
             dt = time.perf_counter() - t0

@@ -62,7 +62,7 @@ def test_accuracy_table_has_a_row_per_length_and_delta(tmp_path):
 
 
 def test_wilson_interval_matches_the_formula_and_stays_in_range():
-    from workloads.v2pe.evaluate import wilson_interval
+    from workloads.stats import wilson_interval
 
     # 50 of 100: p = 0.5, centre 0.5, half width 1.96 * sqrt(0.25/100 + 1.96²/40000) / (1 + 1.96²/100)
     low, high = wilson_interval(50, 100)
@@ -78,23 +78,28 @@ def test_experiment_table_and_figure_put_the_two_modes_side_by_side():
     from PIL import Image
 
     from orchestrator.config import load_config
-    from orchestrator.experiment import arm_config, joint_table
-    from workloads.v2pe.evaluate import accuracy_figure
+    from orchestrator.experiment import arm_config
+    from workloads.spec import FieldError
 
     cfg = load_config("configs/v2pe-length.yaml")
+    evaluation = cfg.spec.evaluation()
     rec = lambda n, d, a: {"tokens": n, "delta": d, "samples": 100, "accuracy": a, "low": a - 0.05,  # noqa: E731
                            "high": min(1.0, a + 0.05), "mean_log_likelihood": -1.0}
     results = {"v2pe_rnd": {"records": [rec(512, "1", 1.0), rec(1024, "1/4", 0.9)]},
                "default": {"records": [rec(512, "1", 0.8), rec(1024, "1/4", 0.1)]}}
-    table = joint_table(results, cfg)
+    table, png = evaluation.compare(cfg, results)
     assert "| 1024 | 2 | 1/4 | 0.90 (0.85–0.95) | 0.10 (0.05–0.15) |" in table
     assert "Samples per cell: 100" in table
-    png = accuracy_figure({m: r["records"] for m, r in results.items()}, "t")
     assert Image.open(io.BytesIO(png)).size[0] > 500
-    arm = arm_config(cfg, "default")  # only the name and the position mode differ
+    comparison = evaluation.comparison(cfg)
+    assert comparison.arms == {"v2pe_rnd": {"data.position_mode": "v2pe_rnd"},
+                               "default": {"data.position_mode": "default"}}
+    arm = arm_config(cfg, "default", comparison.arms["default"])  # only the name and the position mode differ
     assert (arm.name, arm.data.position_mode) == ("v2pe-length-default", "default")
     assert arm.training == cfg.training and arm.data.synthetic == cfg.data.synthetic
     assert cfg.evaluation.images_at(8192) == 256 and cfg.evaluation.images_at(512) == 16
+    with pytest.raises(FieldError, match=r"data.position_mode: 'default' is the baseline"):
+        evaluation.comparison(arm)
 
 
 @pytest.mark.parametrize("world_size,cp", [(2, 1), (4, 2)])

@@ -153,8 +153,21 @@ class EvalResult:
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
+@dataclass
+class Comparison:
+    """`longview experiment`: runs trained and evaluated alike that differ only in a few
+    config keys. The orchestrator trains and evaluates each arm as `<name>-<label>`, in
+    order, then asks the workload's `Evaluation.compare` for the joint table and figure."""
+
+    name: str  # the report's file stem: <name>.md, <name>.png
+    arms: dict[str, dict[str, Any]]  # label -> config overrides ({"data.position_mode": "default"})
+    description: str  # one sentence for the experiment's MLflow run
+    params: dict[str, str] = field(default_factory=dict)  # MLflow params of the experiment run
+
+
 class Evaluation:
-    """`longview eval` for a workload: `prepare` on the driver, `run` on every worker."""
+    """`longview eval` for a workload: `prepare` on the driver, `run` on every worker;
+    `longview experiment` through `comparison` and `compare` (driver)."""
 
     def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
         """Writes what evaluation of the model at `model_url` reads (once); returns plain
@@ -172,6 +185,16 @@ class Evaluation:
     def figure(self, cfg, records: list[dict]) -> bytes | None:
         """A PNG of the result (None: no figure)."""
         return None
+
+    def comparison(self, cfg) -> Comparison:
+        """The arms of the workload's experiment for this job; raises FieldError naming the
+        key when the job cannot be compared (the base: the workload has no experiment)."""
+        raise FieldError("workload", f"{cfg.workload!r} has no experiment")
+
+    def compare(self, cfg, results: dict[str, dict]) -> tuple[str, bytes | None]:
+        """The joint Markdown table and figure (PNG or None) of the arms' results
+        ({label: result dict with "records", "metrics", "curves"})."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def _set_max_nodes(path, n: int) -> None:
 
 
 def _wait(what: str, check, proc, timeout_s: float = 300):
+    """Polls `check` until it holds; the run ending first, or `timeout_s`, fails naming `what`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -76,26 +77,39 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
 
     name = unique("elastic")
     out = open(services["home"] / f"{name}.log", "w+")
-    # When a node is lost, Ray Train first retries the size it had reserved and waits this
-    # long for the missing worker before it settles for what the cluster holds (60 s by
-    # default; the driver passes the variable on to Ray Train's controller).
-    env = dict(env, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15")
+    markers = services["home"] / f"faults-{name}"
+    markers.mkdir()
+    # The run is held before step 4 until it has grown to 3 workers, and before step 12
+    # until it has shrunk back to 2 (`hold` in orchestrator/faults.py): the resizes happen
+    # while it trains however fast or slow this machine is, never after it has ended.
+    # When a node is lost, Ray Train first retries the size it had reserved and waits
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for the missing worker before it settles for
+    # what the cluster holds (60 s by default; the driver passes it on to the controller).
+    env = dict(env, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15", LONGVIEW_FAULTS="hold@4=grow,hold@12=shrink",
+               LONGVIEW_FAULT_DIR=str(markers), LONGVIEW_HOLD_TIMEOUT_S="600")
     job = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
                             "--address", address, "--set", f"name={name}", *ELASTIC, "--set", "resources.workers=[2, 4]"],
                            env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        def sizes():
-            try:
-                return history(services, name, "world_size")[0]
-            except IndexError:  # no MLflow run yet
-                return []
 
-        _wait("two steps on 2 workers", lambda: len(sizes()) >= 2, job)
+    def held(tag: str, workers: int):
+        path = markers / f"held-{tag}"
+        return lambda: path.exists() and path.read_text() == str(workers)
+
+    def sizes():
+        try:
+            return history(services, name, "world_size")[0]
+        except IndexError:  # no MLflow run yet
+            return []
+
+    try:
+        _wait("the run held before step 4 on 2 workers", held("grow", 2), job)
         _set_max_nodes(autoscaling, 3)  # a node is added
-        grown = _wait("a step on 3 workers", lambda: [s for s, w in sizes() if w == 3], job)
+        _wait("the group restarted on 3 workers (held before step 4)", held("grow", 3), job)
+        (markers / "release-grow").touch()
+        _wait("the run held before step 12 on 3 workers", held("shrink", 3), job)
         _set_max_nodes(autoscaling, 2)  # a node is taken away while it trains
-        _wait("the run to shrink back to 2 workers",
-              lambda: [s for s, w in sizes() if w == 2 and s > grown[0]], job)
+        _wait("the group restarted on 2 workers (held before step 12)", held("shrink", 2), job)
+        (markers / "release-shrink").touch()
         rc = job.wait(timeout=600)
     finally:
         if job.poll() is None:

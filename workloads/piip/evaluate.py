@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..spec import EvalResult, Evaluation
+from ..stats import wilson_interval
 
 log = logging.getLogger(__name__)
 HELD_OUT_SEED = 1_000_003  # added to the training seed: a set disjoint in draws from training
@@ -51,7 +52,6 @@ class HeldOutAccuracy(Evaluation):
 
     @torch.no_grad()
     def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]) -> EvalResult:
-        from workloads.v2pe.evaluate import wilson_interval
 
         from .data import ImageFolder, batch
         from .model import make_pyramid

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from parallelism.ring_attention import prepare_documents
 from parallelism.sharding import IGNORE_INDEX
 
-from ..spec import EvalResult, Evaluation
+from ..spec import Comparison, EvalResult, Evaluation, FieldError
+from ..stats import wilson_interval
 from .data import EncodedSample, pack, shard_batch
 from .model import AttentionSpec, V2PEModel
 from .tokenizer import Tokenizer
@@ -102,17 +103,6 @@ class AccuracyRow:
     mean_log_likelihood: float
     low: float = 0.0  # 95% Wilson score interval of the accuracy
     high: float = 1.0
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion: unlike the normal
-    approximation it stays inside [0, 1] and is honest at 0 or n correct."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def accuracy_table(
@@ -330,3 +320,50 @@ class NeedleEvaluation(Evaluation):
         return accuracy_figure({f"trained with {cfg.data.position_mode}": records},
                                f"{cfg.name}: accuracy by context length") if records else None
 
+    def comparison(self, cfg) -> Comparison:
+        """V2PE's length-generalisation claim: the job as trained (its `data.position_mode`,
+        V2PE's `v2pe_rnd`) against a baseline that differs only in plain positions."""
+        mode = cfg.data.position_mode
+        if mode == BASELINE:
+            raise FieldError("data.position_mode", f"{BASELINE!r} is the baseline; train the job with v2pe_rnd")
+        if not cfg.evaluation.lengths:
+            raise FieldError("evaluation.lengths", "empty; the experiment evaluates at several lengths")
+        e = cfg.evaluation
+        return Comparison(
+            name="length-generalisation",
+            arms={m: {"data.position_mode": m} for m in (mode, BASELINE)},
+            description=(f"Length generalisation: {cfg.name}-{mode} against {cfg.name}-{BASELINE}, trained at "
+                         f"{cfg.data.synthetic.tokens} tokens for {cfg.training.steps} steps; evaluated at "
+                         f"{', '.join(map(str, e.lengths))} tokens."),
+            params={"train_tokens": str(cfg.data.synthetic.tokens), "eval.lengths": ",".join(map(str, e.lengths)),
+                    "eval.samples_per_length": str(e.samples_per_length)})
+
+    def compare(self, cfg, results: dict[str, dict]) -> tuple[str, bytes | None]:
+        figure = accuracy_figure({f"trained with {m}": r["records"] for m, r in results.items()},
+                                 f"trained at {cfg.data.synthetic.tokens} tokens: accuracy by context length")
+        return joint_table(results, cfg.data.synthetic.tokens), figure
+
+
+BASELINE = "default"  # the experiment's baseline position mode: δ = 1, plain positions
+
+
+def joint_table(results: dict[str, dict], train_tokens: int) -> str:
+    """One row per (context length, δ), a column pair per training mode."""
+    modes = list(results)
+    rows = {(r["tokens"], r["delta"]): {} for res in results.values() for r in res["records"]}
+    for mode, res in results.items():
+        for r in res["records"]:
+            rows[(r["tokens"], r["delta"])][mode] = r
+    head = "| tokens | × train | δ | " + " | ".join(f"{m}: accuracy (95% interval)" for m in modes) + " |"
+    lines = [head, "|" + "---|" * (3 + len(modes))]
+    order = sorted(rows, key=lambda k: (k[0], -delta_value(k[1])))
+    for tokens, delta in order:
+        cells = []
+        for m in modes:
+            r = rows[(tokens, delta)].get(m)
+            cells.append(f"{r['accuracy']:.2f} ({r['low']:.2f}–{r['high']:.2f})" if r else "-")
+        lines.append(f"| {tokens} | {tokens / train_tokens:g} | {delta} | " + " | ".join(cells) + " |")
+    n = {r["samples"] for res in results.values() for r in res["records"]}
+    lines.append("")
+    lines.append(f"Samples per cell: {', '.join(map(str, sorted(n)))}; intervals are 95% Wilson score intervals.")
+    return "\n".join(lines)
