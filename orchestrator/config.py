@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from parallelism.attention_kernels import KERNELS
 from workloads.engine import TrainingConfig
 from workloads.spec import APPLY, NEW_RUN, FieldError, WorkloadSpec, bound_error, bounded, no_credentials
 
@@ -37,15 +38,21 @@ class ConfigError(ValueError):
 class ParallelismSection:
     # cp itself may change on resume; a change of the data-parallel degree it brings is
     # checked with the worker count (`orchestrator.resume`).
-    RESUME: ClassVar[dict[str, str]] = dict.fromkeys(("cp", "cp_a2a", "timeout_s"), APPLY)
+    RESUME: ClassVar[dict[str, str]] = dict.fromkeys(("cp", "cp_a2a", "timeout_s", "kernel"), APPLY)
     cp: int = bounded(1, gt=0)  # context-parallel degree; dp = workers / cp
     # All-to-all degree inside the context-parallel group (hybrid context parallelism):
     # heads are exchanged all-to-all among cp_a2a adjacent ranks (one node), the ring runs
     # over cp / cp_a2a groups. 1: plain ring; cp_a2a = cp: all-to-all only.
     cp_a2a: int = bounded(1, gt=0)
     timeout_s: float = bounded(600.0, gt=0)  # collective timeout: a stuck peer fails the run after this
+    # The attention block kernel inside the ring (parallelism/attention_kernels.py):
+    # "auto" takes the fastest this machine supports; a named one the workers' device
+    # cannot run fails at their start with KernelUnavailable, naming what can.
+    kernel: str = "auto"
 
     def __post_init__(self):
+        if self.kernel != "auto" and self.kernel not in KERNELS:
+            raise FieldError("kernel", f"{self.kernel!r} is unknown; choose auto or one of {', '.join(KERNELS)}")
         if self.cp % self.cp_a2a:
             raise FieldError("cp_a2a", f"{self.cp_a2a} does not divide parallelism.cp={self.cp} "
                                        "(cp = all-to-all degree x ring degree)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 # longview's own errors, by class name: Ray nests a worker's exception in its own text,
 # so the name is looked for in the lines, not the type in the chain.
 OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ResumeRefused",
-              "RunBusy", "ConfigError", "TokenizerError", "DivergenceError")
+              "RunBusy", "ConfigError", "KernelUnavailable", "TokenizerError", "DivergenceError")
 
 
 def first_line(e: BaseException) -> str:

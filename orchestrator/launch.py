@@ -33,7 +33,7 @@ def prepare_data(cfg: JobConfig) -> None:
 
 # Failures a restart would meet again: the run ends on the first (by class name, as the
 # workers' errors reach the driver as copies inside Ray's own errors).
-NOT_RETRIED = ("ConfigError", "DataError", "TokenizerError", "CheckpointMismatch", "DivergenceError",
+NOT_RETRIED = ("ConfigError", "KernelUnavailable", "DataError", "TokenizerError", "CheckpointMismatch", "DivergenceError",
                "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

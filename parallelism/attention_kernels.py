@@ -26,7 +26,10 @@ import torch
 
 aten = torch.ops.aten
 
-KERNEL_NAMES = ("cpu_flash", "cudnn", "flash", "efficient", "flash_attn")
+
+
+class KernelUnavailable(ValueError):
+    """The kernel asked for is unknown, or cannot run on this device, dtype or head dim."""
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
@@ -238,14 +241,14 @@ def supported_kernels(device: torch.device, dtype: torch.dtype, head_dim: int) -
 def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> BlockKernel:
     """Maps a kernel name (or "auto") to a kernel, with an error naming what is possible."""
     if name != "auto" and name not in KERNELS:
-        raise ValueError(f"kernel={name!r} is unknown; choose 'auto' or one of {', '.join(KERNELS)}")
+        raise KernelUnavailable(f"kernel={name!r} is unknown; choose 'auto' or one of {', '.join(KERNELS)}")
     possible = supported_kernels(device, dtype, head_dim)
     if name == "auto":
         if not possible:
-            raise ValueError(f"no attention kernel supports device {device}, dtype {dtype}, head dim {head_dim}")
+            raise KernelUnavailable(f"no attention kernel supports device {device}, dtype {dtype}, head dim {head_dim}")
         return KERNELS[possible[0]]
     if name not in possible:
-        raise ValueError(
+        raise KernelUnavailable(
             f"kernel={name!r} does not support device {device.type}, dtype {dtype}, head dim {head_dim}; "
             f"supported here: {possible or 'none'}"
         )

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.e2e.conftest import BASE, BUCKET, STEPS, cli, history, mlflow_run, s3fs_direct, train
+from tests.e2e.conftest import BASE, BUCKET, STEPS, cli, history, mlflow_run, s3fs_direct, train, unique
 
 
 def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference):
@@ -101,6 +101,20 @@ def test_bad_config_fails_before_anything_starts(services):
     assert proc.returncode != 0
     assert "config error: parallelism.cp: 3 does not divide 2 workers" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_kernel_the_workers_cannot_run_fails_once_naming_what_can(services):
+    """parallelism.kernel is a valid name the driver accepts; the CPU workers cannot run
+    cuDNN, so the run fails at their start, once (a restart meets the same device)."""
+    name = unique("kernel")
+    proc = cli(services["env"], "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE,
+               "--set", "parallelism.kernel=cudnn", "--set", "training.max_failures=2", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: training {name} failed: KernelUnavailable: kernel='cudnn' does not support "
+                           "device cpu"), proc.stderr[-3000:]
+    assert "supported here: ['cpu_flash']" in last
+    assert "restarting from its last checkpoint" not in proc.stderr
 
 
 def test_piip_job_places_branches_and_resumes_exactly(services, monkeypatch):

@@ -301,7 +301,7 @@ class NeedleEvaluation(Evaluation):
         replicas = (groups.dp_rank, world // cp)
         rows = accuracy_table(model, samples(replicas), tokenizer=tok, strides=cfg.evaluation.strides,
                               cp_group=groups.cp_group if cp > 1 else None, hybrid=groups.hybrid if cp > 1 else None,
-                              replicas=replicas)
+                              kernel=cfg.parallelism.kernel, replicas=replicas)
         curves: dict[str, dict[int, float]] = {}
         for r in rows:
             curves.setdefault(metric_key("accuracy", r.delta), {})[r.tokens] = r.accuracy

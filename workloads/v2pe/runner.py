@@ -13,6 +13,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from parallelism.attention_kernels import resolve_kernel
+
 from ..spec import RunContext, Runner, StepResult, sample_at
 
 
@@ -47,8 +49,11 @@ class V2PERunner(Runner):
         # DeepSpeed and FSDP keep fp32 master weights themselves (bf16 compute in their
         # configs); otherwise bf16 here.
         model.to(ctx.device, torch.bfloat16 if t.bf16 and t.sharding == "none" else torch.float32)
+        # The kernel is resolved here, once: one the device cannot run fails at the start,
+        # naming what can (not retried: a restart meets the same device).
+        resolve_kernel(p.kernel, ctx.device, torch.bfloat16 if t.bf16 else torch.float32, model.cfg.llm.head_dim)
         self.step_cfg = TrainStepConfig(loss_chunk_tokens=t.loss_chunk_tokens,
-                                        activation_checkpointing=t.activation_checkpointing)
+                                        activation_checkpointing=t.activation_checkpointing, kernel=p.kernel)
         parallelize(model, self.step_cfg)
         units, methods = fsdp_units(model)
         self.engine = build_engine(model, t, mesh=shard_mesh(ctx.device) if t.sharding == "fsdp" else None,
