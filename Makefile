@@ -49,7 +49,7 @@ down: $(STAMP)
 	$(VPY) -m orchestrator.cli down
 
 ring-demo: $(STAMP)
-	$(VPY) -m parallelism.demo
+	$(VPY) -m parallelism.ring_demo
 
 bench: $(STAMP)
 	$(VPY) benchmarks/ring_cpu.py

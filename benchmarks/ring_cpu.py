@@ -34,7 +34,7 @@ from parallelism.dims import ParallelDims
 from parallelism.hybrid_attention import hybrid_attention, hybrid_shard
 from parallelism.local_world import LocalWorld
 from parallelism.ring_attention import ring_attention
-from parallelism.sharding import zigzag_shard
+from parallelism.zigzag import zigzag_shard
 
 
 def _inputs(S, H, Hkv, D):

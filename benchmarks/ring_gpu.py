@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._measure import empty_cache
 from parallelism.attention_kernels import KERNELS, resolve_kernel, supported_kernels
 from parallelism.ring_attention import plan_step, simulated_ring_attention
-from parallelism.sharding import zigzag_shard, zigzag_unshard
+from parallelism.zigzag import zigzag_shard, zigzag_unshard
 
 H_Q, H_KV, D = 16, 8, 128
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.ring_gpu import H_KV, H_Q, D, causal_flops, timed
 from parallelism.dims import ParallelDims, init_distributed
 from parallelism.ring_attention import ring_attention
-from parallelism.sharding import zigzag_shard
+from parallelism.zigzag import zigzag_shard
 
 
 def main(argv=None):

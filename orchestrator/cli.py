@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = ap.parse_known_args(argv)
     logsetup.setup("DEBUG" if args.verbose else "WARNING" if args.quiet else None)
     if args.command == "ring-demo":
-        from parallelism.demo import main as ring_demo
+        from parallelism.ring_demo import main as ring_demo
 
         ring_demo(rest)
         return 0

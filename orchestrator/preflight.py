@@ -78,10 +78,3 @@ def check_inputs(cfg) -> None:
         cfg.spec.check_inputs(cfg)
     except (ConfigError, ValueError, OSError) as e:  # FieldError, DataError, TokenizerError are ValueErrors
         raise InputError(f"{type(e).__name__}: {e}") from None
-
-
-def check_before_start(cfg) -> None:
-    """Everything above, in order of cost."""
-    check_storage(cfg)
-    check_inputs(cfg)
-    check_tracking(cfg)

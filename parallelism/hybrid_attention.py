@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .dims import named_collectives
 from .ring_attention import Documents, local_attention, ring_attention
-from .sharding import zigzag_shard
+from .zigzag import zigzag_shard
 
 
 def hybrid_shard(x: torch.Tensor, ring: int, a2a: int, ring_rank: int, a2a_rank: int, *, dim: int = 1,
@@ -32,14 +32,14 @@ def hybrid_shard(x: torch.Tensor, ring: int, a2a: int, ring_rank: int, a2a_rank:
     n = shard.shape[dim]
     if n % a2a:
         raise ValueError(f"ring shard of {n} tokens does not split into {a2a} all-to-all pieces; "
-                         f"pad to a multiple of 2*ring*a2a={2 * ring * a2a} with parallelism.sharding.zigzag_pad")
+                         f"pad to a multiple of 2*ring*a2a={2 * ring * a2a} with parallelism.zigzag.zigzag_pad")
     return shard.narrow(dim, a2a_rank * (n // a2a), n // a2a)
 
 
 def hybrid_unshard(pieces: list[list[torch.Tensor]], *, dim: int = 1,
                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of hybrid_shard: pieces[ring_rank][a2a_rank]."""
-    from .sharding import zigzag_unshard
+    from .zigzag import zigzag_unshard
 
     return zigzag_unshard([torch.cat(p, dim=dim) for p in pieces], dim=dim, cu_seqlens=cu_seqlens)
 

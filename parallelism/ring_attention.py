@@ -223,7 +223,7 @@ def _validate(q, k, v, world_size: int, cu_seqlens) -> list[tuple[int, int]]:
         if world_size > 1 and sq % 2:
             raise ValueError(
                 f"ring_attention: global length {sq * world_size} (S_local={sq} x {world_size} ranks) is not "
-                f"a multiple of 2*world_size={multiple}; pad with parallelism.sharding.zigzag_pad"
+                f"a multiple of 2*world_size={multiple}; pad with parallelism.zigzag.zigzag_pad"
             )
         return [(0, sq)]
     if bq != 1:
@@ -263,7 +263,7 @@ class Documents:
             if b - a <= 0 or (b - a) % multiple:
                 raise ValueError(
                     f"ring_attention: document {i} has length {b - a}, not a positive multiple of "
-                    f"2*world_size={multiple}; pad with parallelism.sharding.zigzag_pad"
+                    f"2*world_size={multiple}; pad with parallelism.zigzag.zigzag_pad"
                 )
             docs.append((a // world_size, (b - a) // world_size))
         return docs
@@ -333,7 +333,7 @@ def ring_attention(
     """Exact attention over a sequence zigzag-sharded across `group`.
 
     q: (B, S_local, H_q, D); k, v: (B, S_local, H_kv, D), sharded with
-    `parallelism.sharding.zigzag_shard` over `group` (None = the default group, or a
+    `parallelism.zigzag.zigzag_shard` over `group` (None = the default group, or a
     single process when torch.distributed is not initialised). Returns
     (B, S_local, H_q, D) in q's dtype. With `cu_seqlens` (global int32 document offsets)
     B must be 1 and attention stays within each document; pass `prepare_documents(...)`

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from parallelism.ring_attention import ring_attention
-from parallelism.sharding import zigzag_shard
+from parallelism.zigzag import zigzag_shard
 
 
 def ring_fwd_bwd(q, k, v, dout, *, causal, cu_seqlens=None, kernel="auto"):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import parallelism.ring_attention as ring_attention_module
 from parallelism.ring_attention import ring_attention, simulated_ring_attention
-from parallelism.sharding import zigzag_shard, zigzag_unshard
+from parallelism.zigzag import zigzag_shard, zigzag_unshard
 from tests import ring_cases
 
 WORLD_SIZES = [1, 2, 3, 4]

@@ -5,7 +5,7 @@ import torch
 
 from parallelism.attention_kernels import KERNELS, supported_kernels
 from parallelism.ring_attention import simulated_ring_attention
-from parallelism.sharding import zigzag_shard, zigzag_unshard
+from parallelism.zigzag import zigzag_shard, zigzag_unshard
 from tests import ring_cases
 from tests.test_ring_attention import make_inputs, reference
 

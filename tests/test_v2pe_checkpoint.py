@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workloads.v2pe.checkpoint_io import config_from_hf, load_pretrained, save_pretrained
+from workloads.v2pe.hf_checkpoint import config_from_hf, load_pretrained, save_pretrained
 
 V = dict(hidden=32, heads=2, layers=2, inter=64, image=56, patch=14)
 L = dict(vocab=272, hidden=64, heads=4, kv=2, layers=2, inter=128)

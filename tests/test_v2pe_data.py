@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from parallelism.sharding import zigzag_unshard
+from parallelism.zigzag import zigzag_unshard
 from tests.v2pe_helpers import TILE, data_config, make_records, write_image
 from workloads.v2pe.data import (
     DataError,

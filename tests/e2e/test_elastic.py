@@ -137,7 +137,7 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
     assert run.info.status == "FINISHED"
     # The FSDP run's export gathered every shard: it loads as a whole model, with the
     # weights of the fixed-size run's export (same training, float32 sums reordered).
-    from workloads.v2pe.checkpoint_io import load_pretrained
+    from workloads.v2pe.hf_checkpoint import load_pretrained
 
     s3 = s3fs_direct(services)
     exported = {}

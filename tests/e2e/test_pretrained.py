@@ -16,7 +16,7 @@ from tests.e2e.conftest import BUCKET, cli, history, s3fs_direct
 from tests.test_v2pe_checkpoint import hf_config, hf_tensors, write_checkpoint
 from tests.v2pe_helpers import make_records
 from tests.v2pe_tokenizer_folder import write_tokenizer_folder
-from workloads.v2pe.checkpoint_io import load_pretrained
+from workloads.v2pe.hf_checkpoint import load_pretrained
 from workloads.v2pe.tokenizer import load_tokenizer
 
 

@@ -33,7 +33,7 @@ import torch
 
 from parallelism.collectives import split_evenly
 from parallelism.hybrid_attention import hybrid_shard
-from parallelism.sharding import IGNORE_INDEX
+from parallelism.zigzag import IGNORE_INDEX
 
 from .positions import v2pe_position_ids
 from .tokenizer import IM_END, IM_START, Tokenizer

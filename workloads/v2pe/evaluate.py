@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from parallelism.ring_attention import prepare_documents
-from parallelism.sharding import IGNORE_INDEX
+from parallelism.zigzag import IGNORE_INDEX
 
 from ..spec import Comparison, EvalResult, Evaluation, FieldError
 from ..stats import wilson_interval
@@ -250,7 +250,7 @@ class NeedleEvaluation(Evaluation):
         Tiles and token counts are those of the model evaluated and its tokenizer."""
         import fsspec
 
-        from .checkpoint_io import read_config
+        from .hf_checkpoint import read_config
         from .spec import job_tokenizer
         from .synth import SynthConfig, write_dataset
 
@@ -274,8 +274,8 @@ class NeedleEvaluation(Evaluation):
         """Scores every sample under every δ; the same result on every rank."""
         from parallelism.dims import ParallelDims
 
-        from .checkpoint_io import load_pretrained
         from .data import FileCache, encode_sample, read_jsonl
+        from .hf_checkpoint import load_pretrained
         from .spec import job_tokenizer
 
         model = load_pretrained(model_url).eval()

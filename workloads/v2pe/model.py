@@ -10,7 +10,7 @@
 This file holds no distributed code. The decoder's attention takes an explicit
 `AttentionSpec`: with a context-parallel group it calls `parallelism.ring_attention`,
 otherwise single-process attention. Parameter names are longview's own;
-`checkpoint_io.py` maps them to and from the InternVL2 Hugging Face names.
+`hf_checkpoint.py` maps them to and from the InternVL2 Hugging Face names.
 """
 
 from __future__ import annotations

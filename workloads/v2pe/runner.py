@@ -40,7 +40,7 @@ class V2PERunner(Runner):
         self.groups = ParallelDims.infer(world_size=ctx.world_size, cp=p.cp, cp_a2a=p.cp_a2a).build(p.timeout_s)
         torch.manual_seed(t.seed)  # same initial weights on every rank
         if cfg.model.pretrained:
-            from .checkpoint_io import load_pretrained
+            from .hf_checkpoint import load_pretrained
 
             model = load_pretrained(cfg.model.pretrained)
         else:
@@ -115,7 +115,7 @@ class V2PERunner(Runner):
 
     def export(self, rank: int, url: str) -> str:
         """The trained model in InternVL2 Hugging Face format at `url` (rank 0 writes)."""
-        from .checkpoint_io import save_pretrained
+        from .hf_checkpoint import save_pretrained
         from .tokenizer import copy_tokenizer
 
         module = self.engine.module

@@ -25,7 +25,7 @@ def job_tokenizer(cfg, checkpoint: str | None = None, model_cfg=None):
 
     checkpoint = checkpoint or cfg.model.pretrained
     if model_cfg is None:
-        from .checkpoint_io import read_config
+        from .hf_checkpoint import read_config
 
         model_cfg = read_config(checkpoint) if checkpoint else cfg.model.config()
     tokenizer = resolve_tokenizer(cfg.data.tokenizer, checkpoint)
@@ -80,7 +80,7 @@ def prepare_data(cfg, run_root: str) -> None:
 def _job_model_config(cfg):
     """The model's config: the pretrained checkpoint's config.json, else the named size."""
     if cfg.model.pretrained:
-        from .checkpoint_io import read_config
+        from .hf_checkpoint import read_config
 
         return read_config(cfg.model.pretrained)
     return cfg.model.config()

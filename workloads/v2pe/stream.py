@@ -37,7 +37,7 @@ import fsspec
 import torch
 
 from parallelism.collectives import split_evenly
-from parallelism.sharding import IGNORE_INDEX
+from parallelism.zigzag import IGNORE_INDEX
 
 from .data import (
     DataConfig,

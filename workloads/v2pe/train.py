@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from parallelism.collectives import gather_rows, split_evenly
 from parallelism.dims import named_collectives
 from parallelism.ring_attention import prepare_documents
-from parallelism.sharding import IGNORE_INDEX
+from parallelism.zigzag import IGNORE_INDEX
 
 from ..spec import StepResult
 from .data import V2PEBatch

@@ -3,7 +3,7 @@ takes to be complete, and how many bytes each rank reads on restore — for the 
 path (rank 0 writes everything, the upload blocks, every rank downloads every file) and
 the current one (DCP: each rank writes its share in the background, reads by range).
 
-    .venv/bin/python benchmarks/checkpoint_io.py --workers 2 4 --width 2048 --layers 6
+    .venv/bin/python benchmarks/checkpoint_speed.py --workers 2 4 --width 2048 --layers 6
 
 Starts its own S3-protocol endpoint (moto) on 127.0.0.1. The model is a stack of
 width x width linear layers (AdamW: the checkpoint is 3x the weights), the same on

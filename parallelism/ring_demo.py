@@ -1,6 +1,6 @@
 """Ring-attention demonstration on local gloo processes: exactness and throughput.
 
-    python -m parallelism.demo [--seq 4096] [--worlds 1 2 4]
+    python -m parallelism.ring_demo [--seq 4096] [--worlds 1 2 4]
 
 For each world size W it shards one causal GQA sequence over W processes, runs ring
 attention forward and backward, gathers the result and compares it with one process
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .local_world import LocalWorld
 from .ring_attention import ring_attention
-from .sharding import zigzag_shard, zigzag_unshard
+from .zigzag import zigzag_shard, zigzag_unshard
 
 
 def _rank_step(q, k, v, dout, repeats):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from parallelism.sharding import (
+from parallelism.zigzag import (
     IGNORE_INDEX,
     local_cu_seqlens,
     zigzag_pad,

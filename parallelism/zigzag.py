@@ -41,7 +41,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, multiple: int) -> li
         if n % multiple:
             raise ValueError(
                 f"cu_seqlens: document {i} has length {n}, not a multiple of 2*world_size={multiple}; "
-                "pad it with parallelism.sharding.zigzag_pad"
+                "pad it with parallelism.zigzag.zigzag_pad"
             )
     return offs
 
@@ -50,7 +50,7 @@ def _check_length(total: int, multiple: int) -> None:
     if total % multiple:
         raise ValueError(
             f"sequence length {total} is not a multiple of 2*world_size={multiple}; "
-            "pad it with parallelism.sharding.zigzag_pad"
+            "pad it with parallelism.zigzag.zigzag_pad"
         )
 
 
