@@ -28,8 +28,9 @@ from parallelism.dims import ParallelDims
 from parallelism.local_world import LocalWorld
 from workloads.engine import TrainingConfig, build_engine
 from workloads.memory import model_state_tensors
-from workloads.v2pe.data import DataConfig, load_samples, make_batch, shard_batch
+from workloads.v2pe.data import DataConfig, load_samples
 from workloads.v2pe.model import V2PEModel, model_config
+from workloads.v2pe.packing import make_batch, shard_batch
 from workloads.v2pe.plan import RunShape, estimate_memory
 from workloads.v2pe.synth import SynthConfig, write_dataset
 from workloads.v2pe.tokenizer import ByteTokenizer

@@ -26,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._measure import reset_peak, status_mib
 from parallelism.local_world import LocalWorld
 from workloads.engine import TrainingConfig, build_engine
-from workloads.v2pe.data import DataConfig, load_samples, make_batch, shard_batch
+from workloads.v2pe.data import DataConfig, load_samples
 from workloads.v2pe.model import V2PEModel, model_config
+from workloads.v2pe.packing import make_batch, shard_batch
 from workloads.v2pe.synth import SynthConfig, write_dataset
 from workloads.v2pe.tokenizer import ByteTokenizer
 from workloads.v2pe.train import TrainStepConfig, parallelize, train_step

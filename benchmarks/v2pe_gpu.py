@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._measure import empty_cache, peak_tensor_bytes
 from workloads.engine import TrainingConfig, build_engine
-from workloads.v2pe.data import EncodedSample, pack
+from workloads.v2pe.data import EncodedSample
 from workloads.v2pe.model import AttentionSpec, V2PEModel, model_config
+from workloads.v2pe.packing import pack
 from workloads.v2pe.plan import RunShape, estimate_memory
 from workloads.v2pe.tokenizer import ByteTokenizer
 from workloads.v2pe.train import TrainStepConfig, parallelize, train_step

@@ -11,7 +11,7 @@ import torch
 from orchestrator.services import LOCAL_CREDENTIALS, start_s3, stop_pid
 from tests import v2pe_cases
 from tests.v2pe_helpers import encoded, tiny_model
-from workloads.v2pe.data import pack
+from workloads.v2pe.packing import pack
 
 B = 6  # global batch: 6 samples per optimizer step at dp 1, 2 and 3
 STEPS = 3

@@ -6,15 +6,10 @@ import torch
 
 from parallelism.zigzag import zigzag_unshard
 from tests.v2pe_helpers import TILE, data_config, make_records, write_image
-from workloads.v2pe.data import (
-    DataError,
-    encode_sample,
-    load_samples,
-    pack,
-    pack_greedy,
-    shard_batch,
-    tile_image,
-)
+from workloads.v2pe.data import encode_sample, load_samples
+from workloads.v2pe.data_errors import DataError
+from workloads.v2pe.images import tile_image
+from workloads.v2pe.packing import pack, pack_greedy, shard_batch
 from workloads.v2pe.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -123,7 +118,7 @@ def test_reads_through_fsspec_urls(tmp_path):
 
 
 def test_position_mode_comes_from_config(tmp_path):
-    from workloads.v2pe.data import make_batch
+    from workloads.v2pe.packing import make_batch
 
     path, _ = make_records(str(tmp_path))
     samples = load_samples(path, tokenizer=TOK, cfg=data_config())
@@ -160,7 +155,7 @@ def _mixed_file(tmp_path):
 
 
 def test_bad_samples_are_skipped_and_counted_by_config(tmp_path):
-    from workloads.v2pe.data import LoadReport
+    from workloads.v2pe.data_errors import LoadReport
 
     mixed, clean = _mixed_file(tmp_path)
     report = LoadReport(mixed)
@@ -197,7 +192,7 @@ def test_tiles_are_the_normalised_crops_of_the_resized_image():
     crop normalised alone, row-major, then the thumbnail."""
     from PIL import Image
 
-    from workloads.v2pe.data import IMAGENET_MEAN, IMAGENET_STD
+    from workloads.v2pe.images import IMAGENET_MEAN, IMAGENET_STD
 
     g = torch.Generator().manual_seed(0)
     img = Image.frombytes("RGB", (300, 100), (torch.rand(100, 300, 3, generator=g) * 255).to(torch.uint8).numpy().tobytes())
@@ -214,14 +209,14 @@ def test_tiles_are_the_normalised_crops_of_the_resized_image():
 
 
 def test_file_cache_reads_a_file_once_within_its_budget(tmp_path, monkeypatch):
-    import workloads.v2pe.data as data
+    import workloads.v2pe.files as files
 
     for name, size in (("a", 100), ("b", 100), ("c", 150)):
         (tmp_path / name).write_bytes(bytes([ord(name)]) * size)
     reads = []
-    real = data.fetch_files
-    monkeypatch.setattr(data, "fetch_files", lambda paths, **kw: reads.extend(paths) or real(paths, **kw))
-    cache = data.FileCache(budget_bytes=250)
+    real = files.fetch_files
+    monkeypatch.setattr(files, "fetch_files", lambda paths, **kw: reads.extend(paths) or real(paths, **kw))
+    cache = files.FileCache(budget_bytes=250)
     a, b, c = (str(tmp_path / n) for n in "abc")
     assert cache.fetch([a, b, a])[a] == b"a" * 100 and reads == [a, b]  # asked twice, read once
     assert cache.fetch([b])[b] == b"b" * 100 and reads == [a, b]

@@ -3,9 +3,10 @@ import torch
 
 from tests import v2pe_cases
 from tests.v2pe_helpers import TILE, data_config, tiny_model
-from workloads.v2pe.data import load_samples, pack
+from workloads.v2pe.data import load_samples
 from workloads.v2pe.evaluate import accuracy_table, format_table, score_sample
 from workloads.v2pe.model import AttentionSpec
+from workloads.v2pe.packing import pack
 from workloads.v2pe.synth import SynthConfig, write_dataset
 from workloads.v2pe.tokenizer import ByteTokenizer
 

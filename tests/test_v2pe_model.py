@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from tests import v2pe_cases
 from tests.v2pe_helpers import encoded, tiny_config, tiny_model
-from workloads.v2pe.data import pack
 from workloads.v2pe.model import LMHead, V2PEModel
+from workloads.v2pe.packing import pack
 from workloads.v2pe.train import TrainStepConfig, chunked_cross_entropy, forward_loss, parallelize
 
 # float32 throughout. Context parallelism changes only the order of additions (attention

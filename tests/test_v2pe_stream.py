@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from tests.v2pe_helpers import TILE, data_config, make_records, write_image
-from workloads.v2pe.data import DataError, LoadReport, load_samples, make_batch, pack_greedy, shard_batch
-from workloads.v2pe.stream import StreamingDataset, build_index, ensure_index, load_index, tiles_for
+from workloads.v2pe.data import load_samples
+from workloads.v2pe.data_errors import DataError, LoadReport
+from workloads.v2pe.images import tiles_for
+from workloads.v2pe.packing import make_batch, pack_greedy, shard_batch
+from workloads.v2pe.stream import StreamingDataset, build_index, ensure_index, load_index
 from workloads.v2pe.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -51,10 +54,10 @@ def test_a_rank_decodes_only_the_images_of_its_tiles(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "open_image",
                         lambda p, sample, **kw: opened.append(p.rsplit("/", 1)[1]) or real(p, sample=sample, **kw))
     fetched = []
-    import workloads.v2pe.data as data
+    import workloads.v2pe.files as files
 
-    real_fetch = data.fetch_files
-    monkeypatch.setattr(data, "fetch_files", lambda paths, **kw: fetched.extend(paths) or real_fetch(paths, **kw))
+    real_fetch = files.fetch_files
+    monkeypatch.setattr(files, "fetch_files", lambda paths, **kw: fetched.extend(paths) or real_fetch(paths, **kw))
     # 5 tiles over 4 ranks: rank 0 gets tiles 0-1 (a, and b's first), rank 3 the last (c)
     for rank, want in [(0, ["a.png", "b.png"]), (3, ["c.png"])]:
         opened.clear()
@@ -75,7 +78,7 @@ def test_index_counts_from_headers_and_is_stored_once(tmp_path):
     eager = load_samples(path, tokenizer=TOK, cfg=cfg)
     assert index.tokens.tolist() == [len(s) for s in eager]
     assert [sum(index.tiles_of(i)) for i in range(len(index))] == [s.pixels.shape[0] for s in eager]
-    assert tiles_for(3 * TILE, TILE, cfg) == 3  # max_tiles=2: 2x1 + thumbnail
+    assert tiles_for(3 * TILE, TILE, cfg.max_tiles, cfg.tile, cfg.thumbnail) == 3  # max_tiles=2: 2x1 + thumbnail
     run = str(tmp_path / "run")
     url = ensure_index(path, run, tokenizer=TOK, cfg=cfg)
     assert ensure_index(path, run, tokenizer=TOK, cfg=cfg) == url  # found, not rebuilt

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tests.v2pe_helpers import TILE, data_config
-from workloads.v2pe.data import DataError, load_samples
+from workloads.v2pe.data import load_samples
+from workloads.v2pe.data_errors import DataError
 from workloads.v2pe.synth import PALETTE, SynthConfig, make_sample, write_dataset
 from workloads.v2pe.tokenizer import ByteTokenizer
 
@@ -23,7 +24,7 @@ def test_token_counts_are_exact(tmp_path, task, tokens):
 
 def test_long_sample_is_exact_at_a_million_tokens():
     """A 1M-token sample (64 images of 256 tokens): counted on the rendered ids."""
-    from workloads.v2pe.data import render_tokens
+    from workloads.v2pe.chat import render_tokens
 
     cfg = SynthConfig(tokens=2**20, images=64, task="colour", tile=16, tokens_per_tile=256)  # small pictures
     record, images = make_sample(cfg, 0, TOK)

@@ -4,8 +4,8 @@ import torch
 import torch.distributed as dist
 
 from tests.v2pe_helpers import tiny_config
-from workloads.v2pe.data import shard_batch
 from workloads.v2pe.model import V2PEModel
+from workloads.v2pe.packing import shard_batch
 from workloads.v2pe.train import TrainStepConfig, forward_loss, parallelize
 
 

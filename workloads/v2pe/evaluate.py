@@ -22,8 +22,9 @@ from parallelism.zigzag import IGNORE_INDEX
 
 from ..spec import Comparison, EvalResult, Evaluation, FieldError
 from ..stats import wilson_interval
-from .data import EncodedSample, pack, shard_batch
+from .data import EncodedSample
 from .model import AttentionSpec, V2PEModel
+from .packing import pack, shard_batch
 from .tokenizer import Tokenizer
 from .train import encode_visual
 
@@ -274,8 +275,10 @@ class NeedleEvaluation(Evaluation):
         """Scores every sample under every δ; the same result on every rank."""
         from parallelism.dims import ParallelDims
 
-        from .data import FileCache, encode_sample, read_jsonl
+        from .data import encode_sample
+        from .files import FileCache
         from .hf_checkpoint import load_pretrained
+        from .jsonl import read_jsonl
         from .spec import job_tokenizer
 
         model = load_pretrained(model_url).eval()

@@ -44,7 +44,7 @@ def check_inputs(cfg):
         validate(cfg, mc)
     tokenizer = job_tokenizer(cfg, model_cfg=mc)
     if cfg.data.train != "synthetic":
-        from .data import DataError
+        from .data_errors import DataError
 
         fs, key = fsspec.core.url_to_fs(cfg.data.train)
         if not fs.isfile(key):

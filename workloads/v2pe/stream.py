@@ -39,41 +39,16 @@ import torch
 from parallelism.collectives import split_evenly
 from parallelism.zigzag import IGNORE_INDEX
 
-from .data import (
-    DataConfig,
-    DataError,
-    EncodedSample,
-    FileCache,
-    LoadReport,
-    V2PEBatch,
-    _closest_grid,
-    check_pixels,
-    encode_tokens,
-    fetch_files,
-    iter_lines,
-    make_batch,
-    open_image,
-    pack_rows,
-    parse_line,
-    prepare_record,
-    printable,
-    read_head,
-    sample_name,
-    shard_batch,
-    tile_image,
-    unreadable,
-)
+from .data import DataConfig, EncodedSample, encode_tokens, prepare_record, sample_name
+from .data_errors import DataError, LoadReport, printable
+from .files import FileCache, fetch_files, read_head
+from .images import check_pixels, open_image, tile_image, tiles_for, unreadable
+from .jsonl import iter_lines, parse_line
+from .packing import V2PEBatch, make_batch, pack_rows, shard_batch
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 INDEX_VERSION = 2
-
-
-def tiles_for(width: int, height: int, cfg: DataConfig) -> int:
-    """How many tiles `tile_image` makes of an image of this size (thumbnail included)."""
-    cols, rows = _closest_grid(width, height, cfg.max_tiles, cfg.tile)
-    n = cols * rows
-    return n + 1 if cfg.thumbnail and n > 1 else n
 
 
 HEADER_BYTES = 1 << 16  # PNG and JPEG headers (with their EXIF/ICC blocks, almost always) fit
@@ -191,7 +166,7 @@ def build_index(path: str, *, tokenizer: Tokenizer, cfg: DataConfig, threads: in
                 bad = next((g for g in got if isinstance(g, DataError)), None)
                 if bad is not None:
                     raise bad
-                tiles = [tiles_for(w, h, cfg) for w, h in got]
+                tiles = [tiles_for(w, h, cfg.max_tiles, cfg.tile, cfg.thumbnail) for w, h in got]
                 n = encode_tokens(convs, tiles, tokenizer=tokenizer, cfg=cfg, sample=sample)[0].numel()
             except DataError as e:
                 if not skip:

@@ -27,7 +27,9 @@ import posixpath
 import random
 from dataclasses import dataclass
 
-from .data import DataError, concurrency, render_tokens
+from .chat import render_tokens
+from .data_errors import DataError
+from .files import concurrency
 from .tokenizer import ByteTokenizer, Tokenizer
 
 PALETTE = {

@@ -31,8 +31,8 @@ from parallelism.ring_attention import prepare_documents
 from parallelism.zigzag import IGNORE_INDEX
 
 from ..spec import StepResult
-from .data import V2PEBatch
 from .model import AttentionSpec, V2PEModel
+from .packing import V2PEBatch
 
 
 @dataclass(kw_only=True, frozen=True)
