@@ -29,6 +29,8 @@ from parallelism.attention_kernels import KERNELS
 from workloads.engine import TrainingConfig
 from workloads.spec import APPLY, NEW_RUN, FieldError, WorkloadSpec, bound_error, bounded, no_credentials
 
+from .storage import backend_for
+
 
 class ConfigError(ValueError):
     pass
@@ -71,11 +73,12 @@ class StorageSection:
 
     def __post_init__(self):
         no_credentials("endpoint_url", self.endpoint_url)
-        if self.uri.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", self.uri):
-            raise FieldError("uri", f"{self.uri!r} is not an s3://bucket/prefix URI")
-        if self.uri and not self.uri.startswith(("s3://", "/")):
-            raise FieldError("uri", f"{self.uri!r} is neither an s3://bucket/prefix URI nor an absolute folder "
-                                    "(other schemes and relative paths are not supported)")
+        try:  # each storage backend checks the form of its own URIs
+            why = backend_for(self.uri).check_uri(self.uri) if self.uri else None
+        except ValueError as e:
+            why = str(e)
+        if why:
+            raise FieldError("uri", why)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -12,6 +12,11 @@ OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "
               "RunBusy", "ConfigError", "KernelUnavailable", "TokenizerError", "DivergenceError")
 
 
+class InputError(RuntimeError):
+    """Something a job needs is missing or unreachable (found before it starts); the
+    message says what to do."""
+
+
 def first_line(e: BaseException) -> str:
     """An exception's first line, at most 300 characters (for one-line reports)."""
     return (str(e).strip().splitlines() or [""])[0][:300]

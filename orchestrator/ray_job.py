@@ -9,7 +9,7 @@ import os
 
 from .faults import ENV_KEYS as FAULT_ENV_KEYS
 from .log import LEVEL_ENV
-from .storage import s3_endpoint, storage_fs
+from .storage import backend_for, resolved
 
 # Never sent with a job: a runtime environment is stored by the cluster and shown by
 # its dashboard and job API. Nodes get credentials from their own environment or the
@@ -25,10 +25,7 @@ def worker_env(cfg) -> dict[str, str]:
     the credentials (SECRET_ENV)."""
     env = {k: v for k, v in os.environ.items()
            if (k.startswith("AWS_") and k not in SECRET_ENV) or k in FORWARDED_ENV}
-    endpoint = s3_endpoint(cfg.storage.endpoint_url)
-    if endpoint:
-        env["AWS_ENDPOINT_URL_S3"] = endpoint
-        env["FSSPEC_S3_ENDPOINT_URL"] = endpoint  # fsspec reads s3fs options from FSSPEC_S3_*
+    env.update(backend_for(resolved(cfg.storage.uri)).worker_env(cfg.storage))
     env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.resources.cpus_per_worker))))
     return env
 
@@ -53,17 +50,6 @@ def connect_ray(cfg, address: str | None) -> None:
              runtime_env={"env_vars": worker_env(cfg)})
 
 
-def storage_for_ray(cfg):
-    """(storage_path, storage_filesystem) for RunConfig: s3://b/p becomes "b/p" + s3fs."""
-    uri = cfg.storage.uri
-    if not uri.startswith("s3://"):
-        return (uri or os.path.abspath("longview-runs")), None
-    import pyarrow.fs
-
-    fs, path = storage_fs(uri, cfg)
-    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
 def build_trainer(cfg, loop, loop_config: dict, *, run_name: str, max_failures: int = 0, elastic: bool = False):
     """A TorchTrainer running `loop(loop_config)` on `resources.workers` workers with the
     job's resources (CPUs, GPUs, custom), backend, collective timeout and storage.
@@ -80,7 +66,8 @@ def build_trainer(cfg, loop, loop_config: dict, *, run_name: str, max_failures: 
     resources = {"CPU": r.cpus_per_worker, **r.custom}
     if use_gpu:
         resources["GPU"] = r.gpus_per_worker
-    storage_path, fs = storage_for_ray(cfg)
+    uri = resolved(cfg.storage.uri)
+    storage_path, fs = backend_for(uri).for_ray(uri, cfg.storage)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
