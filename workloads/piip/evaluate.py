@@ -8,6 +8,7 @@ and the correct counts are summed over all workers.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -15,6 +16,9 @@ import torch.distributed as dist
 
 from ..spec import EvalResult, Evaluation
 from ..stats import wilson_interval
+from .config import PIIPSection
+from .data import ImageFolder, batch, write_shapes
+from .model import PIIP, make_pyramid
 
 log = logging.getLogger(__name__)
 HELD_OUT_SEED = 1_000_003  # added to the training seed: a set disjoint in draws from training
@@ -22,13 +26,8 @@ HELD_OUT_SEED = 1_000_003  # added to the training seed: a set disjoint in draws
 
 def load_export(url: str):
     """(PIIP model, its `piip:` section) from an export folder."""
-    import json
-
     import fsspec
     from safetensors.torch import load
-
-    from .config import PIIPSection
-    from .model import PIIP
 
     fs, root = fsspec.core.url_to_fs(url)
     section = PIIPSection(**json.loads(fs.cat_file(f"{root}/config.json"))["piip"])
@@ -41,8 +40,6 @@ class HeldOutAccuracy(Evaluation):
     def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
         import fsspec
 
-        from .data import write_shapes
-
         n = cfg.piip.eval_samples
         url = f"{run_root.rstrip('/')}/data/eval-shapes-{n}"
         fs, root = fsspec.core.url_to_fs(url)
@@ -52,10 +49,6 @@ class HeldOutAccuracy(Evaluation):
 
     @torch.no_grad()
     def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]) -> EvalResult:
-
-        from .data import ImageFolder, batch
-        from .model import make_pyramid
-
         if cfg.piip.task != "classification":
             raise ValueError("piip.task: evaluation scores classification; segmentation has none yet")
         model, section = load_export(model_url)

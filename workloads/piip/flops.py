@@ -10,9 +10,10 @@ against PyTorch's own operator counter on small configs.
 
 from __future__ import annotations
 
+import json
 import math
 
-from .model import BranchConfig, PIIPConfig
+from .model import BranchConfig, PIIPConfig, piip_config
 
 
 def block_macs(b: BranchConfig, global_attn: bool) -> float:
@@ -114,9 +115,6 @@ def add_flops_arguments(p) -> None:
 
 def flops_command(args) -> str:
     """`longview flops VARIANT --resolutions R1,R2,...`: backbone GFLOPs as the paper counts."""
-    import json
-
-    from .model import piip_config
 
     res = [int(r) for r in args.resolutions.split(",")]
     cfg = piip_config(args.variant, res)

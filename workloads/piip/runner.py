@@ -4,12 +4,21 @@ interaction layers; one global batch per micro-step, split within each branch gr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
 import torch
 import torch.distributed as dist
 
+from parallelism.branch import batch_slice
+from parallelism.dims import BranchLayout
+
+from ..engine import build_engine
 from ..spec import RunContext, Runner, StepResult, sample_at
+from .data import ImageFolder, batch
+from .model import PIIP, make_pyramid
+from .parallel import classification_loss, full_state, owned_parameters, segmentation_loss
 
 
 def data_root(cfg, run_root: str) -> str:
@@ -25,13 +34,6 @@ def task_root(cfg, run_root: str) -> str:
 
 class PIIPRunner(Runner):
     def __init__(self, cfg, ctx: RunContext):
-        from parallelism.dims import BranchLayout
-
-        from ..engine import build_engine
-        from .data import ImageFolder
-        from .model import PIIP
-        from .parallel import owned_parameters
-
         self.cfg, self.device = cfg, ctx.device
         layout = cfg.piip.layout(ctx.world_size)
         self.groups = BranchLayout(ranks_per_branch=layout, world_size=ctx.world_size).build(
@@ -48,12 +50,6 @@ class PIIPRunner(Runner):
         return self.cfg.piip.batch_size
 
     def step(self, micro: int) -> StepResult:
-        from parallelism.branch import batch_slice
-
-        from .data import batch
-        from .model import make_pyramid
-        from .parallel import classification_loss, segmentation_loss
-
         g, B, n = self.groups, self.cfg.piip.batch_size, len(self.data)
         # the global batch: a function of (seed, micro)
         rows = [sample_at(i, n, self.cfg.training.seed) for i in range(micro * B, (micro + 1) * B)]
@@ -85,13 +81,8 @@ class PIIPRunner(Runner):
         """The trained model, whole, at `url`: model.safetensors (every parameter from the
         branch group that trained it) and config.json (the `piip:` section that builds it).
         Collective: every rank takes part in gathering; rank 0 writes."""
-        import dataclasses
-        import json
-
         import fsspec
         from safetensors.torch import save
-
-        from .parallel import full_state
 
         state = full_state(self.engine.module, self.groups)
         if rank == 0:

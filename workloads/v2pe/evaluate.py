@@ -22,9 +22,14 @@ from parallelism.zigzag import IGNORE_INDEX
 
 from ..spec import Comparison, EvalResult, Evaluation, FieldError
 from ..stats import wilson_interval
-from .data import EncodedSample
+from .data import EncodedSample, encode_sample
+from .files import FileCache
+from .hf_checkpoint import load_pretrained, read_config
+from .inputs import job_tokenizer
+from .jsonl import read_jsonl
 from .model import AttentionSpec, V2PEModel
 from .packing import pack, shard_batch
+from .synth import SynthConfig, write_dataset
 from .tokenizer import Tokenizer
 from .train import encode_visual
 
@@ -251,10 +256,6 @@ class NeedleEvaluation(Evaluation):
         Tiles and token counts are those of the model evaluated and its tokenizer."""
         import fsspec
 
-        from .hf_checkpoint import read_config
-        from .spec import job_tokenizer
-        from .synth import SynthConfig, write_dataset
-
         mc, e = read_config(model_url), cfg.evaluation
         tokenizer = job_tokenizer(cfg, checkpoint=model_url, model_cfg=mc)
         paths = {}
@@ -274,12 +275,6 @@ class NeedleEvaluation(Evaluation):
     def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]):
         """Scores every sample under every δ; the same result on every rank."""
         from parallelism.dims import ParallelDims
-
-        from .data import encode_sample
-        from .files import FileCache
-        from .hf_checkpoint import load_pretrained
-        from .jsonl import read_jsonl
-        from .spec import job_tokenizer
 
         model = load_pretrained(model_url).eval()
         tok = job_tokenizer(cfg, checkpoint=model_url, model_cfg=model.cfg)

@@ -14,34 +14,26 @@ import torch
 import torch.distributed as dist
 
 from parallelism.attention_kernels import resolve_kernel
+from parallelism.dims import ParallelDims, shard_mesh
 
+from ..engine import build_engine
 from ..spec import RunContext, Runner, StepResult, sample_at
-
-
-def train_path(cfg, run_root: str) -> str:
-    """The training JSONL: the configured one, or the synthetic set `prepare_data` wrote."""
-    if cfg.data.train != "synthetic":
-        return cfg.data.train
-    return f"{run_root.rstrip('/')}/data/train/data.jsonl"
+from .hf_checkpoint import load_pretrained, save_pretrained
+from .inputs import job_tokenizer, train_path
+from .model import V2PEModel
+from .plan import estimate_memory, job_shape
+from .stream import StreamingDataset, open_sources
+from .tokenizer import copy_tokenizer
+from .train import TrainStepConfig, fsdp_units, parallelize, train_step
 
 
 class V2PERunner(Runner):
     def __init__(self, cfg, ctx: RunContext):
-        from parallelism.dims import ParallelDims, shard_mesh
-
-        from ..engine import build_engine
-        from .model import V2PEModel
-        from .spec import job_tokenizer
-        from .stream import StreamingDataset, open_sources
-        from .train import TrainStepConfig, fsdp_units, parallelize
-
         p, t = cfg.parallelism, cfg.training
         self.cfg, self.device = cfg, ctx.device
         self.groups = ParallelDims.infer(world_size=ctx.world_size, cp=p.cp, cp_a2a=p.cp_a2a).build(p.timeout_s)
         torch.manual_seed(t.seed)  # same initial weights on every rank
         if cfg.model.pretrained:
-            from .hf_checkpoint import load_pretrained
-
             model = load_pretrained(cfg.model.pretrained)
         else:
             model = V2PEModel(cfg.model.config())
@@ -81,8 +73,6 @@ class V2PERunner(Runner):
         return batch.to(self.device, next(self.engine.module.parameters()).dtype)
 
     def step(self, micro: int) -> StepResult:
-        from .train import train_step
-
         cp_group = self.groups.cp_group if self.groups.dims.cp > 1 else None
         loss_group = dist.group.WORLD if self.groups.dims.world_size > 1 else None
         return train_step(self.engine, self.batch(micro), cp_group=cp_group, loss_group=loss_group,
@@ -106,7 +96,6 @@ class V2PERunner(Runner):
 
     def predicted_memory(self) -> dict[str, float]:
         """The planner's bytes per GPU for the last row this rank trained on."""
-        from .plan import estimate_memory, job_shape
 
         r = self.last_row
         shape = replace(job_shape(self.cfg), seq_len=r.tokens, tiles=r.tiles,
@@ -115,8 +104,6 @@ class V2PERunner(Runner):
 
     def export(self, rank: int, url: str) -> str:
         """The trained model in InternVL2 Hugging Face format at `url` (rank 0 writes)."""
-        from .hf_checkpoint import save_pretrained
-        from .tokenizer import copy_tokenizer
 
         module = self.engine.module
         if self.engine.kind == "fsdp":
