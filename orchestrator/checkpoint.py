@@ -59,6 +59,7 @@ from .checkpoint_formats.base import (
     space_hint,
 )
 from .errors import first_line
+from .storage import run_uri, storage_fs
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -335,3 +336,9 @@ class CheckpointStore:
                 continue
             return state, name, skipped
         raise CheckpointError(f"no usable checkpoint under {self.uri} (tried {', '.join(candidates)})")
+
+
+def checkpoint_store(cfg) -> CheckpointStore:
+    """The job's `CheckpointStore`: <storage.uri>/<name>/ on the job's storage backend."""
+    fs, root = storage_fs(run_uri(cfg), cfg)
+    return CheckpointStore(fs, root, run_uri(cfg))

@@ -26,9 +26,23 @@ import sys
 import time
 from pathlib import Path
 
+from parallelism.ring_demo import main as ring_demo
+from workloads.spec import Hardware, commands
+
 from . import log as logsetup
+from .cluster import check_job_fits, load_cluster_yaml
+from .config import ConfigError, from_dict, load_config, to_dict, yaml_value
 from .errors import failure_reason
-from .services import home
+from .evaluate import run_evaluation
+from .experiment import run_experiment
+from .identity import deliver_outbox, outbox
+from .launch import RunStopped, run_training, stop_on_sigterm, stop_signal
+from .preflight import InputError, check_inputs, check_storage, check_tracking
+from .progress import JobProgress
+from .ray_job import submitted_job_id, worker_env
+from .services import LocalServices, ServiceError, home, ray_env
+from .storage import run_uri
+from .tracking import code_version, run_url
 
 log = logging.getLogger("longview")
 
@@ -36,8 +50,6 @@ CONFIG_ENV = "LONGVIEW_JOB_CONFIG"  # a submitted job's resolved config, as JSON
 
 
 def _services():
-    from .services import LocalServices
-
     return LocalServices(home())
 
 
@@ -47,8 +59,6 @@ def _say(msg: str) -> None:
 
 
 def _parse_sets(items: list[str]) -> dict:
-    from .config import ConfigError, yaml_value
-
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -64,8 +74,6 @@ def _parse_sets(items: list[str]) -> dict:
 def load_job(args):
     """The job config from a file (or the submitted job's environment), with --set and the
     local services' endpoints filled in where the config leaves them out."""
-    from .config import ConfigError, from_dict, load_config
-
     overrides = _parse_sets(getattr(args, "set", []))
     services = _services().read()
 
@@ -91,7 +99,6 @@ def cmd_up(args) -> int:
     svc = _services()
     log.info("starting local services (state in %s) ...", svc.state_file)
     t0 = time.time()
-    from .services import ServiceError
 
     try:
         with _spinner(f"starting S3, MLflow and Ray on {args.host}"):
@@ -108,8 +115,6 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from .services import ServiceError
-
     try:
         stopped = _services().down()
     except ServiceError as e:
@@ -138,9 +143,6 @@ def _spinner(text: str):
 
 def _check_cluster(cfg, args) -> None:
     if getattr(args, "cluster_yaml", None):
-        from .cluster import check_job_fits, load_cluster_yaml
-        from .config import ConfigError
-
         try:
             check_job_fits(cfg, load_cluster_yaml(args.cluster_yaml), args.cluster_yaml)
         except ConfigError as e:
@@ -149,8 +151,6 @@ def _check_cluster(cfg, args) -> None:
 
 def _preflight(cfg, what: str, *, inputs: bool = True) -> None:
     """The checks that cost seconds (`preflight`): one line and exit 1 if one fails."""
-    from .preflight import InputError, check_inputs, check_storage, check_tracking
-
     try:
         check_storage(cfg)
         if inputs:
@@ -162,10 +162,6 @@ def _preflight(cfg, what: str, *, inputs: bool = True) -> None:
 
 
 def cmd_train(args) -> int:
-    from .launch import RunStopped, run_training, stop_on_sigterm, stop_signal
-    from .ray_job import submitted_job_id
-    from .storage import run_uri
-
     cfg = load_job(args)
     stop_on_sigterm()
     _check_cluster(cfg, args)
@@ -188,8 +184,6 @@ def cmd_train(args) -> int:
         return 1
     log.info("finished: last checkpoint %s", final)
     if run_id:
-        from .tracking import run_url
-
         log.info("MLflow run: %s", run_url(cfg.tracking.uri, run_id))
     return 0
 
@@ -208,18 +202,11 @@ def _job_address(args) -> str:
 def _job_client(args):
     from ray.job_submission import JobSubmissionClient
 
-    from .services import ray_env
-
     os.environ.update(ray_env())
     return JobSubmissionClient(_job_address(args))
 
 
 def cmd_submit(args) -> int:
-    from .config import to_dict
-    from .ray_job import worker_env
-    from .storage import run_uri
-    from .tracking import code_version
-
     cfg = load_job(args)
     _check_cluster(cfg, args)
     _preflight(cfg, f"{cfg.name} not submitted")
@@ -265,8 +252,6 @@ def _wait(client, job_id: str, cfg) -> int:
     change otherwise)."""
     from ray.job_submission import JobStatus
 
-    from .progress import JobProgress
-
     with JobProgress(cfg) as progress:
         while True:
             status = client.get_job_status(job_id)
@@ -309,8 +294,6 @@ def cmd_stop(args) -> int:
 def cmd_runs(args) -> int:
     from mlflow.tracking import MlflowClient
 
-    from .identity import deliver_outbox, outbox
-
     cfg = load_job(args)
     if not cfg.tracking.uri:
         raise SystemExit("no tracking.uri in the config and no local MLflow server")
@@ -336,9 +319,6 @@ def cmd_runs(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import ConfigError
-    from .evaluate import run_evaluation
-
     cfg = load_job(args)
     _preflight(cfg, f"evaluation of {cfg.name} failed", inputs=False)
     try:
@@ -356,8 +336,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from .experiment import run_experiment
-
     cfg = load_job(args)
     _preflight(cfg, f"experiment {cfg.name} failed")
     try:
@@ -373,10 +351,6 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from workloads.spec import Hardware
-
-    from .config import ConfigError, load_config
-
     for flag, value in (("--gpus", args.gpus), ("--gpu-memory", args.gpu_memory), ("--gpus-per-node", args.gpus_per_node),
                         ("--intra-node-bandwidth", args.intra_node_bandwidth),
                         ("--inter-node-bandwidth", args.inter_node_bandwidth), ("--tiles", args.tiles)):
@@ -447,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("job_id")
         p.add_argument("--address", default=None)
         p.set_defaults(fn=fn)
-    from workloads.spec import commands
 
     for command in commands():  # the workloads' own subcommands (PIIP: flops)
         p = sub.add_parser(command.name, help=command.help)
@@ -469,8 +442,6 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = ap.parse_known_args(argv)
     logsetup.setup("DEBUG" if args.verbose else "WARNING" if args.quiet else None)
     if args.command == "ring-demo":
-        from parallelism.ring_demo import main as ring_demo
-
         ring_demo(rest)
         return 0
     if rest:

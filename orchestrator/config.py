@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from parallelism.attention_kernels import KERNELS
+from workloads import spec as registry
 from workloads.engine import TrainingConfig
 from workloads.spec import APPLY, NEW_RUN, FieldError, WorkloadSpec, bound_error, bounded, no_credentials
 
@@ -195,8 +196,6 @@ def job_class(workload: str) -> type:
 
 
 def workload_spec(name: str) -> WorkloadSpec:
-    from workloads import spec as registry
-
     try:
         return registry.get(name)
     except ValueError as e:  # a plug-in module that cannot be imported

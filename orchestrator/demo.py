@@ -24,6 +24,9 @@ import time
 import uuid
 from pathlib import Path
 
+from .services import LocalServices, home
+from .tracking import UI_MODEL_TRAINING, find_run, mlflow_client
+
 DEMO = "configs/v2pe-demo.yaml"
 EXPERIMENT = "configs/v2pe-length.yaml"
 
@@ -45,9 +48,6 @@ def run(env, *args) -> str:
 
 
 def where_to_click(env, name: str) -> None:
-    from .services import LocalServices, home
-    from .tracking import UI_MODEL_TRAINING, find_run, mlflow_client
-
     svc = LocalServices(home()).read()
     mlflow = svc["mlflow"].url
     link = mlflow
@@ -71,8 +71,6 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     stamp = f"{time.strftime('%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"  # a reused name would resume
     run(env, "up", "--bucket", "longview")
-    from .services import LocalServices, home
-
     env.update(LocalServices(home()).env())
     if what == "experiment":
         name = f"v2pe-length-{stamp}"

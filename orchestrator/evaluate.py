@@ -17,8 +17,11 @@ import os
 
 from .config import ConfigError, JobConfig, to_dict
 from .errors import failure_reason
+from .identity import read_run_record
 from .ray_job import build_trainer, connect_ray
-from .storage import run_uri, storage_fs
+from .storage import read_export_meta, run_uri, storage_fs
+from .tracking import find_run, mlflow_client, png_image, run_tags
+from .worker import eval_loop
 
 log = logging.getLogger(__name__)
 EXPORT = "export"  # the model written at the end of training
@@ -29,8 +32,6 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     """Evaluates the run's exported model (or `checkpoint`); returns the result
     ({"table", "records", "metrics", "curves"}). data_root: where the evaluation data is
     written once (default: the run's folder; an experiment shares one between its runs)."""
-    from .worker import eval_loop
-
     if cfg.spec.evaluation is None:
         raise ConfigError(f"workload: {cfg.workload!r} has no evaluation")
     evaluation = cfg.spec.evaluation()
@@ -69,12 +70,10 @@ class EvalRun:
         self.cfg, self.run_id, self.client = cfg, None, None
         if not cfg.tracking.uri:
             return
-        from .tracking import find_run, mlflow_client, run_tags
 
         try:
             self.client = mlflow_client(cfg.tracking.uri)
             exp_id, parent = find_run(self.client, cfg.experiment, cfg.name)
-            from .identity import read_run_record
 
             record = read_run_record(cfg)  # the run this storage's model was trained in, if it names one
             parent = record["mlflow_run_id"] if record else parent
@@ -115,8 +114,6 @@ class EvalRun:
 
         from mlflow.entities import Metric
 
-        from .tracking import png_image
-
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(v), ts, 0) for k, v in result["metrics"].items()]
         metrics += [Metric(k, float(v), ts, int(x)) for k, curve in result.get("curves", {}).items()
@@ -134,7 +131,5 @@ class EvalRun:
 
 def _trained_steps(model: str, cfg: JobConfig) -> int | str:
     """The training step of the exported model (its `longview.json`), else '-'."""
-    from .storage import read_export_meta
-
     meta = read_export_meta(model, cfg)
     return int(meta["step"]) if meta else "-"

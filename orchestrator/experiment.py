@@ -21,6 +21,7 @@ from .config import JobConfig, from_dict, to_dict
 from .evaluate import run_evaluation
 from .launch import run_training
 from .storage import run_uri
+from .tracking import experiment_id, mlflow_client, png_image, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ def _log_experiment(cfg: JobConfig, comparison, results: dict, figure: bytes | N
         return
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
-
-    from .tracking import experiment_id, mlflow_client, png_image, run_tags
 
     try:
         client = mlflow_client(cfg.tracking.uri)

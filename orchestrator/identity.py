@@ -23,7 +23,9 @@ import threading
 import time
 import uuid
 
+from .ray_job import submitted_job_id
 from .storage import run_uri, storage_fs
+from .tracking import Outbox, job_run
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
@@ -57,8 +59,6 @@ def bind_run(cfg, tags: dict, *, by_name: bool = False) -> str | None:
     """The MLflow run of this storage's run: the one `run.json` names, else a new one
     (with `by_name`: the run tagged with the job's name, for runs from before run.json),
     recorded in `run.json`. Raises while the server does not answer."""
-    from .tracking import job_run
-
     record = read_run_record(cfg)
     bound = record["mlflow_run_id"] if record else None
     run_id = job_run(cfg, tags, bound=bound, by_name=by_name and record is None)
@@ -74,8 +74,6 @@ def run_tags_of(cfg, extra: dict | None = None) -> dict:
 
 def outbox(cfg):
     """The run's `Outbox` (tracking)."""
-    from .tracking import Outbox
-
     fs, root = storage_fs(run_uri(cfg, OUTBOX), cfg)
     return Outbox(fs, root, run_uri(cfg, OUTBOX))
 
@@ -90,8 +88,6 @@ def deliver_outbox(cfg) -> int:
 
 
 def _holder() -> dict:
-    from .ray_job import submitted_job_id
-
     return {"host": socket.gethostname(), "pid": os.getpid(), "ray_job": submitted_job_id() or "",
             "token": uuid.uuid4().hex}
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 import errno
 import logging
 
+from .checkpoint import checkpoint_store
 from .config import JobConfig, to_dict
 from .errors import failure_reason, first_line
+from .identity import RunLease, bind_run, deliver_outbox, outbox, run_tags_of
 from .ray_job import build_trainer, connect_ray
-from .storage import checkpoint_store, run_uri, storage_fs
+from .resume import check, describe
+from .storage import read_export_meta, run_uri, storage_fs
+from .tracking import Tracker, log_dataset, log_exported_model
 from .worker import train_loop
 
 log = logging.getLogger(__name__)
@@ -90,8 +94,6 @@ def stop_signal() -> str:
 def check_resume(cfg: JobConfig, store) -> tuple[str | None, list]:
     """(the checkpoint a start resumes from or None, the config changes it applies);
     raises ResumeRefused for changes the run cannot take, before anything starts."""
-    from .resume import check
-
     name = store.latest_complete()
     if name is None:
         return None, []
@@ -111,8 +113,6 @@ def _record_resume(cfg: JobConfig, tracker, resumed: str | None, applied: list) 
         return
     import yaml
 
-    from .resume import describe
-
     log.info("resuming from %s with changes: %s", resumed, describe(applied))
     tracker.call("set_tag", f"longview.resume.{resumed}", describe(applied)[:5000])
     tracker.log_artifact_bytes(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(), "config/job.yaml")
@@ -122,8 +122,6 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
     """Fits the job on the Ray cluster at `ray_address` ("local": in-process), holding
     the run's lease (one writer per run) from the first check to the last record.
     Returns (Ray's Result, the MLflow run id or None, the last complete checkpoint's URI)."""
-    from .identity import RunLease
-
     with RunLease(cfg):
         return _run_training(cfg, ray_address=ray_address, tags=tags)
 
@@ -132,8 +130,6 @@ def _start_run(cfg: JobConfig, run_tags: dict, *, by_name: bool) -> str | None:
     """The run's MLflow run id, and what an earlier outage kept for it sent; None (with
     a warning) while the server does not answer: training starts without it, and the
     run is bound when the server first answers (`Tracker(bind=...)`)."""
-    from .identity import bind_run, deliver_outbox
-
     if not cfg.tracking.uri:
         return None
     try:
@@ -150,9 +146,6 @@ def _start_run(cfg: JobConfig, run_tags: dict, *, by_name: bool) -> str | None:
 
 def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None):
     import functools
-
-    from .identity import bind_run, deliver_outbox, outbox, run_tags_of
-    from .tracking import Tracker, log_dataset
 
     store = checkpoint_store(cfg)
     dropped = store.drop_incomplete()
@@ -234,9 +227,6 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
 
 def _log_model(cfg: JobConfig, run_id: str) -> None:
     """The export (when the workload wrote one) as the run's logged MLflow model."""
-    from .storage import read_export_meta
-    from .tracking import log_exported_model
-
     export = run_uri(cfg, "export")
     fs, root = storage_fs(export, cfg)
     try:

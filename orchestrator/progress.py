@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
+from .tracking import RUN_NAME_TAG, mlflow_client
+
 log = logging.getLogger(__name__)
 
 
@@ -48,8 +50,6 @@ class JobProgress:
             return
         self._last_poll = time.time()
         try:
-            from .tracking import RUN_NAME_TAG, mlflow_client
-
             client = mlflow_client(self.cfg.tracking.uri)
             if self._run_id is None:
                 exp = client.get_experiment_by_name(self.cfg.experiment)

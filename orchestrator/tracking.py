@@ -19,6 +19,9 @@ import logging
 import time
 from typing import Any
 
+from .config import flatten, to_dict
+from .storage import run_uri
+
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "longview.run_name"
 
@@ -114,7 +117,6 @@ def job_run(cfg, tags: dict[str, str], *, bound: str | None = None, by_name: boo
     driver passes the id to the workers and to evaluation."""
     if not cfg.tracking.uri:
         return None
-    from .storage import run_uri
 
     description = (f"{cfg.workload} training job {cfg.name}: {cfg.training.steps} steps on "
                    f"{cfg.resources.workers} workers ({cfg.spec.layout(cfg)}). Checkpoints: {run_uri(cfg)}")
@@ -144,8 +146,6 @@ def job_run(cfg, tags: dict[str, str], *, bound: str | None = None, by_name: boo
     if created:
         import yaml
         from mlflow.entities import Param
-
-        from .config import flatten, to_dict
 
         tr = Tracker(cfg.tracking.uri, run_id)
         params = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in cfg.spec.unused_keys}

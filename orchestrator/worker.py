@@ -21,12 +21,19 @@ import time
 
 import torch
 
+from parallelism.dims import checkpoint_group
 from workloads.engine import DivergenceError
+from workloads.memory import StepMemoryProbe
 from workloads.spec import RunContext
 
 from . import log as logsetup
+from .checkpoint import Checkpointer, TrainState, checkpoint_store
 from .config import ConfigError, from_dict
-from .storage import run_uri
+from .faults import StepFaults, before_checkpoint_upload
+from .identity import bind_run, outbox
+from .storage import RETRIES as s3_retries
+from .storage import run_uri, storage_fs, write_export_meta
+from .tracking import Tracker, loss_curve_png
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +86,6 @@ def _eta(seconds: float) -> str:
 def train_loop(config: dict) -> None:
     import ray.train
 
-    from parallelism.dims import checkpoint_group
-    from workloads.memory import StepMemoryProbe
-
-    from .checkpoint import Checkpointer, TrainState
-    from .faults import StepFaults, before_checkpoint_upload
-    from .storage import RETRIES as s3_retries
-    from .storage import checkpoint_store
-    from .tracking import Tracker, loss_curve_png
-
     ctx, device = _worker_context()
     cfg = from_dict(config["job"])
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -115,8 +113,6 @@ def train_loop(config: dict) -> None:
     state.mlflow_run_id = config.get("mlflow_run_id") or state.mlflow_run_id
     tracker = Tracker(None, None)
     if rank == 0:
-        from .identity import bind_run, outbox
-
         # Without a run id (MLflow did not answer the driver), the run is bound when it first answers.
         tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id, outbox=outbox(cfg),
                           bind=functools.partial(bind_run, cfg, config.get("run_tags") or {}))
@@ -201,8 +197,6 @@ def train_loop(config: dict) -> None:
     exported = runner.export(rank, run_uri(cfg, "export"))
     if rank == 0 and exported:
         # What evaluation reports of the model it reads: its run and training step.
-        from .storage import write_export_meta
-
         write_export_meta(exported, cfg, cfg.name, state.step)
     if rank == 0 and tracker.enabled:
         if exported:
@@ -263,8 +257,6 @@ def eval_loop(config: dict) -> None:
     run_ctx = RunContext(rank=rank, world_size=ctx.get_world_size(), device=device, run_root=run_uri(cfg))
     result = cfg.spec.evaluation().run(cfg, run_ctx, config["model"], config["prepared"])
     if rank == 0:
-        from .storage import storage_fs
-
         fs, root = storage_fs(config["out"], cfg)
         fs.pipe_file(f"{root}/result.json", json.dumps(
             {"table": result.table, "records": result.records, "metrics": result.metrics,

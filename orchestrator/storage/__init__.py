@@ -9,6 +9,7 @@ that handles the URI.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from typing import Any, Protocol
@@ -75,28 +76,16 @@ def run_uri(cfg, *parts: str) -> str:
     return posixpath.join(base, cfg.name, *parts)
 
 
-def checkpoint_store(cfg):
-    """The job's `CheckpointStore`."""
-    from .checkpoint import CheckpointStore
-
-    fs, root = storage_fs(run_uri(cfg), cfg)
-    return CheckpointStore(fs, root, run_uri(cfg))
-
-
 EXPORT_META = "longview.json"  # beside an export: the run and training step it came from
 
 
 def write_export_meta(url: str, cfg, run: str, step: int) -> None:
-    import json
-
     fs, root = storage_fs(url, cfg)
     fs.pipe_file(f"{root.rstrip('/')}/{EXPORT_META}", json.dumps({"run": run, "step": step}).encode())
 
 
 def read_export_meta(url: str, cfg) -> dict | None:
     """The export's `longview.json` ({"run", "step"}), or None (a model from elsewhere has none)."""
-    import json
-
     fs, root = storage_fs(url, cfg)
     try:
         return json.loads(fs.cat_file(f"{root.rstrip('/')}/{EXPORT_META}"))
@@ -105,5 +94,5 @@ def read_export_meta(url: str, cfg) -> dict | None:
 
 
 __all__ = ["BACKENDS", "BYTES_READ", "RETRIES", "RetryingS3FileSystem", "StorageBackend", "backend_for",
-           "checkpoint_store", "filesystem", "read_export_meta", "resolved", "run_uri", "storage_fs",
+           "filesystem", "read_export_meta", "resolved", "run_uri", "storage_fs",
            "write_export_meta"]
