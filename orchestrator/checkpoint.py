@@ -187,7 +187,7 @@ class Checkpointer:
         if not failures and self.rank == 0:
             try:
                 self._commit(name, record, [m for _, m in verdicts])
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - any storage error: told to every rank, the save fails
                 committed[0] = f"rank 0 writing {MANIFEST}: {type(e).__name__}: {e}"
         if not failures:
             dist.broadcast_object_list(committed, src=0, group=self.group)

@@ -11,6 +11,7 @@ and FAILED with the reason when the evaluation does not finish.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from .errors import failure_reason
 from .identity import read_run_record
 from .ray_job import build_trainer, connect_ray
 from .storage import read_export_meta, run_uri, storage_fs
-from .tracking import find_run, mlflow_client, png_image, run_tags
+from .tracking import find_run, mlflow_client, not_fatal, png_image, run_tags
 from .worker import eval_loop
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,9 @@ class EvalRun:
         self.cfg, self.run_id, self.client = cfg, None, None
         if not cfg.tracking.uri:
             return
-
-        try:
+        with self._not_fatal():
             self.client = mlflow_client(cfg.tracking.uri)
             exp_id, parent = find_run(self.client, cfg.experiment, cfg.name)
-
             record = read_run_record(cfg)  # the run this storage's model was trained in, if it names one
             parent = record["mlflow_run_id"] if record else parent
             # Not tagged with RUN_NAME_TAG: that tag finds a job's own (training) run.
@@ -87,25 +86,25 @@ class EvalRun:
 
             params = {"model": model, "trained_steps": str(_trained_steps(model, cfg)), **params}
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
-        except Exception as e:  # noqa: BLE001
-            self._warn(e)
 
-    def _warn(self, e: Exception) -> None:
-        log.warning("evaluation not logged to MLflow (%s: %s); the result is at %s", type(e).__name__, e,
-                    run_uri(self.cfg, "eval"))
-        self.run_id = None
+    @contextlib.contextmanager
+    def _not_fatal(self):
+        """A failure inside is one warning (`tracking.not_fatal`), and the run is left alone from then on."""
+        ok = False
+        with not_fatal("the evaluation", run_uri(self.cfg, "eval")):
+            yield
+            ok = True
+        if not ok:
+            self.run_id = None
 
     def failed(self, e: BaseException) -> None:
         if self.run_id is None:
             return
-
         reason = failure_reason(e) if isinstance(e, Exception) else type(e).__name__
-        try:
+        with self._not_fatal():
             self.client.set_tag(self.run_id, "longview.failure", reason[:5000])
             self.client.set_tag(self.run_id, "mlflow.note.content", f"Evaluation failed: {reason}"[:5000])
             self.client.set_terminated(self.run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
-        except Exception as err:  # noqa: BLE001
-            self._warn(err)
 
     def finished(self, result: dict, figure: bytes | None) -> None:
         if self.run_id is None:
@@ -118,15 +117,13 @@ class EvalRun:
         metrics = [Metric(k, float(v), ts, 0) for k, v in result["metrics"].items()]
         metrics += [Metric(k, float(v), ts, int(x)) for k, curve in result.get("curves", {}).items()
                     for x, v in curve.items()]
-        try:
+        with self._not_fatal():
             for i in range(0, len(metrics), 1000):
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
             self.client.log_text(self.run_id, result["table"], "result.md")
             if figure:
                 self.client.log_image(self.run_id, png_image(figure), "accuracy_by_length.png")
             self.client.set_terminated(self.run_id, "FINISHED")
-        except Exception as e:  # noqa: BLE001
-            self._warn(e)
 
 
 def _trained_steps(model: str, cfg: JobConfig) -> int | str:

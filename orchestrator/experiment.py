@@ -21,7 +21,7 @@ from .config import JobConfig, from_dict, to_dict
 from .evaluate import run_evaluation
 from .launch import run_training
 from .storage import run_uri
-from .tracking import experiment_id, mlflow_client, png_image, run_tags
+from .tracking import experiment_id, mlflow_client, not_fatal, png_image, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,8 @@ def _log_experiment(cfg: JobConfig, comparison, results: dict, figure: bytes | N
     if not cfg.tracking.uri:
         return
     from mlflow.entities import Metric, Param
-    from mlflow.exceptions import MlflowException
 
-    try:
+    with not_fatal("the experiment's figure and table"):
         client = mlflow_client(cfg.tracking.uri)
         exp = experiment_id(client, cfg.experiment)
         run = client.create_run(exp, run_name=cfg.name, start_time=int((time.time() - seconds) * 1000),
@@ -96,5 +95,3 @@ def _log_experiment(cfg: JobConfig, comparison, results: dict, figure: bytes | N
         if figure:
             client.log_image(rid, png_image(figure), f"{comparison.name}.png")
         client.set_terminated(rid, "FINISHED")
-    except (MlflowException, OSError) as e:  # the figure and table are written whatever MLflow does
-        log.warning("experiment not logged to MLflow (%s: %s)", type(e).__name__, e)

@@ -23,7 +23,7 @@ from .identity import RunLease, bind_run, deliver_outbox, outbox, run_tags_of
 from .ray_job import build_trainer, connect_ray
 from .resume import check, describe
 from .storage import read_export_meta, run_uri, storage_fs
-from .tracking import Tracker, log_dataset, log_exported_model
+from .tracking import Tracker, log_dataset, log_exported_model, not_fatal
 from .worker import train_loop
 
 log = logging.getLogger(__name__)
@@ -158,10 +158,8 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
     by_name = bool(store.names())  # a run from before run.json: its MLflow run is found by name
     run_id = _start_run(cfg, run_tags, by_name=by_name)
     if run_id and cfg.spec.data_source is not None:
-        try:
+        with not_fatal("the training data"):
             log_dataset(cfg.tracking.uri, run_id, cfg.spec.data_source(cfg, run_uri(cfg)), name=f"{cfg.name}-train")
-        except Exception as e:  # noqa: BLE001 - the record of the data is not worth a failed run
-            log.warning("training data not logged to MLflow (%s: %s)", type(e).__name__, e)
     connect_ray(cfg, ray_address)
     stop_on_sigterm()  # again: ray.init installs a SIGTERM handler of its own that aborts the process
     tracker = Tracker(cfg.tracking.uri, run_id, bind=functools.partial(bind_run, cfg, run_tags, by_name=by_name),
@@ -207,10 +205,10 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
     last = store.latest_complete()
     final = store.location(last) if last else ""
     if cfg.tracking.uri:
-        try:  # what the workers kept for a server that was down at their end, if it is back
+        # What the workers kept for a server that was down at their end, if it is back;
+        # what is still kept is counted below.
+        with not_fatal("the records the workers kept"):
             deliver_outbox(cfg)
-        except Exception:  # noqa: BLE001 - kept, and said below
-            pass
     run_id = tracker.run_id  # bound meanwhile if the server was down at the start
     if run_id:
         _log_model(cfg, run_id)
@@ -229,12 +227,10 @@ def _log_model(cfg: JobConfig, run_id: str) -> None:
     """The export (when the workload wrote one) as the run's logged MLflow model."""
     export = run_uri(cfg, "export")
     fs, root = storage_fs(export, cfg)
-    try:
+    with not_fatal("the exported model", export):
         meta = read_export_meta(export, cfg)
         if meta is None:
             return
         small = {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.ls(root, detail=False)
                  if p.endswith(".json") and fs.size(p) < 1 << 20}
         log_exported_model(cfg.tracking.uri, run_id, name=cfg.name, export=export, step=int(meta["step"]), files=small)
-    except Exception as e:  # noqa: BLE001
-        log.warning("exported model not logged to MLflow (%s: %s); it is at %s", type(e).__name__, e, export)

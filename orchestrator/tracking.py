@@ -15,15 +15,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
 from .config import flatten, to_dict
+from .errors import first_line
 from .storage import run_uri
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "longview.run_name"
+
+
+@contextlib.contextmanager
+def not_fatal(what: str, where: str = ""):
+    """MLflow is a record, never a reason for a run to fail: a failure inside (an outage,
+    a refused request, the server's own error) is one warning that `what` was not logged
+    to MLflow (and `where` the thing itself is). The one place such failures are swallowed."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - see above: said in one line, never fatal
+        log.warning("%s not logged to MLflow (%s: %s)%s", what, type(e).__name__, first_line(e),
+                    f"; it is at {where}" if where else "")
 
 
 def mlflow_client(uri: str):
@@ -90,7 +104,7 @@ def code_version() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
         return "unknown"
 
 
@@ -321,7 +335,7 @@ class Tracker:
             return True
         try:
             mlflow_client(self.uri).log_batch(self._run(), metrics=self.pending[:1000])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - an outage keeps the metrics pending (spilled to the outbox)
             self._warn(e)
             return False
         self.last_logged_step = max([self.last_logged_step] + [m.step for m in self.pending[:1000]])
@@ -363,7 +377,7 @@ class Tracker:
                 getattr(mlflow_client(self.uri), method)(self._run(), *args)
                 self._gave_up = False
                 return True
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - retried until the deadline, then kept in the outbox
                 self._warn(e)
                 if time.monotonic() >= deadline:
                     self._gave_up = self._gave_up or wait_s > 0

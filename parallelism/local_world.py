@@ -49,7 +49,7 @@ def _worker(rank, world_size, port, timeout_s, threads, inbox, outbox):
             timeout_s=timeout_s,
         )
         outbox.put((rank, "ready", None))
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - the parent raises it, with this rank's traceback
         outbox.put((rank, "error", traceback.format_exc()))
         return
     while True:
@@ -59,7 +59,7 @@ def _worker(rank, world_size, port, timeout_s, threads, inbox, outbox):
         fn, args, kwargs = task
         try:
             outbox.put((rank, "ok", fn(*args, **kwargs)))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the parent raises it, with this rank's traceback
             outbox.put((rank, "error", traceback.format_exc()))
     dist.destroy_process_group()
 

@@ -73,21 +73,3 @@ def test_a_hold_waits_on_every_rank_until_released_and_names_what_it_waited_for(
     with pytest.raises(RuntimeError, match=r"hold@3: .*release-grow did not appear within 0 s"):
         with StepFaults(3, 1, world=3):
             pass
-
-
-def test_failure_reason_finds_our_error_inside_rays():
-    from orchestrator.errors import failure_reason
-
-    class WorkerGroupError(RuntimeError):
-        pass
-
-    nested = WorkerGroupError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback ...\n"
-                              "parallelism.dims.CollectiveTimeout: all-gather of rows on context-parallel group "
-                              "cp[dp=0] (ranks 0, 1) timed out on global rank 0\n")
-    assert failure_reason(nested).startswith("CollectiveTimeout: all-gather of rows on context-parallel group")
-    ray_own = RuntimeError('botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: '
-                           '"http://s3/b/run/snapshot.json"')
-    assert failure_reason(ray_own, storage_retries=3) == (
-        'S3 endpoint unreachable after storage.retries=3 attempts: Could not connect to the endpoint URL: '
-        '"http://s3/b/run/snapshot.json"')
-    assert failure_reason(ValueError("plain\nlast line")) == "last line"

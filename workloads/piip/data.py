@@ -38,7 +38,7 @@ def _to_tensor(data: bytes, name: str, mode: str = "RGB") -> torch.Tensor:
 
     try:
         img = Image.open(io.BytesIO(data)).convert(mode)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file: one DataError naming it
         raise DataError(f"image {name} cannot be read ({e})") from None
     t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return t.view(img.height, img.width, -1).permute(2, 0, 1)

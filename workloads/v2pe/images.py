@@ -96,7 +96,7 @@ def open_image(path: str, *, sample: str, data: bytes | Exception | None = None,
         return img
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file: one DataError naming it
         raise DataError(f"sample {sample}: image file {printable(path)} cannot be read ({printable(e)})",
                         "image") from None
 

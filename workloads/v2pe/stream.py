@@ -83,7 +83,7 @@ def _header_size(path: str, sample: str, cfg: DataConfig | None = None) -> tuple
             if isinstance(whole, Exception):
                 raise whole
             found = size(whole)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - as above; reported below as a DataError
             error = e
     if found is None:
         raise DataError(f"sample {sample}: image file {printable(path)} cannot be read ({printable(error)})", "image")
