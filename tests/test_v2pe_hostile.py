@@ -159,7 +159,7 @@ def test_generated_hostile_lines_end_as_counted_skips_or_one_named_error(hostile
 def test_lines_are_read_in_bounded_chunks_as_a_plain_split_would(data, max_bytes, chunk):
     import io
 
-    from workloads.v2pe.jsonl import iter_lines
+    from workloads.v2pe.files import iter_lines
 
     want, offset = [], 0
     for n, line in enumerate(data.split(b"\n")[:-1] + ([data.rsplit(b"\n", 1)[-1]] if not data.endswith(b"\n")

@@ -14,10 +14,11 @@ names the file and line (text from the data printed escaped, `printable`). Chats
 rendered in the authors' `internlm2-chat` template (`render_tokens`); each `<image>`
 placeholder becomes `<img>` + tokens_per_tile x tiles context tokens + `</img>`. Loss is
 taken on the answers only. Nothing is truncated: a sample longer than the configured
-maximum is an error that names it. This module encodes samples and reads files whole (evaluation, tests); training
-streams them (`stream.py`). The parts: `files.py` (containment, bounded concurrent
-reads), `images.py` (decoding, tiling), `chat.py` (the template), `jsonl.py` (bounded
-lines), `packing.py` (rows, positions, zigzag shards), `data_errors.py`.
+maximum is an error that names it. This module encodes samples and reads files whole
+(evaluation, tests); training streams them (`stream.py`). The parts: `files.py`
+(containment, bounded concurrent reads, bounded JSONL lines), `images.py` (decoding,
+tiling), `chat.py` (the template), `packing.py` (rows, positions, zigzag shards),
+`data_errors.py`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from parallelism.zigzag import IGNORE_INDEX
 
 from .chat import IMAGE_PLACEHOLDER, parse_turns, render_tokens
 from .data_errors import DataError, LoadReport, printable
-from .files import MAX_IMAGE_BYTES, FileCache, fetch_files, resolve_image
+from .files import MAX_IMAGE_BYTES, MAX_LINE_BYTES, FileCache, fetch_files, read_jsonl, resolve_image
 from .images import MAX_IMAGE_PIXELS, open_image, tile_image
-from .jsonl import MAX_LINE_BYTES, read_jsonl
 from .tokenizer import Tokenizer
 
 

@@ -23,10 +23,9 @@ from parallelism.zigzag import IGNORE_INDEX
 from ..spec import Comparison, EvalResult, Evaluation, FieldError
 from ..stats import wilson_interval
 from .data import EncodedSample, encode_sample
-from .files import FileCache
+from .files import FileCache, read_jsonl
 from .hf_checkpoint import load_pretrained, read_config
 from .inputs import job_tokenizer
-from .jsonl import read_jsonl
 from .model import AttentionSpec, V2PEModel
 from .packing import pack, shard_batch
 from .synth import SynthConfig, write_dataset

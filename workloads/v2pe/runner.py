@@ -96,7 +96,6 @@ class V2PERunner(Runner):
 
     def predicted_memory(self) -> dict[str, float]:
         """The planner's bytes per GPU for the last row this rank trained on."""
-
         r = self.last_row
         shape = replace(job_shape(self.cfg), seq_len=r.tokens, tiles=r.tiles,
                         supervised_fraction=max(r.supervised, 1) / r.tokens)

@@ -41,9 +41,8 @@ from parallelism.zigzag import IGNORE_INDEX
 
 from .data import DataConfig, EncodedSample, encode_tokens, prepare_record, sample_name
 from .data_errors import DataError, LoadReport, printable
-from .files import FileCache, fetch_files, read_head
+from .files import FileCache, fetch_files, iter_lines, parse_line, read_head
 from .images import check_pixels, open_image, tile_image, tiles_for, unreadable
-from .jsonl import iter_lines, parse_line
 from .packing import V2PEBatch, make_batch, pack_rows, shard_batch
 from .tokenizer import Tokenizer
 
