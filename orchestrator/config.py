@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from parallelism.attention_kernels import KERNELS
+from parallelism.ring_attention import KERNEL_CHOICES
 from workloads import spec as registry
 from workloads.engine import TrainingConfig
 from workloads.spec import APPLY, NEW_RUN, FieldError, WorkloadSpec, bound_error, bounded, no_credentials
@@ -54,8 +54,8 @@ class ParallelismSection:
     kernel: str = "auto"
 
     def __post_init__(self):
-        if self.kernel != "auto" and self.kernel not in KERNELS:
-            raise FieldError("kernel", f"{self.kernel!r} is unknown; choose auto or one of {', '.join(KERNELS)}")
+        if self.kernel not in KERNEL_CHOICES:
+            raise FieldError("kernel", f"{self.kernel!r} is unknown; choose one of {', '.join(KERNEL_CHOICES)}")
         if self.cp % self.cp_a2a:
             raise FieldError("cp_a2a", f"{self.cp_a2a} does not divide parallelism.cp={self.cp} "
                                        "(cp = all-to-all degree x ring degree)")

@@ -112,3 +112,56 @@ def hybrid_fwd_bwd(q, k, v, dout, *, a2a, causal, cu_seqlens=None):
                            cu_seqlens=cu_seqlens)
     out.backward(pieces[3])
     return ring_rank, a2a_rank, out.detach(), pieces[0].grad, pieces[1].grad, pieces[2].grad
+
+
+def _ring_flash_attn_contract(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, group=None):
+    """A stand-in for ring-flash-attn's `zigzag_ring_flash_attn_varlen_func`, written from
+    its documented contract, independently of longview's ring: q (total_local, H_q, D),
+    k, v (total_local, H_kv, D), `cu_seqlens` the local document offsets, each local
+    document = [chunk r, chunk 2W-1-r] of the global one. Gathers every rank's pieces,
+    rebuilds each document, attends in float64 and returns this rank's rows (forward only)."""
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    pieces = [[torch.empty_like(t) for _ in range(W)] for t in (q, k, v)]
+    for out, t in zip(pieces, (q, k, v)):
+        dist.all_gather(out, t.contiguous(), group=group)
+    cu = cu_seqlens.tolist()
+    rows = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        half = (b - a) // 2
+        glob = []
+        for per_rank in pieces:  # q, k, v of this document, in global order
+            chunks = [None] * (2 * W)
+            for rr in range(W):
+                chunks[rr], chunks[2 * W - 1 - rr] = per_rank[rr][a:a + half], per_rank[rr][a + half:b]
+            glob.append(torch.cat(chunks).double())
+        gq, gk, gv = glob
+        gk, gv = (t.repeat_interleave(gq.shape[1] // t.shape[1], dim=1) for t in (gk, gv))
+        scores = torch.einsum("qhd,khd->hqk", gq, gk) * softmax_scale
+        if causal:
+            n = gq.shape[0]
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out = torch.einsum("hqk,khd->qhd", scores.softmax(-1), gv)
+        rows += [out[r * half:(r + 1) * half], out[(2 * W - 1 - r) * half:(2 * W - r) * half]]
+    return torch.cat(rows).to(q.dtype)
+
+
+def ring_flash_attn_adapter(q, k, v, *, causal, cu_seqlens=None):
+    """(this rank's output through the ring-flash-attn adapter, longview's ring's), the
+    package replaced by `_ring_flash_attn_contract` (it needs CUDA)."""
+    import sys
+    import types
+
+    from parallelism import ring_flash_attn
+    from parallelism.ring_attention import Documents
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    qs, ks, vs = (zigzag_shard(t, W, r, cu_seqlens=cu_seqlens) for t in (q, k, v))
+    docs = (Documents.from_cu_seqlens(cu_seqlens).local(W, qs.shape[1]) if cu_seqlens is not None
+            else [(0, qs.shape[1])])
+    sys.modules["ring_flash_attn"] = types.SimpleNamespace(zigzag_ring_flash_attn_varlen_func=_ring_flash_attn_contract)
+    try:  # this worker process serves other tests after this one
+        got = ring_flash_attn.ring_flash_attention(qs, ks, vs, group=dist.group.WORLD, causal=causal, docs=docs,
+                                                   softmax_scale=q.shape[-1] ** -0.5)
+    finally:
+        del sys.modules["ring_flash_attn"]
+    return got, ring_attention(qs, ks, vs, causal=causal, cu_seqlens=cu_seqlens)

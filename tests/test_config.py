@@ -54,7 +54,8 @@ def test_defaults_and_derived_values():
         ({"name": "bad name!"}, r"name: 'bad name!' must be 1-100 letters"),
         ({"parallelism.cp_a2a": 4}, r"parallelism.cp_a2a: 4 does not divide parallelism.cp=2"),
         ({"parallelism.cp_a2a": 0}, r"parallelism.cp_a2a: must be > 0, got 0"),
-        ({"parallelism.kernel": "fast"}, r"parallelism.kernel: 'fast' is unknown; choose auto or one of cpu_flash, "),
+        ({"parallelism.kernel": "fast"},
+         r"parallelism.kernel: 'fast' is unknown; choose one of auto, cpu_flash, .*, ring_flash_attn"),
         # the tiny model has 4 query heads and 2 KV heads: all-to-all over 4 ranks cannot split them
         ({"resources.workers": 4, "parallelism.cp": 4, "parallelism.cp_a2a": 4},
          r"parallelism.cp_a2a: 4 does not divide the model's num_kv_heads=2"),

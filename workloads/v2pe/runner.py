@@ -13,8 +13,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from parallelism.attention_kernels import resolve_kernel
 from parallelism.dims import ParallelDims, shard_mesh
+from parallelism.ring_attention import check_kernel
 
 from ..engine import build_engine
 from ..spec import RunContext, Runner, StepResult, sample_at
@@ -43,7 +43,7 @@ class V2PERunner(Runner):
         model.to(ctx.device, torch.bfloat16 if t.bf16 and t.sharding == "none" else torch.float32)
         # The kernel is resolved here, once: one the device cannot run fails at the start,
         # naming what can (not retried: a restart meets the same device).
-        resolve_kernel(p.kernel, ctx.device, torch.bfloat16 if t.bf16 else torch.float32, model.cfg.llm.head_dim)
+        check_kernel(p.kernel, ctx.device, torch.bfloat16 if t.bf16 else torch.float32, model.cfg.llm.head_dim)
         self.step_cfg = TrainStepConfig(loss_chunk_tokens=t.loss_chunk_tokens,
                                         activation_checkpointing=t.activation_checkpointing, kernel=p.kernel)
         parallelize(model, self.step_cfg)
