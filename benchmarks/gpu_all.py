@@ -159,7 +159,8 @@ def _ring_flash_attn() -> str:
         import ring_flash_attn  # noqa: F401
     except ImportError:
         return "not installed here: the peer is timed with longview's kernels"
-    return "installed; its zigzag function needs W processes (benchmarks/ring_nccl.py on several GPUs)"
+    return ("installed; its ring needs W processes on W GPUs: `torchrun --nproc-per-node W benchmarks/ring_nccl.py "
+            "--kernels auto ring_flash_attn` puts its row beside longview's")
 
 
 def part_capacity(out: dict, sizes: Sizes, smoke: bool) -> None:
