@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # The UI test renders MLflow's pages in headless Chromium (Debian's package).
 test: $(STAMP) chromium
-	$(VPY) -m pytest -q -m "not gpu" tests
+	$(VPY) -m pytest -q -m "not gpu" --durations=30 tests
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
