@@ -46,7 +46,7 @@ DEFAULT_FOLDER = "longview-runs"  # where runs go when storage.uri is empty (rel
 
 def backend_for(uri: str) -> StorageBackend:
     """The backend serving `uri` (empty: the local default folder); ValueError if none does."""
-    uri = uri or os.path.abspath(DEFAULT_FOLDER)
+    uri = resolved(uri)
     for b in BACKENDS:
         if b.handles(uri):
             return b
