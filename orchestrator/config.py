@@ -48,9 +48,10 @@ class ParallelismSection:
     # over cp / cp_a2a groups. 1: plain ring; cp_a2a = cp: all-to-all only.
     cp_a2a: int = bounded(1, gt=0)
     timeout_s: float = bounded(600.0, gt=0)  # collective timeout: a stuck peer fails the run after this
-    # The attention block kernel inside the ring (parallelism/attention_kernels.py):
-    # "auto" takes the fastest this machine supports; a named one the workers' device
-    # cannot run fails at their start with KernelUnavailable, naming what can.
+    # The attention kernel: a block kernel inside longview's ring
+    # (parallelism/attention_kernels.py; "auto" takes the fastest the device supports) or
+    # "ring_flash_attn", ring-flash-attn's whole ring (the gpu extra). One the workers'
+    # device cannot run fails at their start with KernelUnavailable, naming what can.
     kernel: str = "auto"
 
     def __post_init__(self):
