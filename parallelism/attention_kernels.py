@@ -59,7 +59,6 @@ class BlockKernel:
     forward: Callable
     # backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv) with k/v's head count
     backward: Callable
-    native_gqa: bool = False
 
 
 # --- CPU -------------------------------------------------------------------------------
@@ -198,11 +197,11 @@ def _fa_bwd(dout, q, k, v, out, lse, causal, scale):
 
 
 KERNELS: dict[str, BlockKernel] = {
-    "cpu_flash": BlockKernel("cpu_flash", _cpu_fwd, _cpu_bwd, native_gqa=True),
+    "cpu_flash": BlockKernel("cpu_flash", _cpu_fwd, _cpu_bwd),
     "cudnn": BlockKernel("cudnn", _cudnn_fwd, _cudnn_bwd),
     "flash": BlockKernel("flash", _flash_fwd, _flash_bwd),
     "efficient": BlockKernel("efficient", _efficient_fwd, _efficient_bwd),
-    "flash_attn": BlockKernel("flash_attn", _fa_fwd, _fa_bwd, native_gqa=True),
+    "flash_attn": BlockKernel("flash_attn", _fa_fwd, _fa_bwd),
 }
 
 

@@ -85,10 +85,6 @@ class LocalWorld:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
     def start(self) -> None:
         ctx = mp.get_context("spawn")
         port = free_port()
