@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .dims import named_collectives
 from .ring_attention import Documents, local_attention, ring_attention
-from .zigzag import zigzag_shard
+from .zigzag import zigzag_shard, zigzag_unshard
 
 
 def hybrid_shard(x: torch.Tensor, ring: int, a2a: int, ring_rank: int, a2a_rank: int, *, dim: int = 1,
@@ -39,8 +39,6 @@ def hybrid_shard(x: torch.Tensor, ring: int, a2a: int, ring_rank: int, a2a_rank:
 def hybrid_unshard(pieces: list[list[torch.Tensor]], *, dim: int = 1,
                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of hybrid_shard: pieces[ring_rank][a2a_rank]."""
-    from .zigzag import zigzag_unshard
-
     return zigzag_unshard([torch.cat(p, dim=dim) for p in pieces], dim=dim, cu_seqlens=cu_seqlens)
 
 

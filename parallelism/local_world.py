@@ -23,6 +23,8 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from .dims import init_distributed
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -33,8 +35,6 @@ def free_port() -> int:
 def _worker(rank, world_size, port, timeout_s, threads, inbox, outbox):
     import torch
     import torch.distributed as dist
-
-    from .dims import init_distributed
 
     torch.set_num_threads(threads)
     # What torchrun / Ray Train set for each worker; libraries such as DeepSpeed read them.

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from . import ring_flash_attn
 from .attention_kernels import KERNELS, BlockKernel, KernelUnavailable, resolve_kernel, supported_kernels
 from .dims import named_collectives
-from .ring_comm import Pending, RingComm
+from .ring_comm import Pending, RingComm, SimulatedRing
 
 
 class Ring(Protocol):
@@ -419,8 +419,6 @@ def simulated_ring_attention(
     Forward values are exact; gradients of K/V are not (no accumulator travels), so use
     it for forward checks and for timing the forward+backward compute.
     """
-    from .ring_comm import SimulatedRing
-
     ring = SimulatedRing(rank, kv_by_rank)
     k, v = kv_by_rank[rank]
     docs = _validate(q, k, v, ring.world_size, None)

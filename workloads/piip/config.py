@@ -45,7 +45,7 @@ class PIIPSection:
 
     def layout(self, workers: int) -> tuple[int, ...]:
         """Ranks per branch: as configured, else proportional to each branch's FLOPs."""
-        from .flops import propose_layout
+        from .flops import propose_layout  # config sections load with the spec, before any model code
 
         if self.ranks_per_branch:
             return tuple(self.ranks_per_branch)
@@ -54,7 +54,7 @@ class PIIPSection:
 
 @functools.lru_cache(maxsize=16)
 def _piip_config(variant: str, resolutions: tuple, attn_type: str, interactions: int | None):
-    from .model import piip_config
+    from .model import piip_config  # config sections load with the spec, before any model code
 
     kw = {"attn_type": attn_type}
     if interactions is not None:

@@ -39,6 +39,7 @@ def prepare_data(cfg, run_root: str) -> None:
         return
     import fsspec
 
+    # the spec registers without importing the workload's data, model or runner
     from .data import write_shapes
     from .runner import data_root
 

@@ -43,7 +43,7 @@ class ModelSection:
 
 @functools.lru_cache(maxsize=16)
 def _model_config(size: str, overrides: tuple):
-    from .model import model_config
+    from .model import model_config  # config sections load with the spec, before any model code
 
     return model_config(size, **dict(overrides))
 

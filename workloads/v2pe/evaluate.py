@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from parallelism.dims import ParallelDims
 from parallelism.ring_attention import prepare_documents
 from parallelism.zigzag import IGNORE_INDEX
 
@@ -273,8 +274,6 @@ class NeedleEvaluation(Evaluation):
 
     def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]):
         """Scores every sample under every δ; the same result on every rank."""
-        from parallelism.dims import ParallelDims
-
         model = load_pretrained(model_url).eval()
         tok = job_tokenizer(cfg, checkpoint=model_url, model_cfg=model.cfg)
 
