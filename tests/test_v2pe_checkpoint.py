@@ -220,7 +220,7 @@ def test_prepare_checks_the_checkpoints_own_heads(tmp_path):
     checkpoint's config.json, its heads decide whether the all-to-all degree fits."""
     from orchestrator.config import load_config
     from workloads.spec import FieldError
-    from workloads.v2pe.spec import prepare_data
+    from workloads.v2pe.inputs import prepare_data
 
     cfg = hf_config()
     cfg["llm_config"]["num_key_value_heads"] = 1  # the tiny size has 2 KV heads
