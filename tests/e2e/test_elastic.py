@@ -1,13 +1,15 @@
-"""Elastic training on a cluster that changes size: Ray's autoscaler adds a node mid-run
-and later removes one, Ray Train restarts the worker group at the new size, and the run
-resumes from its checkpoint, resharded, with the losses of a run that never changed size.
-
-The cluster is Ray's simulated multi-node cluster (`cluster/local-fake-multinode.yaml`)
-with its own head; S3 and MLflow are the shared services. The cluster's size is changed
+"""Autoscaling and elastic training on Ray's simulated multi-node cluster
+(`cluster/local-fake-multinode.yaml`), with its own head; S3 and MLflow are the shared
+services. First the autoscaler adds worker nodes for a job that needs them and removes
+them once idle; then, on the same head, a run whose cluster changes size: a node is added
+mid-run and later one is removed, Ray Train restarts the worker group at the new size,
+and the run resumes from its checkpoint, resharded, with the losses of a run that never
+changed size. The cluster's size is changed
 the way an operator (or a spot market) changes it: the autoscaler rereads its YAML, so
 raising the worker node type's `max_workers` adds a node, lowering it removes one.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -21,11 +23,11 @@ from tests.e2e.conftest import BUCKET, history, s3fs_direct, unique
 
 NODE = "longview.worker.cpu"
 STEPS = 16
-# cp 1: the data-parallel degree is the worker count (2..4); a global batch of 12
-# samples divides into every one of them.
+# cp 1: the data-parallel degree is the worker count (2 or 3 here); a global batch of 6
+# samples divides into both.
 ELASTIC = ["--set", f"storage.uri=s3://{BUCKET}/runs", "--set", f"training.steps={STEPS}",
-           "--set", "training.checkpoint_every=2", "--set", "parallelism.cp=1", "--set", "training.global_batch=12",
-           "--set", "training.sharding=fsdp", "--set", "data.synthetic.samples=24", "--set", "data.synthetic.tokens=512",
+           "--set", "training.checkpoint_every=2", "--set", "parallelism.cp=1", "--set", "training.global_batch=6",
+           "--set", "training.sharding=fsdp", "--set", "data.synthetic.samples=12", "--set", "data.synthetic.tokens=512",
            "--set", "data.max_tokens=512", "--set", "resources.custom={longview_worker: 1}",
            "--set", "training.max_failures=6", "--set", "resources.resize_interval_s=3"]
 
@@ -65,6 +67,45 @@ def cluster(services, tmp_path_factory):
     stop_processes_under(head.extra["temp_dir"])  # simulated nodes live outside its group
 
 
+def _ray_nodes(address: str) -> list[dict]:
+    # The autoscaler's own messages reach a driver's stdout too: mark our line.
+    code = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
+            "print('NODES ' + json.dumps([{'alive': n['Alive'], 'res': n['Resources']} for n in ray.nodes()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("NODES "))
+    return json.loads(line[len("NODES "):])
+
+
+def _alive_workers(address: str) -> list[dict]:
+    return [n for n in _ray_nodes(address) if n["alive"] and n["res"].get("longview_worker")]
+
+
+def test_autoscaler_adds_worker_nodes_for_a_job_and_removes_them_when_idle(services, cluster):
+    """Runs first, on the fresh head: no worker node until a job asks for its resource."""
+    head, _ = cluster
+    address = head.extra["address"]
+    assert [n["alive"] for n in _ray_nodes(address)] == [True]  # just the head
+    name = unique("scale")
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml", "--address", address,
+         "--cluster-yaml", "cluster/local-fake-multinode.yaml", "--set", f"name={name}",
+         "--set", f"storage.uri=s3://{BUCKET}/runs", "--set", "training.steps=2", "--set", "training.checkpoint_every=2",
+         "--set", "data.synthetic.samples=2", "--set", "resources.custom={longview_worker: 1}"],
+        env=services["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"s3://{BUCKET}/runs/{name}/step-0000002" in proc.stdout
+    nodes = _ray_nodes(address)
+    assert len([n for n in nodes if n["res"].get("longview_worker")]) >= 2, nodes  # one node per training worker
+    # idle_timeout_minutes: 0.2 -> the worker nodes go away once the job has finished
+    # (a bounded wait on the condition, named in the failure).
+    deadline = time.monotonic() + 120
+    while (alive := _alive_workers(address)) and time.monotonic() < deadline:
+        time.sleep(5)
+    assert not alive, f"worker nodes still alive 120 s after the job ended: {alive}"
+    _, run = history(services, name)
+    assert run.info.status == "FINISHED"
+
+
 def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services, cluster, record):
     head, autoscaling = cluster
     env, address = services["env"], head.extra["address"]
@@ -88,7 +129,7 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
     env = dict(env, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15", LONGVIEW_FAULTS="hold@4=grow,hold@10=shrink",
                LONGVIEW_FAULT_DIR=str(markers), LONGVIEW_HOLD_TIMEOUT_S="600")
     job = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
-                            "--address", address, "--set", f"name={name}", *ELASTIC, "--set", "resources.workers=[2, 4]"],
+                            "--address", address, "--set", f"name={name}", *ELASTIC, "--set", "resources.workers=[2, 3]"],
                            env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
     def held(tag: str, workers: int):
@@ -119,9 +160,9 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
     assert rc == 0, text[-4000:]
     got, run = history(services, name)
     assert [s for s, _ in got] == list(range(1, STEPS + 1))
-    # The same 12 samples per step on 2 or 3 workers, each micro-step weighted by its
+    # The same 6 samples per step on 2 or 3 workers, each micro-step weighted by its
     # tokens: only the order of float32 sums differs (all-reduce over 2 or 3 ranks,
-    # 6 or 4 micro-steps accumulated), ~1e-7 relative per sum, carried through 16
+    # 3 or 2 micro-steps accumulated), ~1e-7 relative per sum, carried through 16
     # AdamW steps; 1e-4 relative allows for that growth and nothing more.
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
     worst = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(got, want))
@@ -153,9 +194,9 @@ def test_a_run_grows_and_shrinks_with_the_cluster_and_keeps_its_losses(services,
     resumes = _resumes(text)
     grow = next(r for r in resumes if r[1] == 3)
     shrink = next(r for r in resumes if r[1] == 2 and r[0] >= grow[0])
-    record("node added mid-run (elastic workers [2, 4])", injected=1, survived=1, steps_lost=grow[2], data_lost=0,
+    record("node added mid-run (elastic workers [2, 3])", injected=1, survived=1, steps_lost=grow[2], data_lost=0,
            note="Ray Train restarts the group at 3 workers; it resumes from the last checkpoint, resharded")
-    record("node lost and not replaced (elastic workers [2, 4])", injected=1, survived=1, steps_lost=shrink[2],
+    record("node lost and not replaced (elastic workers [2, 3])", injected=1, survived=1, steps_lost=shrink[2],
            data_lost=0, note=f"the group restarts at 2 workers; losses within {worst:.0e} (relative) "
                              "of a fixed 2-worker run")
 
