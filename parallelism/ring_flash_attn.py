@@ -12,6 +12,7 @@ expansion: flash-attn's varlen kernels take K/V with their own head count.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ import torch
 NAME = "ring_flash_attn"
 
 
+@functools.cache  # asked at every attention call (`check_kernel`): look once per process
 def installed() -> bool:
     # find_spec only: importing ring_flash_attn imports flash-attn, which needs CUDA.
     return importlib.util.find_spec("ring_flash_attn") is not None
@@ -46,7 +48,7 @@ def ring_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g
     from ring_flash_attn import zigzag_ring_flash_attn_varlen_func
 
     b, s, h, d = q.shape
-    lengths = [n for _, n in docs] * b if b > 1 else [n for _, n in docs]
+    lengths = [n for _, n in docs] * b  # B > 1: each row is one document
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     out = zigzag_ring_flash_attn_varlen_func(
