@@ -52,6 +52,9 @@ def test_a_registered_backend_serves_config_paths_and_reads(memory_backend):
 
 
 def test_without_a_backend_a_scheme_is_refused_by_name():
+    # Other paths and URLs (a --checkpoint elsewhere) are still read, through fsspec as given.
+    fs, path = storage.filesystem("relative/export")
+    assert "file" in fs.protocol and path.endswith("relative/export")
     with pytest.raises(ConfigError, match=r"storage.uri: 'memory://lv/runs' is neither an s3://bucket/prefix URI "
                                           r"nor an absolute folder"):
         load_config("configs/v2pe-demo.yaml", overrides={"storage.uri": "memory://lv/runs"})

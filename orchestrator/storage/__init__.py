@@ -60,8 +60,16 @@ def resolved(uri: str) -> str:
 
 
 def filesystem(url: str, *, endpoint_url: str | None = None, retries: int = 10):
-    """(filesystem, path) for a storage URL: s3://bucket/key or a local path."""
-    return backend_for(url).filesystem(url, endpoint_url=endpoint_url, retries=retries)
+    """(filesystem, path) for a URL: through the storage backend that handles it, else
+    (a model given with --checkpoint as a relative path, file://, another scheme) through
+    fsspec as given. Only storage.uri itself must name a backend (config)."""
+    try:
+        backend = backend_for(url)
+    except ValueError:
+        import fsspec
+
+        return fsspec.core.url_to_fs(url)
+    return backend.filesystem(url, endpoint_url=endpoint_url, retries=retries)
 
 
 def storage_fs(url: str, cfg):
