@@ -32,7 +32,8 @@ RUN_NAME_TAG = "longview.run_name"
 def not_fatal(what: str, where: str = ""):
     """MLflow is a record, never a reason for a run to fail: a failure inside (an outage,
     a refused request, the server's own error) is one warning that `what` was not logged
-    to MLflow (and `where` the thing itself is). The one place such failures are swallowed."""
+    to MLflow (and `where` the thing itself is). For the driver's one-off records; the
+    `Tracker` keeps what an outage held back and sends it later instead."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - see above: said in one line, never fatal
