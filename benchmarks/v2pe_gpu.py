@@ -85,9 +85,14 @@ def _batch(S: int, model: V2PEModel, device: torch.device, dtype: torch.dtype, e
     return batch
 
 
-def capacity(report: dict, *, size: str, lengths: list[int], device: torch.device, every: int = 4096) -> None:
+def capacity(report: dict, *, size: str, lengths: list[int], device: torch.device, every: int = 4096,
+             evals: bool = True) -> None:
     """Training and forward-only steps at growing lengths until both run out of memory;
-    rows in report["train"] / report["eval"], and the linear memory models."""
+    rows in report["train"] / report["eval"], and the linear memory models.
+
+    The forward-only rows run in the process that trained, so the optimizer state and
+    gradients are resident under them (the planner's evaluation figure leaves them out);
+    `evals=False` leaves them to a fresh process (gpu_all's eval_1m part)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = V2PEModel(model_config(size)).to(device, dtype)
@@ -117,6 +122,10 @@ def capacity(report: dict, *, size: str, lengths: list[int], device: torch.devic
         report["train"].append(row)
         print("train", row, flush=True)
         empty_cache(device)
+        if not evals:
+            if row.get("oom"):
+                break
+            continue
         erow = forward_peak(model, batch, shape, device)
         report["eval"].append(erow)
         print("eval", erow, flush=True)
