@@ -116,6 +116,9 @@ def train_loop(config: dict) -> None:
         # Without a run id (MLflow did not answer the driver), the run is bound when it first answers.
         tracker = Tracker(config.get("tracking_uri"), state.mlflow_run_id, outbox=outbox(cfg),
                           bind=functools.partial(bind_run, cfg, config.get("run_tags") or {}))
+    if rank == 0:
+        for key, value in runner.tags().items():
+            tracker.call("set_tag", f"longview.{key}", value[:5000])
     if restored is not None and rank == 0:
         # Every resume is on the run's record (the step it went back to), and so is every
         # checkpoint passed over; the driver's copy of worker output can miss lines.

@@ -230,3 +230,91 @@ def test_prepare_checks_the_checkpoints_own_heads(tmp_path):
     with pytest.raises(FieldError, match=rf"parallelism.cp_a2a: 2 does not divide the model's num_kv_heads=1 "
                                          rf"\({tmp_path / 'ckpt'}\)"):
         prepare_data(job, str(tmp_path / "runs" / "x"))
+
+
+# Every key transformers' PretrainedConfig.__init__ sets (4.37-4.46), with its default:
+# `to_dict()` writes them all into each sub-config of InternVLChatConfig's config.json.
+PRETRAINED_CONFIG_KEYS = {
+    "return_dict": True, "output_hidden_states": False, "output_attentions": False, "torchscript": False,
+    "torch_dtype": None, "use_bfloat16": False, "tf_legacy_loss": False, "pruned_heads": {},
+    "tie_word_embeddings": True, "chunk_size_feed_forward": 0, "is_encoder_decoder": False, "is_decoder": False,
+    "cross_attention_hidden_size": None, "add_cross_attention": False, "tie_encoder_decoder": False,
+    "max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    "typical_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "num_return_sequences": 1, "output_scores": False,
+    "return_dict_in_generate": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "remove_invalid_values": False, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "architectures": None, "finetuning_task": None,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "tokenizer_class": None, "prefix": None, "bos_token_id": None, "pad_token_id": None, "eos_token_id": None,
+    "sep_token_id": None, "decoder_start_token_id": None, "task_specific_params": None, "problem_type": None,
+    "_name_or_path": "", "transformers_version": "4.37.2",
+}
+
+
+def authors_config(version="v2pe_fix", stride=64):
+    """config.json as the V2PE authors' InternVLChatConfig.save_pretrained writes it: every
+    PretrainedConfig key in each sub-config (the sub-config's own values over them), V2PE's
+    position keys in llm_config."""
+    cfg = hf_config()
+    for sub in ("vision_config", "llm_config"):
+        cfg[sub] = {**PRETRAINED_CONFIG_KEYS, **cfg[sub]}
+    cfg["llm_config"].update(rope_pos_id_version=version, rope_pos_id_stride=stride)
+    cfg["vision_config"]["tie_word_embeddings"] = True  # InternVisionConfig leaves the default
+    return cfg
+
+
+def test_the_authors_config_json_loads_with_its_position_mode(tmp_path):
+    cfg = authors_config()
+    assert "tie_word_embeddings" in cfg["vision_config"] and "rope_pos_id_version" in cfg["llm_config"]
+    write_checkpoint(tmp_path / "ckpt", hf_tensors(), config=cfg)
+    model = load_pretrained(str(tmp_path / "ckpt"))
+    assert (model.cfg.position_mode, model.cfg.position_stride) == ("v2pe_fix", 64)
+    # The same numbers as the published layout without the generic keys.
+    write_checkpoint(tmp_path / "plain", hf_tensors())
+    ids = torch.randint(0, L["vocab"], (1, 40))
+    pos = torch.arange(40, dtype=torch.float64)[None]
+    from workloads.v2pe.model import AttentionSpec
+
+    empty, index = torch.zeros(0, L["hidden"]), torch.full((1, 40), -1)
+    with torch.no_grad():
+        a = model.forward_hidden(ids, pos, empty, index, AttentionSpec())
+        b = load_pretrained(str(tmp_path / "plain")).forward_hidden(ids, pos, empty, index, AttentionSpec())
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # same weights, same code: bit for bit
+    # Saved back, the position keys survive.
+    save_pretrained(model, str(tmp_path / "again"))
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["llm_config"]
+    assert (again["rope_pos_id_version"], again["rope_pos_id_stride"]) == ("v2pe_fix", 64)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["llm_config"].update(rope_pos_id_version="v3"), r"llm_config.rope_pos_id_version='v3' is not one"),
+    (lambda c: c["llm_config"].update(rope_pos_id_stride=0), r"llm_config.rope_pos_id_stride=0 is not an integer"),
+    (lambda c: c.update(rope_pos_id_version="default"), r"rope_pos_id_version='default' disagrees with "
+                                                          r"llm_config.rope_pos_id_version='v2pe_fix'"),
+])
+def test_bad_position_keys_are_named(change, message):
+    cfg = authors_config()
+    change(cfg)
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(cfg)
+
+
+def test_the_checkpoints_positions_are_the_jobs_defaults_unless_the_yaml_says_otherwise():
+    from orchestrator.config import ConfigError, load_config
+
+    mc = config_from_hf(authors_config("v2pe_fix", 64))
+    base = "name: p\nworkload: v2pe\n"
+    cfg = load_config(base)
+    pos = cfg.data.positions(mc)
+    assert (pos.mode, pos.stride, pos.source) == ("v2pe_fix", 64, "the checkpoint's config.json")
+    cfg = load_config(base, overrides={"data.position_mode": "v2pe_rnd"})
+    pos = cfg.data.positions(mc)
+    assert (pos.mode, pos.stride, pos.source) == ("v2pe_rnd", None, "the job's config")
+    cfg = load_config(base, overrides={"data.position_stride": 16})
+    assert cfg.data.positions(mc).stride == 16 and "v2pe_fix (stride 16" in str(cfg.data.positions(mc))
+    # Without a checkpoint's word: V2PE's training mode.
+    assert load_config(base).data.positions(config_from_hf(hf_config())).mode == "v2pe_rnd"
+    with pytest.raises(ConfigError, match="data.position_stride: required when data.position_mode is 'v2pe_fix'"):
+        load_config(base, overrides={"data.position_mode": "v2pe_fix"})

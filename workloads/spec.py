@@ -115,6 +115,11 @@ class Runner:
         or None when the workload has no planner."""
         return None
 
+    def tags(self) -> dict[str, str]:
+        """What the run resolved that its config left open (e.g. a setting taken from the
+        checkpoint), as MLflow tags of the run, set once by rank 0."""
+        return {}
+
 
 @dataclass(kw_only=True, frozen=True)
 class Hardware:

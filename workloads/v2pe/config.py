@@ -66,6 +66,19 @@ class SyntheticSection:
 
 
 @dataclass(kw_only=True, frozen=True)
+class Positions:
+    """The position mode a run uses, its stride (v2pe_fix only) and where they came from."""
+
+    mode: str
+    stride: int | None
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.mode}" + (f" (stride {self.stride}, δ = {self.stride}/256)" if self.stride else "") + \
+            f", from {self.source}"
+
+
+@dataclass(kw_only=True, frozen=True)
 class DataSection:
     # The data and its tokens are the run's; packing and positions fix its batches.
     RESUME: ClassVar[dict[str, str]] = {
@@ -87,7 +100,10 @@ class DataSection:
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
     max_tokens: int = bounded(8192, gt=0)
     max_tiles: int = bounded(6, gt=0)
-    position_mode: Literal["default", "v2pe_fix", "v2pe_rnd"] = "v2pe_rnd"
+    # V2PE's position mode and stride (δ = stride/256 under v2pe_fix). Unset: the
+    # checkpoint's (model.pretrained's config.json, llm_config.rope_pos_id_version /
+    # rope_pos_id_stride), else v2pe_rnd. `positions()` says which a run uses.
+    position_mode: Literal["default", "v2pe_fix", "v2pe_rnd"] | None = None
     position_stride: int | None = bounded(None, ge=1, le=256)
     # A sample that cannot be used (unreadable image, '<image>' count that does not match
     # its images, empty conversation, longer than max_tokens, not JSON): "fail" stops the
@@ -107,17 +123,34 @@ class DataSection:
             no_credentials(key, getattr(self, key))
         for root in self.allowed_roots:
             no_credentials("allowed_roots", root)
-        if self.position_mode == "v2pe_fix" and self.position_stride is None:
-            raise FieldError("position_stride", "required when data.position_mode is 'v2pe_fix' (δ = stride/256)")
         if self.train == "synthetic" and self.synthetic.tokens > self.max_tokens:
             raise FieldError("synthetic.tokens", f"{self.synthetic.tokens} exceeds data.max_tokens={self.max_tokens}")
 
+    def positions(self, model_cfg) -> Positions:
+        """The position mode and stride of the run: this section's where set, else the
+        checkpoint's (`model_cfg` read from its config.json), else v2pe_rnd."""
+        mode, stride = self.position_mode, self.position_stride
+        said = [k for k, v in (("mode", mode), ("stride", stride)) if v is not None]
+        if mode is None:
+            mode = model_cfg.position_mode or "v2pe_rnd"
+        if stride is None and mode == "v2pe_fix":
+            stride = model_cfg.position_stride
+        if mode == "v2pe_fix" and stride is None:
+            raise FieldError("data.position_stride", "required when data.position_mode is 'v2pe_fix' (δ = stride/256) "
+                                                "and the checkpoint's config.json gives no rope_pos_id_stride")
+        checkpoint = model_cfg.position_mode is not None or model_cfg.position_stride is not None
+        source = ("the job's config" if len(said) == 2 or (said and mode != "v2pe_fix")
+                  else "the job's config and the checkpoint" if said and checkpoint
+                  else "the checkpoint's config.json" if checkpoint else "longview's default")
+        return Positions(mode=mode, stride=stride if mode == "v2pe_fix" else None, source=source)
+
     def loader(self, model_cfg, *, max_tokens: int | None = None) -> DataConfig:
         """What the data reader needs: this section with the model's tile geometry."""
+        pos = self.positions(model_cfg)
         return DataConfig(max_tokens=max_tokens or self.max_tokens, max_tiles=self.max_tiles,
                           tile=model_cfg.vision.image_size, tokens_per_tile=model_cfg.tokens_per_tile,
                           thumbnail=model_cfg.thumbnail,
-                          position_mode=self.position_mode, position_stride=self.position_stride,
+                          position_mode=pos.mode, position_stride=pos.stride,
                           on_bad_sample=self.on_bad_sample, image_root=self.image_root,
                           allowed_roots=tuple(self.allowed_roots), max_line_bytes=self.max_line_bytes,
                           max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels)

@@ -26,7 +26,7 @@ from ..stats import wilson_interval
 from .data import EncodedSample, encode_sample
 from .files import FileCache, read_jsonl
 from .hf_checkpoint import load_pretrained, read_config
-from .inputs import job_tokenizer
+from .inputs import job_model_config, job_tokenizer
 from .model import AttentionSpec, V2PEModel
 from .packing import pack, shard_batch
 from .synth import SynthConfig, write_dataset
@@ -310,16 +310,16 @@ class NeedleEvaluation(Evaluation):
         return {"eval.lengths": ",".join(map(str, e.lengths)), "eval.deltas": ",".join(_delta_name(s) for s in e.strides),
                 "eval.samples_per_length": str(e.samples_per_length), "eval.task": e.task,
                 "eval.images": ",".join(str(e.images_at(n)) for n in e.lengths),
-                "trained.position_mode": cfg.data.position_mode}
+                "trained.position_mode": trained_mode(cfg)}
 
     def figure(self, cfg, records: list[dict]) -> bytes | None:
-        return accuracy_figure({f"trained with {cfg.data.position_mode}": records},
+        return accuracy_figure({f"trained with {trained_mode(cfg)}": records},
                                f"{cfg.name}: accuracy by context length") if records else None
 
     def comparison(self, cfg) -> Comparison:
         """V2PE's length-generalisation claim: the job as trained (its `data.position_mode`,
         V2PE's `v2pe_rnd`) against a baseline that differs only in plain positions."""
-        mode = cfg.data.position_mode
+        mode = trained_mode(cfg)
         if mode == BASELINE:
             raise FieldError("data.position_mode", f"{BASELINE!r} is the baseline; train the job with v2pe_rnd")
         if not cfg.evaluation.lengths:
@@ -341,6 +341,11 @@ class NeedleEvaluation(Evaluation):
 
 
 BASELINE = "default"  # the experiment's baseline position mode: δ = 1, plain positions
+
+
+def trained_mode(cfg) -> str:
+    """The position mode the job trains with (its config's, else its checkpoint's)."""
+    return cfg.data.positions(job_model_config(cfg)).mode
 
 
 def joint_table(results: dict[str, dict], train_tokens: int) -> str:

@@ -91,12 +91,13 @@ _HF_GENERIC = frozenset("""
     return_dict_in_generate sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss
     tie_encoder_decoder tokenizer_class top_k top_p torch_dtype torchscript transformers_version typical_p
     use_bfloat16 use_cache initializer_range initializer_factor attn_implementation use_flash_attn hidden_size
-    _flash_attn_2_enabled
+    _flash_attn_2_enabled tie_word_embeddings
 """.split())
 # Data-side keys of the root: how the authors tile images. longview's data section owns
 # tiling (data.max_tiles); the thumbnail follows use_thumbnail.
-_ROOT_DATA = frozenset({"dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail",
-                        "rope_pos_id_version", "rope_pos_id_stride"})
+_ROOT_DATA = frozenset({"dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail"})
+# V2PE's position modes (its `rope_pos_id_version`), as longview names them.
+POSITION_MODES = ("default", "v2pe_fix", "v2pe_rnd")
 
 # The LLMs InternVL2 checkpoints are built on, and which of them longview runs.
 _OTHER_LLMS = {"Qwen2ForCausalLM": "Qwen2 (InternVL2-1B)", "Phi3ForCausalLM": "Phi-3 (InternVL2-4B)",
@@ -214,8 +215,7 @@ def config_from_hf(cfg: dict) -> V2PEModelConfig:
     l.only("hidden_act", "silu", ("silu",), "InternLM2's SwiGLU")
     l.only("scale_img", False, (False,), "an option of the V2PE authors' code that longview does not implement")
     l.only("pretraining_tp", 1, (1,), "tensor-parallel slicing of the pretraining code")
-    # InternVLChatConfig unties the output layer whatever llm_config says.
-    l.get("tie_word_embeddings")
+    mode, stride = _positions(l, root)
     heads = l.get("num_attention_heads", 32)
     kind, factor = _rope_scaling(l)
     llm = LLMConfig(
@@ -234,7 +234,32 @@ def config_from_hf(cfg: dict) -> V2PEModelConfig:
     l.finish()
     thumbnail = bool(root.get("use_thumbnail", False))
     root.finish()
-    return V2PEModelConfig(vision=vision, llm=llm, downsample_ratio=0.5, thumbnail=thumbnail)
+    return V2PEModelConfig(vision=vision, llm=llm, downsample_ratio=0.5, thumbnail=thumbnail,
+                           position_mode=mode, position_stride=stride)
+
+
+def _positions(llm: _Section, root: _Section) -> tuple[str | None, int | None]:
+    """The position mode and stride a V2PE checkpoint was trained with: its llm_config's
+    `rope_pos_id_version` / `rope_pos_id_stride` (the authors' code reads them there; a
+    copy at the root, which some of their scripts write, must agree). None: not said."""
+    found = {}
+    for sec in (llm, root):
+        for key in ("rope_pos_id_version", "rope_pos_id_stride"):
+            if key in sec.d:
+                value = sec.get(key)
+                if key in found and found[key][1] != value:
+                    raise ConfigError(f"config.json: {sec.name(key)}={value!r} disagrees with "
+                                      f"{found[key][0]}={found[key][1]!r}")
+                found.setdefault(key, (sec.name(key), value))
+    mode = found.get("rope_pos_id_version", (None, None))[1]
+    stride = found.get("rope_pos_id_stride", (None, None))[1]
+    if mode is not None and mode not in POSITION_MODES:
+        raise ConfigError(f"config.json: {found['rope_pos_id_version'][0]}={mode!r} is not one of "
+                          f"{', '.join(POSITION_MODES)} (V2PE's position modes)")
+    if stride is not None and (not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= 256):
+        raise ConfigError(f"config.json: {found['rope_pos_id_stride'][0]}={stride!r} is not an integer in 1..256 "
+                          "(δ = stride/256)")
+    return mode, stride
 
 
 def config_to_hf(cfg: V2PEModelConfig) -> dict:
@@ -281,6 +306,8 @@ def config_to_hf(cfg: V2PEModelConfig) -> dict:
             "hidden_act": "silu",
             "bias": False,
             "tie_word_embeddings": False,
+            **({"rope_pos_id_version": cfg.position_mode} if cfg.position_mode else {}),
+            **({"rope_pos_id_stride": cfg.position_stride} if cfg.position_stride else {}),
         },
     }
 

@@ -36,7 +36,7 @@ def check_inputs(cfg):
     model's vocabulary, the training file. Returns (model config, tokenizer)."""
     import fsspec
 
-    mc = _job_model_config(cfg)
+    mc = job_model_config(cfg)
     if cfg.model.pretrained:  # the checkpoint's own heads, now that its config.json is read
         validate(cfg, mc)
     tokenizer = job_tokenizer(cfg, model_cfg=mc)
@@ -67,7 +67,7 @@ def prepare_data(cfg, run_root: str) -> None:
     prepare_sources(path, run_root, tokenizer=tokenizer, cfg=cfg.data.loader(mc))
 
 
-def _job_model_config(cfg):
+def job_model_config(cfg):
     """The model's config: the pretrained checkpoint's config.json, else the named size."""
     if cfg.model.pretrained:
         return read_config(cfg.model.pretrained)

@@ -109,6 +109,11 @@ class V2PEModelConfig:
     # InternVL2 tiling appends a thumbnail of the whole image to multi-tile images
     # (config.json use_thumbnail); the data reader follows the model.
     thumbnail: bool = True
+    # The position mode and stride the checkpoint was trained with (V2PE's config.json
+    # llm_config.rope_pos_id_version / rope_pos_id_stride); None: not recorded. They are
+    # the defaults of data.position_mode / position_stride and of evaluation's δ.
+    position_mode: str | None = None
+    position_stride: int | None = None
 
     def __post_init__(self):
         if self.downsample_ratio != 0.5:

@@ -8,6 +8,7 @@ row per data-parallel replica, sharded over the context-parallel group.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -25,6 +26,8 @@ from .plan import estimate_memory, job_shape
 from .stream import StreamingDataset, open_sources
 from .tokenizer import copy_tokenizer
 from .train import TrainStepConfig, fsdp_units, parallelize, train_step
+
+log = logging.getLogger(__name__)
 
 
 class V2PERunner(Runner):
@@ -51,6 +54,9 @@ class V2PERunner(Runner):
         self.engine = build_engine(model, t, mesh=shard_mesh(ctx.device) if t.sharding == "fsdp" else None,
                                    units=units, forward_methods=methods)
         self.data_cfg = cfg.data.loader(model.cfg)
+        self.positions = cfg.data.positions(model.cfg)
+        if ctx.rank == 0:
+            log.info("positions: %s", self.positions)
         # prepare_data indexed the file(s) on the driver; a worker only reads the indexes.
         sources, order, self.report = open_sources(train_path(cfg, ctx.run_root), ctx.run_root,
                                                    tokenizer=self.tokenizer, cfg=self.data_cfg, seed=t.seed)
@@ -58,6 +64,9 @@ class V2PERunner(Runner):
         self.data = StreamingDataset(sources, order=order, tokenizer=self.tokenizer, cp=dims.cp,
                                      cp_rank=self.groups.cp_rank, a2a=dims.cp_a2a, budget=cfg.data.max_tokens)
         self.last_row = None  # RowStats of the last batch, for the planner
+
+    def tags(self) -> dict[str, str]:
+        return {"positions": str(self.positions)}
 
     def batch(self, micro: int):
         """The packed row of micro-step `micro` for this data-parallel replica, CP-sharded;

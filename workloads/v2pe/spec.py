@@ -9,7 +9,9 @@ from .config import SECTIONS
 def validate(cfg, model_cfg=None) -> None:
     """Rules that join V2PE's sections with the core ones. `model_cfg`: the model the job
     trains when known (a checkpoint's config.json), else the named size's."""
-    llm = (model_cfg or cfg.model.config()).llm
+    mc = model_cfg or cfg.model.config()
+    llm = mc.llm
+    cfg.data.positions(mc)  # a v2pe_fix without a stride from the config or the checkpoint
     model = cfg.model.pretrained if model_cfg is not None else f"model.size {cfg.model.size!r}"
     a2a = cfg.parallelism.cp_a2a
     for heads, n in (("num_heads", llm.num_heads), ("num_kv_heads", llm.num_kv_heads)):
