@@ -189,3 +189,16 @@ def replicated_table(state, samples, strides, cp):
     replicas = (groups.dp_rank, W // cp)
     return accuracy_table(model, share_of(samples, replicas), tokenizer=ByteTokenizer(), strides=strides,
                           cp_group=groups.cp_group if cp > 1 else None, replicas=replicas)
+
+
+def cp_generate(state, prompts, mode, stride, a2a=1, max_new_tokens=10, dtype=torch.float32, logits=False):
+    """Greedy answers with each prompt spread over the whole world; every rank's result."""
+    from workloads.v2pe.generate import generate
+    from workloads.v2pe.tokenizer import ByteTokenizer
+
+    model = V2PEModel(tiny_config())
+    model.load_state_dict(state)
+    model.to(dtype)
+    groups = _cp_groups(a2a)
+    return [generate(model, p, tokenizer=ByteTokenizer(), mode=mode, stride=stride, max_new_tokens=max_new_tokens,
+                     cp_group=groups.cp_group, hybrid=groups.hybrid, return_prompt_logits=logits) for p in prompts]

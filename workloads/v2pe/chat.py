@@ -95,3 +95,18 @@ def render_tokens(
         learn = role == "assistant"
         supervised += [False] * (1 + header) + [learn] * (len(body) - header) + [learn]
     return ids, supervised
+
+
+def render_prompt(
+    convs: Sequence[tuple[str, str]], tiles_per_image: Sequence[int], *, tokenizer: Tokenizer, tokens_per_tile: int,
+    sample: str = "?",
+) -> list[int]:
+    """Token ids of a chat that asks for the next answer: `convs` ends with a user turn,
+    and the ids end with `<|im_start|>assistant\n`, as the authors' `model.chat` renders
+    its query (the template's open assistant turn, one encode of the whole string)."""
+    ids, _ = render_tokens([*convs, ("assistant", "?")], tiles_per_image, tokenizer=tokenizer,
+                           tokens_per_tile=tokens_per_tile, sample=sample)
+    # Cut the placeholder answer: keep up to its <|im_start|>, then the header encoded
+    # alone (at the end of the string it is its own piece).
+    last = len(ids) - 1 - ids[::-1].index(tokenizer.token_id(IM_START))
+    return ids[: last + 1] + tokenizer.encode("assistant\n")

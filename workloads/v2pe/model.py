@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from parallelism.decode_attention import decode_attention
 from parallelism.hybrid_attention import hybrid_attention
 from parallelism.ring_attention import Documents, local_attention, ring_attention
 
@@ -276,11 +277,54 @@ class AttentionSpec:
     ring_group: Any = None
     cu_seqlens: Documents | torch.Tensor | None = None  # prepare_documents(...): checked once per batch
     kernel: str = "auto"
+    # Generation: the KV cache this call fills (prefill) or reads and extends (decode:
+    # one new token, attending to the cache shards of every rank of `group`).
+    cache: KVCache | None = None
+    decode: bool = False
+
+
+class KVCache:
+    """The keys and values (after rotary) of the tokens this process holds, per decoder
+    layer: what later tokens attend to. A context-parallel rank holds only its own shard.
+
+    keep: (S_local,) bool, which tokens of the prefill call enter the cache (the sample's,
+    not its padding); room: tokens that may be appended later (buffers are allocated once,
+    at prefill, with that much room: no copy of the cache per new token). `append` says
+    whether this process keeps the token of the current decode call (one rank does)."""
+
+    def __init__(self, layers: int, *, keep: torch.Tensor | None = None, room: int = 0):
+        self.k: list[torch.Tensor | None] = [None] * layers
+        self.v: list[torch.Tensor | None] = [None] * layers
+        self.n = [0] * layers
+        self.keep, self.room, self.append = keep, room, True
+
+    def add(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends k, v: (B, S, H_kv, D) to the layer's cache; returns the whole cache."""
+        if self.keep is not None and self.k[layer] is None:
+            k, v = k[:, self.keep], v[:, self.keep]
+        if self.k[layer] is None:
+            b, s, h, d = k.shape
+            self.k[layer] = k.new_empty((b, s + self.room, h, d))
+            self.v[layer] = v.new_empty((b, s + self.room, h, d))
+        n, s = self.n[layer], k.shape[1]
+        if n + s > self.k[layer].shape[1]:
+            raise ValueError(f"KV cache of layer {layer} is full ({n} tokens + {s}): more new tokens than its room")
+        self.k[layer][:, n:n + s], self.v[layer][:, n:n + s] = k, v
+        self.n[layer] = n + s
+        return self.get(layer)
+
+    def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.n[layer]
+        return self.k[layer][:, :n], self.v[layer][:, :n]
+
+    def tokens(self) -> int:
+        return self.n[0]
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, index: int = 0):
         super().__init__()
+        self.index = index  # the layer's place in the decoder: its KV cache slot
         self.h, self.h_kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.groups = self.h // self.h_kv
         # InternLM2 layout: for each KV head, its `groups` query heads, then K, then V.
@@ -293,7 +337,15 @@ class DecoderAttention(nn.Module):
         q = qkv[..., : self.groups, :].reshape(b, s, self.h, self.d)  # (B, S, H, D)
         k, v = qkv[..., -2, :], qkv[..., -1, :]  # (B, S, H_kv, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if spec.a2a_group is not None:
+        if spec.decode and spec.cache is None:
+            raise ValueError("decoding needs the KV cache of a prefill (AttentionSpec.cache)")
+        if spec.cache is not None and (spec.cache.append or not spec.decode):
+            cached = spec.cache.add(self.index, k, v)
+        elif spec.cache is not None:
+            cached = spec.cache.get(self.index)
+        if spec.decode:
+            o = decode_attention(q, *cached, group=spec.group, kernel=spec.kernel)
+        elif spec.a2a_group is not None:
             o = hybrid_attention(q, k, v, a2a_group=spec.a2a_group, ring_group=spec.ring_group, causal=True,
                                  cu_seqlens=spec.cu_seqlens, kernel=spec.kernel)
         elif spec.group is not None:
@@ -304,10 +356,10 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, index: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = DecoderAttention(cfg)
+        self.attn = DecoderAttention(cfg, index)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # up
@@ -338,7 +390,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.rotary = V2PERotary(cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling,
