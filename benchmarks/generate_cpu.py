@@ -6,8 +6,10 @@
 precision: the prompt's logits in bfloat16 over W gloo ranks (ring prefill) against the
     same model in float64 on one process; max and mean absolute error per W. A ring
     whose merge lost precision with every step would show errors growing with W.
-speed: per rank, prefill seconds, decode milliseconds per new token and the peak of live
-    tensor bytes during prefill and during decoding (`workloads.memory`), for the tiny
+speed: per rank, prefill seconds, decode milliseconds per new token (the tokens after
+    the first; stop tokens are switched off so every answer has --new tokens), and the
+    peak of live tensor bytes during prefill alone and during prefill + decoding
+    (`workloads.memory`, in a second run: tracking slows every operation), for the tiny
     model (float32) at the given prompt lengths; one thread per rank.
 
 The prompt: text with one 448-pixel image (256 visual tokens) per 4096 tokens, V2PE
@@ -20,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -29,12 +30,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from parallelism.local_world import LocalWorld
 from workloads.v2pe.data import EncodedSample
-from workloads.v2pe.generate import generate
+from workloads.v2pe.generate import EOS, generate
 from workloads.v2pe.model import V2PEModel, model_config
-from workloads.v2pe.tokenizer import ByteTokenizer
+from workloads.v2pe.tokenizer import IM_END, ByteTokenizer
 
 TOK = ByteTokenizer()
 STRIDE = 64
+
+
+class NoStop(ByteTokenizer):
+    """Stop tokens on ids the model cannot produce: every answer runs to --new tokens."""
+
+    def token_id(self, token):
+        return -1 if token in (IM_END, EOS) else super().token_id(token)
 
 
 def prompt(tokens: int, *, tile: int = 448, tokens_per_tile: int = 256, every: int = 4096, seed: int = 0):
@@ -91,20 +99,19 @@ def _rank_speed(p, new):
     out = {}
 
     def prefill_only():
-        t0 = time.perf_counter()
-        generate(model, p, tokenizer=TOK, mode="v2pe_fix", stride=STRIDE, max_new_tokens=1, cp_group=group)
-        out["prefill_s"] = time.perf_counter() - t0
+        generate(model, p, tokenizer=NoStop(), mode="v2pe_fix", stride=STRIDE, max_new_tokens=1, cp_group=group)
 
     def with_decode():
-        t0 = time.perf_counter()
-        g = generate(model, p, tokenizer=TOK, mode="v2pe_fix", stride=STRIDE, max_new_tokens=new, cp_group=group)
-        out["total_s"], out["new"] = time.perf_counter() - t0, len(g.tokens)
+        g = generate(model, p, tokenizer=NoStop(), mode="v2pe_fix", stride=STRIDE, max_new_tokens=new,
+                     cp_group=group)
+        out.update(prefill_s=g.prefill_s, new=len(g.tokens),
+                   decode_ms_per_token=1e3 * g.decode_s / max(len(g.tokens) - 1, 1))
 
+    with_decode()  # timed alone: the memory tracker below slows every operation
+    timed = dict(out)
     out["prefill_peak_mib"] = peak_tensor_bytes(cpu, prefill_only, tracked=list(model.parameters())) / 2**20
     out["peak_mib"] = peak_tensor_bytes(cpu, with_decode, tracked=list(model.parameters())) / 2**20
-    # decode time per token: the second run's extra time over its prefill, per token after the first
-    out["decode_ms_per_token"] = 1e3 * max(out["total_s"] - out["prefill_s"], 0.0) / max(out["new"] - 1, 1)
-    return out
+    return {**out, **timed}
 
 
 def speed(lengths: list[int], worlds: list[int], new: int) -> list[dict]:

@@ -202,3 +202,17 @@ def cp_generate(state, prompts, mode, stride, a2a=1, max_new_tokens=10, dtype=to
     groups = _cp_groups(a2a)
     return [generate(model, p, tokenizer=ByteTokenizer(), mode=mode, stride=stride, max_new_tokens=max_new_tokens,
                      cp_group=groups.cp_group, hybrid=groups.hybrid, return_prompt_logits=logits) for p in prompts]
+
+
+def mmniah_run(root, sets, model_url, prepared, run_root):
+    """`MMNIAHEvaluation.run` on every rank of the world (one context-parallel group)."""
+    from orchestrator.config import load_config
+    from workloads.spec import RunContext
+    from workloads.v2pe.mmniah_eval import MMNIAHEvaluation
+
+    cfg = load_config("name: mm\nworkload: v2pe\n", overrides={
+        "evaluation.benchmark": "mm-niah", "evaluation.data": root, "data.max_tokens": 20000,
+        "model.overrides": {"vision_image_size": 56}, **sets})
+    ctx = RunContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch.device("cpu"),
+                     run_root=run_root)
+    return MMNIAHEvaluation().run(cfg, ctx, model_url, prepared)

@@ -159,8 +159,21 @@ class DataSection:
 @dataclass(kw_only=True, frozen=True)
 class EvaluationSection:
     RESUME: ClassVar[dict[str, str]] = {}  # filled below: training never reads this section
+    # "needle": longview's synthetic needle samples at `lengths`, scored by teacher
+    # forcing; "mm-niah": MM-NIAH's released samples from `data`, answered by greedy
+    # generation and scored as its authors score them.
+    benchmark: Literal["needle", "mm-niah"] = "needle"
+    # The benchmark's split folder (annotations/, images/), local or s3://; longview
+    # downloads nothing.
+    data: str | None = None
+    tasks: list[str] = field(default_factory=list)  # mm-niah: a subset of its six tasks (empty: those found)
+    max_samples: int | None = bounded(None, gt=0)  # mm-niah: the first N samples of each task (unset: all)
+    max_new_tokens: int | None = bounded(None, gt=0)  # mm-niah: answer budget (unset: the authors', 16 / 320)
     lengths: list[int] = bounded(ge=1, default_factory=list)  # token lengths of synthetic eval samples
-    strides: list[int] = bounded(ge=1, le=256, default_factory=lambda: [256, 64])  # δ = stride/256
+    # δ = stride/256, one evaluation pass each. Unset: needle [256, 64]; mm-niah the run's
+    # positions (data.position_*, else the checkpoint's, else stride 64 as the V2PE
+    # authors' evaluation scripts).
+    strides: list[int] | None = bounded(ge=1, le=256, default=None)
     samples_per_length: int = bounded(4, gt=0)
     images: int = bounded(2, gt=0)
     # "fixed": every length has `images` images (longer samples: more text);
@@ -178,6 +191,17 @@ class EvaluationSection:
     # and read from S3 once, where one request per picture (25,600 at 100 samples of
     # 256 images) costs minutes.
     image_pool: int | None = bounded(None, gt=0)
+
+    def __post_init__(self):
+        no_credentials("data", self.data)
+        if self.benchmark == "mm-niah" and not self.data:
+            raise FieldError("data", "required for benchmark 'mm-niah': the split folder you downloaded "
+                                     "(annotations/, images/)")
+        from .mmniah import TASKS  # the section loads with the spec, before the benchmark's code
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise FieldError("tasks", f"{', '.join(map(repr, unknown))} not among {', '.join(TASKS)}")
 
     def images_at(self, tokens: int) -> int:
         """Images per sample of `tokens` tokens."""

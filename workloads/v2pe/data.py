@@ -31,7 +31,7 @@ import torch
 
 from parallelism.zigzag import IGNORE_INDEX
 
-from .chat import IMAGE_PLACEHOLDER, parse_turns, render_tokens
+from .chat import IMAGE_PLACEHOLDER, parse_turns, render_prompt, render_tokens
 from .data_errors import DataError, LoadReport, printable
 from .files import MAX_IMAGE_BYTES, MAX_LINE_BYTES, FileCache, fetch_files, read_jsonl, resolve_image
 from .images import MAX_IMAGE_PIXELS, open_image, tile_image
@@ -126,17 +126,50 @@ def encode_sample(
     through `files` when given, so samples that share images read each once)."""
     sample = sample or sample_name(record)
     convs, paths = prepare_record(record, sample, base_dir, cfg.allowed_roots)
+    tiles = _read_tiles(paths, sample=sample, cfg=cfg, files=files)
+    input_ids, targets = encode_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, cfg=cfg, sample=sample)
+    return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets, pixels=_pixels(tiles, cfg))
+
+
+def encode_prompt(
+    record: dict,
+    *,
+    tokenizer: Tokenizer,
+    cfg: DataConfig,
+    base_dir: str = "",
+    sample: str | None = None,
+    files: FileCache | None = None,
+) -> EncodedSample:
+    """A record whose conversation ends with the user's turn -> the prompt an answer is
+    generated for (ids end with `<|im_start|>assistant\\n`; no targets)."""
+    sample = sample or sample_name(record)
+    convs, paths = prepare_record(record, sample, base_dir, cfg.allowed_roots)
+    tiles = _read_tiles(paths, sample=sample, cfg=cfg, files=files)
+    ids = render_prompt(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, tokens_per_tile=cfg.tokens_per_tile,
+                        sample=sample)
+    if len(ids) > cfg.max_tokens:
+        raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is "
+                        "truncated)", "too_long")
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    return EncodedSample(sample_id=sample, input_ids=input_ids, targets=torch.full_like(input_ids, IGNORE_INDEX),
+                         pixels=_pixels(tiles, cfg))
+
+
+def _read_tiles(paths: Sequence[str], *, sample: str, cfg: DataConfig, files: FileCache | None) -> list[torch.Tensor]:
+    """Each image's tiles, the files read through `files` when given (samples sharing
+    images read each once), else in one concurrent batch."""
     if files is not None:
         read = files.fetch(paths, max_bytes=cfg.max_image_bytes)
-    else:  # a sample's images in one concurrent batch
+    else:
         read = fetch_files(paths, max_bytes=cfg.max_image_bytes) if len(paths) > 1 else {}
     # open_image decodes the whole file, so a corrupt one fails there, naming it
-    tiles = [tile_image(open_image(p, sample=sample, data=read.get(p), max_bytes=cfg.max_image_bytes,
-                                   max_pixels=cfg.max_image_pixels),
-                        tile=cfg.tile, max_tiles=cfg.max_tiles, thumbnail=cfg.thumbnail) for p in paths]
-    input_ids, targets = encode_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, cfg=cfg, sample=sample)
-    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, cfg.tile, cfg.tile)
-    return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets, pixels=pixels)
+    return [tile_image(open_image(p, sample=sample, data=read.get(p), max_bytes=cfg.max_image_bytes,
+                                  max_pixels=cfg.max_image_pixels),
+                       tile=cfg.tile, max_tiles=cfg.max_tiles, thumbnail=cfg.thumbnail) for p in paths]
+
+
+def _pixels(tiles: list[torch.Tensor], cfg: DataConfig) -> torch.Tensor:
+    return torch.cat(tiles) if tiles else torch.zeros(0, 3, cfg.tile, cfg.tile)
 
 
 def sample_name(record, where: str = "") -> str:

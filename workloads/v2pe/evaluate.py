@@ -295,7 +295,7 @@ class NeedleEvaluation(Evaluation):
         groups = ParallelDims.infer(world_size=world, cp=cp, cp_a2a=cfg.parallelism.cp_a2a if cp > 1 else 1).build(
             cfg.parallelism.timeout_s)
         replicas = (groups.dp_rank, world // cp)
-        rows = accuracy_table(model, samples(replicas), tokenizer=tok, strides=cfg.evaluation.strides,
+        rows = accuracy_table(model, samples(replicas), tokenizer=tok, strides=needle_strides(cfg),
                               cp_group=groups.cp_group if cp > 1 else None, hybrid=groups.hybrid if cp > 1 else None,
                               kernel=cfg.parallelism.kernel, replicas=replicas)
         curves: dict[str, dict[int, float]] = {}
@@ -307,7 +307,8 @@ class NeedleEvaluation(Evaluation):
 
     def params(self, cfg) -> dict[str, str]:
         e = cfg.evaluation
-        return {"eval.lengths": ",".join(map(str, e.lengths)), "eval.deltas": ",".join(_delta_name(s) for s in e.strides),
+        return {"eval.lengths": ",".join(map(str, e.lengths)),
+                "eval.deltas": ",".join(_delta_name(s) for s in needle_strides(cfg)),
                 "eval.samples_per_length": str(e.samples_per_length), "eval.task": e.task,
                 "eval.images": ",".join(str(e.images_at(n)) for n in e.lengths),
                 "trained.position_mode": trained_mode(cfg)}
@@ -341,6 +342,42 @@ class NeedleEvaluation(Evaluation):
 
 
 BASELINE = "default"  # the experiment's baseline position mode: δ = 1, plain positions
+
+
+def needle_strides(cfg) -> list[int]:
+    """The needle evaluation's strides: the configured ones, else δ = 1 and 1/4."""
+    return cfg.evaluation.strides or [256, 64]
+
+
+class V2PEEvaluation(Evaluation):
+    """The benchmark `evaluation.benchmark` names: longview's needle task (`NeedleEvaluation`)
+    or MM-NIAH (`mmniah_eval.MMNIAHEvaluation`)."""
+
+    @staticmethod
+    def _pick(cfg) -> Evaluation:
+        if cfg.evaluation.benchmark == "mm-niah":
+            from .mmniah_eval import MMNIAHEvaluation
+
+            return MMNIAHEvaluation()
+        return NeedleEvaluation()
+
+    def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
+        return self._pick(cfg).prepare(cfg, run_root, model_url)
+
+    def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]) -> EvalResult:
+        return self._pick(cfg).run(cfg, ctx, model_url, prepared)
+
+    def params(self, cfg) -> dict[str, str]:
+        return self._pick(cfg).params(cfg)
+
+    def figure(self, cfg, records: list[dict]) -> bytes | None:
+        return self._pick(cfg).figure(cfg, records)
+
+    def comparison(self, cfg) -> Comparison:
+        return self._pick(cfg).comparison(cfg)
+
+    def compare(self, cfg, results: dict[str, dict]) -> tuple[str, bytes | None]:
+        return self._pick(cfg).compare(cfg, results)
 
 
 def trained_mode(cfg) -> str:

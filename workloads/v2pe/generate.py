@@ -21,6 +21,7 @@ with the base for the current length and cached keys keep theirs, as the authors
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ class Generation:
     # (S_prompt, vocab) float32 logits of every prompt token when asked for, in prompt
     # order on every rank (a test and the precision benchmark compare them).
     prompt_logits: torch.Tensor | None = None
+    prefill_s: float = 0.0  # wall time of the prefill (to the first new token)
+    decode_s: float = 0.0  # wall time of the tokens after the first
 
 
 def _local_index(total: int, world: int, rank: int, a2a: int) -> torch.Tensor:
@@ -79,6 +82,7 @@ def generate(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     L = len(prompt)
+    t0 = time.perf_counter()
     batch = pack([prompt], tokenizer=tokenizer, tokens_per_tile=model.cfg.tokens_per_tile, multiple=2 * W,
                  mode=mode, stride=stride)
     total = batch.input_ids.shape[1]
@@ -108,6 +112,7 @@ def generate(
     if group is not None:
         dist.all_reduce(first, group=group)
     token = int(first) - 1
+    t1 = time.perf_counter()
 
     stops = {tokenizer.token_id(EOS): "eos", tokenizer.token_id(IM_END): "im_end"}
     position = float(batch.positions[0, L - 1])
@@ -135,4 +140,5 @@ def generate(
         if group is not None:
             dist.broadcast(chosen, src=dist.get_global_rank(group, 0), group=group)
         token = int(chosen)
-    return Generation(tokens=out, prompt_tokens=L, stopped=stopped, prompt_logits=logits)
+    return Generation(tokens=out, prompt_tokens=L, stopped=stopped, prompt_logits=logits, prefill_s=t1 - t0,
+                      decode_s=time.perf_counter() - t1)

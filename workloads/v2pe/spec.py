@@ -32,5 +32,5 @@ SPEC = register(WorkloadSpec(
     layout=layout,
     build_runner=lazy("workloads.v2pe.runner:V2PERunner"), data_source=lazy("workloads.v2pe.inputs:train_path"),
     plan=lazy("workloads.v2pe.plan:plan_job"), format_plan=lazy("workloads.v2pe.plan:format_plan"),
-    evaluation=lazy("workloads.v2pe.evaluate:NeedleEvaluation"),
+    evaluation=lazy("workloads.v2pe.evaluate:V2PEEvaluation"),
 ))
