@@ -1,6 +1,6 @@
 """Every GPU figure longview reports, from one command.
 
-    python benchmarks/gpu_all.py --out gpu_all.json   # one H100/H200: at most 8 minutes (its parts' budgets)
+    python benchmarks/gpu_all.py --out gpu_all.json   # one H100/H200: at most 8.5 minutes (its parts' budgets)
     python benchmarks/gpu_all.py --smoke              # CPU, tiny sizes, seconds (`make test` runs it)
 
 Parts, in order, each in a child process with its own time budget, so a part that hangs
@@ -18,6 +18,9 @@ its budget ran out are kept):
 4. eval_1m   forward-only peak memory at 1M tokens on one GPU for the tiny model; for
              internvl2-2b (minutes of attention at 1M) at 32K-128K, and the per-GPU
              memory at 1M over W ranks from a line through them.
+5. generate  answering by generation (`benchmarks/generate_gpu.py`): one rank's ring
+             prefill attention at 128K-1M over W ranks (simulated), and internvl2-2b's
+             per-token decode over a KV-cache shard of 8K-256K tokens.
 
 The smoke mode runs the same functions on CPU at tiny sizes, in float32 (the CPU kernels'
 dtype): the numbers mean nothing, the code paths keep working. What cannot run on CPU
@@ -56,6 +59,10 @@ class Sizes:
     # (model, lengths) of forward-only evaluation runs; where the longest is under 1M,
     # a line through the measured peaks gives the per-GPU memory at 1M over W ranks.
     eval_runs: tuple[tuple[str, tuple[int, ...]], ...]
+    # Generation: (total, W) of the prefill rows; the decode rows' model and cache shards.
+    prefill_runs: tuple[tuple[int, int], ...] = ()
+    decode_size: str = "tiny"
+    decode_locals: tuple[int, ...] = ()
 
 
 GPU = Sizes(kernel_check_S=512, ring_check_S=8192, ring_totals=(131072, 262144), ring_worlds=(4, 8, 16, 32),
@@ -64,13 +71,16 @@ GPU = Sizes(kernel_check_S=512, ring_check_S=8192, ring_totals=(131072, 262144),
             # internvl2-2b's forward at 1M is ~100 PFLOP of attention (minutes): measured at
             # 32K-128K and extrapolated; the tiny model runs 1M itself, last (packing 1M
             # tokens on the CPU is the slow unknown of the part).
-            eval_runs=(("internvl2-2b", (32768, 65536, 131072)), ("tiny", (2**20,))))
+            eval_runs=(("internvl2-2b", (32768, 65536, 131072)), ("tiny", (2**20,))),
+            prefill_runs=((131072, 8), (262144, 8), (524288, 16), (1048576, 16), (1048576, 32)),
+            decode_size="internvl2-2b", decode_locals=(8192, 32768, 131072, 262144))
 SMOKE = Sizes(kernel_check_S=64, ring_check_S=256, ring_totals=(512,), ring_worlds=(2, 4), model_check_S=1024,
-              capacity_size="tiny", capacity_lengths=(512, 1024), eval_runs=(("tiny", (1024, 2048)),))
+              capacity_size="tiny", capacity_lengths=(512, 1024), eval_runs=(("tiny", (1024, 2048)),),
+              prefill_runs=((512, 2), (1024, 4)), decode_size="tiny", decode_locals=(256, 1024))
 # Seconds per part on a GPU (8 minutes in all); the smoke run's parts take seconds.
 # Set from the H200 run of 2026-12-04 (kernels 16 s, ring 131 s, eval_1m 30 s; capacity
-# reached 128K in 150 s, and 256K's step alone is about a minute).
-BUDGETS = {"kernels": 30, "ring": 160, "capacity": 230, "eval_1m": 60}
+# reached 128K in 150 s, and 256K's step alone is about a minute): 8.5 minutes in all.
+BUDGETS = {"kernels": 30, "ring": 145, "capacity": 210, "eval_1m": 45, "generate": 80}
 SMOKE_BUDGET_S = 120
 
 
@@ -213,9 +223,23 @@ def part_eval_1m(out: dict, sizes: Sizes, smoke: bool) -> None:
         empty_cache(device)
 
 
-PARTS = {"kernels": part_kernels, "ring": part_ring, "capacity": part_capacity, "eval_1m": part_eval_1m}
+def part_generate(out: dict, sizes: Sizes, smoke: bool) -> None:
+    from benchmarks._measure import empty_cache
+    from benchmarks.generate_gpu import decode, prefill
+
+    device, dtype = _device(smoke)
+    for S, W in sizes.prefill_runs:
+        prefill(out, S, W, device=device, dtype=dtype)
+        empty_cache(device)
+    for S_local in sizes.decode_locals:
+        decode(out, sizes.decode_size, S_local, device=device, dtype=dtype)
+        empty_cache(device)
+
+
+PARTS = {"kernels": part_kernels, "ring": part_ring, "capacity": part_capacity, "eval_1m": part_eval_1m,
+         "generate": part_generate}
 SECTIONS = {"kernels": ("checks",), "ring": ("peer", "single", "simulated"), "capacity": ("train", "eval", "notes"),
-            "eval_1m": ("eval", "extrapolated")}
+            "eval_1m": ("eval", "extrapolated"), "generate": ("prefill", "decode")}
 
 
 def run_part(name: str, smoke: bool, rows_path: str) -> None:
@@ -330,6 +354,16 @@ def tables(report: dict) -> str:
             per = ", ".join(f"{w} GPUs {r[f'1m_on_{w}_gpus_gib']:.1f}" for w in (1, 4, 8, 16, 32))
             lines.append(f"{r['size']}: 1M tokens from a line through {_tokens(r['longest_evaluated'])} and below: "
                          f"{per} GiB per GPU")
+    gen = parts.get("generate", {})
+    if gen.get("prefill"):
+        lines += ["", "| prefill S | W | S_local | one layer s/rank | 24 layers s/rank | TFLOP/s per rank |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {_tokens(r['S'])} | {r['W']} | {_tokens(r['S_local'])} | {_f(r['layer_s'], '.3f')} | "
+                  f"{_f(r['prefill_attention_s'], '.2f')} | {_f(r['tflops_per_rank'], '.0f')} |" for r in gen["prefill"]]
+    if gen.get("decode"):
+        lines += ["", "| decode model | cache tokens per rank | ms per token | cache GiB |", "|---|---|---|---|"]
+        lines += [f"| {r['size']} | {_tokens(r['S_local'])} | {_f(r['ms_per_token'], '.2f')} | "
+                  f"{_f(r['cache_gib'], '.2f')} |" for r in gen["decode"]]
     return "\n".join(lines)
 
 

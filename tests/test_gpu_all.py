@@ -18,7 +18,7 @@ def test_smoke_runs_every_part_and_checks_the_kernels(tmp_path):
     proc, report = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parts = report["parts"]
-    assert list(parts) == ["kernels", "ring", "capacity", "eval_1m"]
+    assert list(parts) == ["kernels", "ring", "capacity", "eval_1m", "generate"]
     assert all(p["status"] == "ok" for p in parts.values()), {n: p["status"] for n, p in parts.items()}
     checks = parts["kernels"]["checks"]
     # Every CPU kernel against float64 (causal and full), the simulated ring, the model.
@@ -34,9 +34,13 @@ def test_smoke_runs_every_part_and_checks_the_kernels(tmp_path):
     assert [r["S"] for r in parts["eval_1m"]["eval"]] == [1024, 2048]
     assert all(r["peak_gib"] > 0 for r in parts["eval_1m"]["eval"])
     assert parts["eval_1m"]["extrapolated"][0]["1m_on_16_gpus_gib"] > 0  # the line through them, at 1M
+    gen = parts["generate"]
+    assert [(r["S"], r["W"]) for r in gen["prefill"]] == [(512, 2), (1024, 4)] and all(r["layer_s"] > 0 for r in gen["prefill"])
+    assert [r["S_local"] for r in gen["decode"]] == [256, 1024] and all(r["ms_per_token"] > 0 for r in gen["decode"])
     # The tables come out in BENCHMARKS.md's layout.
     assert "| kernel | S | W | S_local |" in proc.stdout and "longview / peer" in proc.stdout
     assert "| run | S | step s | tokens/s |" in proc.stdout
+    assert "| prefill S | W |" in proc.stdout and "| decode model |" in proc.stdout
 
 
 def test_a_part_over_its_budget_costs_only_its_budget(tmp_path):

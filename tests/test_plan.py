@@ -133,7 +133,9 @@ def test_plan_json_for_the_long_configs(config, size):
     elif rec is None:  # the evaluation config's own training section (no ZeRO) need not fit
         assert train["error"].startswith("no layout fits 80 GiB per GPU on 16 GPUs")
     ev = plan["evaluation"]
-    assert ev["seq_len"] == max(cfg.evaluation.lengths) and ev["recommended"]["fits"]
+    assert ev["seq_len"] == max(cfg.evaluation.lengths or [cfg.data.max_tokens]) and ev["recommended"]["fits"]
+    if cfg.evaluation.benchmark == "mm-niah":  # answers generated: the KV cache is planned
+        assert ev["configured"]["memory_gib"]["kv_cache"] > 0
 
 
 def test_plan_text_and_piip_and_errors():
@@ -152,3 +154,26 @@ def test_plan_text_and_piip_and_errors():
 
 def _layout(cfg):
     return cfg.piip.layout(cfg.resources.workers)
+
+
+def test_the_kv_cache_term_is_what_a_prefill_keeps():
+    """Generation's KV cache as planned equals the bytes the prefill leaves in `KVCache`
+    (tiny model, one process: every token of the prompt is this rank's)."""
+    from tests.v2pe_helpers import tiny_model
+    from workloads.v2pe.model import AttentionSpec, KVCache
+
+    model = tiny_model()
+    m, S = model.cfg, 300
+    cache = KVCache(m.llm.num_layers)
+    ids = torch.randint(0, 256, (1, S))
+    with torch.no_grad():
+        model.forward_hidden(ids, torch.arange(S, dtype=torch.float64)[None], torch.zeros(0, m.llm.hidden_size),
+                             torch.full((1, S), -1), AttentionSpec(cache=cache))
+    kept = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+               for k, v in (cache.get(i) for i in range(m.llm.num_layers)))
+    planned = estimate_memory(m, RunShape(seq_len=S, tiles=0, training=False, bf16=False, kv_cache=True))
+    assert planned["kv_cache"] == kept
+    assert "kv_cache" not in estimate_memory(m, RunShape(seq_len=S, tiles=0, training=False, bf16=False))
+    # over a context-parallel group of 8, each rank plans an eighth
+    eighth = estimate_memory(m, RunShape(seq_len=8 * S, tiles=0, training=False, bf16=False, kv_cache=True, cp=8))
+    assert eighth["kv_cache"] == kept

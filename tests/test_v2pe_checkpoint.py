@@ -313,7 +313,7 @@ def test_the_checkpoints_positions_are_the_jobs_defaults_unless_the_yaml_says_ot
     pos = cfg.data.positions(mc)
     assert (pos.mode, pos.stride, pos.source) == ("v2pe_rnd", None, "the job's config")
     cfg = load_config(base, overrides={"data.position_stride": 16})
-    assert cfg.data.positions(mc).stride == 16 and "v2pe_fix (stride 16" in str(cfg.data.positions(mc))
+    assert cfg.data.positions(mc).stride == 16 and "v2pe_fix (stride 16, δ = 1/16)" in str(cfg.data.positions(mc))
     # Without a checkpoint's word: V2PE's training mode.
     assert load_config(base).data.positions(config_from_hf(hf_config())).mode == "v2pe_rnd"
     with pytest.raises(ConfigError, match="data.position_stride: required when data.position_mode is 'v2pe_fix'"):

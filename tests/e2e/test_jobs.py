@@ -208,6 +208,41 @@ def test_eval_scores_the_exported_model_and_logs_a_nested_run(services, referenc
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
 
 
+def test_eval_on_mm_niah_from_s3_generates_answers_and_logs_a_curve_per_task(services, reference, tmp_path):
+    """MM-NIAH in its released layout, in S3: answers generated over the 2-rank group,
+    a metric per task with the context length as step, the responses in the authors'
+    format; a split with a missing image stops before anything is scored, in one line."""
+    from tests.mmniah_fixture import write_split
+
+    fs = services
+    name = reference[0]
+    s3 = s3fs_direct(fs)
+    split = f"{BUCKET}/mmniah-{uuid.uuid4().hex[:6]}/mm_niah_val"
+    s3.put(write_split(str(tmp_path / "split"), tasks=["retrieval-text", "reasoning-text"]) + "/", split,
+           recursive=True)
+    args = ["eval", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE[:2], "--set",
+            "evaluation.benchmark=mm-niah", "--set", f"evaluation.data=s3://{split}", "--set",
+            "evaluation.max_new_tokens=4", "--set", "data.max_tokens=8192", "--set", "evaluation.strides=[64]"]
+    proc = cli(fs["env"], *args)
+    assert "| retrieval-text |" in proc.stdout and "| reasoning-text |" in proc.stdout, proc.stdout[-3000:]
+    client, parent = mlflow_run(fs, name)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                            "and params.`eval.benchmark` = 'mm-niah'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    curve = client.get_metric_history(runs[0].info.run_id, "mmniah_retrieval_text")
+    assert sorted(m.step for m in curve) == [1000, 4000]  # the buckets of 1500 and 5000 tokens; 600 unscored
+    rows = [json.loads(x) for x in s3.cat_file(f"{BUCKET}/runs/{name}/eval/mm-niah/retrieval-text.jsonl").splitlines()]
+    assert [r["question_id"] for r in rows] == ["0", "1", "2"] and all("response" in r for r in rows)
+
+    s3.rm(f"{split}/images/ret/1_b.png")
+    proc = cli(fs["env"], *args, check=False, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"retrieval-text sample 1 (s3://{split}/annotations/retrieval-text.jsonl:2): image ret/1_b.png is not in "
+        f"s3://{split}/images")
+
+
 @pytest.mark.parametrize("command", ["status", "logs", "stop"])
 def test_an_unknown_job_id_is_one_line(services, command):
     proc = cli(services["env"], command, "raysubmit_nosuchjob", check=False, timeout=60)

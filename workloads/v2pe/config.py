@@ -74,8 +74,10 @@ class Positions:
     source: str
 
     def __str__(self) -> str:
-        return f"{self.mode}" + (f" (stride {self.stride}, δ = {self.stride}/256)" if self.stride else "") + \
-            f", from {self.source}"
+        from fractions import Fraction
+
+        delta = f" (stride {self.stride}, δ = {Fraction(self.stride, 256)})" if self.stride else ""
+        return f"{self.mode}{delta}, from {self.source}"
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -90,6 +90,7 @@ class Item:
     context_length: int
     depth: float  # placed_depth, averaged over needles
     raw_depth: float | list  # as released, for the responses file
+    where: str = ""  # file:line, for messages
 
 
 def parse_item(rec, task: str, where: str) -> Item:
@@ -142,7 +143,7 @@ def parse_item(rec, task: str, where: str) -> Item:
         raise bad(f"meta.placed_depth must be a number in [0, 1] or a list of them, got {printable(depth, 40)}")
     return Item(id=str(rec.get("id")), task=task, context=rec["context"], question=rec["question"], answer=answer,
                 images=list(images), choices=choices, choice_images=choice_images, context_length=length,
-                depth=sum(depths) / len(depths), raw_depth=depth)
+                depth=sum(depths) / len(depths), raw_depth=depth, where=where)
 
 
 def question_of(item: Item) -> tuple[str, list[str]]:
@@ -165,7 +166,8 @@ def record_of(item: Item) -> dict:
     return {"id": f"{item.task}/{item.id}", "image": images, "conversations": [{"from": "human", "value": text}]}
 
 
-def read_items(fs, path: str, task: str) -> Iterator[Item]:
+def read_items(fs, path: str, task: str, url: str | None = None) -> Iterator[Item]:
+    """The task's samples in file order; `url`: how messages name the file (else path)."""
     with fs.open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -173,8 +175,8 @@ def read_items(fs, path: str, task: str) -> Iterator[Item]:
             try:
                 rec = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{task} line {n} ({path}): not JSON ({e})", "record") from None
-            yield parse_item(rec, task, f"{path}:{n}")
+                raise DataError(f"{task} line {n} ({url or path}): not JSON ({e})", "record") from None
+            yield parse_item(rec, task, f"{url or path}:{n}")
 
 
 # --- scoring, as the authors' calculate_scores.py ------------------------------------------------

@@ -69,28 +69,27 @@ class MMNIAHEvaluation(Evaluation):
         e = cfg.evaluation
         fs, root = fsspec.core.url_to_fs(e.data)
         tasks = find_tasks(fs, root, e.tasks or None)
+        scheme = e.data.split("://")[0] + "://" if "://" in e.data else ""
+        urls = {task: scheme + path for task, path in tasks.items()}  # as the user named them
         images = {posixpath.relpath(p, posixpath.join(root, "images")) for p in fs.find(posixpath.join(root, "images"))}
         limit = cfg.data.max_tokens
         counts = {}
         for task, path in tasks.items():
             n = 0
-            for item in read_items(fs, path, task):
-                if e.max_samples and n >= e.max_samples:
-                    break
+            for item in _first(read_items(fs, path, task, urls[task]), e.max_samples):  # one at a time: 1M-token
+                n += 1                                                                  # contexts are MBs each
                 for name in [*item.images, *(item.choice_images or [])]:
                     if name not in images:
-                        raise DataError(f"{task} sample {item.id} ({path}): image {name} is not in "
-                                        f"{posixpath.join(e.data, 'images')}", "missing_file")
+                        raise DataError(f"{task} sample {item.id} ({item.where}): image {name} is not in "
+                                        f"{e.data.rstrip('/')}/images", "missing_file")
                 if item.context_length > limit:
-                    raise DataError(f"{task} sample {item.id} ({path}): meta.context_length {item.context_length} "
-                                    f"exceeds data.max_tokens={limit}; raise it (and the layout: `longview plan`) "
-                                    "or leave the sample out (evaluation.max_samples)", "too_long")
-                n += 1
+                    raise DataError(f"{task} sample {item.id} ({item.where}): meta.context_length "
+                                    f"{item.context_length} exceeds data.max_tokens={limit}; raise it (and the "
+                                    "layout: `longview plan`) or leave the sample out (evaluation.max_samples)",
+                                    "too_long")
             counts[task] = n
         log.info("MM-NIAH %s: %s", e.data, ", ".join(f"{t} {n} samples" for t, n in counts.items()))
-        prepared = {task: (path if "://" not in e.data else f"{e.data.split('://')[0]}://{path}")
-                    for task, path in tasks.items()}
-        return {**prepared, "_images": posixpath.join(e.data.rstrip("/"), "images")}
+        return {**urls, "_images": f"{e.data.rstrip('/')}/images"}
 
     def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]) -> EvalResult:
         import fsspec
@@ -113,8 +112,9 @@ class MMNIAHEvaluation(Evaluation):
         responses: dict[str, list[dict]] = {}
         for task in (t for t in TASKS if t in prepared):
             fs, path = fsspec.core.url_to_fs(prepared[task])
-            items = _first(read_items(fs, path, task), e.max_samples)
-            log.info("MM-NIAH %s: generating answers (%s)", task, "; ".join(map(str, positions)))
+            items = _first(read_items(fs, path, task, prepared[task]), e.max_samples)
+            if ctx.rank == 0:
+                log.info("MM-NIAH %s: generating answers (%s)", task, "; ".join(map(str, positions)))
             for i, item in enumerate(items):
                 if i % count != index:
                     continue

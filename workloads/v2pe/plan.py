@@ -15,6 +15,9 @@ Per GPU, training (bytes; T = tokens per rank = sequence / cp, a = activation by
   dq / travelling dK,dV accumulators and the batched merge (capped by its budget);
 - vision: this rank's share of the tiles through the ViT, and every rank's copy of the
   gathered visual tokens.
+
+Evaluation has no model states beyond the weights and no graph; answering by generation
+(MM-NIAH) adds the KV cache: K and V of every layer for the rank's T tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class RunShape:
     activation_checkpointing: bool = True
     loss_chunk_tokens: int = 4096
     supervised_fraction: float = 1.0  # share of tokens with a loss (an upper bound by default)
+    # Evaluation by generation: the prefill keeps every layer's K/V of the rank's tokens
+    # (its KV cache shard) for the decoding that follows.
+    kv_cache: bool = False
 
     @property
     def world(self) -> int:
@@ -187,6 +193,8 @@ def estimate_memory(m: V2PEModelConfig, r: RunShape) -> dict[str, float]:
     # every rank's copy of the gathered visual tokens (and their gradient in training)
     vision += r.tiles * m.tokens_per_tile * c * a * (2 if r.training else 1)
     out["vision"] = vision
+    if r.kv_cache:  # K and V of every layer for the rank's tokens, after rotary
+        out["kv_cache"] = L * 2 * t * hkv * d * a
     out["total"] = sum(out.values())
     return out
 
@@ -338,18 +346,19 @@ def job_shape(cfg, *, evaluation: bool = False, tiles: int | None = None,
     data's image count, else `visual_fraction` of the tokens as visual tokens."""
     m = cfg.model.config()
     t, p = cfg.training, cfg.parallelism
+    # evaluation: the needle task's longest length, else (MM-NIAH) the longest sample accepted
     seq = max(cfg.evaluation.lengths) if evaluation and cfg.evaluation.lengths else cfg.data.max_tokens
     if tiles is None:
-        if evaluation:
+        if evaluation and cfg.evaluation.benchmark == "needle":
             tiles = cfg.evaluation.images_at(seq)
-        elif cfg.data.train == "synthetic":
+        elif cfg.data.train == "synthetic" and not evaluation:
             tiles = cfg.data.synthetic.images
         else:
             tiles = int(seq * visual_fraction) // m.tokens_per_tile
     if evaluation:
         shape = RunShape(seq_len=seq, tiles=tiles, training=False, cp=cfg.resources.max_workers, cp_a2a=p.cp_a2a,
                          dp=1, sharding="none", bf16=t.bf16, loss_chunk_tokens=t.loss_chunk_tokens,
-                         supervised_fraction=0.01)
+                         supervised_fraction=0.01, kv_cache=cfg.evaluation.benchmark == "mm-niah")
     else:
         shape = RunShape(seq_len=seq, tiles=tiles, training=True, cp=p.cp, cp_a2a=p.cp_a2a, dp=cfg.dp,
                          sharding=t.sharding, zero_stage=t.zero_stage if t.sharding == "deepspeed" else 0,
@@ -362,7 +371,7 @@ def plan_job(cfg, hw, tiles: int | None = None) -> dict:
     """The whole answer as plain data (what --json prints)."""
     out = {"workload": "v2pe", "model": cfg.model.size, "hardware": asdict(hw)}
     for part, evaluation in (("training", False), ("evaluation", True)):
-        if evaluation and not cfg.evaluation.lengths:
+        if evaluation and not cfg.evaluation.lengths and cfg.evaluation.benchmark == "needle":
             continue
         m, shape = cfg.model.config(), job_shape(cfg, evaluation=evaluation, tiles=tiles)
         entry = {"seq_len": shape.seq_len, "tiles": shape.tiles, "configured": plan_for(m, shape, hw).to_json(),
