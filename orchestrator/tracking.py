@@ -411,12 +411,9 @@ def png_image(data: bytes):
 
 def loss_curve_png(losses: list, title: str) -> bytes:
     """A PNG of loss against step (steps and losses as recorded in TrainState)."""
-    import io
+    from workloads.figures import png_bytes, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([s for s, _ in losses], [v for _, v in losses], marker="o", markersize=3)
@@ -424,8 +421,4 @@ def loss_curve_png(losses: list, title: str) -> bytes:
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -102,9 +102,7 @@ def encode_tokens(convs, tiles_per_image: Sequence[int], *, tokenizer: Tokenizer
     """(input_ids, targets) of a chat: rendered, checked against max_tokens, targets shifted."""
     ids, supervised = render_tokens(convs, tiles_per_image, tokenizer=tokenizer, tokens_per_tile=cfg.tokens_per_tile,
                                     sample=sample)
-    if len(ids) > cfg.max_tokens:
-        raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is "
-                        "truncated)", "too_long")
+    _check_length(len(ids), cfg, sample)
     input_ids = torch.tensor(ids, dtype=torch.long)
     sup = torch.tensor(supervised, dtype=torch.bool)
     targets = torch.full_like(input_ids, IGNORE_INDEX)
@@ -124,9 +122,7 @@ def encode_sample(
 ) -> EncodedSample:
     """One JSONL record -> token ids, shifted targets and image tiles (the images read
     through `files` when given, so samples that share images read each once)."""
-    sample = sample or sample_name(record)
-    convs, paths = prepare_record(record, sample, base_dir, cfg.allowed_roots)
-    tiles = _read_tiles(paths, sample=sample, cfg=cfg, files=files)
+    sample, convs, tiles = _read_record(record, cfg=cfg, base_dir=base_dir, sample=sample, files=files)
     input_ids, targets = encode_tokens(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, cfg=cfg, sample=sample)
     return EncodedSample(sample_id=sample, input_ids=input_ids, targets=targets, pixels=_pixels(tiles, cfg))
 
@@ -142,17 +138,26 @@ def encode_prompt(
 ) -> EncodedSample:
     """A record whose conversation ends with the user's turn -> the prompt an answer is
     generated for (ids end with `<|im_start|>assistant\\n`; no targets)."""
-    sample = sample or sample_name(record)
-    convs, paths = prepare_record(record, sample, base_dir, cfg.allowed_roots)
-    tiles = _read_tiles(paths, sample=sample, cfg=cfg, files=files)
+    sample, convs, tiles = _read_record(record, cfg=cfg, base_dir=base_dir, sample=sample, files=files)
     ids = render_prompt(convs, [t.shape[0] for t in tiles], tokenizer=tokenizer, tokens_per_tile=cfg.tokens_per_tile,
                         sample=sample)
-    if len(ids) > cfg.max_tokens:
-        raise DataError(f"sample {sample}: {len(ids)} tokens exceed max_tokens={cfg.max_tokens} (nothing is "
-                        "truncated)", "too_long")
+    _check_length(len(ids), cfg, sample)
     input_ids = torch.tensor(ids, dtype=torch.long)
     return EncodedSample(sample_id=sample, input_ids=input_ids, targets=torch.full_like(input_ids, IGNORE_INDEX),
                          pixels=_pixels(tiles, cfg))
+
+
+def _read_record(record, *, cfg: DataConfig, base_dir: str, sample: str | None, files: FileCache | None):
+    """(sample name, checked turns, each image's tiles) of a record."""
+    sample = sample or sample_name(record)
+    convs, paths = prepare_record(record, sample, base_dir, cfg.allowed_roots)
+    return sample, convs, _read_tiles(paths, sample=sample, cfg=cfg, files=files)
+
+
+def _check_length(n: int, cfg: DataConfig, sample: str) -> None:
+    if n > cfg.max_tokens:
+        raise DataError(f"sample {sample}: {n} tokens exceed max_tokens={cfg.max_tokens} (nothing is truncated)",
+                        "too_long")
 
 
 def _read_tiles(paths: Sequence[str], *, sample: str, cfg: DataConfig, files: FileCache | None) -> list[torch.Tensor]:

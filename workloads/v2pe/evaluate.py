@@ -196,12 +196,9 @@ def accuracy_figure(curves: dict[str, Sequence[dict]], title: str) -> bytes:
     """A PNG of accuracy against context length: one line per (label, δ), a colour per δ
     and a line style per label (e.g. the training position mode), each point with its
     95% interval. curves: {label: AccuracyRow dicts}."""
-    import io
+    from ..figures import png_bytes, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     styles = ["-", "--", ":", "-."]
     deltas = sorted({r["delta"] for rows in curves.values() for r in rows}, key=lambda d: -delta_value(d))
@@ -227,11 +224,7 @@ def accuracy_figure(curves: dict[str, Sequence[dict]], title: str) -> bytes:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def delta_value(delta: str) -> float:

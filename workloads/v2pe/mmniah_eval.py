@@ -232,12 +232,9 @@ def format_table(records: list[dict], overall: dict[int, float], tasks: int) -> 
 
 def mmniah_figure(records: list[dict], title: str) -> bytes:
     """A PNG of each task's score against context length."""
-    import io
+    from ..figures import png_bytes, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for task in dict.fromkeys(r["task"] for r in records):
@@ -252,8 +249,4 @@ def mmniah_figure(records: list[dict], title: str) -> bytes:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
