@@ -217,6 +217,11 @@ def test_eval_on_mm_niah_from_s3_generates_answers_and_logs_a_curve_per_task(ser
     fs = services
     name = reference[0]
     s3 = s3fs_direct(fs)
+    # The export records the positions it was trained with, as V2PE's checkpoints do, and
+    # the training run says which it used.
+    exported = json.loads(s3.cat_file(f"{BUCKET}/runs/{name}/export/config.json"))["llm_config"]
+    assert exported["rope_pos_id_version"] == "v2pe_rnd" and "rope_pos_id_stride" not in exported
+    assert mlflow_run(fs, name)[1].data.tags["longview.positions"] == "v2pe_rnd, from the job's config"
     split = f"{BUCKET}/mmniah-{uuid.uuid4().hex[:6]}/mm_niah_val"
     s3.put(write_split(str(tmp_path / "split"), tasks=["retrieval-text", "reasoning-text"]) + "/", split,
            recursive=True)

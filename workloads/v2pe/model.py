@@ -317,9 +317,6 @@ class KVCache:
         n = self.n[layer]
         return self.k[layer][:, :n], self.v[layer][:, :n]
 
-    def tokens(self) -> int:
-        return self.n[0]
-
 
 class DecoderAttention(nn.Module):
     def __init__(self, cfg: LLMConfig, index: int = 0):

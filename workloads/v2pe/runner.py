@@ -111,9 +111,10 @@ class V2PERunner(Runner):
         return estimate_memory(self.engine.module.cfg, shape)
 
     def export(self, rank: int, url: str) -> str:
-        """The trained model in InternVL2 Hugging Face format at `url` (rank 0 writes)."""
-
+        """The trained model in InternVL2 Hugging Face format at `url` (rank 0 writes);
+        its config.json records the positions it was trained with (V2PE's keys)."""
         module = self.engine.module
+        module.cfg = replace(module.cfg, position_mode=self.positions.mode, position_stride=self.positions.stride)
         if self.engine.kind == "fsdp":
             # Gathered to full tensors (collective), rank 0 writes.
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
