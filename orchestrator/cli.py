@@ -4,7 +4,8 @@
     longview train CONFIG [--address A]     run a job on a Ray cluster (default: the local head)
     longview submit CONFIG [--address URL]  submit it through Ray job submission; prints the job id
     longview status|logs|stop JOB_ID        follow a submitted job
-    longview eval CONFIG [--checkpoint URI] accuracy per (context length, δ) of a trained model
+    longview eval CONFIG [--checkpoint URI] the workload's evaluation of a trained model (V2PE:
+                                            needle accuracy per (length, δ), or MM-NIAH)
     longview experiment CONFIG [--out DIR]  V2PE against plain positions: train both, evaluate, plot
     longview runs CONFIG                    the experiment's MLflow runs with their key metrics
     longview flops VARIANT --resolutions R1,R2,...   PIIP backbone GFLOPs (paper's counting)
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop the local services (by PID)").set_defaults(fn=cmd_down)
     for name, fn, hlp in [("train", cmd_train, "run a job on a Ray cluster"),
                           ("submit", cmd_submit, "submit a job through Ray job submission"),
-                          ("eval", cmd_eval, "evaluate a trained model: accuracy per (length, δ)"),
+                          ("eval", cmd_eval, "evaluate a trained model (V2PE: needle accuracy per (length, δ), or MM-NIAH)"),
                           ("experiment", cmd_experiment, "V2PE positions against plain ones: train, evaluate, plot"),
                           ("runs", cmd_runs, "the experiment's MLflow runs")]:
         p = sub.add_parser(name, help=hlp)
