@@ -28,9 +28,11 @@ VIT_SIZES = {"t": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (102
              "n": (32, 4, 2), "m": (64, 4, 4), "p": (96, 4, 4)}
 
 
-def vitdet_global_blocks(depth: int) -> tuple[int, ...]:
-    """ViTDet layout: four evenly spaced global-attention blocks, the rest windowed."""
-    return tuple(depth // 4 * (i + 1) - 1 for i in range(4))
+def baseline_global_blocks(depth: int) -> tuple[int, ...]:
+    """The PIIP authors' ViT baselines for detection: every third block global, the rest
+    windowed (blocks 3, 6, 9, 12 of ViT-B, as ViTDet; 3, 6, …, 24 of ViT-L, eight of them,
+    where ViTDet-L has four)."""
+    return tuple(range(2, depth, 3))
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -107,7 +109,7 @@ def piip_config(variant: str, resolutions: list[int], **kw) -> PIIPConfig:
     """A named variant at the given resolutions (large model's, i.e. lowest, first).
 
     PIIP variants window every block (as the PIIP detection configs do); single-branch
-    ViT baselines use the ViTDet layout: window 14 with four global blocks.
+    ViT baselines use the PIIP authors' baseline layout: window 14, every third block global.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is unknown; choose one of {', '.join(VARIANTS)}")
@@ -118,7 +120,7 @@ def piip_config(variant: str, resolutions: list[int], **kw) -> PIIPConfig:
     window = kw.pop("window_size", WINDOWS.get(variant, 14))
     branches = tuple(
         BranchConfig(size=s, resolution=r, window_size=window,
-                     global_blocks=vitdet_global_blocks(VIT_SIZES[s][1]) if single else ())
+                     global_blocks=baseline_global_blocks(VIT_SIZES[s][1]) if single else ())
         for s, r in zip(sizes, sorted(resolutions))
     )
     kw.setdefault("interactions", min(b.depth for b in branches))
