@@ -4,8 +4,10 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # CPU machines get the local CPU build of torch before anything else: a plain `torch`
-# requirement would otherwise pull a multi-GB CUDA build.
-TORCH_CPU := torch==2.13.0
+# requirement would otherwise pull a multi-GB CUDA build. torchvision is pinned to the
+# release built for that torch (a newer one would pull a newer torch); its compiled
+# operators need CUDA torch, and workloads/piip/vision_ops.py covers for them.
+TORCH_CPU := torch==2.13.0 torchvision==0.28.0
 
 .PHONY: test chromium lint faults demo experiment down ring-demo install bench gpu-bench clean
 

@@ -49,3 +49,31 @@ def branch_parallel_engine_step(cfg, state, images, labels, ranks_per_branch):
     engine.step()
     params = {n: p.detach().clone() for n, p in model.named_parameters() if n in owned}
     return engine.last_grad_norm, params if groups.index_in_branch == 0 else {}
+
+
+def detection_step(cfg, det, state, images, targets, ranks_per_branch):
+    """Mask R-CNN's loss and gradients with the branches on their groups (torchvision's
+    heads on branch 0's ranks): (branch, summed loss, terms, this group's gradients)."""
+    import torch
+
+    from workloads.piip.detection import PIIPDetector
+    from workloads.piip.parallel import detection_loss
+
+    layout = BranchLayout(ranks_per_branch=tuple(ranks_per_branch), world_size=dist.get_world_size())
+    groups = layout.build()
+    model = PIIPDetector(cfg, det)
+    model.load_state_dict(state)
+    model.train()
+    lo, hi = batch_slice(layout, groups.branch, groups.rank, len(images))
+    torch.manual_seed(0)  # the same draws as the single process: RPN and RoI sampling
+    loss, terms = detection_loss(model, images[lo:hi], targets[lo:hi], groups, len(images))
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=groups.group)
+            grads[name] = p.grad
+    return (groups.branch, total.item(), {k: v.item() for k, v in terms.items()},
+            grads if groups.index_in_branch == 0 else {})

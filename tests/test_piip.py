@@ -97,7 +97,8 @@ def test_deformable_attention_matches_direct_bilinear_sampling():
 def test_published_backbone_flops():
     """Within 5% of the paper's table (ViT baselines in the authors' layout: every third
     block global, eight of ViT-L's 24)."""
-    published = {("vit-b", (1024,)): 463, ("vit-l", (1024,)): 1542, ("piip-tsb", (448, 896, 1568)): 287, ("piip-tsb", (448, 896, 1120)): 243,
+    published = {("vit-b", (1024,)): 463, ("vit-l", (1024,)): 1542, ("piip-tsb", (448, 896, 1568)): 287,
+                 ("piip-tsb", (448, 896, 1120)): 243,
                  ("piip-sbl", (448, 896, 1344)): 1002}
     for (variant, res), gflops in published.items():
         got = backbone_flops(piip_config(variant, list(res)))["total"] / 1e9

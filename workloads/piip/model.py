@@ -407,6 +407,11 @@ class PIIP(nn.Module):
 
 def make_pyramid(image: torch.Tensor, cfg: PIIPConfig) -> list[torch.Tensor]:
     """One image -> its resized copy for every branch (bilinear, antialiased)."""
-    return [F.interpolate(image, size=(b.resolution, b.resolution), mode="bilinear", antialias=True,
-                          align_corners=False) for b in cfg.branches]
+    return [resize_for(image, b) for b in cfg.branches]
+
+
+def resize_for(image: torch.Tensor, b: BranchConfig) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, R, R) at branch b's resolution (bilinear, antialiased)."""
+    return F.interpolate(image, size=(b.resolution, b.resolution), mode="bilinear", antialias=True,
+                         align_corners=False)
 

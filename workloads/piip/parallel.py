@@ -80,20 +80,51 @@ def segmentation_loss(model: PIIP, image: torch.Tensor, masks: torch.Tensor, gro
     segmentation head run; masks are this rank's (B_local, H, W) class maps, compared
     at the finest token grid (nearest-neighbour resize).
     """
+    feats, stand_in = tokens_on_first(model, *forward_branch(model, image, groups, batch), groups, batch)
+    if feats is None:
+        return stand_in
+    return segmentation_criterion(model, feats, masks) * masks.shape[0] / batch
+
+
+def detection_loss(model, images: list[torch.Tensor], targets: list[dict] | None, groups: BranchGroups,
+                   batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's part of Mask R-CNN's loss (`detection.PIIPDetector`): (loss, its terms).
+
+    images: this rank's slice of the batch, (3, H, W) each; every rank resizes and pads
+    them as the detector does and runs its branch at its resolution. targets (boxes,
+    labels, masks) are needed on branch 0's ranks only: there the branches' tokens
+    meet and torchvision's RPN and RoI heads run on the slice. The terms are weighted by
+    the slice's share of the batch, so summed over branch 0's ranks they are the mean
+    of their slices' losses (with one rank there: the single-process loss exactly).
+    """
+    k = groups.branch
+    image_list, targets, _ = model.prepare(images, targets if k == 0 else None)
+    x, cls = forward_branch(model.piip, model.branch_input(image_list.tensors, k), groups, batch)
+    feats, stand_in = tokens_on_first(model.piip, x, cls, groups, batch)
+    if feats is None:
+        return stand_in, {}
+    share = len(images) / batch
+    terms = {name: v * share for name, v in model.heads(feats, image_list, targets).items()}
+    return sum(terms.values()), terms
+
+
+def tokens_on_first(model: PIIP, x: torch.Tensor, cls: torch.Tensor, groups: BranchGroups, batch: int):
+    """Every branch's final tokens brought to branch 0's ranks: (feats, None) there, and
+    (None, a zero loss tied to the send) elsewhere, whose backward receives the
+    gradient of the tokens sent."""
     k, n = groups.branch, len(model.cfg.branches)
-    x, cls = forward_branch(model, image, groups, batch)
     final = _tag(model.cfg.interactions + 1, 0, n - 1)
     cfgs = model.cfg.branches
     if k == 0:
-        stub = cls[:, 0, :1] * 0
+        stub = cls[:, 0, :1] * 0  # a stand-in tied to the graph, so the receives have a backward here
         feats = [x] + [
             exchange(stub, (cfgs[o].grid ** 2, cfgs[o].dim), routes(groups.layout, groups.rank, o, batch),
                      final + 2 * o)
             for o in range(1, n)
         ]
-        return segmentation_criterion(model, feats, masks) * masks.shape[0] / batch
+        return feats, None
     got = exchange(x, (1,), routes(groups.layout, groups.rank, 0, batch), final + 2 * k)
-    return 0.0 * got.sum()
+    return None, 0.0 * got.sum()
 
 
 def segmentation_criterion(model: PIIP, feats: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
@@ -108,10 +139,12 @@ def owner_branch(name: str) -> int:
     parts = name.split(".")
     if parts[0] in ("branches", "cls_heads"):
         return int(parts[1])
+    if parts[0] == "piip":  # the detector's backbone (detection.PIIPDetector)
+        return owner_branch(".".join(parts[1:]))
     if parts[0] == "units":
         unit = int(parts[2])
         return unit if parts[3] in ("a_to_b", "into_a") else unit + 1
-    return 0  # merge, seg_head
+    return 0  # merge, seg_head, the detector's pyramid and heads
 
 
 def full_state(model: PIIP, groups: BranchGroups) -> dict[str, torch.Tensor]:
