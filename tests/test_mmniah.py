@@ -12,7 +12,7 @@ from tests import v2pe_cases
 from tests.mmniah_fixture import write_split
 from tests.test_v2pe_generate import decisive_model
 from tests.v2pe_helpers import tiny_model
-from workloads.v2pe.data_errors import DataError
+from workloads.data_errors import DataError
 from workloads.v2pe.hf_checkpoint import save_pretrained
 from workloads.v2pe.mmniah import (
     BINS,

@@ -92,8 +92,8 @@ def test_a_restored_schedule_takes_the_new_learning_rate_and_length():
 
 def test_failures_a_restart_would_meet_again_are_not_retried():
     from orchestrator.launch import retriable
+    from workloads.data_errors import DataError
     from workloads.engine import DivergenceError
-    from workloads.v2pe.data_errors import DataError
 
     class WorkerGroupError(RuntimeError):  # Ray Train's shape: per-rank errors, each wrapping the worker's
         def __init__(self, failures):

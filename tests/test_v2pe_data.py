@@ -6,8 +6,8 @@ import torch
 
 from parallelism.zigzag import zigzag_unshard
 from tests.v2pe_helpers import TILE, data_config, make_records, write_image
+from workloads.data_errors import DataError
 from workloads.v2pe.data import encode_sample, load_samples
-from workloads.v2pe.data_errors import DataError
 from workloads.v2pe.images import tile_image
 from workloads.v2pe.packing import pack, pack_greedy, shard_batch
 from workloads.v2pe.tokenizer import ByteTokenizer
@@ -155,7 +155,7 @@ def _mixed_file(tmp_path):
 
 
 def test_bad_samples_are_skipped_and_counted_by_config(tmp_path):
-    from workloads.v2pe.data_errors import LoadReport
+    from workloads.data_errors import LoadReport
 
     mixed, clean = _mixed_file(tmp_path)
     report = LoadReport(mixed)
@@ -209,7 +209,7 @@ def test_tiles_are_the_normalised_crops_of_the_resized_image():
 
 
 def test_file_cache_reads_a_file_once_within_its_budget(tmp_path, monkeypatch):
-    import workloads.v2pe.files as files
+    import workloads.files as files
 
     for name, size in (("a", 100), ("b", 100), ("c", 150)):
         (tmp_path / name).write_bytes(bytes([ord(name)]) * size)

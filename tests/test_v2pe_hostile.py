@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.v2pe_helpers import data_config, make_records, write_image
+from workloads.data_errors import DataError, LoadReport, printable
 from workloads.v2pe.data import load_samples
-from workloads.v2pe.data_errors import DataError, LoadReport, printable
 from workloads.v2pe.stream import build_index
 from workloads.v2pe.tokenizer import ByteTokenizer
 
@@ -159,7 +159,7 @@ def test_generated_hostile_lines_end_as_counted_skips_or_one_named_error(hostile
 def test_lines_are_read_in_bounded_chunks_as_a_plain_split_would(data, max_bytes, chunk):
     import io
 
-    from workloads.v2pe.files import iter_lines
+    from workloads.files import iter_lines
 
     want, offset = [], 0
     for n, line in enumerate(data.split(b"\n")[:-1] + ([data.rsplit(b"\n", 1)[-1]] if not data.endswith(b"\n")

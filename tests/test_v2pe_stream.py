@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.v2pe_helpers import TILE, data_config, make_records, write_image
+from workloads.data_errors import DataError, LoadReport
 from workloads.v2pe.data import load_samples
-from workloads.v2pe.data_errors import DataError, LoadReport
 from workloads.v2pe.images import tiles_for
 from workloads.v2pe.packing import make_batch, pack_greedy, shard_batch
 from workloads.v2pe.stream import StreamingDataset, build_index, ensure_index, load_index
@@ -54,7 +54,7 @@ def test_a_rank_decodes_only_the_images_of_its_tiles(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "open_image",
                         lambda p, sample, **kw: opened.append(p.rsplit("/", 1)[1]) or real(p, sample=sample, **kw))
     fetched = []
-    import workloads.v2pe.files as files
+    import workloads.files as files
 
     real_fetch = files.fetch_files
     monkeypatch.setattr(files, "fetch_files", lambda paths, **kw: fetched.extend(paths) or real_fetch(paths, **kw))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tests.v2pe_helpers import TILE, data_config
+from workloads.data_errors import DataError
 from workloads.v2pe.data import load_samples
-from workloads.v2pe.data_errors import DataError
 from workloads.v2pe.synth import PALETTE, SynthConfig, make_sample, write_dataset
 from workloads.v2pe.tokenizer import ByteTokenizer
 

@@ -13,8 +13,8 @@ import pytest
 import sentencepiece as spm
 
 from tests.v2pe_tokenizer_folder import ADDED_AFTER_MODEL, write_tokenizer_folder
+from workloads.data_errors import DataError
 from workloads.v2pe.chat import SYSTEM_MESSAGE, render_tokens
-from workloads.v2pe.data_errors import DataError
 from workloads.v2pe.tokenizer import ByteTokenizer, TokenizerError, check_fits, load_tokenizer, resolve_tokenizer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .data_errors import DataError
+from ..data_errors import DataError
 from .tokenizer import IM_END, IM_START, Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"

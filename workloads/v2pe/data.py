@@ -31,10 +31,11 @@ import torch
 
 from parallelism.zigzag import IGNORE_INDEX
 
+from ..data_errors import DataError, LoadReport, printable
+from ..files import MAX_IMAGE_BYTES, MAX_LINE_BYTES, FileCache, fetch_files, read_jsonl, resolve_image
+from ..images import MAX_IMAGE_PIXELS, open_image
 from .chat import IMAGE_PLACEHOLDER, parse_turns, render_prompt, render_tokens
-from .data_errors import DataError, LoadReport, printable
-from .files import MAX_IMAGE_BYTES, MAX_LINE_BYTES, FileCache, fetch_files, read_jsonl, resolve_image
-from .images import MAX_IMAGE_PIXELS, open_image, tile_image
+from .images import tile_image
 from .tokenizer import Tokenizer
 
 

@@ -21,10 +21,10 @@ from parallelism.dims import ParallelDims
 from parallelism.ring_attention import prepare_documents
 from parallelism.zigzag import IGNORE_INDEX
 
+from ..files import FileCache, read_jsonl
 from ..spec import Comparison, EvalResult, Evaluation, FieldError
 from ..stats import wilson_interval
 from .data import EncodedSample, encode_sample
-from .files import FileCache, read_jsonl
 from .hf_checkpoint import load_pretrained, read_config
 from .inputs import job_model_config, job_tokenizer
 from .model import AttentionSpec, V2PEModel

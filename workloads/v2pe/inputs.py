@@ -4,7 +4,7 @@ synthetic, indexed once on the driver)."""
 
 from __future__ import annotations
 
-from .data_errors import DataError
+from ..data_errors import DataError
 from .hf_checkpoint import read_config
 from .spec import validate
 from .stream import prepare_sources

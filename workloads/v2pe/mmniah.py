@@ -33,8 +33,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..data_errors import DataError, printable
 from .chat import IMAGE_PLACEHOLDER
-from .data_errors import DataError, printable
 
 TASKS = ("retrieval-text", "retrieval-image", "counting-text", "counting-image", "reasoning-text",
          "reasoning-image")

@@ -25,11 +25,11 @@ import torch.distributed as dist
 
 from parallelism.dims import ParallelDims
 
+from ..data_errors import DataError
+from ..files import FileCache
 from ..spec import EvalResult, Evaluation, FieldError
 from .config import Positions
 from .data import encode_prompt
-from .data_errors import DataError
-from .files import FileCache
 from .generate import generate
 from .hf_checkpoint import load_pretrained
 from .inputs import job_model_config, job_tokenizer

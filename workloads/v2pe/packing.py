@@ -13,8 +13,8 @@ from parallelism.collectives import split_evenly
 from parallelism.hybrid_attention import hybrid_shard
 from parallelism.zigzag import IGNORE_INDEX
 
+from ..data_errors import DataError
 from .data import DataConfig, EncodedSample
-from .data_errors import DataError
 from .positions import v2pe_position_ids
 from .tokenizer import Tokenizer
 

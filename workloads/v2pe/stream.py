@@ -39,10 +39,11 @@ import torch
 from parallelism.collectives import split_evenly
 from parallelism.zigzag import IGNORE_INDEX
 
+from ..data_errors import DataError, LoadReport, printable
+from ..files import FileCache, fetch_files, iter_lines, parse_line, read_head
+from ..images import check_pixels, open_image, unreadable
 from .data import DataConfig, EncodedSample, encode_tokens, prepare_record, sample_name
-from .data_errors import DataError, LoadReport, printable
-from .files import FileCache, fetch_files, iter_lines, parse_line, read_head
-from .images import check_pixels, open_image, tile_image, tiles_for, unreadable
+from .images import tile_image, tiles_for
 from .packing import V2PEBatch, make_batch, pack_rows, shard_batch
 from .tokenizer import Tokenizer
 

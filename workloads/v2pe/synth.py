@@ -27,9 +27,9 @@ import posixpath
 import random
 from dataclasses import dataclass
 
+from ..data_errors import DataError
+from ..files import concurrency
 from .chat import render_tokens
-from .data_errors import DataError
-from .files import concurrency
 from .tokenizer import ByteTokenizer, Tokenizer
 
 PALETTE = {
