@@ -61,7 +61,7 @@ def detection_step(cfg, det, state, images, targets, ranks_per_branch):
 
     layout = BranchLayout(ranks_per_branch=tuple(ranks_per_branch), world_size=dist.get_world_size())
     groups = layout.build()
-    model = PIIPDetector(cfg, det)
+    model = PIIPDetector(cfg, det).to(next(iter(state.values())).dtype)
     model.load_state_dict(state)
     model.train()
     lo, hi = batch_slice(layout, groups.branch, groups.rank, len(images))

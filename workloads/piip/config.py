@@ -6,7 +6,7 @@ import functools
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from ..spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded
+from ..spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded, no_credentials
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -15,7 +15,9 @@ class PIIPSection:
     # parameter is restored by name wherever its branch now lives).
     RESUME: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("variant", "resolutions", "interactions", "attn_type", "task", "data",
-                         "synthetic_samples"), REFUSE),
+                         "synthetic_samples", "image_root", "anchor_sizes", "fpn_channels", "window_size"), REFUSE),
+        "rpn_proposals": APPLY, "roi_samples": APPLY,
+        "eval_data": APPLY, "flip": NEW_RUN, "on_bad_sample": APPLY, "baseline": APPLY,
         "batch_size": NEW_RUN, "ranks_per_branch": APPLY, "eval_samples": APPLY,
     }
     variant: str = "piip-tiny"
@@ -23,11 +25,29 @@ class PIIPSection:
     resolutions: list[int] = bounded(ge=1, default_factory=lambda: [32, 48, 64])
     interactions: int | None = bounded(None, gt=0)  # default: the smallest branch depth
     attn_type: Literal["deform", "plain"] = "deform"
-    task: Literal["classification", "segmentation"] = "classification"
+    # Attention window of the windowed blocks (unset: the variant's, 14 or 28 as the PIIP
+    # authors'); small images want small windows (a 3x3 token grid padded to 14x14 is waste).
+    window_size: int | None = bounded(None, gt=0)
+    task: Literal["classification", "segmentation", "detection"] = "classification"
     ranks_per_branch: list[int] = bounded(ge=1, default_factory=list)  # empty: proposed from the branches' FLOPs
-    data: str = "synthetic"  # "synthetic" (procedural shapes) or an image-folder URL
+    # "synthetic" (procedural shapes), an image-folder URL, or for detection a COCO
+    # instances JSON (its images under `image_root`, default: the JSON's folder)
+    data: str = "synthetic"
     synthetic_samples: int = bounded(64, gt=0)
     eval_samples: int = bounded(90, gt=0)  # held-out procedural samples `longview eval` scores
+    # detection: the COCO instances JSON `longview eval` scores (COCO's val2017); unset
+    # with synthetic data: held-out generated shapes
+    eval_data: str | None = None
+    image_root: str | None = None
+    flip: bool = True  # detection: each training sample mirrored left to right with probability 1/2
+    on_bad_sample: Literal["fail", "skip"] = "fail"
+    # detection: Mask R-CNN's anchor size per pyramid level (strides 4 to 64) and FPN width
+    anchor_sizes: list[int] = bounded(ge=1, default_factory=lambda: [32, 64, 128, 256, 512])
+    fpn_channels: int = bounded(256, gt=0)
+    rpn_proposals: list[int] = bounded(ge=1, default_factory=lambda: [2000, 1000])  # kept after NMS: train, eval
+    roi_samples: int = bounded(512, gt=0)  # RoIs sampled per image for the box head
+    # `longview experiment`'s single-branch ViT, run at the highest of `resolutions`
+    baseline: str = "vit-b"
     batch_size: int = bounded(4, gt=0)  # global batch; each branch splits it over its ranks
 
     def __post_init__(self):
@@ -35,13 +55,35 @@ class PIIPSection:
             self.model_config()
         except ValueError as e:
             raise FieldError("", str(e)) from None
+        for key in ("data", "eval_data", "image_root"):
+            no_credentials(key, getattr(self, key))
+        if self.task == "detection":
+            if len(self.anchor_sizes) != 5:
+                raise FieldError("anchor_sizes", f"{list(self.anchor_sizes)}: one size per pyramid level, five "
+                                                 "(strides 4, 8, 16, 32, 64)")
+            if len(self.rpn_proposals) != 2:
+                raise FieldError("rpn_proposals", f"{list(self.rpn_proposals)}: two counts, training and evaluation")
+            if max(self.resolutions) % 32:
+                raise FieldError("resolutions", f"the largest, {max(self.resolutions)}, must be a multiple of 32 for "
+                                                "detection (batches are padded to multiples of 32)")
+            if self.data != "synthetic" and not self.data.endswith(".json"):
+                raise FieldError("data", f"{self.data}: detection reads a COCO instances JSON (or 'synthetic')")
         if self.ranks_per_branch and len(self.ranks_per_branch) != len(self.resolutions):
             raise FieldError("ranks_per_branch", f"{list(self.ranks_per_branch)} has {len(self.ranks_per_branch)} "
                                                  f"entries for {len(self.resolutions)} branches")
 
     def model_config(self):
         """The `PIIPConfig` of this variant at these resolutions (computed once)."""
-        return _piip_config(self.variant, tuple(int(r) for r in self.resolutions), self.attn_type, self.interactions)
+        return _piip_config(self.variant, tuple(int(r) for r in self.resolutions), self.attn_type, self.interactions,
+                            self.window_size)
+
+    def detection_config(self, num_classes: int):
+        """The detector's options (`detection.DetectionConfig`) for a dataset of `num_classes`."""
+        from .detection import DetectionConfig
+
+        return DetectionConfig(num_classes=num_classes, anchor_sizes=tuple(self.anchor_sizes),
+                               fpn_channels=self.fpn_channels, rpn_proposals=tuple(self.rpn_proposals),
+                               roi_samples=self.roi_samples)
 
     def layout(self, workers: int) -> tuple[int, ...]:
         """Ranks per branch: as configured, else proportional to each branch's FLOPs."""
@@ -53,12 +95,15 @@ class PIIPSection:
 
 
 @functools.lru_cache(maxsize=16)
-def _piip_config(variant: str, resolutions: tuple, attn_type: str, interactions: int | None):
+def _piip_config(variant: str, resolutions: tuple, attn_type: str, interactions: int | None,
+                 window_size: int | None = None):
     from .model import piip_config  # config sections load with the spec, before any model code
 
     kw = {"attn_type": attn_type}
     if interactions is not None:
         kw["interactions"] = interactions
+    if window_size is not None:
+        kw["window_size"] = window_size
     return piip_config(variant, list(resolutions), **kw)
 
 

@@ -45,6 +45,10 @@ class DetectionConfig:
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     fpn_channels: int = 256
     detections_per_image: int = 100
+    # RPN proposals kept after NMS (training, evaluation) and RoIs sampled per image for
+    # the box head: torchvision's COCO defaults; small images on CPUs want fewer.
+    rpn_proposals: tuple[int, int] = (2000, 1000)
+    roi_samples: int = 512
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -82,6 +86,8 @@ class PIIPDetector(nn.Module):
         tv = torchvision()
         from torchvision.models.detection import MaskRCNN
         from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
         self.cfg, self.det = cfg, det
         self.size = max(b.resolution for b in cfg.branches)
@@ -89,10 +95,21 @@ class PIIPDetector(nn.Module):
             raise ValueError(f"the largest branch resolution {self.size} must be a multiple of 32 (the detector pads "
                              "batches to multiples of 32)")
         self.piip = PIIP(cfg)
+        # The heads' widths follow the FPN's: at torchvision's 256 they are its defaults
+        # (a 1024-wide box MLP, a mask head of four 256-channel 3x3 convolutions); a
+        # CPU-sized detector narrows them with it.
+        c = det.fpn_channels
+        box_head = TwoMLPHead(c * 7 * 7, 4 * c)
+        mask_head = MaskRCNNHeads(c, (c,) * 4, 1)
         anchors = AnchorGenerator(tuple((s,) for s in det.anchor_sizes), ((0.5, 1.0, 2.0),) * len(det.anchor_sizes))
-        rcnn = MaskRCNN(SimplePyramid(cfg.merge_dim, det.fpn_channels), num_classes=det.num_classes + 1,
+        rcnn = MaskRCNN(SimplePyramid(cfg.merge_dim, det.fpn_channels), num_classes=None,
                         min_size=self.size, max_size=self.size, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                        rpn_anchor_generator=anchors, box_detections_per_img=det.detections_per_image)
+                        rpn_anchor_generator=anchors, box_detections_per_img=det.detections_per_image,
+                        rpn_post_nms_top_n_train=det.rpn_proposals[0], rpn_post_nms_top_n_test=det.rpn_proposals[1],
+                        rpn_pre_nms_top_n_train=det.rpn_proposals[0], rpn_pre_nms_top_n_test=det.rpn_proposals[1],
+                        box_batch_size_per_image=det.roi_samples, box_head=box_head,
+                        box_predictor=FastRCNNPredictor(4 * c, det.num_classes + 1), mask_head=mask_head,
+                        mask_predictor=MaskRCNNPredictor(c, c, det.num_classes + 1))
         # torchvision's parts, used as they are
         self.transform, self.neck, self.rpn, self.roi_heads = rcnn.transform, rcnn.backbone, rcnn.rpn, rcnn.roi_heads
         self._tv_version = tv.__version__

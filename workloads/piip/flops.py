@@ -62,6 +62,28 @@ def backbone_flops(cfg: PIIPConfig) -> dict[str, float]:
     return {"branches": per_branch, "interactions": units, "total": sum(per_branch) + units}
 
 
+def detector_head_flops(model) -> float:
+    """Multiply-adds of a `PIIPDetector`'s branch merge, pyramid, RPN and RoI heads (boxes and masks) on
+    one S x S image in evaluation, counted by PyTorch's operator counter (which counts a
+    multiply-add as two): beside the backbone's, as the PIIP paper reports backbones."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, model.size, model.size, generator=g)
+    with torch.no_grad():
+        image_list, _, original = model.prepare([image])
+        feats, _ = model.piip.forward_features(model.pyramid(image_list.tensors))
+        feats = [f.clone() for f in feats]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model.heads(feats, image_list, None, original)
+    model.train(was)
+    return counter.get_total_flops() / 2  # the branch merge is counted here too: it is not backbone
+
+
 def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
     """Ranks per branch, proportional to each branch's FLOPs (its blocks and its sides
     of the interaction units), at least one each, so the groups finish a stage together.

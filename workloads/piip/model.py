@@ -98,6 +98,7 @@ VARIANTS = {
     "piip-tsbl": ("l", "b", "s", "t"),
     "piip-tiny": ("p", "m", "n"),
     "vit-t": ("t",), "vit-s": ("s",), "vit-b": ("b",), "vit-l": ("l",), "vit-h": ("h",),
+    "vit-p": ("p",), "vit-m": ("m",), "vit-n": ("n",),  # CPU-sized baselines of piip-tiny's branches
 }
 
 

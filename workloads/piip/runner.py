@@ -20,6 +20,8 @@ from .data import ImageFolder, batch
 from .model import PIIP, make_pyramid
 from .parallel import classification_loss, full_state, owned_parameters, segmentation_loss
 
+DETECTION_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
+
 
 def data_root(cfg, run_root: str) -> str:
     """The image folder: the configured one, or the procedural shapes `prepare_data` wrote."""
@@ -28,8 +30,26 @@ def data_root(cfg, run_root: str) -> str:
 
 
 def task_root(cfg, run_root: str) -> str:
-    """The task's image folder (the `ImageFolder` root)."""
+    """The task's data: its image folder (the `ImageFolder` root), or for detection the
+    COCO instances JSON."""
+    if cfg.piip.task == "detection":
+        return train_annotations(cfg, run_root)
     return f"{data_root(cfg, run_root)}/{cfg.piip.task}"
+
+
+def train_annotations(cfg, run_root: str) -> str:
+    """Detection's training annotations: the configured JSON, or the generated shapes'."""
+    if cfg.piip.data != "synthetic":
+        return cfg.piip.data
+    return f"{run_root.rstrip('/')}/data/coco-shapes/instances.json"
+
+
+def coco_dataset(cfg, annotations: str, *, train: bool):
+    """A COCO dataset under the job's reading rules."""
+    from .coco import CocoDataset
+
+    root = cfg.piip.image_root if annotations == cfg.piip.data else None
+    return CocoDataset(annotations, image_root=root, train=train, on_bad_sample=cfg.piip.on_bad_sample)
 
 
 class PIIPRunner(Runner):
@@ -38,11 +58,19 @@ class PIIPRunner(Runner):
         layout = cfg.piip.layout(ctx.world_size)
         self.groups = BranchLayout(ranks_per_branch=layout, world_size=ctx.world_size).build(
             cfg.parallelism.timeout_s)
-        torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
         self.mcfg = cfg.piip.model_config()
-        model = PIIP(self.mcfg).to(ctx.device)
+        self.detection = cfg.piip.task == "detection"
+        if self.detection:
+            from .detection import PIIPDetector
+
+            self.data = coco_dataset(cfg, train_annotations(cfg, ctx.run_root), train=True)
+            torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
+            model = PIIPDetector(self.mcfg, cfg.piip.detection_config(len(self.data.category_ids))).to(ctx.device)
+        else:
+            self.data = ImageFolder(task_root(cfg, ctx.run_root), cfg.piip.task)
+            torch.manual_seed(cfg.training.seed)
+            model = PIIP(self.mcfg).to(ctx.device)
         self.engine = build_engine(model, cfg.training, owned=owned_parameters(model, self.groups))
-        self.data = ImageFolder(task_root(cfg, ctx.run_root), cfg.piip.task)
         self.size = max(b.resolution for b in self.mcfg.branches)
 
     @property
@@ -54,13 +82,18 @@ class PIIPRunner(Runner):
         # the global batch: a function of (seed, micro)
         rows = [sample_at(i, n, self.cfg.training.seed) for i in range(micro * B, (micro + 1) * B)]
         lo, hi = batch_slice(g.layout, g.branch, g.rank, B)
-        images, labels, masks = batch([self.data[r] for r in rows[lo:hi]], self.size)
-        image = make_pyramid(images.to(self.device), self.mcfg)[g.branch]  # this branch's resolution
-        t0 = time.perf_counter()
-        if self.cfg.piip.task == "classification":
-            loss = classification_loss(self.engine.module, image, labels.to(self.device), g, B)
+        terms = {}
+        if self.detection:  # images of their own sizes: the detector resizes them
+            t0 = time.perf_counter()
+            loss, terms = self._detection_loss(micro, rows, lo, hi)
         else:
-            loss = segmentation_loss(self.engine.module, image, masks.to(self.device), g, B)
+            images, labels, masks = batch([self.data[r] for r in rows[lo:hi]], self.size)
+            image = make_pyramid(images.to(self.device), self.mcfg)[g.branch]  # this branch's resolution
+            t0 = time.perf_counter()
+            if self.cfg.piip.task == "classification":
+                loss = classification_loss(self.engine.module, image, labels.to(self.device), g, B)
+            else:
+                loss = segmentation_loss(self.engine.module, image, masks.to(self.device), g, B)
         self.engine.backward(loss)
         stepped = self.engine.step()
         dt = torch.tensor([time.perf_counter() - t0, float(g.branch)])
@@ -70,9 +103,31 @@ class PIIPRunner(Runner):
         dist.all_reduce(total)
         metrics = {f"branch{b}_step_s": max(float(t[0]) for t in times if int(t[1]) == b)  # its slowest rank
                    for b in range(len(self.mcfg.branches))}
+        if self.detection:  # each term, summed over branch 0's ranks (zero elsewhere)
+            vec = torch.tensor([float(terms.get(k, 0.0)) for k in DETECTION_TERMS], dtype=torch.float64)
+            dist.all_reduce(vec)
+            metrics.update(zip(DETECTION_TERMS, vec.tolist()))
         return StepResult(loss=float(total), stepped=stepped, metrics=metrics,
                           grad_norm=self.engine.last_grad_norm if stepped else None,
                           lr=self.engine.lr if stepped else None)
+
+    def _detection_loss(self, micro: int, rows: list[int], lo: int, hi: int):
+        """Mask R-CNN's loss on this rank's slice; each sample mirrored with probability
+        1/2 (piip.flip), drawn from (seed, micro-step, position): the same on every rank."""
+        from .coco import hflip
+        from .parallel import detection_loss
+
+        samples = []
+        for j in range(lo, hi):
+            s = self.data[rows[j]]
+            draw = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + micro * 1009 + j)
+            if self.cfg.piip.flip and torch.rand((), generator=draw) < 0.5:
+                s = hflip(s)
+            samples.append(s)
+        images = [s.image.to(self.device) for s in samples]
+        targets = [{k: v.to(self.device) for k, v in s.target.items()} for s in samples]
+        g = self.groups
+        return detection_loss(self.engine.module, images, targets, g, self.cfg.piip.batch_size)
 
     def layout(self) -> dict[str, int]:
         return {f"branch{b}": n for b, n in enumerate(self.groups.layout.ranks_per_branch)}
@@ -89,6 +144,10 @@ class PIIPRunner(Runner):
             fs, root = fsspec.core.url_to_fs(url)
             fs.makedirs(root, exist_ok=True)
             fs.pipe_file(f"{root}/model.safetensors", save({k: v.contiguous().cpu() for k, v in state.items()}))
-            fs.pipe_file(f"{root}/config.json", json.dumps({"piip": dataclasses.asdict(self.cfg.piip)}).encode())
+            meta = {"piip": dataclasses.asdict(self.cfg.piip)}
+            if self.detection:  # what the detector's labels mean
+                meta["detection"] = {"category_ids": self.data.category_ids,
+                                     "names": [self.data.names[c] for c in self.data.category_ids]}
+            fs.pipe_file(f"{root}/config.json", json.dumps(meta).encode())
         return url
 

@@ -23,12 +23,16 @@ def validate(cfg) -> None:
 
 
 def check_inputs(cfg) -> None:
-    """An image-folder dataset is there (the procedural one is written by prepare_data)."""
+    """The dataset is there (the procedural one is written by prepare_data)."""
     if cfg.piip.data == "synthetic":
         return
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(cfg.piip.data)
+    if cfg.piip.task == "detection":
+        if not fs.isfile(root):
+            raise FieldError("piip.data", f"{cfg.piip.data} is not a file (a COCO instances JSON)")
+        return
     if not fs.isdir(root):
         raise FieldError("piip.data", f"{cfg.piip.data} is not a folder (an image folder per class is expected)")
 
@@ -43,6 +47,15 @@ def prepare_data(cfg, run_root: str) -> None:
     from .data import write_shapes
     from .runner import data_root
 
+    if cfg.piip.task == "detection":
+        from .coco import write_shapes_coco
+        from .runner import train_annotations
+
+        fs, path = fsspec.core.url_to_fs(train_annotations(cfg, run_root))
+        if not fs.exists(path):
+            write_shapes_coco(train_annotations(cfg, run_root).rsplit("/", 1)[0], cfg.piip.synthetic_samples,
+                              size=max(int(r) for r in cfg.piip.resolutions), seed=cfg.training.seed)
+        return
     url = data_root(cfg, run_root)
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.exists(f"{root}/{cfg.piip.task}"):
@@ -58,7 +71,7 @@ SPEC = register(WorkloadSpec(
     name="piip", sections=SECTIONS, validate=validate, prepare_data=prepare_data, check_inputs=check_inputs,
     layout=layout,
     build_runner=lazy("workloads.piip.runner:PIIPRunner"), data_source=lazy("workloads.piip.runner:task_root"),
-    evaluation=lazy("workloads.piip.evaluate:HeldOutAccuracy"),
+    evaluation=lazy("workloads.piip.evaluate:PIIPEvaluation"),
     unused_keys=("parallelism.cp", "parallelism.cp_a2a", "training.loss_chunk_tokens",
                  "training.activation_checkpointing"),
     plan=lazy("workloads.piip.flops:plan_job"), format_plan=lazy("workloads.piip.flops:format_plan"),

@@ -8,8 +8,11 @@ operators Mask R-CNN calls two: RoI Align, for which torchvision carries its own
 implementation and uses it when the compiled one is missing, and NMS, for which it has
 none. `torchvision()` imports the package either way: where the compiled operators are
 missing it skips their shape registrations and gives `torchvision.ops.boxes` an NMS in
-plain torch (`nms`, below, tested against the definition), and runs the Python RoI
-Align eagerly. Where the compiled operators load, nothing is changed.
+plain torch (`nms`, below, tested against the definition). Its Python RoI Align is
+exact but slow on CPUs (eager: seconds per call; compiled: half a minute of compiling in
+every process, then still ~1 s a call here), so `roi_align` below takes the same
+samples with `grid_sample` instead; tests hold it to torchvision's own to float rounding. Where the compiled
+operators load, nothing is changed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 import types
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,50 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return order[keep.to(order.device)]
 
 
+def roi_align(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+              sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """RoI Align as torchvision's kernel computes it: each output bin the mean of a grid
+    of bilinear samples (sampling_ratio² of them, or with sampling_ratio <= 0 as many as
+    the RoI's bin spans pixels, at least one), a sample more than one pixel outside the
+    map counting 0 and one within it clamped to the edge. The samples are taken with
+    `grid_sample` (align_corners, at the clamped pixel coordinates, which makes its
+    interpolation the kernel's), one call per image and sampling grid.
+    input: (B, C, H, W); rois: (K, 5) batch index, x1, y1, x2, y2 -> (K, C, ph, pw)."""
+    b, c, h, w = input.shape
+    k, ph, pw = rois.shape[0], pooled_height, pooled_width
+    off = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * spatial_scale - off, rois[:, 2] * spatial_scale - off
+    rw, rh = rois[:, 3] * spatial_scale - off - x1, rois[:, 4] * spatial_scale - off - y1
+    if not aligned:  # the kernel's legacy rule: RoIs at least one pixel wide
+        rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+    if sampling_ratio > 0:
+        grids = torch.full((k, 2), sampling_ratio, dtype=torch.long, device=rois.device)
+    else:  # adaptive: as many samples per bin as it spans pixels
+        grids = torch.stack([torch.ceil(rh / ph), torch.ceil(rw / pw)], 1).long().clamp(min=1)
+    out = input.new_zeros((k, c, ph, pw))
+    index = rois[:, 0].long()
+    keys = torch.stack([index, grids[:, 0], grids[:, 1]], 1)
+    for key in keys.unique(dim=0).tolist():
+        i, sy, sx = key
+        sel = (keys == torch.tensor(key, device=keys.device)).all(1).nonzero().flatten()
+        steps = lambda n, s: (torch.arange(n, dtype=input.dtype, device=input.device)[:, None]  # noqa: E731
+                              + (torch.arange(s, dtype=input.dtype, device=input.device) + 0.5) / s).flatten()
+        ys = y1[sel, None] + steps(ph, sy)[None] * (rh[sel] / ph)[:, None]  # (n, ph*sy)
+        xs = x1[sel, None] + steps(pw, sx)[None] * (rw[sel] / pw)[:, None]  # (n, pw*sx)
+        keep = ((ys >= -1) & (ys <= h))[:, :, None] & ((xs >= -1) & (xs <= w))[:, None, :]  # (n, ph*sy, pw*sx)
+        gy = ys.clamp(0, h - 1) * (2 / max(h - 1, 1)) - 1
+        gx = xs.clamp(0, w - 1) * (2 / max(w - 1, 1)) - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # (n, ph*sy, pw*sx, 2)
+        got = F.grid_sample(input[i:i + 1], grid.reshape(1, -1, pw * sx, 2), mode="bilinear",
+                            align_corners=True)  # (1, C, n*ph*sy, pw*sx): this image's RoIs stacked
+        got = got.view(c, len(sel), ph * sy, pw * sx).transpose(0, 1) * keep[:, None].to(got.dtype)
+        out[sel] = got.reshape(len(sel), c, ph, sy, pw, sx).mean(dim=(3, 5))
+    return out
+
+
+reference_roi_align = None  # torchvision's Python RoI Align, once `torchvision()` replaced it
+
+
 @functools.lru_cache(maxsize=1)
 def torchvision():
     """The torchvision module, usable for detection on this machine."""
@@ -61,11 +109,13 @@ def torchvision():
     import torchvision as tv
     import torchvision.ops.boxes as boxes
 
-    roi_align = sys.modules["torchvision.ops.roi_align"]  # the module: the package's name is the function
     boxes.nms = nms
-    # The Python RoI Align, run eagerly: torchvision compiles it on first use, which costs
-    # half a minute in every new process on a small CPU; eager gives the same values.
-    roi_align._roi_align = getattr(roi_align._roi_align, "__wrapped__", roi_align._roi_align)
+    global reference_roi_align
+    ra = sys.modules["torchvision.ops.roi_align"]  # the module: the package's name is the function
+    reference = ra._roi_align
+    reference_roi_align = getattr(reference, "__wrapped__", reference)  # torchvision's, uncompiled: for tests
+
+    ra._roi_align = roi_align
     log.info("torchvision %s: its compiled operators do not load beside torch %s; using torchvision's own "
              "Python RoI Align and longview's NMS", tv.__version__, torch.__version__)
     return tv
