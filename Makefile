@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # operators need CUDA torch, and workloads/piip/vision_ops.py covers for them.
 TORCH_CPU := torch==2.13.0 torchvision==0.28.0
 
-.PHONY: test chromium lint faults demo experiment down ring-demo install bench gpu-bench clean
+.PHONY: test chromium lint faults demo experiment piip-experiment down ring-demo install bench gpu-bench clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ demo: $(STAMP)
 # writes docs/length-generalisation.{png,md}.
 experiment: $(STAMP)
 	$(VPY) -m orchestrator.demo experiment
+
+# PIIP-tiny against a single-branch ViT, Mask R-CNN on generated shapes; writes
+# docs/piip-detection.{png,md}.
+piip-experiment: $(STAMP)
+	$(VPY) -m orchestrator.demo piip-experiment
 
 down: $(STAMP)
 	$(VPY) -m orchestrator.cli down

@@ -12,7 +12,8 @@
 
 `python -m orchestrator.demo experiment` runs `longview experiment
 configs/v2pe-length.yaml` the same way (`make experiment`), writing its figure and
-table to docs/.
+table to docs/; `... piip-experiment` runs configs/piip-det-demo.yaml (PIIP detection
+against a single-branch ViT, `make piip-experiment`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .tracking import UI_MODEL_TRAINING, find_run, mlflow_client
 
 DEMO = "configs/v2pe-demo.yaml"
 EXPERIMENT = "configs/v2pe-length.yaml"
+PIIP_EXPERIMENT = "configs/piip-det-demo.yaml"
 
 
 def run(env, *args) -> str:
@@ -72,12 +74,14 @@ def main(argv: list[str]) -> int:
     stamp = f"{time.strftime('%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"  # a reused name would resume
     run(env, "up", "--bucket", "longview")
     env.update(LocalServices(home()).env())
-    if what == "experiment":
-        name = f"v2pe-length-{stamp}"
-        out = run(env, "experiment", EXPERIMENT, "--set", f"name={name}", "--out", "docs")
+    if what in ("experiment", "piip-experiment"):
+        config, name = ((EXPERIMENT, f"v2pe-length-{stamp}") if what == "experiment"
+                        else (PIIP_EXPERIMENT, f"piip-det-{stamp}"))
+        out = run(env, "experiment", config, "--set", f"name={name}", "--out", "docs")
         print(f"\nexperiment finished in {(time.time() - t0) / 60:.1f} min; figure and table in docs/")
         print("\n".join("    " + ln for ln in out.splitlines() if ln.startswith("|")))
-        where_to_click(env, f"{name}-v2pe_rnd")
+        if what == "experiment":
+            where_to_click(env, f"{name}-v2pe_rnd")
         return 0
     name = f"v2pe-demo-{stamp}"
     sets = ["--set", f"name={name}", "--set", "storage.uri=s3://longview/runs"]

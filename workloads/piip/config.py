@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from ..spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded, no_credentials
@@ -15,7 +15,8 @@ class PIIPSection:
     # parameter is restored by name wherever its branch now lives).
     RESUME: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("variant", "resolutions", "interactions", "attn_type", "task", "data",
-                         "synthetic_samples", "image_root", "anchor_sizes", "fpn_channels", "window_size"), REFUSE),
+                         "synthetic_samples", "image_root", "anchor_sizes", "fpn_channels", "window_size",
+                         "pretrained"), REFUSE),
         "rpn_proposals": APPLY, "roi_samples": APPLY,
         "eval_data": APPLY, "flip": NEW_RUN, "on_bad_sample": APPLY, "baseline": APPLY,
         "batch_size": NEW_RUN, "ranks_per_branch": APPLY, "eval_samples": APPLY,
@@ -48,6 +49,10 @@ class PIIPSection:
     roi_samples: int = bounded(512, gt=0)  # RoIs sampled per image for the box head
     # `longview experiment`'s single-branch ViT, run at the highest of `resolutions`
     baseline: str = "vit-b"
+    # A published ViT checkpoint per branch (largest model first, as the variant names
+    # them; "" for a branch that starts from scratch): DeiT / AugReg in timm's or the DeiT
+    # authors' layout, .safetensors or .pth (see pretrained.py). Empty: none.
+    pretrained: list[str] = field(default_factory=list)
     batch_size: int = bounded(4, gt=0)  # global batch; each branch splits it over its ranks
 
     def __post_init__(self):
@@ -57,6 +62,11 @@ class PIIPSection:
             raise FieldError("", str(e)) from None
         for key in ("data", "eval_data", "image_root"):
             no_credentials(key, getattr(self, key))
+        for url in self.pretrained:
+            no_credentials("pretrained", url)
+        if self.pretrained and len(self.pretrained) != len(self.resolutions):
+            raise FieldError("pretrained", f"{len(self.pretrained)} checkpoint(s) for {len(self.resolutions)} branches "
+                                           "(one per branch, largest model first; \"\" for none)")
         if self.task == "detection":
             if len(self.anchor_sizes) != 5:
                 raise FieldError("anchor_sizes", f"{list(self.anchor_sizes)}: one size per pyramid level, five "

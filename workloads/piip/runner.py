@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 
 import torch
@@ -20,6 +21,7 @@ from .data import ImageFolder, batch
 from .model import PIIP, make_pyramid
 from .parallel import classification_loss, full_state, owned_parameters, segmentation_loss
 
+log = logging.getLogger(__name__)
 DETECTION_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 
 
@@ -70,6 +72,15 @@ class PIIPRunner(Runner):
             self.data = ImageFolder(task_root(cfg, ctx.run_root), cfg.piip.task)
             torch.manual_seed(cfg.training.seed)
             model = PIIP(self.mcfg).to(ctx.device)
+        piip = model.piip if self.detection else model
+        for k, url in enumerate(cfg.piip.pretrained):
+            if url:  # every rank, before the engine: the same weights everywhere
+                from .pretrained import load_branch
+
+                left = load_branch(piip.branches[k], url)
+                if ctx.rank == 0:
+                    log.info("branch %d (%s) from %s (%d classifier tensor(s) left out)", k,
+                             self.mcfg.branches[k].size, url, len(left))
         self.engine = build_engine(model, cfg.training, owned=owned_parameters(model, self.groups))
         self.size = max(b.resolution for b in self.mcfg.branches)
 
