@@ -202,6 +202,32 @@ class Evaluation:
         raise NotImplementedError
 
 
+class EvaluationByConfig(Evaluation):
+    """A workload with several evaluations, chosen by its config (`pick`): every call
+    goes to the one the job's config names."""
+
+    def pick(self, cfg) -> Evaluation:
+        raise NotImplementedError
+
+    def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
+        return self.pick(cfg).prepare(cfg, run_root, model_url)
+
+    def run(self, cfg, ctx: RunContext, model_url: str, prepared: dict[str, str]) -> EvalResult:
+        return self.pick(cfg).run(cfg, ctx, model_url, prepared)
+
+    def params(self, cfg) -> dict[str, str]:
+        return self.pick(cfg).params(cfg)
+
+    def figure(self, cfg, records: list[dict]) -> bytes | None:
+        return self.pick(cfg).figure(cfg, records)
+
+    def comparison(self, cfg) -> Comparison:
+        return self.pick(cfg).comparison(cfg)
+
+    def compare(self, cfg, results: dict[str, dict]) -> tuple[str, bytes | None]:
+        return self.pick(cfg).compare(cfg, results)
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     """One workload: its name, the config sections it owns and what it can do.

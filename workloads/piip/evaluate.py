@@ -16,7 +16,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ..spec import Comparison, EvalResult, Evaluation, FieldError
+from ..spec import Comparison, EvalResult, Evaluation, EvaluationByConfig, FieldError
 from ..stats import wilson_interval
 from .config import PIIPSection
 from .data import ImageFolder, batch, write_shapes
@@ -224,27 +224,8 @@ def _predictions_figure(model, data, results: list[dict], run_root: str, n: int 
     return url
 
 
-class PIIPEvaluation(Evaluation):
+class PIIPEvaluation(EvaluationByConfig):
     """The evaluation of `piip.task`: held-out accuracy, or COCO AP for detection."""
 
-    @staticmethod
-    def _pick(cfg) -> Evaluation:
+    def pick(self, cfg) -> Evaluation:
         return DetectionAP() if cfg.piip.task == "detection" else HeldOutAccuracy()
-
-    def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
-        return self._pick(cfg).prepare(cfg, run_root, model_url)
-
-    def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]) -> EvalResult:
-        return self._pick(cfg).run(cfg, ctx, model_url, prepared)
-
-    def params(self, cfg) -> dict[str, str]:
-        return self._pick(cfg).params(cfg)
-
-    def figure(self, cfg, records: list[dict]) -> bytes | None:
-        return self._pick(cfg).figure(cfg, records)
-
-    def comparison(self, cfg) -> Comparison:
-        return self._pick(cfg).comparison(cfg)
-
-    def compare(self, cfg, results: dict[str, dict]) -> tuple[str, bytes | None]:
-        return self._pick(cfg).compare(cfg, results)

@@ -22,7 +22,7 @@ from parallelism.ring_attention import prepare_documents
 from parallelism.zigzag import IGNORE_INDEX
 
 from ..files import FileCache, read_jsonl
-from ..spec import Comparison, EvalResult, Evaluation, FieldError
+from ..spec import Comparison, EvalResult, Evaluation, EvaluationByConfig, FieldError
 from ..stats import wilson_interval
 from .data import EncodedSample, encode_sample
 from .hf_checkpoint import load_pretrained, read_config
@@ -342,35 +342,16 @@ def needle_strides(cfg) -> list[int]:
     return cfg.evaluation.strides or [256, 64]
 
 
-class V2PEEvaluation(Evaluation):
+class V2PEEvaluation(EvaluationByConfig):
     """The benchmark `evaluation.benchmark` names: longview's needle task (`NeedleEvaluation`)
     or MM-NIAH (`mmniah_eval.MMNIAHEvaluation`)."""
 
-    @staticmethod
-    def _pick(cfg) -> Evaluation:
+    def pick(self, cfg) -> Evaluation:
         if cfg.evaluation.benchmark == "mm-niah":
             from .mmniah_eval import MMNIAHEvaluation
 
             return MMNIAHEvaluation()
         return NeedleEvaluation()
-
-    def prepare(self, cfg, run_root: str, model_url: str) -> dict[str, str]:
-        return self._pick(cfg).prepare(cfg, run_root, model_url)
-
-    def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]) -> EvalResult:
-        return self._pick(cfg).run(cfg, ctx, model_url, prepared)
-
-    def params(self, cfg) -> dict[str, str]:
-        return self._pick(cfg).params(cfg)
-
-    def figure(self, cfg, records: list[dict]) -> bytes | None:
-        return self._pick(cfg).figure(cfg, records)
-
-    def comparison(self, cfg) -> Comparison:
-        return self._pick(cfg).comparison(cfg)
-
-    def compare(self, cfg, results: dict[str, dict]) -> tuple[str, bytes | None]:
-        return self._pick(cfg).compare(cfg, results)
 
 
 def trained_mode(cfg) -> str:
