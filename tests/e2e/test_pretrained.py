@@ -9,6 +9,7 @@ parallelism 2 over two Ray workers; the export is a complete folder that loads a
 import json
 import math
 import uuid
+from dataclasses import replace
 
 import torch
 
@@ -76,7 +77,9 @@ def test_a_published_layout_checkpoint_fine_tunes_with_its_own_tokenizer(service
     model = load_pretrained(str(back))
     assert load_tokenizer(str(back)).encode("<|im_start|>user\nhi") == tok.encode("<|im_start|>user\nhi")
     original = load_pretrained(str(ckpt))
-    assert model.cfg == original.cfg
+    # the same model; its config.json now also records the positions the run trained with
+    assert model.cfg.position_mode == "v2pe_rnd" and original.cfg.position_mode is None
+    assert model.cfg == replace(original.cfg, position_mode="v2pe_rnd")
     assert not torch.equal(model.decoder.lm_head.weight, original.decoder.lm_head.weight)
 
     # Evaluation reads the export's own tokenizer; its needle samples are sized in that
