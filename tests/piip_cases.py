@@ -22,13 +22,7 @@ def branch_parallel_step(cfg, state, images, labels, ranks_per_branch, masks=Non
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
-    # Gradients are reduced within the branch group only (its ranks hold the same branch).
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=groups.group)
-            grads[name] = p.grad
-    return groups.branch, float(total), grads if groups.index_in_branch == 0 else {}
+    return groups.branch, float(total), _group_grads(model, groups)
 
 
 def branch_parallel_engine_step(cfg, state, images, labels, ranks_per_branch):
@@ -70,10 +64,15 @@ def detection_step(cfg, det, state, images, targets, ranks_per_branch):
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
+    return groups.branch, total.item(), {k: v.item() for k, v in terms.items()}, _group_grads(model, groups)
+
+
+def _group_grads(model, groups):
+    """Gradients reduced within the branch group only (its ranks hold the same branch),
+    from the group's first rank; {} from the others."""
     grads = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad, group=groups.group)
             grads[name] = p.grad
-    return (groups.branch, total.item(), {k: v.item() for k, v in terms.items()},
-            grads if groups.index_in_branch == 0 else {})
+    return grads if groups.index_in_branch == 0 else {}
