@@ -151,3 +151,29 @@ def test_roi_align_is_torchvisions_to_float_rounding(aligned, sampling):
     torch.testing.assert_close(gg, gw, rtol=1e-10, atol=1e-12)
     outside = torch.tensor([[0.0, -40, -40, -20, -20], [1.0, 100, 10, 120, 30]], dtype=torch.float64)
     assert roi_align(feats, outside, 0.25, 7, 7, sampling, aligned).abs().max() == 0  # every sample > 1 pixel out
+
+
+def test_head_flops_match_pytorch_operator_counter():
+    """`flops.detector_head_macs` counts the detector's parts beside the backbone as
+    PyTorch's counter does (which counts a multiply-add as two), at the numbers of
+    proposals and detections this image gave."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workloads.piip.flops import detector_head_macs
+
+    torch.manual_seed(0)
+    model = PIIPDetector(CFG, DET).eval()
+    seen = {}
+    model.roi_heads.box_head.register_forward_hook(lambda m, i, o: seen.__setitem__("rois", o.shape[0]))
+    model.roi_heads.mask_head.register_forward_hook(lambda m, i, o: seen.__setitem__("masks", o.shape[0]))
+    with torch.no_grad():
+        image_list, _, original = model.prepare([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))])
+        feats, _ = model.piip.forward_features(model.pyramid(image_list.tensors))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model.heads(feats, image_list, None, original)
+    assert seen["rois"] > 0 and seen["masks"] > 0  # both heads ran: the count covers them
+    counted = detector_head_macs(CFG, DET, rois=seen["rois"], masks=seen["masks"])
+    assert counted["total"] == counter.get_total_flops() / 2
+    # the default is the most the detector keeps: never below what ran
+    assert detector_head_macs(CFG, DET)["total"] >= counted["total"]

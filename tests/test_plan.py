@@ -10,6 +10,7 @@ import torch
 
 from orchestrator.config import load_config
 from workloads.memory import TensorMemoryPeak
+from workloads.piip.flops import detector_head_macs
 from workloads.v2pe.model import AttentionSpec, DecoderLayer, V2PEModel, model_config
 from workloads.v2pe.plan import (
     Hardware,
@@ -145,6 +146,14 @@ def test_plan_text_and_piip_and_errors():
     proc = _cli("plan", "configs/piip-tsb.yaml", "--json")
     cfg = load_config("configs/piip-tsb.yaml")
     assert json.loads(proc.stdout)["recommended_ranks_per_branch"] == list(_layout(cfg))
+    assert "head_gflops" not in json.loads(proc.stdout)  # classification: no detector
+    # detection: the detector's heads beside the backbone, at COCO's 80 classes and the most RoIs it keeps
+    proc = _cli("plan", "configs/piip-tsb-maskrcnn.yaml", "--json")
+    plan, det = json.loads(proc.stdout), load_config("configs/piip-tsb-maskrcnn.yaml").piip
+    expected = detector_head_macs(det.model_config(), det.detection_config(80))
+    assert plan["head_gflops"]["total"] == pytest.approx(expected["total"] / 1e9)
+    assert plan["head_assumes"] == {"classes": 80, "rois": det.rpn_proposals[1], "masks": 100}
+    assert "detector heads:" in _cli("plan", "configs/piip-tsb-maskrcnn.yaml").stdout
     proc = _cli("plan", "configs/v2pe-256k.yaml", "--gpus", "0")
     assert proc.returncode != 0 and "plan: --gpus must be positive, got 0" in proc.stderr
     proc = _cli("plan", "configs/v2pe-256k.yaml", "--set", "parallelism.cp_a2a=3")

@@ -110,7 +110,7 @@ class DetectionAP(Evaluation):
 
     def run(self, cfg, ctx, model_url: str, prepared: dict[str, str]) -> EvalResult:
         from .coco import coco_ap, predictions
-        from .flops import backbone_flops, detector_head_flops
+        from .flops import backbone_flops, detector_head_macs
         from .runner import coco_dataset
 
         model, section = load_export(model_url)
@@ -125,7 +125,7 @@ class DetectionAP(Evaluation):
             results = [r for part in parts for r in part]
         ap = coco_ap(data, results, data.ids)
         gflops = backbone_flops(model.cfg)["total"] / 1e9
-        heads = detector_head_flops(model) / 1e9
+        heads = detector_head_macs(model.cfg, model.det)["total"] / 1e9
         record = {**ap, "backbone_gflops": gflops, "head_gflops": heads, "images": len(data),
                   "variant": section.variant, "resolutions": list(section.resolutions)}
         if ctx.rank == 0:

@@ -62,26 +62,30 @@ def backbone_flops(cfg: PIIPConfig) -> dict[str, float]:
     return {"branches": per_branch, "interactions": units, "total": sum(per_branch) + units}
 
 
-def detector_head_flops(model) -> float:
-    """Multiply-adds of a `PIIPDetector`'s branch merge, pyramid, RPN and RoI heads (boxes and masks) on
-    one S x S image in evaluation, counted by PyTorch's operator counter (which counts a
-    multiply-add as two): beside the backbone's, as the PIIP paper reports backbones."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+def detector_head_macs(cfg: PIIPConfig, det, rois: int | None = None, masks: int | None = None) -> dict[str, float]:
+    """Multiply-adds of a `detection.PIIPDetector`'s parts beside the backbone, on one
+    S x S image in evaluation: the branch merge, the simple pyramid with torchvision's FPN,
+    the RPN head over every level, the box head over `rois` proposals and the mask head
+    over `masks` detections (default: the most the detector keeps, `det.rpn_proposals[1]`
+    and `det.detections_per_image`). RoI Align, NMS and box decoding are not products.
 
-    was = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(0)
-    image = torch.rand(3, model.size, model.size, generator=g)
-    with torch.no_grad():
-        image_list, _, original = model.prepare([image])
-        feats, _ = model.piip.forward_features(model.pyramid(image_list.tensors))
-        feats = [f.clone() for f in feats]
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model.heads(feats, image_list, None, original)
-    model.train(was)
-    return counter.get_total_flops() / 2  # the branch merge is counted here too: it is not backbone
+    `tests/test_piip_detection.py` holds this to PyTorch's operator counter on a detector."""
+    rois = det.rpn_proposals[1] if rois is None else rois
+    masks = det.detections_per_image if masks is None else masks
+    c, k = det.fpn_channels, det.num_classes + 1
+    d, g = cfg.merge_dim, max(b.grid for b in cfg.branches)  # merged map (B, d, g, g), stride 16
+    merge = sum(b.grid**2 * (9 * b.dim * b.dim + b.dim * d) for b in cfg.branches)  # 3x3 then 1x1 per branch
+    # strides 4, 8, 16, 32: (channels, side) of each pyramid level, as `SimplePyramid` makes them
+    levels = [(d // 4, 4 * g), (d // 2, 2 * g), (d, g), (d, g // 2)]
+    up = g * g * (d * (d // 2) * 4) * 2 + (2 * g) ** 2 * (d // 2) * (d // 4) * 4  # 2x2 transposed convs
+    fpn = sum(n * n * (cin * c + 9 * c * c) for cin, n in levels)  # lateral 1x1, output 3x3
+    sides = [n for _, n in levels] + [math.ceil(levels[-1][1] / 2)]  # the FPN's extra stride-64 level
+    anchors = 3  # aspect ratios per location
+    rpn = sum(n * n * (9 * c * c + c * anchors * 5) for n in sides)  # 3x3, then objectness and 4 box deltas
+    box = rois * (c * 49 * 4 * c + 4 * c * 4 * c + 4 * c * k * 5)  # two-layer MLP, class scores + box deltas
+    mask = masks * (196 * (4 * 9 * c * c + 4 * c * c) + 784 * c * k)  # four 3x3 at 14x14, 2x up, 1x1 at 28x28
+    parts = {"merge": merge, "pyramid": up + fpn, "rpn": rpn, "box": box, "mask": mask}
+    return {**parts, "total": sum(parts.values())}
 
 
 def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
@@ -115,15 +119,34 @@ def plan_job(cfg, hw, tiles: int | None = None) -> dict:
     return {"workload": "piip", "variant": cfg.piip.variant, "resolutions": list(cfg.piip.resolutions),
             "gflops": f["total"] / 1e9, "branch_gflops": [b / 1e9 for b in f["branches"]],
             "configured_ranks_per_branch": list(cfg.piip.ranks_per_branch) or None,
-            "recommended_ranks_per_branch": list(propose_layout(m, gpus)), "gpus": gpus}
+            "recommended_ranks_per_branch": list(propose_layout(m, gpus)), "gpus": gpus,
+            **(_detection_plan(cfg.piip) if cfg.piip.task == "detection" else {})}
+
+
+def _detection_plan(section) -> dict:
+    """The detector's parts beside the backbone, at the most proposals and detections it
+    keeps in evaluation. The class count is the generated shapes' or COCO's 80: `plan`
+    reads no annotations, and the class-sized layers are a sliver of the heads."""
+    from .coco import SHAPES
+
+    classes = len(SHAPES) if section.data == "synthetic" else 80
+    det = section.detection_config(classes)
+    heads = detector_head_macs(section.model_config(), det)
+    return {"head_gflops": {k: v / 1e9 for k, v in heads.items()},
+            "head_assumes": {"classes": classes, "rois": det.rpn_proposals[1], "masks": det.detections_per_image}}
 
 
 def format_plan(plan: dict) -> str:
     lines = [f"PIIP {plan['variant']} @ {'/'.join(map(str, plan['resolutions']))}: "
-             f"{plan['gflops']:.1f} GFLOPs per image"]
-    lines.append("branch GFLOPs: " + ", ".join(f"{g:.1f}" for g in plan["branch_gflops"]))
+             f"{plan['gflops']:.4g} GFLOPs per image"]
+    lines.append("branch GFLOPs: " + ", ".join(f"{g:.4g}" for g in plan["branch_gflops"]))
     lines.append(f"ranks per branch on {plan['gpus']} GPUs: {plan['recommended_ranks_per_branch']} "
                  "(proportional to each branch's FLOPs)")
+    if "head_gflops" in plan:
+        h, a = plan["head_gflops"], plan["head_assumes"]
+        lines.append(f"detector heads: {h['total']:.4g} GFLOPs per image beside the backbone (merge {h['merge']:.3g}, "
+                     f"pyramid {h['pyramid']:.3g}, RPN {h['rpn']:.3g}, box {h['box']:.3g}, mask {h['mask']:.3g}; "
+                     f"at {a['rois']} proposals, {a['masks']} masks, {a['classes']} classes)")
     if plan["configured_ranks_per_branch"]:
         lines.append(f"configured: {plan['configured_ranks_per_branch']}")
     return "\n".join(lines)
