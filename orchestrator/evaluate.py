@@ -57,7 +57,7 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     except BaseException as e:
         mlflow_run.failed(e)
         raise
-    mlflow_run.finished(result, evaluation.figure(cfg, result["records"]))
+    mlflow_run.finished(result, evaluation.figure(cfg, result["records"]), evaluation.figure_name(cfg))
     return result
 
 
@@ -106,7 +106,7 @@ class EvalRun:
             self.client.set_tag(self.run_id, "mlflow.note.content", f"Evaluation failed: {reason}"[:5000])
             self.client.set_terminated(self.run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
 
-    def finished(self, result: dict, figure: bytes | None) -> None:
+    def finished(self, result: dict, figure: bytes | None, figure_name: str) -> None:
         if self.run_id is None:
             return
         import time
@@ -122,7 +122,7 @@ class EvalRun:
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
             self.client.log_text(self.run_id, result["table"], "result.md")
             if figure:
-                self.client.log_image(self.run_id, png_image(figure), "accuracy_by_length.png")
+                self.client.log_image(self.run_id, png_image(figure), figure_name)
             self.client.set_terminated(self.run_id, "FINISHED")
 
 

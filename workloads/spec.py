@@ -191,6 +191,10 @@ class Evaluation:
         """A PNG of the result (None: no figure)."""
         return None
 
+    def figure_name(self, cfg) -> str:
+        """The figure's artifact name in the evaluation's MLflow run: says what it shows."""
+        return "result.png"
+
     def comparison(self, cfg) -> Comparison:
         """The arms of the workload's experiment for this job; raises FieldError naming the
         key when the job cannot be compared (the base: the workload has no experiment)."""
@@ -220,6 +224,9 @@ class EvaluationByConfig(Evaluation):
 
     def figure(self, cfg, records: list[dict]) -> bytes | None:
         return self.pick(cfg).figure(cfg, records)
+
+    def figure_name(self, cfg) -> str:
+        return self.pick(cfg).figure_name(cfg)
 
     def comparison(self, cfg) -> Comparison:
         return self.pick(cfg).comparison(cfg)

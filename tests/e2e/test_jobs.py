@@ -178,7 +178,7 @@ def test_piip_detection_trains_on_its_groups_and_is_scored_by_cocoeval(services)
     metrics = client.get_run(ev.info.run_id).data.metrics
     assert {"bbox_AP", "bbox_AP50", "segm_AP", "backbone_gflops", "head_gflops"} <= set(metrics)
     assert -1 <= metrics["bbox_AP"] <= 1 and metrics["backbone_gflops"] > 0
-    assert "accuracy_by_length.png" in {a.path for a in client.list_artifacts(ev.info.run_id)}
+    assert "predictions.png" in {a.path for a in client.list_artifacts(ev.info.run_id)}
 
 
 def _check_piip_export(fs, name, accuracy, monkeypatch):

@@ -144,6 +144,9 @@ class DetectionAP(Evaluation):
         url = records[0].get("predictions_png") if records else None
         return fsspec.open(url, "rb").open().read() if url else None
 
+    def figure_name(self, cfg) -> str:
+        return "predictions.png"  # boxes and masks over validation images
+
     def comparison(self, cfg) -> Comparison:
         """PIIP's claim: at least the single-branch ViT's AP for fewer FLOPs. The baseline
         is `piip.baseline` at the job's highest resolution, through the same detector."""

@@ -310,6 +310,9 @@ class NeedleEvaluation(Evaluation):
         return accuracy_figure({f"trained with {trained_mode(cfg)}": records},
                                f"{cfg.name}: accuracy by context length") if records else None
 
+    def figure_name(self, cfg) -> str:
+        return "accuracy_by_length.png"
+
     def comparison(self, cfg) -> Comparison:
         """V2PE's length-generalisation claim: the job as trained (its `data.position_mode`,
         V2PE's `v2pe_rnd`) against a baseline that differs only in plain positions."""

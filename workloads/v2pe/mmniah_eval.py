@@ -145,6 +145,9 @@ class MMNIAHEvaluation(Evaluation):
     def figure(self, cfg, records: list[dict]) -> bytes | None:
         return mmniah_figure(records, f"{cfg.name}: MM-NIAH") if records else None
 
+    def figure_name(self, cfg) -> str:
+        return "accuracy_by_length.png"  # each task's score by context-length bucket
+
     def comparison(self, cfg):
         raise FieldError("evaluation.benchmark", "'mm-niah': the length-generalisation experiment evaluates on "
                                                  "the needle task")
