@@ -37,7 +37,7 @@ from .errors import failure_reason
 from .evaluate import run_evaluation
 from .experiment import run_experiment
 from .identity import deliver_outbox, outbox
-from .launch import RunStopped, run_training, stop_on_sigterm, stop_signal
+from .launch import RunStopped, run_training, stop_on_sigterm, stop_signal, stopped_exit_code
 from .preflight import InputError, check_inputs, check_storage, check_tracking
 from .progress import JobProgress
 from .ray_job import submitted_job_id, worker_env
@@ -63,12 +63,12 @@ def _parse_sets(items: list[str]) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected key=value")
+            raise SystemExit(f"config error: --set {item!r}: expected key=value")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = yaml_value(v)  # so numbers and booleans keep their types
         except (ConfigError, ValueError) as e:  # yaml's errors are ValueErrors too
-            raise SystemExit(f"--set {item!r}: {e}") from None
+            raise SystemExit(f"config error: --set {item!r}: {e}") from None
     return out
 
 
@@ -174,11 +174,11 @@ def cmd_train(args) -> int:
         _, run_id, final = run_training(cfg, ray_address=_ray_address(args), tags=tags)
     except RunStopped as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
-        return 130
+        return stopped_exit_code()
     except KeyboardInterrupt:  # before the workers started: nothing to resume from but what was there
         print(f"stopped: training {cfg.name} stopped ({stop_signal()}) before its workers started",
               file=sys.stderr, flush=True)
-        return 130
+        return stopped_exit_code()
     except Exception as e:  # noqa: BLE001 - Ray wraps the workers' errors; say the cause last
         print(f"error: training {cfg.name} failed: {failure_reason(e, storage_retries=cfg.storage.retries)}",
               file=sys.stderr, flush=True)
@@ -260,9 +260,25 @@ def _wait(client, job_id: str, cfg) -> int:
             if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
                 break
             time.sleep(2)
-    if status != JobStatus.SUCCEEDED:
-        _say(client.get_job_logs(job_id)[-3000:])
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    if status == JobStatus.SUCCEEDED:
+        return 0
+    # The job's log has everything (Ray's tracebacks included); the terminal gets the
+    # one-line reason the job's own `longview train` ended with, last.
+    reason = _reason_in_log(client.get_job_logs(job_id)) or (client.get_job_info(job_id).message or "").strip()
+    log.info("the job's whole log: `longview logs %s`", job_id)
+    print(f"error: job {job_id} {str(status).rsplit('.', 1)[-1]}: {reason.splitlines()[-1] if reason else 'no reason given'}",
+          file=sys.stderr, flush=True)
+    return 1
+
+
+def _reason_in_log(text: str) -> str | None:
+    """The last one-line reason `longview` printed in a job's log (`error: ...`,
+    `stopped: ...`), without its prefix."""
+    for line in reversed(text.splitlines()):
+        for prefix in ("error: ", "stopped: "):
+            if line.startswith(prefix):
+                return line[len(prefix):]
+    return None
 
 
 def _job_call(args, method: str):
@@ -453,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"{args.command}: interrupted", file=sys.stderr, flush=True)
-        return 130
+        print(f"{args.command}: interrupted ({stop_signal()})", file=sys.stderr, flush=True)
+        return stopped_exit_code()
     except Exception as e:  # the last net: one line, the traceback only when asked for
         if args.verbose:
             raise

@@ -19,7 +19,7 @@ import os
 from .config import ConfigError, JobConfig, to_dict
 from .errors import failure_reason
 from .identity import read_run_record
-from .ray_job import build_trainer, connect_ray
+from .ray_job import build_trainer, connect_ray, run_output
 from .storage import read_export_meta, run_uri, storage_fs
 from .tracking import find_run, mlflow_client, not_fatal, png_image, run_tags
 from .worker import eval_loop
@@ -45,12 +45,13 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
         log.info("preparing evaluation data ...")
         prepared = evaluation.prepare(cfg, data_root or run_uri(cfg), model)
         out = run_uri(cfg, "eval")
-        connect_ray(cfg, ray_address)
-        log.info("evaluating %s on %d workers ...", model, cfg.resources.max_workers)
-        trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": model,
-                                                 "prepared": prepared, "out": out},
-                                run_name=f"{cfg.name}-eval-{os.getpid()}")
-        trainer.fit()
+        with run_output(cfg, "eval", mlflow_run.log_bytes):
+            connect_ray(cfg, ray_address)
+            log.info("evaluating %s on %d workers ...", model, cfg.resources.max_workers)
+            trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": model,
+                                                     "prepared": prepared, "out": out},
+                                    run_name=f"{cfg.name}-eval-{os.getpid()}")
+            trainer.fit()
         fs, root = storage_fs(out, cfg)
         result = json.loads(fs.cat_file(f"{root}/result.json"))
         fs.pipe_file(f"{root}/result.md", result["table"].encode())
@@ -96,6 +97,18 @@ class EvalRun:
             ok = True
         if not ok:
             self.run_id = None
+
+    def log_bytes(self, data: bytes, path: str) -> None:
+        """A file (the run's log) as an artifact of the evaluation's run."""
+        if self.run_id is None:
+            return
+        import tempfile
+
+        with self._not_fatal(), tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            with open(local, "wb") as f:
+                f.write(data)
+            self.client.log_artifact(self.run_id, local, os.path.dirname(path) or None)
 
     def failed(self, e: BaseException) -> None:
         if self.run_id is None:

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 
 from .checkpoint import checkpoint_store
 from .config import JobConfig, to_dict
 from .errors import failure_reason, first_line
 from .identity import RunLease, bind_run, deliver_outbox, outbox, run_tags_of
-from .ray_job import build_trainer, connect_ray
+from .ray_job import build_trainer, connect_ray, run_output
 from .resume import check, describe
 from .storage import read_export_meta, run_uri, storage_fs
-from .tracking import Tracker, log_dataset, log_exported_model, not_fatal
+from .tracking import Tracker, log_dataset, log_exported_model, not_fatal, run_description
 from .worker import train_loop
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,14 @@ def stop_on_sigterm() -> None:
 def stop_signal() -> str:
     """The signal that stopped the run, as the user sent it."""
     return _STOP_SIGNAL[0]
+
+
+def stopped_exit_code() -> int:
+    """What a stopped run exits with, as shells report a process ended by the signal:
+    128 + its number (SIGINT 130, SIGTERM 143)."""
+    import signal
+
+    return 128 + (signal.SIGTERM if _STOP_SIGNAL[0] == "SIGTERM" else signal.SIGINT)
 
 
 def check_resume(cfg: JobConfig, store) -> tuple[str | None, list]:
@@ -160,12 +169,44 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
     if run_id and cfg.spec.data_source is not None:
         with not_fatal("the training data"):
             log_dataset(cfg.tracking.uri, run_id, cfg.spec.data_source(cfg, run_uri(cfg)), name=f"{cfg.name}-train")
-    connect_ray(cfg, ray_address)
-    stop_on_sigterm()  # again: ray.init installs a SIGTERM handler of its own that aborts the process
     tracker = Tracker(cfg.tracking.uri, run_id, bind=functools.partial(bind_run, cfg, run_tags, by_name=by_name),
                       outbox=outbox(cfg))
-    _record_resume(cfg, tracker, resumed, applied)
+    # The description says what the run is now, not what an earlier stop or config said.
+    since = (f"Running since {time.strftime('%Y-%m-%d %H:%M')}, resumed from {store.location(resumed)} (step "
+             f"{store.manifest(resumed)['state']['step']})." if resumed else
+             f"Running since {time.strftime('%Y-%m-%d %H:%M')}.")
+    tracker.call("set_tag", "mlflow.note.content", run_description(cfg, since)[:5000])
+    with run_output(cfg, "train", tracker.log_artifact_bytes):
+        connect_ray(cfg, ray_address)
+        stop_on_sigterm()  # again: ray.init installs a SIGTERM handler of its own that aborts the process
+        _record_resume(cfg, tracker, resumed, applied)
+        result = _fit(cfg, store, tracker, run_id, run_tags)
+    last = store.latest_complete()
+    final = store.location(last) if last else ""
+    if cfg.tracking.uri:
+        # What the workers kept for a server that was down at their end, if it is back;
+        # what is still kept is counted below.
+        with not_fatal("the records the workers kept"):
+            deliver_outbox(cfg)
+    run_id = tracker.run_id  # bound meanwhile if the server was down at the start
+    if run_id:
+        _log_model(cfg, run_id)
+    # The run's end goes on the record even if the server is restarting just now; if it
+    # does not answer within tracking.wait_s, the end is kept with the rest.
+    tracker.call("set_tag", "longview.final_checkpoint", final, wait_s=cfg.tracking.wait_s)
+    done = f"Finished at step {store.manifest(last)['state']['step']}; last checkpoint {final}." if last else "Finished."
+    tracker.call("set_tag", "mlflow.note.content", run_description(cfg, done)[:5000], wait_s=cfg.tracking.wait_s)
+    tracker.call("set_terminated", "FINISHED", wait_s=cfg.tracking.wait_s)
+    kept = len(tracker.outbox.names()) if cfg.tracking.uri else 0
+    if kept:
+        log.warning("MLflow at %s did not answer: %d records of this run (metrics, tags, its status) are kept in "
+                    "%s; the next start or `longview runs` sends them", cfg.tracking.uri, kept, tracker.outbox.uri)
+    return result, run_id, final
 
+
+def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
+    """Ray Train's fit, started again after a retriable failure; the MLflow run ended
+    KILLED (stopped) or FAILED (with the reason) when it does not finish."""
     try:
         for attempt in range(cfg.training.max_failures + 1):
             # Ray retries nothing itself (max_failures=0): a failure that a restart would
@@ -202,25 +243,7 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
         tracker.call("set_tag", "mlflow.note.content", f"Training failed: {reason}"[:5000])
         tracker.call("set_terminated", "FAILED")
         raise
-    last = store.latest_complete()
-    final = store.location(last) if last else ""
-    if cfg.tracking.uri:
-        # What the workers kept for a server that was down at their end, if it is back;
-        # what is still kept is counted below.
-        with not_fatal("the records the workers kept"):
-            deliver_outbox(cfg)
-    run_id = tracker.run_id  # bound meanwhile if the server was down at the start
-    if run_id:
-        _log_model(cfg, run_id)
-    # The run's end goes on the record even if the server is restarting just now; if it
-    # does not answer within tracking.wait_s, the end is kept with the rest.
-    tracker.call("set_tag", "longview.final_checkpoint", final, wait_s=cfg.tracking.wait_s)
-    tracker.call("set_terminated", "FINISHED", wait_s=cfg.tracking.wait_s)
-    kept = len(tracker.outbox.names()) if cfg.tracking.uri else 0
-    if kept:
-        log.warning("MLflow at %s did not answer: %d records of this run (metrics, tags, its status) are kept in "
-                    "%s; the next start or `longview runs` sends them", cfg.tracking.uri, kept, tracker.outbox.uri)
-    return result, run_id, final
+    return result
 
 
 def _log_model(cfg: JobConfig, run_id: str) -> None:

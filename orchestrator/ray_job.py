@@ -4,12 +4,18 @@ evaluation share (so their resources, storage and backends cannot drift apart)."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections.abc import Callable
 
 from .faults import ENV_KEYS as FAULT_ENV_KEYS
 from .log import LEVEL_ENV
-from .storage import backend_for, resolved
+from .ray_output import ROUTER, run_log_path
+from .storage import backend_for, resolved, run_uri, storage_fs
+
+log = logging.getLogger(__name__)
 
 # Never sent with a job: a runtime environment is stored by the cluster and shown by
 # its dashboard and job API. Nodes get credentials from their own environment or the
@@ -39,15 +45,51 @@ def submitted_job_id() -> str | None:
 def connect_ray(cfg, address: str | None) -> None:
     import ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get(SUBMITTED_JOB_ENV):
-        ray.init(logging_level="WARNING")  # inside a submitted job: its cluster and runtime env (set at submission)
-        return
-    # The job's environment reaches every actor, the Train controller included (it opens
-    # the S3 storage too), not only the training workers.
-    ray.init(address=address or "local", log_to_driver=True, logging_level="WARNING",
-             runtime_env={"env_vars": worker_env(cfg)})
+    if not ray.is_initialized():
+        if os.environ.get(SUBMITTED_JOB_ENV):
+            ray.init(logging_level="WARNING")  # inside a submitted job: its cluster and runtime env (set at submission)
+        else:
+            # The job's environment reaches every actor, the Train controller included (it
+            # opens the S3 storage too), not only the training workers.
+            ray.init(address=address or "local", log_to_driver=True, logging_level="WARNING",
+                     runtime_env={"env_vars": worker_env(cfg)})
+    ROUTER.install()
+
+
+def streams_everything() -> bool:
+    """Whether Ray's output streams as Ray prints it: with -v, and inside a submitted job
+    (its output is the Ray job log, read with `longview logs`)."""
+    return bool(os.environ.get(SUBMITTED_JOB_ENV)) or logging.getLogger("longview").level <= logging.DEBUG
+
+
+@contextlib.contextmanager
+def run_output(cfg, what: str, keep: Callable[[bytes, str], object]):
+    """Ray's output while the body runs (`ray_output`): to a log file under
+    $LONGVIEW_HOME/logs/<run>/ (its path said once), the terminal getting longview's lines
+    only unless everything streams. At the end the log is copied to <run>/logs/ in the
+    run's storage and handed to `keep(data, "logs/<file>")` (the MLflow run's artifact)."""
+    from .services import home
+
+    path = run_log_path(home(), cfg.name, what)
+    ROUTER.to_file(path, stream_all=streams_everything())
+    log.info("Ray's output (workers, Train controller): %s%s", path,
+             "" if streams_everything() else " (`longview -v` shows it here)")
+    try:
+        yield
+    finally:
+        data = ROUTER.close()
+        if data:
+            from .tracking import not_fatal
+
+            where = run_uri(cfg, f"logs/{path.name}")
+            try:
+                fs, target = storage_fs(where, cfg)
+                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                fs.pipe_file(target, data)
+            except Exception as e:  # noqa: BLE001 - the log is a record: the run's outcome stands
+                log.warning("the run's log was not copied to %s (%s); it is at %s", where, type(e).__name__, path)
+            with not_fatal("the run's log", str(path)):
+                keep(data, f"logs/{path.name}")
 
 
 def build_trainer(cfg, loop, loop_config: dict, *, run_name: str, max_failures: int = 0, elastic: bool = False):

@@ -124,6 +124,14 @@ def run_tags(cfg, *, kind: str) -> dict[str, str]:
     return tags
 
 
+def run_description(cfg, now: str = "") -> str:
+    """The training run's description (its MLflow note) as the run now is: the job as
+    configured, then `now` (running, resumed from where, finished where)."""
+    job = (f"{cfg.workload} training job {cfg.name}: {cfg.training.steps} steps on {cfg.resources.workers} workers "
+           f"({cfg.spec.layout(cfg)}). Checkpoints: {run_uri(cfg)}")
+    return f"{job}. {now}" if now else job
+
+
 def job_run(cfg, tags: dict[str, str], *, bound: str | None = None, by_name: bool = False) -> str | None:
     """The job's MLflow run id (None without tracking): `bound` (the run its storage
     names, `orchestrator.identity`) when the server has it; with `by_name`, the run
@@ -133,9 +141,7 @@ def job_run(cfg, tags: dict[str, str], *, bound: str | None = None, by_name: boo
     if not cfg.tracking.uri:
         return None
 
-    description = (f"{cfg.workload} training job {cfg.name}: {cfg.training.steps} steps on "
-                   f"{cfg.resources.workers} workers ({cfg.spec.layout(cfg)}). Checkpoints: {run_uri(cfg)}")
-    tags = {**run_tags(cfg, kind="training"), "mlflow.note.content": description, **tags}
+    tags = {**run_tags(cfg, kind="training"), "mlflow.note.content": run_description(cfg), **tags}
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(cfg.tracking.uri)
