@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from parallelism.ring_demo import main as ring_demo
-from workloads.spec import Hardware, commands
+from workloads.spec import Hardware, commands, scrub_credentials
 
 from . import log as logsetup
 from .cluster import check_job_fits, load_cluster_yaml
@@ -38,7 +38,7 @@ from .evaluate import run_evaluation
 from .experiment import run_experiment
 from .identity import deliver_outbox, outbox
 from .launch import RunStopped, run_training, stop_on_sigterm, stop_signal, stopped_exit_code
-from .preflight import InputError, check_inputs, check_storage, check_tracking
+from .preflight import InputError, check_inputs, check_resume_rules, check_storage, check_tracking
 from .progress import JobProgress
 from .ray_job import submitted_job_id, worker_env
 from .services import LocalServices, ServiceError, home, ray_env
@@ -155,6 +155,7 @@ def _preflight(cfg, what: str, *, inputs: bool = True) -> None:
     try:
         check_storage(cfg)
         if inputs:
+            check_resume_rules(cfg)
             check_inputs(cfg)
     except InputError as e:
         print(f"error: {what}: {e}", file=sys.stderr, flush=True)
@@ -465,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.fn(args)
+    except SystemExit as e:  # a command's one-line refusal: printed here, scrubbed like every other line
+        if not isinstance(e.code, str):
+            raise
+        print(scrub_credentials(e.code), file=sys.stderr, flush=True)
+        return 1
     except BrokenPipeError:  # the reader went away (`| head`): nothing is left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

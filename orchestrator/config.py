@@ -28,13 +28,26 @@ from typing import Any, ClassVar, Literal
 from parallelism.ring_attention import KERNEL_CHOICES
 from workloads import spec as registry
 from workloads.engine import TrainingConfig
-from workloads.spec import APPLY, NEW_RUN, FieldError, WorkloadSpec, bound_error, bounded, no_credentials
+from workloads.spec import (
+    APPLY,
+    NEW_RUN,
+    FieldError,
+    WorkloadSpec,
+    bound_error,
+    bounded,
+    no_credentials,
+    scrub_credentials,
+)
 
 from .storage import backend_for
 
 
 class ConfigError(ValueError):
-    pass
+    """A config that cannot run; its message names the key, with any URI credentials in
+    the value scrubbed (`scrub_credentials`): config errors are printed and tagged."""
+
+    def __init__(self, message: str):
+        super().__init__(scrub_credentials(str(message)))
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -75,6 +88,7 @@ class StorageSection:
 
     def __post_init__(self):
         no_credentials("endpoint_url", self.endpoint_url)
+        no_credentials("uri", self.uri)
         try:  # each storage backend checks the form of its own URIs
             why = backend_for(self.uri).check_uri(self.uri) if self.uri else None
         except ValueError as e:

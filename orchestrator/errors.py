@@ -6,6 +6,8 @@ The CLI prints these lines, and the driver loops (training, evaluation) record t
 
 from __future__ import annotations
 
+from workloads.spec import scrub_credentials
+
 # longview's own errors, by class name: Ray nests a worker's exception in its own text,
 # so the name is looked for in the lines, not the type in the chain.
 OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ResumeRefused",
@@ -19,7 +21,7 @@ class InputError(RuntimeError):
 
 def first_line(e: BaseException) -> str:
     """An exception's first line, at most 300 characters (for one-line reports)."""
-    return (str(e).strip().splitlines() or [""])[0][:300]
+    return scrub_credentials((str(e).strip().splitlines() or [""])[0])[:300]
 
 
 def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> str:
@@ -34,9 +36,9 @@ def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> s
     for name in OUR_ERRORS:
         for ln in lines:
             if f"{name}: " in ln:
-                return ln[ln.index(f"{name}: "):]
+                return scrub_credentials(ln[ln.index(f"{name}: "):])
     for ln in lines:  # storage unreachable, met by Ray's own code (its controller's records)
         if "Could not connect to the endpoint URL" in ln:
-            return (f"S3 endpoint unreachable after storage.retries={storage_retries} attempts: "
-                    + ln[ln.index("Could not connect"):])
-    return lines[-1] if lines else "unknown error"
+            return scrub_credentials(f"S3 endpoint unreachable after storage.retries={storage_retries} attempts: "
+                                     + ln[ln.index("Could not connect"):])
+    return scrub_credentials(lines[-1]) if lines else "unknown error"

@@ -34,6 +34,19 @@ class _CurrentStream(logging.StreamHandler):
         pass
 
 
+class _Scrubbed(logging.Filter):
+    """Every line with URI credentials scrubbed (`scrub_credentials`), whatever logged it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from workloads.spec import scrub_credentials
+
+        message = record.getMessage()
+        clean = scrub_credentials(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 class _Below(logging.Filter):
     def __init__(self, level: int):
         super().__init__()
@@ -52,9 +65,11 @@ def setup(level: int | str | None = None) -> None:
     detail = "%(asctime)s %(name)s " if level <= logging.DEBUG else ""
     out = _CurrentStream("stdout")
     out.addFilter(_Below(logging.WARNING))
+    out.addFilter(_Scrubbed())
     out.setFormatter(logging.Formatter(f"[longview] {detail}%(message)s", "%H:%M:%S"))
     err = _CurrentStream("stderr")
     err.setLevel(logging.WARNING)
+    err.addFilter(_Scrubbed())
     err.setFormatter(logging.Formatter(f"[longview] {detail}%(levelname)s: %(message)s", "%H:%M:%S"))
     for name in _ROOTS:
         logger = logging.getLogger(name)

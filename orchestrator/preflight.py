@@ -35,6 +35,20 @@ def check_tracking(cfg) -> None:
                     "answers", cfg.tracking.uri, type(e).__name__)
 
 
+def check_resume_rules(cfg) -> None:
+    """A start that would resume: the resume rules speak before the inputs are checked,
+    so a change the checkpoint cannot take (a model size, a tokenizer) is refused as that,
+    naming every such key with its old and new value, not as the first input it breaks."""
+    from .checkpoint import checkpoint_store
+    from .launch import check_resume
+    from .resume import ResumeRefused
+
+    try:
+        check_resume(cfg, checkpoint_store(cfg))
+    except ResumeRefused as e:
+        raise InputError(f"ResumeRefused: {e}") from None
+
+
 def check_inputs(cfg) -> None:
     """The workload's own checks, as one InputError."""
     try:

@@ -149,11 +149,57 @@ def test_storage_is_s3_or_an_absolute_folder(uri):
         load_config(BASE, overrides={"storage.uri": uri})
 
 
-@pytest.mark.parametrize("key", ["tracking.uri", "storage.endpoint_url", "data.train", "model.pretrained"])
+def _string_keys(cfg) -> list[tuple[str, bool]]:
+    """Every config key that holds a string or a list of strings: (dotted key, is a list)."""
+    import dataclasses
+    import typing
+
+    out = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        hints = typing.get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            tp = hints[f.name]
+            args = typing.get_args(tp)
+            if tp is str or (str in args and typing.get_origin(tp) is not list):
+                out.append((f"{section.name}.{f.name}", False))
+            elif typing.get_origin(tp) is list and args == (str,):
+                out.append((f"{section.name}.{f.name}", True))
+    return out
+
+
+# String keys whose values are names, not URIs: a value with '@' in it is not refused there.
+NOT_URIS = {"name", "model.size", "data.tokenizer", "training.sharding", "tracking.experiment", "piip.baseline"}
+
+
+@pytest.mark.parametrize("config", ["configs/v2pe-demo.yaml", "configs/piip-det-demo.yaml", "configs/v2pe-eval-1m.yaml"])
+def test_no_config_error_echoes_a_credential(config):
+    """Every string-valued key of each workload, given a URI with a user and password:
+    refused (a URI key) or taken as a plain name, and whatever is said never holds the
+    secret (`scrub_credentials`, the one scrub of what is printed, logged or tagged)."""
+    cfg = load_config(config)
+    taken = []
+    for key, is_list in _string_keys(cfg):
+        value = "s3://alice:s3cret@bucket/x"
+        try:
+            load_config(config, overrides={key: [value] if is_list else value})
+            taken.append(key)
+        except ConfigError as e:
+            assert "s3cret" not in str(e) and "alice" not in str(e), (key, str(e))
+            assert str(e).startswith(key.split(".")[0]), (key, str(e))  # the error says where
+    uri_keys = {k for k, _ in _string_keys(cfg)} - NOT_URIS
+    assert not set(taken) & uri_keys, f"URI keys that take credentials: {sorted(set(taken) & uri_keys)}"
+    assert len(uri_keys) >= 5  # the walk found the sections' URI keys (storage, tracking, data, ...)
+
+
+@pytest.mark.parametrize("key", ["tracking.uri", "storage.endpoint_url", "storage.uri", "data.train", "model.pretrained"])
 def test_uris_with_credentials_are_refused_without_echoing_them(key):
     with pytest.raises(ConfigError) as e:
         load_config(BASE, overrides={key: "http://alice:s3cret@host:5000/x"})
-    assert str(e.value).startswith(f"{key}: http://host:5000/x is given with credentials") and "s3cret" not in str(e.value)
+    assert str(e.value).startswith(f"{key}: http://***@host:5000/x is given with credentials"), str(e.value)
+    assert "s3cret" not in str(e.value)
 
 
 def test_hostile_yaml_is_one_config_error_quickly(tmp_path):

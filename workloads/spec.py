@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -345,16 +346,24 @@ def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: 
     return field(default=default, default_factory=default_factory, metadata=meta)
 
 
+# user[:password]@ right after a URI's scheme
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"]+@")
+
+
+def scrub_credentials(text: str) -> str:
+    """`text` with the user and password of every URI in it replaced by `***`: the one
+    scrub that config errors, failure reasons and longview's log lines go through before
+    they are printed, logged or tagged."""
+    return _URI_CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
 def no_credentials(key: str, uri: str | None) -> None:
     """A URI field must not carry a user or password (`http://alice:secret@host`): the
     config is printed, logged as MLflow params and stored with the run. FieldError if it does."""
     if not uri or "://" not in uri:
         return
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        safe = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    if scrub_credentials(uri) != uri:
+        safe = scrub_credentials(uri)
         raise FieldError(key, f"{safe} is given with credentials in it (user:password@), which would be printed "
                               "and stored with the run: give them in the environment (MLFLOW_TRACKING_USERNAME / "
                               "MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
@@ -365,6 +374,7 @@ class FieldError(ValueError):
     ("" for the section as a whole). The config loader adds the section's path."""
 
     def __init__(self, key: str, message: str):
+        message = scrub_credentials(message)
         super().__init__(f"{key}: {message}" if key else message)
         self.key, self.message = key, message
 

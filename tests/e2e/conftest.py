@@ -108,6 +108,27 @@ def cli(env, *args, timeout=600, check=True):
     return proc
 
 
+def one_line_failure(proc, prefix: str) -> str:
+    """A failed command as a user reads it: its last line on stderr is the one-line reason
+    (starting with `prefix`), and no traceback or Ray worker output reached the terminal
+    (that is in the run's log). Returns the reason line."""
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(prefix), text[-3000:]
+    assert "Traceback" not in text and "(RayTrainWorker" not in text and "(TrainController" not in text, text[-3000:]
+    assert sum(ln.startswith(("error: ", "stopped: ")) for ln in proc.stderr.splitlines()) == 1, text[-3000:]
+    return last
+
+
+def run_log(fs, name: str, what: str = "train") -> str:
+    """The run's log of Ray's output (`longview train` / `eval`), as copied to its storage."""
+    s3 = s3fs_direct(fs)
+    logs = sorted(s3.glob(f"{BUCKET}/runs/{name}/logs/{what}-*.log"))
+    assert logs, f"no {what} log in s3://{BUCKET}/runs/{name}/logs/"
+    return s3.cat_file(logs[-1]).decode()
+
+
 def train(fs, name, *extra, faults="", env_extra=None, config="configs/v2pe-demo.yaml", **kw):
     """`longview train` of a config (the shortened CPU demo by default), with faults
     injected if asked."""

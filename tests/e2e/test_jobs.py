@@ -9,7 +9,19 @@ import uuid
 
 import pytest
 
-from tests.e2e.conftest import BASE, BUCKET, STEPS, cli, history, mlflow_run, s3fs_direct, train, unique
+from tests.e2e.conftest import (
+    BASE,
+    BUCKET,
+    STEPS,
+    cli,
+    history,
+    mlflow_run,
+    one_line_failure,
+    run_log,
+    s3fs_direct,
+    train,
+    unique,
+)
 
 
 def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference):
@@ -66,9 +78,18 @@ def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference)
     assert f"step {STEPS}/{STEPS} loss" in out  # rank 0's progress line
     assert f"MLflow run: {fs['started']['mlflow'].url}/#/experiments/" in out
     assert "Traceback" not in out  # a successful run shows no error
+    # The workers' progress reaches the terminal as longview's own lines; Ray's output
+    # (the controller's resource requests, the workers' prefixes) is in the run's log.
+    assert f"[longview] step {STEPS}/{STEPS} loss" in out and "(RayTrainWorker" not in out, out[-3000:]
+    assert "(TrainController" not in out and "Ray's output (workers, Train controller): " in out
+    logged = run_log(fs, name)
+    assert "(TrainController pid=" in logged and f"[longview] step {STEPS}/{STEPS}" in logged
+    assert run.data.tags["mlflow.note.content"].endswith(f"Finished at step {STEPS}; last checkpoint "
+                                                        f"s3://{BUCKET}/runs/{name}/step-0000006.")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
-        {a.path for d in ("config", "plots") for a in client.list_artifacts(run.info.run_id, d)}
+        {a.path for d in ("config", "plots", "logs") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config/job.yaml", "plots/loss.png"} <= artifacts, artifacts
+    assert any(a.startswith("logs/train-") for a in artifacts), artifacts
     # Artifacts went through the server's proxy into the S3 bucket.
     assert any(p.endswith("loss.png") for p in s3.find(f"{BUCKET}/mlflow"))
     # Losses in the checkpoint's record and in MLflow agree.
@@ -110,12 +131,15 @@ def test_a_kernel_the_workers_cannot_run_fails_once_naming_what_can(services):
     proc = cli(services["env"], "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE,
                "--set", "parallelism.kernel=cudnn", "--set", "training.max_failures=2", check=False)
     assert proc.returncode == 1
-    # One line of ours (Ray's own worker tracebacks still reach stderr around it: issue 29's work).
-    mine = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"error: training {name} failed: ")]
-    assert len(mine) == 1, proc.stderr[-3000:]
-    assert mine[0].endswith("KernelUnavailable: kernel='cudnn' does not support device cpu, dtype torch.float32, "
-                            "head dim 16; supported here: ['cpu_flash']"), mine
+    last = one_line_failure(proc, f"error: training {name} failed: ")  # Ray's tracebacks are in the run's log
+    assert last.endswith("KernelUnavailable: kernel='cudnn' does not support device cpu, dtype torch.float32, "
+                            "head dim 16; supported here: ['cpu_flash']"), last
     assert "restarting from its last checkpoint" not in proc.stderr
+    # Submitted and waited on: the job's log keeps everything; the terminal ends with the reason.
+    proc = cli(services["env"], "submit", "configs/v2pe-demo.yaml", "--set", f"name={name}-job", *BASE,
+               "--set", "parallelism.kernel=cudnn", "--wait", check=False)
+    last = one_line_failure(proc, "error: job ")
+    assert " FAILED: training " in last and last.endswith("supported here: ['cpu_flash']"), last
 
 
 def test_piip_job_places_branches_and_resumes_exactly(services, monkeypatch):
