@@ -1,0 +1,131 @@
+"""What a user reads: Ray's output routed to the run's log, secrets never echoed, one line
+per failure, exit codes as shells report them."""
+
+import logging
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.ray_output import RayOutput
+
+
+def _batch(lines, *, pid=101, actor="RayTrainWorker", is_err=False):
+    return {"pid": pid, "actor_name": actor, "is_err": is_err, "lines": lines}
+
+
+def test_ray_output_goes_to_the_file_and_only_our_lines_to_the_terminal(tmp_path, capsys):
+    before = list(logging.getLogger("ray").handlers)
+    out = RayOutput()
+    out.to_file(tmp_path / "run.log", stream_all=False)
+    try:
+        out._on_batch(_batch(["[longview] step 1/4 loss 2.0", "Setting up process group"]))
+        out._on_batch(_batch(["Traceback (most recent call last):", "ValueError: boom",
+                              "\x1b[33m[longview] WARNING: slow step\x1b[0m"], is_err=True))
+        out._on_batch(_batch(["Requesting resources: {'CPU': 1.0} * 2"], pid=7, actor="TrainController"))
+        said = capsys.readouterr()
+        assert said.out == "[longview] step 1/4 loss 2.0\n"
+        assert said.err == "[longview] WARNING: slow step\n"  # Ray's colours left out
+        out.mute()  # the driver is about to print a failure's line: nothing may follow it
+        out._on_batch(_batch(["[longview] step 2/4 loss 1.0"]))
+        assert capsys.readouterr() == ("", "")
+        logging.getLogger("ray.test").warning("driver-side note")  # the driver's `ray` logger: the file only
+        assert capsys.readouterr() == ("", "")
+    finally:
+        data = out.close().decode()
+    # The file has everything, with Ray's prefixes, in order, the muted line included.
+    assert data.splitlines()[:2] == ["(RayTrainWorker pid=101) [longview] step 1/4 loss 2.0",
+                                     "(RayTrainWorker pid=101) Setting up process group"]
+    for text in ("(RayTrainWorker pid=101) Traceback (most recent call last):",
+                 "(TrainController pid=7) Requesting resources", "(RayTrainWorker pid=101) [longview] step 2/4",
+                 "driver-side note"):
+        assert text in data, text
+    assert "\x1b[" not in data
+    assert logging.getLogger("ray").handlers == before  # the driver's `ray` logger as it was
+
+
+def test_everything_streams_with_verbose(tmp_path, capsys):
+    out = RayOutput()
+    out.to_file(tmp_path / "run.log", stream_all=True)
+    try:
+        out._on_batch(_batch(["[longview] step 1/4", "Traceback (most recent call last):"]))
+        # Ray's own printer (kept with -v) prints the batch; ours only writes the file.
+        assert capsys.readouterr() == ("", "")
+    finally:
+        data = out.close().decode()
+    assert "Traceback" in data and "[longview] step 1/4" in data
+
+
+def test_one_scrub_for_uri_credentials():
+    from orchestrator.errors import failure_reason, first_line
+    from orchestrator.log import setup
+    from workloads.spec import scrub_credentials
+
+    assert scrub_credentials("storage.uri: 's3://user:secret@longview/runs' bad") == \
+        "storage.uri: 's3://***@longview/runs' bad"
+    assert scrub_credentials("http://alice@host:5000/x and https://b:c@d/e") == "http://***@host:5000/x and https://***@d/e"
+    assert scrub_credentials("s3://bucket/key@v2 and user@example.com") == "s3://bucket/key@v2 and user@example.com"
+    e = RuntimeError("Ray wrapped it\nDataError: data.train: s3://k:secret@b/x is not a file")
+    assert failure_reason(e) == "DataError: data.train: s3://***@b/x is not a file"
+    assert first_line(ValueError("http://a:secret@h/ down")) == "http://***@h/ down"
+    setup("INFO")
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    logger = logging.getLogger("longview")
+    keep = Keep()
+    for h in logger.handlers:  # what longview's own handlers let through, and as what
+        keep.addFilter(lambda r, h=h: all(f.filter(r) for f in h.filters))
+    logger.addHandler(keep)
+    try:
+        logger.info("uploading to %s", "s3://key:secret@bucket/run")
+    finally:
+        logger.removeHandler(keep)
+    assert records == ["uploading to s3://***@bucket/run"]
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]])
+def test_a_credential_in_a_uri_is_never_printed(verbose, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LONGVIEW_HOME": str(tmp_path / "lv")}
+    for key in ("storage.uri", "tracking.uri", "storage.endpoint_url"):
+        proc = _cli(*verbose, "train", "configs/v2pe-demo.yaml", "--set", f"{key}=s3://user:secret@longview/runs",
+                    env=env)
+        assert proc.returncode == 1 and "secret" not in proc.stdout + proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"config error: {key}: "), proc.stderr
+
+
+def test_set_errors_are_config_errors():
+    proc = _cli("train", "configs/v2pe-demo.yaml", "--set", "training.steps")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "config error: --set 'training.steps': expected key=value"
+    proc = _cli("plan", "configs/v2pe-demo.yaml", "--set", "training.steps=[")
+    assert proc.returncode == 1 and proc.stderr.startswith("config error: --set 'training.steps=[': "), proc.stderr
+
+
+def test_a_stopped_run_exits_as_shells_report_the_signal(monkeypatch):
+    from orchestrator import launch
+
+    monkeypatch.setattr(launch, "_STOP_SIGNAL", ["SIGINT (Ctrl-C)"])
+    assert launch.stopped_exit_code() == 128 + signal.SIGINT == 130
+    monkeypatch.setattr(launch, "_STOP_SIGNAL", ["SIGTERM"])
+    assert launch.stopped_exit_code() == 128 + signal.SIGTERM == 143
+
+
+def test_a_failed_jobs_reason_is_found_in_its_log():
+    from orchestrator.cli import _reason_in_log
+
+    log = ("[longview] step 1/4\nerror: training x failed: DivergenceError: step 2: loss nan\n"
+           "(RayTrainWorker pid=1) Traceback (most recent call last):\n(RayTrainWorker pid=1)   raise\n")
+    assert _reason_in_log(log) == "training x failed: DivergenceError: step 2: loss nan"
+    assert _reason_in_log("stopped: training x stopped (SIGTERM); it resumes from s3://b/x/step-2\n").startswith(
+        "training x stopped (SIGTERM)")
+    assert _reason_in_log("nothing of ours\n") is None
