@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -250,17 +251,52 @@ def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0
     return Service("mlflow", proc.pid, url, log)
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket is held until all are chosen, so two calls
+    cannot return the same port (one Ray service taking another's port leaves the head
+    running without its dashboard, which never answers)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# A head whose dashboard does not answer is stopped and started again on fresh ports, this
+# many times in all: CI once saw a head come up without its dashboard (the head kept
+# running, /api/version never answered), which no wait would have fixed.
+RAY_HEAD_TRIES = 2
+RAY_DASHBOARD_TIMEOUT_S = 120
+
+
 def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscaling_yaml: str | None = None) -> Service:
     """A Ray head. With `autoscaling_yaml` (a fake_multinode cluster YAML) it runs Ray's
     autoscaler against simulated nodes on this machine (RAY_FAKE_CLUSTER=1)."""
-    gcs, dash, client = free_port(), free_port(), free_port()
+    for attempt in range(1, RAY_HEAD_TRIES + 1):
+        try:
+            return _start_ray_once(state_dir, num_cpus, host, autoscaling_yaml)
+        except ServiceError as e:
+            if attempt == RAY_HEAD_TRIES or "did not answer" not in str(e):
+                raise
+            logging.getLogger(__name__).warning("Ray head, try %d of %d: %s; starting it again on fresh ports",
+                                                attempt, RAY_HEAD_TRIES, e)
+    raise AssertionError("unreachable")
+
+
+def _start_ray_once(state_dir: Path, num_cpus: int, host: str, autoscaling_yaml: str | None) -> Service:
+    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(7)
     log = str(state_dir / "ray.log")
     # Ray's unix socket paths must stay short: a temp dir under /tmp, named by port.
     tmp = f"/tmp/lv-ray-{gcs}"
     # Every port of its own: Ray's fixed defaults (the dashboard agent's 52365, ...) would
     # collide with any other Ray head on the machine, leaving this one without a job agent.
-    agent = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    agent = ["--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics)]
     cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address", host, "--port", str(gcs), *agent,
            "--dashboard-host", host, "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
            "--temp-dir", tmp, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats"]
@@ -279,7 +315,13 @@ def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscali
         env["RAY_FAKE_CLUSTER"] = "1"
     proc = _spawn(cmd, log, env)
     url = f"http://{host}:{dash}"
-    _wait_http(url + "/api/version", 120, proc, log)
+    try:
+        _wait_http(url + "/api/version", RAY_DASHBOARD_TIMEOUT_S, proc, log)
+    except ServiceError as e:
+        # The dashboard's own log says why it is not answering; the head's log rarely does.
+        dash_log = Path(tmp) / "session_latest" / "logs" / "dashboard.log"
+        tail = dash_log.read_text(errors="replace")[-1500:] if dash_log.exists() else "(no dashboard.log)"
+        raise ServiceError(f"{e}\n{dash_log}:\n{tail}") from None
     return Service("ray", proc.pid, url, log, {"address": f"{host}:{gcs}", "temp_dir": tmp})
 
 

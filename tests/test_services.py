@@ -75,3 +75,37 @@ def test_the_local_s3_keeps_its_objects_across_down_and_up(tmp_path):
         assert keys == {"runs/a/step-0000002/manifest.json", "runs/a/state.distcp"}
     finally:
         svc.down(keep_objects=False)
+
+
+def test_a_ray_head_whose_dashboard_never_answers_is_started_again(monkeypatch, tmp_path):
+    """The retry itself, without a real head: the first try's dashboard does not answer, the
+    second's does; a head that exits is not retried (its log says why, once)."""
+    from orchestrator import services
+
+    tries = []
+
+    def once(state_dir, num_cpus, host, autoscaling_yaml):
+        tries.append(num_cpus)
+        if len(tries) == 1:
+            raise services.ServiceError("http://127.0.0.1:1/api/version did not answer within 120s")
+        return services.Service("ray", 1, "http://127.0.0.1:2", "log")
+
+    monkeypatch.setattr(services, "_start_ray_once", once)
+    assert services.start_ray(tmp_path, 2).url == "http://127.0.0.1:2" and tries == [2, 2]
+
+    def exits(*_):
+        tries.append("exit")
+        raise services.ServiceError("http://127.0.0.1:1: the process exited with 1 before answering")
+
+    tries.clear()
+    monkeypatch.setattr(services, "_start_ray_once", exits)
+    with pytest.raises(services.ServiceError, match="exited with 1"):
+        services.start_ray(tmp_path, 2)
+    assert tries == ["exit"]
+
+
+def test_ray_head_ports_are_distinct():
+    from orchestrator.services import _free_ports
+
+    ports = _free_ports(7)
+    assert len(set(ports)) == 7 and all(p > 0 for p in ports)
