@@ -46,6 +46,7 @@ class RayOutput:
         self._stream_all = False
         self._muted = False
         self._ray_handlers: list[logging.Handler] | None = None
+        self._ray_printer = None  # Ray's own printer of the workers' lines, taken out of its dispatcher
 
     def to_file(self, path: Path, *, stream_all: bool) -> None:
         """From now on Ray's output goes to `path` (appended); the terminal gets all of it
@@ -71,16 +72,17 @@ class RayOutput:
 
     def install(self) -> None:
         """After `ray.init` (again after each): Ray's printer of the workers' lines replaced
-        by ours."""
+        by ours, which calls it when everything streams (whether `to_file` came first or not)."""
         try:
             from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
         except ImportError as e:  # a Ray that moved it: its own printing stays
             log.debug("Ray's output is not routed (%s): it prints as Ray prints it", e)
             return
-        names = [name for name, _ in dispatcher.handlers]
-        if not self._stream_all:
+        handlers = dict(dispatcher.handlers)
+        if _RAY_PRINTER in handlers:
+            self._ray_printer = handlers[_RAY_PRINTER]
             dispatcher.remove_handler(_RAY_PRINTER)
-        if _OURS not in names:
+        if _OURS not in handlers:
             dispatcher.add_handler(_OURS, self._on_batch)
 
     @staticmethod
@@ -104,7 +106,11 @@ class RayOutput:
             if self._file is not None:
                 self._file.writelines(f"{prefix}{line}\n" for line in lines)
                 self._file.flush()
-            if self._stream_all or self._muted:
+            if self._muted:
+                return
+            if self._stream_all or self.path is None:  # -v, or no run routed yet: as Ray prints it
+                if self._ray_printer is not None:
+                    self._ray_printer(data)
                 return
             sink = sys.stderr if data.get("is_err") else sys.stdout
             for line in lines:
@@ -129,7 +135,7 @@ class RayOutput:
 
     def close(self) -> bytes:
         """The run's log, whole; the file closed and the driver's `ray` logger as it was.
-        Lines arriving later are dropped (the terminal stays as muted or not)."""
+        Lines arriving later reach the terminal as the run set it (muted, ours only, or all)."""
         with self._lock:
             if self._file is not None:
                 self._file.close()

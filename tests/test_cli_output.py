@@ -45,16 +45,27 @@ def test_ray_output_goes_to_the_file_and_only_our_lines_to_the_terminal(tmp_path
     assert logging.getLogger("ray").handlers == before  # the driver's `ray` logger as it was
 
 
-def test_everything_streams_with_verbose(tmp_path, capsys):
+def test_everything_streams_with_verbose_whether_ray_connected_first_or_not(tmp_path, capsys, monkeypatch):
+    from ray._private import worker
+
+    printed = []
+    dispatcher = worker.global_worker_stdstream_dispatcher
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", printed.append)])
     out = RayOutput()
+    out.install()  # as connect_ray does, before the run's file is set
+    assert [name for name, _ in dispatcher.handlers] == ["longview_run_log"]  # Ray's printer taken out
+    batch = _batch(["[longview] step 1/4", "Traceback (most recent call last):"])
+    out._on_batch(batch)  # no run routed yet: Ray's printer gets it, as without longview
     out.to_file(tmp_path / "run.log", stream_all=True)
     try:
-        out._on_batch(_batch(["[longview] step 1/4", "Traceback (most recent call last):"]))
-        # Ray's own printer (kept with -v) prints the batch; ours only writes the file.
-        assert capsys.readouterr() == ("", "")
+        out._on_batch(batch)  # -v: the file and Ray's printer, whole
+        out.mute()
+        out._on_batch(batch)  # after the failure's line: the file only
     finally:
         data = out.close().decode()
-    assert "Traceback" in data and "[longview] step 1/4" in data
+    assert printed == [batch, batch]
+    assert capsys.readouterr() == ("", "")  # nothing printed by us beside Ray's printer
+    assert data.count("Traceback") == 2 and "[longview] step 1/4" in data
 
 
 def test_one_scrub_for_uri_credentials():
