@@ -59,7 +59,7 @@ def connect_ray(cfg, address: str | None) -> None:
 def streams_everything() -> bool:
     """Whether Ray's output streams as Ray prints it: with -v, and inside a submitted job
     (its output is the Ray job log, read with `longview logs`)."""
-    return bool(os.environ.get(SUBMITTED_JOB_ENV)) or logging.getLogger("longview").level <= logging.DEBUG
+    return bool(os.environ.get(SUBMITTED_JOB_ENV)) or logging.getLogger("longview").getEffectiveLevel() <= logging.DEBUG
 
 
 @contextlib.contextmanager
@@ -76,6 +76,11 @@ def run_output(cfg, what: str, keep: Callable[[bytes, str], object]):
              "" if streams_everything() else " (`longview -v` shows it here)")
     try:
         yield
+    except BaseException:
+        # The driver prints the failure's one-line reason next: nothing the workers still
+        # send may follow it on the terminal (the file keeps it all).
+        ROUTER.mute()
+        raise
     finally:
         data = ROUTER.close()
         if data:

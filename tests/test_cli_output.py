@@ -68,6 +68,27 @@ def test_everything_streams_with_verbose_whether_ray_connected_first_or_not(tmp_
     assert data.count("Traceback") == 2 and "[longview] step 1/4" in data
 
 
+def test_a_failed_run_mutes_the_workers_and_keeps_its_log(tmp_path, capsys, monkeypatch):
+    """run_output around a run that raises: the terminal gets nothing from the workers after
+    it (the failure's line comes next), the log reaches the run's storage and `keep`."""
+    from orchestrator.config import load_config
+    from orchestrator.ray_job import run_output
+    from orchestrator.ray_output import ROUTER
+
+    monkeypatch.setenv("LONGVIEW_HOME", str(tmp_path / "home"))
+    cfg = load_config("configs/v2pe-demo.yaml", overrides={"name": "muted", "storage.uri": str(tmp_path / "runs")})
+    kept = {}
+    with pytest.raises(RuntimeError, match="boom"):
+        with run_output(cfg, "train", lambda data, name: kept.update({name: data})):
+            ROUTER._on_batch(_batch(["[longview] step 1/4"]))
+            raise RuntimeError("boom")
+    ROUTER._on_batch(_batch(["[longview] step 2/4", "Traceback (most recent call last):"]))  # late lines
+    assert capsys.readouterr().out == "[longview] step 1/4\n"
+    [(name, data)] = kept.items()
+    assert name.startswith("logs/train-") and b"(RayTrainWorker pid=101) [longview] step 1/4" in data
+    assert (tmp_path / "runs" / "muted" / name).read_bytes() == data  # beside the checkpoints
+
+
 def test_one_scrub_for_uri_credentials():
     from orchestrator.errors import failure_reason, first_line
     from orchestrator.log import setup
