@@ -130,8 +130,8 @@ class DetectionAP(Evaluation):
                   "variant": section.variant, "resolutions": list(section.resolutions)}
         if ctx.rank == 0:
             record["predictions_png"] = _predictions_figure(model, data, results, ctx.run_root)
-        log.info("box AP %.3f, mask AP %.3f on %d images (backbone %.3f GFLOPs)", ap["bbox_AP"], ap["segm_AP"],
-                 len(data), gflops)
+            log.info("box AP %.3f, mask AP %.3f on %d images (backbone %.3f GFLOPs)", ap["bbox_AP"], ap["segm_AP"],
+                     len(data), gflops)  # every rank holds the same AP: said once
         return EvalResult(table=ap_table([record]), records=[record],
                           metrics={**ap, "backbone_gflops": gflops, "head_gflops": heads})
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import types
 
@@ -116,6 +117,8 @@ def torchvision():
     reference_roi_align = getattr(reference, "__wrapped__", reference)  # torchvision's, uncompiled: for tests
 
     ra._roi_align = roi_align
-    log.info("torchvision %s: its compiled operators do not load beside torch %s; using torchvision's own "
-             "Python RoI Align and longview's NMS", tv.__version__, torch.__version__)
+    # Said by one process of a job (RANK, as torch.distributed's launchers set it), not once per worker.
+    log.log(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.DEBUG,
+            "torchvision %s: its compiled operators do not load beside torch %s; using torchvision's own "
+            "Python RoI Align and longview's NMS", tv.__version__, torch.__version__)
     return tv
