@@ -98,6 +98,7 @@ def test_one_scrub_for_uri_credentials():
         "storage.uri: 's3://***@longview/runs' bad"
     assert scrub_credentials("http://alice@host:5000/x and https://b:c@d/e") == "http://***@host:5000/x and https://***@d/e"
     assert scrub_credentials("s3://bucket/key@v2 and user@example.com") == "s3://bucket/key@v2 and user@example.com"
+    assert scrub_credentials("s3://u:p@ss@bucket/x") == "s3://***@bucket/x"  # an unencoded @ in the password
     e = RuntimeError("Ray wrapped it\nDataError: data.train: s3://k:secret@b/x is not a file")
     assert failure_reason(e) == "DataError: data.train: s3://***@b/x is not a file"
     assert first_line(ValueError("http://a:secret@h/ down")) == "http://***@h/ down"

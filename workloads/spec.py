@@ -346,8 +346,9 @@ def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: 
     return field(default=default, default_factory=default_factory, metadata=meta)
 
 
-# user[:password]@ right after a URI's scheme
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"]+@")
+# user[:password]@ right after a URI's scheme, up to the authority's last @ (a password
+# may hold an unencoded @ of its own)
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/'\"]+@")
 
 
 def scrub_credentials(text: str) -> str:
