@@ -19,6 +19,7 @@ from orchestrator.config import load_config
 from orchestrator.tracking import mlflow_client
 from tests.e2e.conftest import (
     BASE,
+    BUCKET,
     STEPS,
     cli,
     fault_dir,
@@ -131,6 +132,38 @@ def test_s3_outage_beyond_the_retries_fails_clearly_and_keeps_the_previous_check
     assert run.info.status == "FINISHED" and "Finished at step" in note and "failed" not in note, note
     record("S3 down 6 s (past storage.retries) during an upload", injected=1, survived=0, steps_lost=4 - back_to,
            data_lost=0, note="the run stops with an error naming the storage; resubmitted, it resumes")
+
+
+def test_a_bad_image_met_by_a_worker_is_one_line_naming_the_sample(services):
+    """A PNG whose header reads but whose pixels are cut off passes the driver's index (it
+    reads headers only) and fails where a worker decodes it: the run ends with one line
+    naming the sample and the file; Ray's tracebacks are in the run's log."""
+    import io
+    import json
+
+    from PIL import Image
+
+    fs = services
+    name = unique("badimg")
+    root = f"{BUCKET}/data/{name}"
+    s3 = s3fs_direct(fs)
+    lines = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.new("RGB", (112, 112), (40 * i, 90, 200)).save(buf, format="PNG")
+        png = buf.getvalue()
+        s3.pipe_file(f"{root}/image/{i}.png", png[: len(png) // 2] if i == 2 else png)  # sample 2: truncated
+        lines.append(json.dumps({"id": f"s{i}", "image": [f"{i}.png"], "conversations": [
+            {"from": "human", "value": f"<image>\nWhat colour is image {i}?"}, {"from": "gpt", "value": str(i)}]}))
+    s3.pipe_file(f"{root}/annotation/train.jsonl", ("\n".join(lines) + "\n").encode())
+    out = train(fs, name, "--set", f"data.train=s3://{root}/annotation/train.jsonl",
+                "--set", f"data.image_root=s3://{root}/image", "--set", "training.steps=2", check=False)
+    last = one_line_failure(out, f"error: training {name} failed: DataError: sample ")
+    assert "2.png" in last and "cannot be read" in last, last
+    logged = run_log(fs, name)
+    assert "Traceback" in logged and "DataError" in logged and "(RayTrainWorker pid=" in logged
+    _, run = history(fs, name)
+    assert run.info.status == "FAILED" and "DataError" in run.data.tags["longview.failure"]
 
 
 def test_divergence_stops_the_run_before_any_checkpoint_holds_it(services, record):
