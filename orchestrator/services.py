@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from parallelism.local_world import free_port
+from parallelism.local_world import free_port, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,10 @@ LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "longview-local", "AWS_SECRET_ACCESS_K
 
 class ServiceError(RuntimeError):
     pass
+
+
+class NotAnswering(ServiceError):
+    """A service still running that never answered within its wait (not one that exited)."""
 
 
 def home() -> Path:
@@ -82,7 +85,7 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: str) -> 
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.3)
     stop_pid(proc.pid)  # a service that never answered is not left behind
-    raise ServiceError(f"{url} did not answer within {timeout_s:.0f}s (log: {log})")
+    raise NotAnswering(f"{url} did not answer within {timeout_s:.0f}s (log: {log})")
 
 
 def _spawn(cmd: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
@@ -251,22 +254,6 @@ def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0
     return Service("mlflow", proc.pid, url, log)
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports: every socket is held until all are chosen, so two calls
-    cannot return the same port (one Ray service taking another's port leaves the head
-    running without its dashboard, which never answers)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 # A head whose dashboard does not answer is stopped and started again on fresh ports, this
 # many times in all: CI once saw a head come up without its dashboard (the head kept
 # running, /api/version never answered), which no wait would have fixed.
@@ -277,19 +264,18 @@ RAY_DASHBOARD_TIMEOUT_S = 120
 def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscaling_yaml: str | None = None) -> Service:
     """A Ray head. With `autoscaling_yaml` (a fake_multinode cluster YAML) it runs Ray's
     autoscaler against simulated nodes on this machine (RAY_FAKE_CLUSTER=1)."""
-    for attempt in range(1, RAY_HEAD_TRIES + 1):
+    for attempt in range(1, RAY_HEAD_TRIES):
         try:
             return _start_ray_once(state_dir, num_cpus, host, autoscaling_yaml)
-        except ServiceError as e:
-            if attempt == RAY_HEAD_TRIES or "did not answer" not in str(e):
-                raise
+        except NotAnswering as e:  # a head that exited is not retried: its log says why
             logging.getLogger(__name__).warning("Ray head, try %d of %d: %s; starting it again on fresh ports",
                                                 attempt, RAY_HEAD_TRIES, e)
-    raise AssertionError("unreachable")
+    return _start_ray_once(state_dir, num_cpus, host, autoscaling_yaml)
 
 
 def _start_ray_once(state_dir: Path, num_cpus: int, host: str, autoscaling_yaml: str | None) -> Service:
-    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(7)
+    # Distinct: one Ray service on another's port leaves the head running without its dashboard.
+    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
     log = str(state_dir / "ray.log")
     # Ray's unix socket paths must stay short: a temp dir under /tmp, named by port.
     tmp = f"/tmp/lv-ray-{gcs}"
@@ -317,11 +303,11 @@ def _start_ray_once(state_dir: Path, num_cpus: int, host: str, autoscaling_yaml:
     url = f"http://{host}:{dash}"
     try:
         _wait_http(url + "/api/version", RAY_DASHBOARD_TIMEOUT_S, proc, log)
-    except ServiceError as e:
+    except NotAnswering as e:
         # The dashboard's own log says why it is not answering; the head's log rarely does.
         dash_log = Path(tmp) / "session_latest" / "logs" / "dashboard.log"
         tail = dash_log.read_text(errors="replace")[-1500:] if dash_log.exists() else "(no dashboard.log)"
-        raise ServiceError(f"{e}\n{dash_log}:\n{tail}") from None
+        raise NotAnswering(f"{e}\n{dash_log}:\n{tail}") from None
     return Service("ray", proc.pid, url, log, {"address": f"{host}:{gcs}", "temp_dir": tmp})
 
 

@@ -26,10 +26,23 @@ import torch.multiprocessing as mp
 from .dims import init_distributed
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1: every socket is held until all are chosen, so
+    no two of them can be the same port."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _worker(rank, world_size, port, timeout_s, threads, inbox, outbox):

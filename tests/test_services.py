@@ -87,7 +87,7 @@ def test_a_ray_head_whose_dashboard_never_answers_is_started_again(monkeypatch, 
     def once(state_dir, num_cpus, host, autoscaling_yaml):
         tries.append(num_cpus)
         if len(tries) == 1:
-            raise services.ServiceError("http://127.0.0.1:1/api/version did not answer within 120s")
+            raise services.NotAnswering("http://127.0.0.1:1/api/version did not answer within 120s")
         return services.Service("ray", 1, "http://127.0.0.1:2", "log")
 
     monkeypatch.setattr(services, "_start_ray_once", once)
@@ -105,7 +105,7 @@ def test_a_ray_head_whose_dashboard_never_answers_is_started_again(monkeypatch, 
 
 
 def test_ray_head_ports_are_distinct():
-    from orchestrator.services import _free_ports
+    from parallelism.local_world import free_ports
 
-    ports = _free_ports(7)
+    ports = free_ports(7)
     assert len(set(ports)) == 7 and all(p > 0 for p in ports)

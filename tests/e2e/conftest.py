@@ -23,16 +23,10 @@ import uuid
 import pytest
 
 from orchestrator import services as services_mod
-from orchestrator.services import LocalServices, stop_pid
+from orchestrator.services import LocalServices, free_port, stop_pid
 
 REPORT: list[dict] = []
 BUCKET = "lve2e"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Package scope: the services stop when the last end-to-end test is done, not at the end
@@ -47,7 +41,7 @@ def services(tmp_path_factory):
     svc = LocalServices(home)
     started = svc.up(ray_cpus=2, bucket=BUCKET)
     control = str(home / "s3-down")
-    port = _free_port()
+    port = free_port()
     upstream = started["s3"].url.split("//", 1)[1]
     log = open(home / "proxy.log", "w")
     proxy = subprocess.Popen([sys.executable, "-m", "tests.e2e.tcp_proxy", str(port), upstream, control],
