@@ -43,14 +43,15 @@ demo: $(STAMP)
 	$(VPY) -m orchestrator.demo
 
 # V2PE against plain positions, trained and evaluated (about 16 minutes on 2 cores);
-# writes docs/length-generalisation.{png,md}.
+# writes length-generalisation.{png,md} to $(OUT)/experiment (OUT=docs renews the README's).
+OUT ?= out
 experiment: $(STAMP)
-	$(VPY) -m orchestrator.demo experiment
+	$(VPY) -m orchestrator.demo experiment $(if $(filter docs,$(OUT)),docs,$(OUT)/experiment)
 
 # PIIP-tiny against a single-branch ViT, Mask R-CNN on generated shapes; writes
-# docs/piip-detection.{png,md}.
+# piip-detection.{png,md} to $(OUT)/piip-experiment (OUT=docs renews the README's).
 piip-experiment: $(STAMP)
-	$(VPY) -m orchestrator.demo piip-experiment
+	$(VPY) -m orchestrator.demo piip-experiment $(if $(filter docs,$(OUT)),docs,$(OUT)/piip-experiment)
 
 down: $(STAMP)
 	$(VPY) -m orchestrator.cli down

@@ -37,10 +37,11 @@ from .errors import failure_reason
 from .evaluate import run_evaluation
 from .experiment import run_experiment
 from .identity import deliver_outbox, outbox
-from .launch import RunStopped, run_training, stop_on_sigterm, stop_signal, stopped_exit_code
+from .launch import run_training
+from .placement import PlacementRefused
 from .preflight import InputError, check_inputs, check_resume_rules, check_storage, check_tracking
 from .progress import JobProgress
-from .ray_job import submitted_job_id, worker_env
+from .ray_job import RunStopped, stop_on_sigterm, stop_signal, stopped_exit_code, submitted_job_id, worker_env
 from .services import LocalServices, ServiceError, home, ray_env
 from .storage import run_uri
 from .tracking import code_version, run_url
@@ -154,13 +155,13 @@ def _preflight(cfg, what: str, *, inputs: bool = True) -> None:
     """The checks that cost seconds (`preflight`): one line and exit 1 if one fails."""
     try:
         check_storage(cfg)
+        check_tracking(cfg)
         if inputs:
             check_resume_rules(cfg)
             check_inputs(cfg)
     except InputError as e:
         print(f"error: {what}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    check_tracking(cfg)
 
 
 def cmd_train(args) -> int:
@@ -173,6 +174,9 @@ def cmd_train(args) -> int:
     tags = {"longview.ray_job_id": submitted_job_id() or ""}
     try:
         _, run_id, final = run_training(cfg, ray_address=_ray_address(args), tags=tags)
+    except PlacementRefused as e:
+        print(f"error: training {cfg.name} refused: {e}", file=sys.stderr, flush=True)
+        return 1
     except RunStopped as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         return stopped_exit_code()
@@ -338,9 +342,19 @@ def cmd_runs(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = load_job(args)
+    stop_on_sigterm()
     _preflight(cfg, f"evaluation of {cfg.name} failed", inputs=False)
     try:
         result = run_evaluation(cfg, checkpoint=args.checkpoint, ray_address=_ray_address(args))
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and isinstance(e.code, str):
+            raise
+        print(f"stopped: evaluation of {cfg.name} stopped ({stop_signal()}); nothing of it was kept",
+              file=sys.stderr, flush=True)
+        return stopped_exit_code()
+    except PlacementRefused as e:
+        print(f"error: evaluation of {cfg.name} refused: {e}", file=sys.stderr, flush=True)
+        return 1
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     except FileNotFoundError as e:
@@ -350,14 +364,30 @@ def cmd_eval(args) -> int:
               file=sys.stderr, flush=True)
         return 1
     _say(result["table"])
+    _say_where(cfg, result)
     return 0
+
+
+def _say_where(cfg, result: dict) -> None:
+    """Where an evaluation's results are: its files in storage and its MLflow run."""
+    for path in result.get("files", []):
+        _say(f"  {path}")
+    if result.get("mlflow_run_id"):
+        _say(f"  MLflow run: {run_url(cfg.tracking.uri, result['mlflow_run_id'])}")
 
 
 def cmd_experiment(args) -> int:
     cfg = load_job(args)
+    stop_on_sigterm()
     _preflight(cfg, f"experiment {cfg.name} failed")
     try:
         report = run_experiment(cfg, ray_address=_ray_address(args), out_dir=args.out)
+    except RunStopped as e:
+        print(f"stopped: experiment {cfg.name}: {e}", file=sys.stderr, flush=True)
+        return stopped_exit_code()
+    except PlacementRefused as e:
+        print(f"error: experiment {cfg.name} refused: {e}", file=sys.stderr, flush=True)
+        return 1
     except ValueError as e:  # the config cannot make the comparison (ConfigError is one)
         raise SystemExit(f"experiment: {e}") from None
     except Exception as e:  # noqa: BLE001 - a run failed: its cause in one line

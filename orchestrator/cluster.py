@@ -8,11 +8,10 @@ alone). KubeRay manifests are checked for the fields KubeRay requires.
 
 from __future__ import annotations
 
-import math
-
 import yaml
 
 from .config import ConfigError, JobConfig
+from .placement import NodeKind, check_fits
 
 
 def load_cluster_yaml(path: str) -> dict:
@@ -67,36 +66,14 @@ def check_kuberay(manifest: dict, source: str = "manifest") -> None:
             raise ConfigError(f"{source}: workerGroupSpecs[{i}].template.spec.containers is missing")
 
 
-def worker_resources(cfg: JobConfig) -> dict[str, float]:
-    r = {"CPU": cfg.resources.cpus_per_worker, **cfg.resources.custom}
-    if cfg.resources.gpus_per_worker:
-        r["GPU"] = cfg.resources.gpus_per_worker
-    return {k: v for k, v in r.items() if v}
+def yaml_node_kinds(cluster: dict) -> list[NodeKind]:
+    """A cluster YAML's node types, each with the most nodes the autoscaler may start."""
+    head = cluster.get("head_node_type")
+    return [NodeKind(f"node type {name}", t.get("resources", {}),
+                     1 if name == head else t.get("max_workers", cluster.get("max_workers", 0)))
+            for name, t in cluster.get("available_node_types", {}).items()]
 
 
 def check_job_fits(cfg: JobConfig, cluster: dict, source: str = "cluster") -> None:
     """Refuses a job no node type of `cluster` can ever hold, naming what is missing."""
-    need = worker_resources(cfg)
-    types = cluster.get("available_node_types", {})
-    head = cluster.get("head_node_type")
-    capacity = 0
-    best_missing = None
-    for name, t in types.items():
-        have = t.get("resources", {})
-        missing = [f"{k} (needs {v}, {name} has {have.get(k, 0)})" for k, v in need.items() if have.get(k, 0) < v]
-        if missing:
-            best_missing = best_missing or missing
-            continue
-        per_node = min(math.floor(have[k] / v) for k, v in need.items())
-        count = 1 if name == head else t.get("max_workers", cluster.get("max_workers", 0))
-        capacity += per_node * count
-    if capacity == 0:
-        raise ConfigError(
-            f"{source}: no node type can hold one worker of job {cfg.name} ({need}); "
-            f"missing: {', '.join(best_missing or ['node types'])}"
-        )
-    if capacity < cfg.resources.min_workers:
-        raise ConfigError(
-            f"{source}: at most {capacity} workers of job {cfg.name} fit ({need} each), "
-            f"it asks for resources.workers={cfg.resources.workers}"
-        )
+    check_fits(cfg, yaml_node_kinds(cluster), source)

@@ -101,15 +101,21 @@ class StorageSection:
 class TrackingSection:
     # The server may move (its address changes with `longview up`); the run stays in the
     # experiment it was created in.
-    RESUME: ClassVar[dict[str, str]] = {"uri": APPLY, "experiment": NEW_RUN, "wait_s": APPLY}
+    RESUME: ClassVar[dict[str, str]] = {"uri": APPLY, "experiment": NEW_RUN, "wait_s": APPLY, "on_unreachable": APPLY}
     uri: str | None = None  # MLflow tracking server; None = no tracking
     experiment: str | None = None  # default: longview-<workload>
     # How long the end of a run waits for a server that does not answer; what it has not
     # taken then is kept in the run's storage and sent by the next start or `longview runs`.
     wait_s: float = bounded(120.0, ge=0)
+    # A server that does not answer when a run starts: "fail" ends the command in one line
+    # before anything starts (a run whose results silently miss MLflow is worse); "keep"
+    # starts anyway and keeps its records in the run's storage until the server answers.
+    on_unreachable: str = "fail"
 
     def __post_init__(self):
         no_credentials("uri", self.uri)
+        if self.on_unreachable not in ("fail", "keep"):
+            raise FieldError("on_unreachable", f"{self.on_unreachable!r}: choose 'fail' or 'keep'")
 
 
 MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to it
@@ -119,7 +125,7 @@ MAX_WORKERS = 100_000  # a bound for sanity checks: layouts are searched up to i
 class ResourcesSection:
     # Checkpoints reshard to any worker count (DeepSpeed's excepted: `orchestrator.resume`).
     RESUME: ClassVar[dict[str, str]] = dict.fromkeys(("workers", "resize_interval_s", "gpus_per_worker",
-                                                      "cpus_per_worker", "custom"), APPLY)
+                                                      "cpus_per_worker", "custom", "placement_timeout_s"), APPLY)
     # A count, or [min, max] for an elastic run: Ray Train starts with what the cluster
     # holds (at least min) and grows or shrinks the group as nodes come and go.
     workers: int | list[int] = bounded(1, gt=0, le=MAX_WORKERS)
@@ -127,6 +133,10 @@ class ResourcesSection:
     gpus_per_worker: float = bounded(0, ge=0)
     cpus_per_worker: float = bounded(1, ge=0)
     custom: dict = field(default_factory=dict)  # custom Ray resources per worker, e.g. {accelerator_h100: 1}
+    # How long a run waits for the cluster to place its workers (busy nodes, an autoscaler
+    # adding some) before it ends with one line; a line every 15 s says what it waits for.
+    # GPU nodes of a cloud autoscaler take minutes to boot.
+    placement_timeout_s: float = bounded(900.0, gt=0)
 
     def __post_init__(self):
         if isinstance(self.workers, list) and (len(self.workers) != 2 or self.workers[0] > self.workers[1]):

@@ -10,9 +10,10 @@
    MLflow run of its own.
 4. The services stay up so the run can be browsed; `make down` (`longview down`) stops them.
 
-`python -m orchestrator.demo experiment` runs `longview experiment
+`python -m orchestrator.demo experiment [FOLDER]` runs `longview experiment
 configs/v2pe-length.yaml` the same way (`make experiment`), writing its figure and
-table to docs/; `... piip-experiment` runs configs/piip-det-demo.yaml (PIIP detection
+table to FOLDER (default out/experiment; `make experiment OUT=docs` renews the ones
+the README shows); `... piip-experiment [FOLDER]` runs configs/piip-det-demo.yaml (PIIP detection
 against a single-branch ViT, `make piip-experiment`).
 """
 
@@ -49,20 +50,28 @@ def run(env, *args) -> str:
     return "".join(lines)
 
 
-def where_to_click(env, name: str) -> None:
+def where_to_click(env, name: str, *, job_id: str | None = None) -> None:
+    """The links to the run's records: its training and evaluation runs in MLflow, its Ray
+    job, its checkpoints."""
     svc = LocalServices(home()).read()
     mlflow = svc["mlflow"].url
-    link = mlflow
+    train_link = eval_link = mlflow
     try:
         client = mlflow_client(mlflow)
         exp, run_id = find_run(client, "longview-v2pe", name)
-        link = (f"{mlflow}/#/experiments/{exp}/runs/{run_id}" if run_id else f"{mlflow}/#/experiments/{exp}") \
+        train_link = (f"{mlflow}/#/experiments/{exp}/runs/{run_id}" if run_id else f"{mlflow}/#/experiments/{exp}") \
             + UI_MODEL_TRAINING
+        evals = client.search_runs([exp], f"tags.`longview.evaluates` = '{name}'", order_by=["attributes.start_time DESC"],
+                                   max_results=1)
+        if evals:
+            eval_link = f"{mlflow}/#/experiments/{exp}/runs/{evals[0].info.run_id}{UI_MODEL_TRAINING}"
     except Exception:  # noqa: BLE001 - the links below still lead there
         pass
-    print(f"  MLflow run        : {link}")
-    print(f"  Ray dashboard     : {svc['ray'].url} (Jobs: {name})")
-    print(f"  S3 checkpoints    : s3://longview/runs/{name}/ (endpoint {svc['s3'].url})")
+    print(f"  MLflow training run   : {train_link}  (loss, its plot, the description's headline)")
+    print(f"  MLflow evaluation run : {eval_link}  (accuracy table and figure)")
+    ray = svc["ray"].url
+    print(f"  Ray job               : {ray}/#/jobs/{job_id}" if job_id else f"  Ray jobs              : {ray}/#/jobs")
+    print(f"  S3 checkpoints        : s3://longview/runs/{name}/ (endpoint {svc['s3'].url})")
     print(f"  The services stay up for browsing; `make down` (or `{Path(sys.executable).parent}/longview down`) "
           "stops them.")
 
@@ -77,22 +86,21 @@ def main(argv: list[str]) -> int:
     if what in ("experiment", "piip-experiment"):
         config, name = ((EXPERIMENT, f"v2pe-length-{stamp}") if what == "experiment"
                         else (PIIP_EXPERIMENT, f"piip-det-{stamp}"))
-        out = run(env, "experiment", config, "--set", f"name={name}", "--out", "docs")
-        print(f"\nexperiment finished in {(time.time() - t0) / 60:.1f} min; figure and table in docs/")
+        # Into a folder of its own, not over the tracked docs/ unless asked (`make experiment OUT=docs`).
+        folder = argv[1] if len(argv) > 1 else f"out/{what}"
+        out = run(env, "experiment", config, "--set", f"name={name}", "--out", folder)
+        print(f"\nexperiment finished in {(time.time() - t0) / 60:.1f} min; figure and table in {folder}/")
         print("\n".join("    " + ln for ln in out.splitlines() if ln.startswith("|")))
         if what == "experiment":
             where_to_click(env, f"{name}-v2pe_rnd")
         return 0
     name = f"v2pe-demo-{stamp}"
     sets = ["--set", f"name={name}", "--set", "storage.uri=s3://longview/runs"]
-    run(env, "submit", DEMO, *sets, "--wait")
-    table = run(env, "eval", DEMO, *sets)
-    print(f"\nV2PE demo finished in {time.time() - t0:.0f}s")
-    print("  accuracy per (context length, δ) on held-out samples (chance: 1 in 8 colours):")
-    for line in table.splitlines():
-        if line.startswith("|"):
-            print("    " + line)
-    where_to_click(env, name)
+    submitted = run(env, "submit", DEMO, *sets, "--wait")
+    job_id = submitted.split("submitted job ", 1)[1].split()[0] if "submitted job " in submitted else None
+    run(env, "eval", DEMO, *sets)  # its table and files are printed as it ends
+    print(f"\nV2PE demo finished in {time.time() - t0:.0f}s (accuracy above: chance is 1 in 8 colours)")
+    where_to_click(env, name, job_id=job_id)
     return 0
 
 

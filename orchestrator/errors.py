@@ -11,7 +11,7 @@ from workloads.spec import scrub_credentials
 # longview's own errors, by class name: Ray nests a worker's exception in its own text,
 # so the name is looked for in the lines, not the type in the chain.
 OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ResumeRefused",
-              "RunBusy", "ConfigError", "KernelUnavailable", "TokenizerError", "DivergenceError")
+              "RunBusy", "PlacementTimeout", "ConfigError", "KernelUnavailable", "TokenizerError", "DivergenceError")
 
 
 class InputError(RuntimeError):

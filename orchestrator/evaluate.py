@@ -19,7 +19,8 @@ import os
 from .config import ConfigError, JobConfig, to_dict
 from .errors import failure_reason
 from .identity import read_run_record
-from .ray_job import build_trainer, connect_ray, run_output
+from .placement import PlacementTimeout, PlacementWatch
+from .ray_job import build_trainer, connect_checked, connect_ray, run_output
 from .storage import read_export_meta, run_uri, storage_fs
 from .tracking import find_run, mlflow_client, not_fatal, png_image, run_tags
 from .worker import eval_loop
@@ -36,6 +37,7 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     if cfg.spec.evaluation is None:
         raise ConfigError(f"workload: {cfg.workload!r} has no evaluation")
     evaluation = cfg.spec.evaluation()
+    connect_checked(cfg, ray_address)  # a cluster that can never hold the workers: refused before anything starts
     model = checkpoint or run_uri(cfg, EXPORT)
     fs, path = storage_fs(model, cfg)  # also points the workload's plain fsspec calls at the job's S3
     if not fs.exists(path):  # before anything starts: no data written, no MLflow run, no Ray job
@@ -51,14 +53,26 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
             trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": model,
                                                      "prepared": prepared, "out": out},
                                     run_name=f"{cfg.name}-eval-{os.getpid()}")
-            trainer.fit()
+            with PlacementWatch(cfg, f"evaluation of {cfg.name}", timeout_s=cfg.resources.placement_timeout_s) as watch:
+                try:
+                    trainer.fit()
+                except (KeyboardInterrupt, SystemExit):
+                    if watch.timed_out:  # stopped by the watch: a failure, not the user's stop
+                        raise PlacementTimeout(watch.timed_out) from None
+                    raise
         fs, root = storage_fs(out, cfg)
         result = json.loads(fs.cat_file(f"{root}/result.json"))
         fs.pipe_file(f"{root}/result.md", result["table"].encode())
+        figure = evaluation.figure(cfg, result["records"])
+        if figure:  # beside the table in storage too, not only on the MLflow run
+            fs.pipe_file(f"{root}/{evaluation.figure_name(cfg)}", figure)
+        # Every file the evaluation wrote (table, figure, responses), for the command to name.
+        result["files"] = sorted(f"{out}/{p[len(root.rstrip('/')) + 1:]}" for p in fs.find(root))
     except BaseException as e:
         mlflow_run.failed(e)
         raise
-    mlflow_run.finished(result, evaluation.figure(cfg, result["records"]), evaluation.figure_name(cfg))
+    mlflow_run.finished(result, figure, evaluation.figure_name(cfg))
+    result["mlflow_run_id"] = mlflow_run.run_id
     return result
 
 
@@ -69,7 +83,7 @@ class EvalRun:
     with the reason. Never fatal: the result is in storage whatever MLflow does."""
 
     def __init__(self, cfg: JobConfig, model: str, params: dict[str, str]):
-        self.cfg, self.run_id, self.client = cfg, None, None
+        self.cfg, self.model, self.run_id, self.client = cfg, model, None, None
         if not cfg.tracking.uri:
             return
         with self._not_fatal():
@@ -133,6 +147,9 @@ class EvalRun:
         with self._not_fatal():
             for i in range(0, len(metrics), 1000):
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+            # The headline at the top of the run's page: its description ends with the table.
+            note = f"Evaluation of {self.model} ({self.cfg.workload}, run {self.cfg.name}).\n\n{result['table']}"
+            self.client.set_tag(self.run_id, "mlflow.note.content", note[:5000])
             self.client.log_text(self.run_id, result["table"], "result.md")
             if figure:
                 self.client.log_image(self.run_id, png_image(figure), figure_name)

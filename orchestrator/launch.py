@@ -21,7 +21,8 @@ from .checkpoint import checkpoint_store
 from .config import JobConfig, to_dict
 from .errors import failure_reason, first_line
 from .identity import RunLease, bind_run, deliver_outbox, outbox, run_tags_of
-from .ray_job import build_trainer, connect_ray, run_output
+from .placement import PlacementTimeout, PlacementWatch
+from .ray_job import RunStopped, build_trainer, connect_checked, connect_ray, run_output, stop_signal
 from .resume import check, describe
 from .storage import read_export_meta, run_uri, storage_fs
 from .tracking import Tracker, log_dataset, log_exported_model, not_fatal, run_description
@@ -67,39 +68,6 @@ def retriable(e: BaseException) -> bool:
     return True
 
 
-class RunStopped(Exception):
-    """The run was stopped (Ctrl-C, SIGTERM, `longview stop`); the message says where it
-    resumes from."""
-
-
-_STOP_SIGNAL = ["SIGINT (Ctrl-C)"]
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (`longview stop`, a scheduler, `kill`) stops a run as Ctrl-C does: Ray
-    Train's SIGINT handler aborts the worker group while the driver waits in `fit`."""
-    import signal
-
-    def forward(signum, frame):
-        _STOP_SIGNAL[0] = "SIGTERM"
-        signal.raise_signal(signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, forward)
-
-
-def stop_signal() -> str:
-    """The signal that stopped the run, as the user sent it."""
-    return _STOP_SIGNAL[0]
-
-
-def stopped_exit_code() -> int:
-    """What a stopped run exits with, as shells report a process ended by the signal:
-    128 + its number (SIGINT 130, SIGTERM 143)."""
-    import signal
-
-    return 128 + (signal.SIGTERM if _STOP_SIGNAL[0] == "SIGTERM" else signal.SIGINT)
-
-
 def check_resume(cfg: JobConfig, store) -> tuple[str | None, list]:
     """(the checkpoint a start resumes from or None, the config changes it applies);
     raises ResumeRefused for changes the run cannot take, before anything starts."""
@@ -131,6 +99,7 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
     """Fits the job on the Ray cluster at `ray_address` ("local": in-process), holding
     the run's lease (one writer per run) from the first check to the last record.
     Returns (Ray's Result, the MLflow run id or None, the last complete checkpoint's URI)."""
+    connect_checked(cfg, ray_address)  # a cluster that can never hold the workers: refused before anything starts
     with RunLease(cfg):
         return _run_training(cfg, ray_address=ray_address, tags=tags)
 
@@ -177,8 +146,7 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
              f"Running since {time.strftime('%Y-%m-%d %H:%M')}.")
     tracker.call("set_tag", "mlflow.note.content", run_description(cfg, since)[:5000])
     with run_output(cfg, "train", tracker.log_artifact_bytes):
-        connect_ray(cfg, ray_address)
-        stop_on_sigterm()  # again: ray.init installs a SIGTERM handler of its own that aborts the process
+        connect_ray(cfg, ray_address)  # connected already (`connect_checked`): Ray's output is routed now
         _record_resume(cfg, tracker, resumed, applied)
         result = _fit(cfg, store, tracker, run_id, run_tags)
     last = store.latest_complete()
@@ -194,7 +162,7 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
     # The run's end goes on the record even if the server is restarting just now; if it
     # does not answer within tracking.wait_s, the end is kept with the rest.
     tracker.call("set_tag", "longview.final_checkpoint", final, wait_s=cfg.tracking.wait_s)
-    done = f"Finished at step {store.manifest(last)['state']['step']}; last checkpoint {final}." if last else "Finished."
+    done = _finished_line(store.manifest(last)["state"], final) if last else "Finished."
     tracker.call("set_tag", "mlflow.note.content", run_description(cfg, done)[:5000], wait_s=cfg.tracking.wait_s)
     tracker.call("set_terminated", "FINISHED", wait_s=cfg.tracking.wait_s)
     kept = len(tracker.outbox.names()) if cfg.tracking.uri else 0
@@ -204,9 +172,17 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
     return result, run_id, final
 
 
+def _finished_line(state: dict, final: str) -> str:
+    """The headline of a finished run, for its description (the top of its MLflow page)."""
+    losses = state.get("losses") or []
+    loss = f": loss {losses[-1][1]:.4g} (step 1: {losses[0][1]:.4g})" if losses else ""
+    return f"Finished at step {state['step']}{loss}; last checkpoint {final}."
+
+
 def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
     """Ray Train's fit, started again after a retriable failure; the MLflow run ended
     KILLED (stopped) or FAILED (with the reason) when it does not finish."""
+    watch = None
     try:
         for attempt in range(cfg.training.max_failures + 1):
             # Ray retries nothing itself (max_failures=0): a failure that a restart would
@@ -216,7 +192,8 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
                                      "run_tags": run_tags},
                                     run_name=cfg.name, max_failures=0, elastic=True)
             try:
-                result = trainer.fit()
+                with PlacementWatch(cfg, f"training {cfg.name}", timeout_s=cfg.resources.placement_timeout_s) as watch:
+                    result = trainer.fit()
                 break
             except Exception as e:
                 if attempt == cfg.training.max_failures or not retriable(e):
@@ -229,6 +206,9 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
         # Stopped: Ray's own SIGINT handler has aborted the worker group (its `sys.exit`
         # is the SystemExit), so no save is in flight any more and a cut one can go.
         store.drop_incomplete()
+        if watch is not None and watch.timed_out:  # stopped by the watch: a failure, not the user's stop
+            _record_failure(tracker, watch.timed_out)
+            raise PlacementTimeout(watch.timed_out) from None
         last = store.latest_complete()
         where = (f"it resumes from {store.location(last)} (step {store.manifest(last)['state']['step']}) when "
                  "started again" if last else "it had no complete checkpoint yet: a new start begins at step 0")
@@ -238,12 +218,15 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
         raise RunStopped(line) from None
     except BaseException as e:
         # The run says why it failed (its description in the UI), and is never left RUNNING.
-        reason = failure_reason(e, storage_retries=cfg.storage.retries)
-        tracker.call("set_tag", "longview.failure", reason[:5000])
-        tracker.call("set_tag", "mlflow.note.content", f"Training failed: {reason}"[:5000])
-        tracker.call("set_terminated", "FAILED")
+        _record_failure(tracker, failure_reason(e, storage_retries=cfg.storage.retries))
         raise
     return result
+
+
+def _record_failure(tracker, reason: str) -> None:
+    tracker.call("set_tag", "longview.failure", reason[:5000])
+    tracker.call("set_tag", "mlflow.note.content", f"Training failed: {reason}"[:5000])
+    tracker.call("set_terminated", "FAILED")
 
 
 def _log_model(cfg: JobConfig, run_id: str) -> None:

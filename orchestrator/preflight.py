@@ -1,8 +1,8 @@
 """Checks that cost seconds before a job starts or is submitted, and save minutes: the
 run's storage answers and its bucket exists (longview never creates one: `longview up`
 does for the local endpoint), the workload's inputs are there and load
-(`WorkloadSpec.check_inputs`), and MLflow answers (a warning only: training never
-waits on it). Each failure is one `InputError` line that says what to do."""
+(`WorkloadSpec.check_inputs`), and MLflow answers (unless tracking.on_unreachable is
+"keep": then a warning, and training never waits on it). Each failure is one `InputError` line that says what to do."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def check_storage(cfg) -> None:
 
 
 def check_tracking(cfg) -> None:
-    """A warning when MLflow does not answer: the run starts anyway and is sent later."""
+    """MLflow answers at tracking.uri: InputError if not, unless tracking.on_unreachable is
+    "keep" (then a warning: the run starts and its records are sent when it answers)."""
     if not cfg.tracking.uri:
         return
     import urllib.request
@@ -31,8 +32,12 @@ def check_tracking(cfg) -> None:
         with urllib.request.urlopen(cfg.tracking.uri.rstrip("/") + "/health", timeout=5):
             pass
     except Exception as e:  # noqa: BLE001 - any failure to answer
+        if cfg.tracking.on_unreachable == "fail":
+            raise InputError(f"MLflow at {cfg.tracking.uri} does not answer ({type(e).__name__}): start it (`longview "
+                             "up` for the local one), fix tracking.uri, or set tracking.on_unreachable=keep to run now "
+                             "and send its records when it answers") from None
         log.warning("MLflow at %s does not answer (%s); the run starts anyway and its records are sent when it "
-                    "answers", cfg.tracking.uri, type(e).__name__)
+                    "answers (tracking.on_unreachable=keep)", cfg.tracking.uri, type(e).__name__)
 
 
 def check_resume_rules(cfg) -> None:

@@ -56,6 +56,20 @@ def connect_ray(cfg, address: str | None) -> None:
     ROUTER.install()
 
 
+def connect_checked(cfg, address: str | None) -> None:
+    """Connected to the cluster the job goes to, which is asked whether it can ever hold
+    the job's workers (`placement.check_placement`: PlacementRefused, naming the resource,
+    before anything starts); SIGTERM then stops the run as Ctrl-C does (`ray.init`
+    installs a SIGTERM handler of its own, which only ends the process)."""
+    import ray
+
+    from .placement import check_placement
+
+    connect_ray(cfg, address)
+    stop_on_sigterm()
+    check_placement(cfg, ray.get_runtime_context().gcs_address)
+
+
 def streams_everything() -> bool:
     """Whether Ray's output streams as Ray prints it: with -v, and inside a submitted job
     (its output is the Ray job log, read with `longview logs`)."""
@@ -128,3 +142,42 @@ def build_trainer(cfg, loop, loop_config: dict, *, run_name: str, max_failures: 
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
+
+
+class RunStopped(Exception):
+    """The run was stopped (Ctrl-C, SIGTERM, `longview stop`); the message says where it
+    resumes from."""
+
+
+_STOP_SIGNAL = ["SIGINT (Ctrl-C)"]
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`longview stop`, a scheduler, `kill`) stops a run as Ctrl-C does: Ray
+    Train's SIGINT handler aborts the worker group while the driver waits in `fit`. While
+    the workers are not placed (`placement.UNPLACED`) the stop is immediate: nothing runs
+    that an abort would wind down, and the driver's exit ends Ray Train's controller."""
+    import signal
+
+    from .placement import UNPLACED
+
+    def forward(signum, frame):
+        _STOP_SIGNAL[0] = "SIGTERM"
+        if UNPLACED.is_set():
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+def stop_signal() -> str:
+    """The signal that stopped the run, as the user sent it."""
+    return _STOP_SIGNAL[0]
+
+
+def stopped_exit_code() -> int:
+    """What a stopped run exits with, as shells report a process ended by the signal:
+    128 + its number (SIGINT 130, SIGTERM 143)."""
+    import signal
+
+    return 128 + (signal.SIGTERM if _STOP_SIGNAL[0] == "SIGTERM" else signal.SIGINT)

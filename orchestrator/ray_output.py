@@ -47,6 +47,7 @@ class RayOutput:
         self._muted = False
         self._ray_handlers: list[logging.Handler] | None = None
         self._ray_printer = None  # Ray's own printer of the workers' lines, taken out of its dispatcher
+        self.last_ours: float | None = None  # time.monotonic() of the workers' last `[longview]` line
 
     def to_file(self, path: Path, *, stream_all: bool) -> None:
         """From now on Ray's output goes to `path` (appended); the terminal gets all of it
@@ -102,6 +103,8 @@ class RayOutput:
         else:
             prefix = "" if data.get("pid") == "raylet" else f"({who} pid={data.get('pid')}) "
         lines = [_ANSI.sub("", line) for line in lines]
+        if any(line.startswith(OUR_PREFIX) for line in lines):
+            self.last_ours = time.monotonic()
         with self._lock:
             if self._file is not None:
                 self._file.writelines(f"{prefix}{line}\n" for line in lines)

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,18 +73,27 @@ class Service:
     extra: dict = field(default_factory=dict)
 
 
+def _http_answers(url: str, *, timeout_s: float) -> bool:
+    """Whether a server answers at `url` with anything below a 5xx. A 401 counts: Ray's
+    dashboard asks for its token (token auth, on when ~/.ray/auth_token exists) and is up."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except Exception:  # noqa: BLE001 - not answering (yet)
+        return False
+
+
 def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = Path(log).read_text()[-2000:] if Path(log).exists() else ""
             raise ServiceError(f"{url}: the process exited with {proc.returncode} before answering\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status < 500:
-                    return
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.3)
+        if _http_answers(url, timeout_s=2):
+            return
+        time.sleep(0.3)
     stop_pid(proc.pid)  # a service that never answered is not left behind
     raise NotAnswering(f"{url} did not answer within {timeout_s:.0f}s (log: {log})")
 
@@ -386,11 +396,7 @@ class LocalServices:
         except (ProcessLookupError, PermissionError):
             return False
         path = {"s3": "/moto-api/", "mlflow": "/health", "ray": "/api/version"}.get(svc.name, "/")
-        try:
-            with urllib.request.urlopen(svc.url + path, timeout=3) as r:
-                return r.status < 500
-        except Exception:  # noqa: BLE001 - not answering
-            return False
+        return _http_answers(svc.url + path, timeout_s=3)
 
     @property
     def objects_dir(self) -> Path:

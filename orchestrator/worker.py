@@ -204,7 +204,8 @@ def train_loop(config: dict) -> None:
     if rank == 0 and tracker.enabled:
         if exported:
             tracker.call("set_tag", "longview.export", exported)
-        tracker.log_artifact_bytes(loss_curve_png(state.losses, cfg.name), "plots/loss.png")
+        # At the artifacts' top level: the run page's Artifacts tab opens on it, no folder to open.
+        tracker.log_artifact_bytes(loss_curve_png(state.losses, cfg.name), "loss.png")
 
 
 def _drain_or_keep(tracker, cfg) -> None:

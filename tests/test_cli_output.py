@@ -147,12 +147,12 @@ def test_set_errors_are_config_errors():
 
 
 def test_a_stopped_run_exits_as_shells_report_the_signal(monkeypatch):
-    from orchestrator import launch
+    from orchestrator import ray_job
 
-    monkeypatch.setattr(launch, "_STOP_SIGNAL", ["SIGINT (Ctrl-C)"])
-    assert launch.stopped_exit_code() == 128 + signal.SIGINT == 130
-    monkeypatch.setattr(launch, "_STOP_SIGNAL", ["SIGTERM"])
-    assert launch.stopped_exit_code() == 128 + signal.SIGTERM == 143
+    monkeypatch.setattr(ray_job, "_STOP_SIGNAL", ["SIGINT (Ctrl-C)"])
+    assert ray_job.stopped_exit_code() == 128 + signal.SIGINT == 130
+    monkeypatch.setattr(ray_job, "_STOP_SIGNAL", ["SIGTERM"])
+    assert ray_job.stopped_exit_code() == 128 + signal.SIGTERM == 143
 
 
 def test_a_failed_jobs_reason_is_found_in_its_log():

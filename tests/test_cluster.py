@@ -49,7 +49,7 @@ def test_jobs_that_no_node_type_can_hold_are_refused():
     ok = load_config("configs/v2pe-256k.yaml")  # 32 workers x 1 GPU: 8 nodes of 8 GPUs hold 64
     check_job_fits(ok, aws)
     big = load_config("configs/v2pe-256k.yaml", overrides={"resources.gpus_per_worker": 16})
-    with pytest.raises(ConfigError, match=r"missing: GPU \(needs 16"):
+    with pytest.raises(ConfigError, match=r"missing: GPU \(a worker needs 16"):
         check_job_fits(big, aws)
     custom = load_config("configs/v2pe-256k.yaml", overrides={"resources.custom": {"tpu_v5": 1}})
     with pytest.raises(ConfigError, match=r"tpu_v5"):
@@ -65,5 +65,5 @@ def test_submit_refuses_before_contacting_any_cluster(tmp_path):
                            "--cluster-yaml", "cluster/local-fake-multinode.yaml", "--set", "resources.gpus_per_worker=1",
                            "--address", "http://127.0.0.1:9"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "refused: cluster/local-fake-multinode.yaml: no node type can hold one worker" in proc.stderr
-    assert "GPU (needs 1" in proc.stderr
+    assert "refused: cluster/local-fake-multinode.yaml: no node can hold one worker" in proc.stderr
+    assert "GPU (a worker needs 1" in proc.stderr

@@ -84,11 +84,13 @@ def test_job_writes_checkpoints_to_s3_and_metrics_to_mlflow(services, reference)
     assert "(TrainController" not in out and "Ray's output (workers, Train controller): " in out
     logged = run_log(fs, name)
     assert "(TrainController pid=" in logged and f"[longview] step {STEPS}/{STEPS}" in logged
-    assert run.data.tags["mlflow.note.content"].endswith(f"Finished at step {STEPS}; last checkpoint "
-                                                        f"s3://{BUCKET}/runs/{name}/step-0000006.")
+    # The description, at the top of the run's page, ends with the headline: the last loss.
+    assert run.data.tags["mlflow.note.content"].endswith(
+        f"Finished at step {STEPS}: loss {losses[-1][1]:.4g} (step 1: {losses[0][1]:.4g}); last checkpoint "
+        f"s3://{BUCKET}/runs/{name}/step-0000006.")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
-        {a.path for d in ("config", "plots", "logs") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"config/job.yaml", "plots/loss.png"} <= artifacts, artifacts
+        {a.path for d in ("config", "logs") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"config/job.yaml", "loss.png"} <= artifacts, artifacts  # the plot at the top level: no folder to open
     assert any(a.startswith("logs/train-") for a in artifacts), artifacts
     # Artifacts went through the server's proxy into the S3 bucket.
     assert any(p.endswith("loss.png") for p in s3.find(f"{BUCKET}/mlflow"))
@@ -252,6 +254,11 @@ def test_eval_scores_the_exported_model_and_logs_a_nested_run(services, referenc
     assert sorted(m.step for m in curve) == [1024, 2048] and all(m.timestamp > 1.7e12 for m in curve)
     assert [m.value for m in sorted(curve, key=lambda m: m.step)] == [r["accuracy"] for r in result["records"]]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"result.md", "accuracy_by_length.png"}
+    # The headline on top of the run's page; the command ends naming where every result is.
+    assert run.data.tags["mlflow.note.content"].endswith(result["table"])
+    for f in ("result.json", "result.md", "accuracy_by_length.png"):
+        assert f"  s3://{BUCKET}/runs/{name}/eval/{f}\n" in proc.stdout, proc.stdout[-2000:]
+    assert proc.stdout.rstrip().endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning"), proc.stdout[-500:]
     exp = client.get_experiment(parent.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
 

@@ -25,5 +25,5 @@ def test_mlflow_ui_shows_the_run_its_metrics_and_its_figure(services, reference,
     assert "loss" in page and "tokens_per_s" in page and "system/" in page  # model and system metrics
     assert os.path.getsize(shot) > 20_000  # a rendered page, not a blank one
 
-    art = render(f"{base}/runs/{run.info.run_id}/artifacts/plots/loss.png{view}")
-    assert "plots/loss.png" in art and "config" in art  # the figure, selected, beside the config folder
+    art = render(f"{base}/runs/{run.info.run_id}/artifacts/loss.png{view}")
+    assert "loss.png" in art and "config" in art  # the figure, selected, beside the config folder
