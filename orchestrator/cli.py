@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from parallelism.ring_demo import main as ring_demo
-from workloads.spec import Hardware, commands, scrub_credentials
+from workloads.spec import Budget, Hardware, commands, scrub_credentials
 
 from . import log as logsetup
 from .cluster import check_job_fits, load_cluster_yaml
@@ -401,7 +401,8 @@ def cmd_experiment(args) -> int:
 def cmd_plan(args) -> int:
     for flag, value in (("--gpus", args.gpus), ("--gpu-memory", args.gpu_memory), ("--gpus-per-node", args.gpus_per_node),
                         ("--intra-node-bandwidth", args.intra_node_bandwidth),
-                        ("--inter-node-bandwidth", args.inter_node_bandwidth), ("--tiles", args.tiles)):
+                        ("--inter-node-bandwidth", args.inter_node_bandwidth), ("--tiles", args.tiles),
+                        ("--samples", args.samples), ("--epochs", args.epochs)):
         if value is not None and value <= 0 and not (flag == "--tiles" and value == 0):
             raise SystemExit(f"plan: {flag} must be positive, got {value}")
     try:
@@ -412,7 +413,7 @@ def cmd_plan(args) -> int:
                   intra_node_gbps=args.intra_node_bandwidth, inter_node_gbps=args.inter_node_bandwidth)
     if cfg.spec.plan is None:
         raise SystemExit(f"plan: workload {cfg.workload!r} has no planner")
-    plan = cfg.spec.plan(cfg, hw, args.tiles)
+    plan = cfg.spec.plan(cfg, hw, args.tiles, Budget(samples=args.samples, epochs=args.epochs))
     _say(json.dumps(plan) if args.json else cfg.spec.format_plan(plan))
     return 0
 
@@ -428,8 +429,8 @@ def _workload_command(command):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's grammar (`main` runs it; the README's commands are checked against it)."""
     ap = argparse.ArgumentParser(prog="longview", description="long-context training on Ray Train")
     noise = ap.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="debug logging, with times and module names")
@@ -483,10 +484,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intra-node-bandwidth", type=float, default=450.0, help="GB/s per GPU inside a node")
     p.add_argument("--inter-node-bandwidth", type=float, default=50.0, help="GB/s per GPU across nodes")
     p.add_argument("--tiles", type=int, default=None, help="image tiles per sample (default: from the data)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per epoch, for hours and GPU-hours (default: the config's synthetic set, MM-NIAH's "
+                        "max_samples)")
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("ring-demo", help="ring attention across local gloo processes", add_help=False)
     p.set_defaults(fn=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     logsetup.setup("DEBUG" if args.verbose else "WARNING" if args.quiet else None)
     if args.command == "ring-demo":

@@ -11,6 +11,7 @@ import torch
 from orchestrator.config import load_config
 from workloads.memory import TensorMemoryPeak
 from workloads.piip.flops import detector_head_macs
+from workloads.spec import Budget
 from workloads.v2pe.model import AttentionSpec, DecoderLayer, V2PEModel, model_config
 from workloads.v2pe.plan import (
     Hardware,
@@ -19,8 +20,18 @@ from workloads.v2pe.plan import (
     _decoder_layer_saved,
     best_a2a,
     estimate_memory,
+    job_shape,
     parameter_counts,
     recommend,
+    step_estimate,
+)
+from workloads.v2pe.renting import (
+    MEASURED_DECODE_MS,
+    MEASURED_PEAK_TFLOPS,
+    MEASURED_TRAIN,
+    decode_ms,
+    measured_efficiency,
+    renting,
 )
 
 SMALL = model_config("tiny", llm_hidden_size=256, llm_num_heads=8, llm_num_kv_heads=4, llm_intermediate_size=768)
@@ -186,3 +197,43 @@ def test_the_kv_cache_term_is_what_a_prefill_keeps():
     # over a context-parallel group of 8, each rank plans an eighth
     eighth = estimate_memory(m, RunShape(seq_len=8 * S, tiles=0, training=False, bf16=False, kv_cache=True, cp=8))
     assert eighth["kv_cache"] == kept
+
+
+def test_renting_prices_steps_at_the_measured_rate_and_adds_up_the_hours():
+    """The planner's time for the measured shape is the measured time (its calibration);
+    every row's hours are its steps for the budget at its step time, GPU-hours its hours
+    times its GPUs; the smallest GPU count fits and half of it does not."""
+    m = model_config("internvl2-2b")
+    seq, seconds = MEASURED_TRAIN
+    hw = Hardware(tflops=MEASURED_PEAK_TFLOPS, efficiency=measured_efficiency(True))
+    shape = RunShape(seq_len=seq, tiles=0, sharding="none", activation_checkpointing=True)
+    assert step_estimate(m, shape, hw)["compute_s"] == pytest.approx(seconds, rel=1e-9)
+    assert [decode_ms(n) for n, _ in MEASURED_DECODE_MS] == [ms for _, ms in MEASURED_DECODE_MS]
+
+    shape = job_shape(load_config("configs/v2pe-256k.yaml"))
+    r = renting(m, shape, Hardware(), Budget(samples=1000, epochs=2), samples=1000, gpus=32)
+    assert r["rows"] and r["smallest_gpus"] == r["rows"][0]["gpus"]
+    for row in r["rows"]:
+        assert row["fits"]
+        steps = -(-2000 // row["dp"])
+        assert row["hours"] == pytest.approx(steps * row["step_s"] / 3600)
+        assert row["gpu_hours"] == pytest.approx(row["hours"] * row["gpus"])
+        assert row["tokens_per_s"] == pytest.approx(shape.seq_len * row["dp"] / row["step_s"])
+    half = r["smallest_gpus"] // 2
+    if half:
+        with pytest.raises(PlanError):
+            recommend(m, shape, replace(Hardware(), gpus=half))
+    assert r["recommended"]["gpus"] == 32 and all(a["cp"] > r["recommended"]["cp"] for a in r["alternatives"])
+
+
+def test_plan_answers_how_many_gpus_for_how_long():
+    proc = _cli("plan", "configs/v2pe-256k.yaml", "--samples", "5000", "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "smallest that fits: " in proc.stdout and "budget: 5000 samples x 2 epoch(s)" in proc.stdout
+    assert "| GPUs | layout | GiB/GPU | s/step | tokens/s | hours | GPU-hours |" in proc.stdout
+    assert "recommended: 32 GPUs as cp " in proc.stdout and "measured on one H200" in proc.stdout
+    plan = json.loads(_cli("plan", "configs/v2pe-eval-1m.yaml", "--samples", "100", "--json").stdout)
+    rows = plan["evaluation"]["renting"]["rows"]
+    assert rows and all(r["hours"] > 0 for r in rows)
+    proc = _cli("plan", "configs/v2pe-256k.yaml", "--samples", "0")
+    assert proc.returncode != 0 and "plan: --samples must be positive, got 0" in proc.stderr

@@ -136,6 +136,15 @@ class Hardware:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How much a run is to do, for the planner's hours (`longview plan --samples --epochs`):
+    samples per epoch (None: what the job's config says, if it says), epochs."""
+
+    samples: int | None = None
+    epochs: float = 1.0
+
+
+@dataclass(frozen=True)
 class Command:
     """A subcommand of `longview` that a workload brings (PIIP: `longview flops`).
     `run(args)` returns the text to print; a ValueError is shown as one line."""
@@ -261,7 +270,7 @@ class WorkloadSpec:
     # cfg -> "dp 2 x cp 4": the job's layout as the CLI prints it
     layout: Callable[[Any], str] = lambda cfg: f"dp {cfg.resources.max_workers}"
     # (cfg, hardware, tiles) -> plain data for `longview plan --json`, and its text form
-    plan: Callable[[Any, Any, int | None], dict] | None = None
+    plan: Callable[[Any, Any, int | None, Any], dict] | None = None  # (cfg, Hardware, tiles, Budget)
     format_plan: Callable[[dict], str] | None = None
     # `longview eval`: a function returning the workload's `Evaluation` (imported lazily), or None
     evaluation: Callable[[], Evaluation] | None = None

@@ -132,8 +132,11 @@ class DetectionAP(Evaluation):
             record["predictions_png"] = _predictions_figure(model, data, results, ctx.run_root)
             log.info("box AP %.3f, mask AP %.3f on %d images (backbone %.3f GFLOPs)", ap["bbox_AP"], ap["segm_AP"],
                      len(data), gflops)  # every rank holds the same AP: said once
+        # As MLflow shows them: AP to 0.01 points (COCOeval's own precision is no finer on a
+        # few hundred images), and no metric for a size class with no object (COCOeval's -1).
+        metrics = {k: round(v, 4) for k, v in ap.items() if v >= 0}
         return EvalResult(table=ap_table([record]), records=[record],
-                          metrics={**ap, "backbone_gflops": gflops, "head_gflops": heads})
+                          metrics={**metrics, "backbone_gflops": round(gflops, 6), "head_gflops": round(heads, 4)})
 
     def params(self, cfg) -> dict[str, str]:
         return {"eval.task": "detection", "eval.data": cfg.piip.eval_data or f"generated ({cfg.piip.eval_samples})"}

@@ -111,7 +111,7 @@ def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
     return tuple(ranks)
 
 
-def plan_job(cfg, hw, tiles: int | None = None) -> dict:
+def plan_job(cfg, hw, tiles: int | None = None, budget=None) -> dict:
     """Branch FLOPs and ranks per branch of a PIIP job (`longview plan`); `tiles` is V2PE's."""
     m = cfg.piip.model_config()
     gpus = hw.gpus or cfg.resources.max_workers

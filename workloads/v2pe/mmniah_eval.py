@@ -11,7 +11,7 @@ needle evaluation); each answer is generated over its group and scored; the scor
 on every rank. Results: per task and context-length bucket, the authors' score (MLflow:
 a metric `mmniah_<task>` per task, step = the bucket's lower edge in tokens, and
 `mmniah_overall`), a table, a figure, and every response in the authors' output format
-(`<run>/eval/mm-niah/<task>.jsonl`, what their calculate_scores.py reads).
+(`<run>/eval/mm-niah/<task>_stride_<N>.jsonl`).
 """
 
 from __future__ import annotations

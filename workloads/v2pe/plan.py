@@ -367,8 +367,22 @@ def job_shape(cfg, *, evaluation: bool = False, tiles: int | None = None,
     return shape
 
 
-def plan_job(cfg, hw, tiles: int | None = None) -> dict:
+def _budget_samples(cfg, evaluation: bool, budget) -> int | None:
+    """Samples the hours are for: --samples, else what the config says (the synthetic
+    set's size; MM-NIAH's max_samples per task)."""
+    if budget.samples:
+        return budget.samples
+    if evaluation:
+        return cfg.evaluation.max_samples if cfg.evaluation.benchmark == "mm-niah" else None
+    return cfg.data.synthetic.samples if cfg.data.train == "synthetic" else None
+
+
+def plan_job(cfg, hw, tiles: int | None = None, budget=None) -> dict:
     """The whole answer as plain data (what --json prints)."""
+    from ..spec import Budget
+    from .renting import renting
+
+    budget = budget or Budget()
     out = {"workload": "v2pe", "model": cfg.model.size, "hardware": asdict(hw)}
     for part, evaluation in (("training", False), ("evaluation", True)):
         if evaluation and not cfg.evaluation.lengths and cfg.evaluation.benchmark == "needle":
@@ -385,12 +399,18 @@ def plan_job(cfg, hw, tiles: int | None = None) -> dict:
         except PlanError as e:
             entry["recommended"] = None
             entry["error"] = str(e)
+        # Generation (MM-NIAH) decodes each answer after the prefill; the needle task is teacher-forced.
+        new_tokens = (cfg.evaluation.max_new_tokens or 16) if evaluation and shape.kv_cache else 0
+        entry["renting"] = renting(m, shape, hw, budget, samples=_budget_samples(cfg, evaluation, budget), gpus=gpus,
+                                   new_tokens=new_tokens)
         out[part] = entry
     return out
 
 
 def format_plan(plan: dict) -> str:
     """`plan_job`'s answer as the text `longview plan` prints."""
+    from .renting import format_renting
+
     hw = plan["hardware"]
     lines = [f"V2PE {plan['model']}; GPUs of {hw['gpu_memory_gib']:g} GiB, {hw['gpus_per_node']} per node, "
              f"{hw['intra_node_gbps']:g} GB/s inside a node, {hw['inter_node_gbps']:g} GB/s across"]
@@ -415,6 +435,7 @@ def format_plan(plan: dict) -> str:
         elif rec:
             lines.append(f"  to use it: longview eval ... --set resources.workers={rec['gpus']} "
                          f"--set parallelism.cp_a2a={rec['cp_a2a']}")
+        lines += format_renting(part, e["renting"])
     return "\n".join(lines)
 
 
