@@ -413,6 +413,9 @@ def cmd_plan(args) -> int:
                   intra_node_gbps=args.intra_node_bandwidth, inter_node_gbps=args.inter_node_bandwidth)
     if cfg.spec.plan is None:
         raise SystemExit(f"plan: workload {cfg.workload!r} has no planner")
+    if args.json:  # stdout is the JSON alone: notes (a library's fallback) only if they are warnings
+        for name in ("workloads", "orchestrator"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     plan = cfg.spec.plan(cfg, hw, args.tiles, Budget(samples=args.samples, epochs=args.epochs))
     _say(json.dumps(plan) if args.json else cfg.spec.format_plan(plan))
     return 0

@@ -237,3 +237,29 @@ def test_plan_answers_how_many_gpus_for_how_long():
     assert rows and all(r["hours"] > 0 for r in rows)
     proc = _cli("plan", "configs/v2pe-256k.yaml", "--samples", "0")
     assert proc.returncode != 0 and "plan: --samples must be positive, got 0" in proc.stderr
+
+
+def test_piip_plan_counts_the_heads_in_the_split_and_every_parameter_once():
+    from workloads.piip.plan import owned_parameter_counts, plan_job
+
+    det = load_config("configs/piip-tsb-maskrcnn.yaml")
+    owned, total = owned_parameter_counts(det.piip)
+    assert sum(owned) == total  # each parameter has exactly one owning branch
+    from workloads.piip.detection import PIIPDetector
+
+    with torch.device("meta"):
+        model = PIIPDetector(det.piip.model_config(), det.piip.detection_config(80))
+    assert total == sum(p.numel() for p in model.parameters())
+    # The heads (more FLOPs than the backbone) run on the first branch's ranks: it gets more of them.
+    from workloads.piip.flops import propose_layout
+
+    m = det.piip.model_config()
+    assert propose_layout(m, 16, first_branch_extra=det.piip.head_macs())[0] > propose_layout(m, 16)[0]
+    plan = plan_job(det, Hardware(gpus=16), budget=Budget(samples=1000, epochs=2))
+    assert plan["ranks_per_branch"] == list(det.piip.layout(16)) and sum(plan["ranks_per_branch"]) == 16
+    assert plan["step_s"] == max(b["step_s"] for b in plan["branches"]) > 0
+    assert plan["memory_gib"] == max(b["memory_gib"]["total"] for b in plan["branches"]) and plan["fits"]
+    assert plan["hours"] == pytest.approx(-(-2000 // det.piip.batch_size) * plan["step_s"] / 3600)
+    assert plan["gpu_hours"] == pytest.approx(plan["hours"] * 16)
+    text = _cli("plan", "configs/piip-tsb-maskrcnn.yaml", "--samples", "1000").stdout
+    assert "on the fullest GPU: fits" in text and "GPU-hours on 16 GPUs" in text and "heads included" in text

@@ -95,13 +95,33 @@ class PIIPSection:
                                fpn_channels=self.fpn_channels, rpn_proposals=tuple(self.rpn_proposals),
                                roi_samples=self.roi_samples)
 
+    def planned_classes(self) -> int:
+        """Classes the planner assumes: the generated shapes', or COCO's 80 (it reads no
+        annotations; the class-sized layers are a sliver of the heads)."""
+        from .coco import SHAPES  # config sections load with the spec, before any model code
+
+        return len(SHAPES) if self.data == "synthetic" else 80
+
+    def head_macs(self) -> float:
+        """Multiply-adds per training image of the detector's parts beside the backbone
+        (merge, pyramid, RPN, box head over roi_samples RoIs, mask head over the positive
+        quarter of them): they run on the first branch's ranks. 0 for the other tasks."""
+        if self.task != "detection":
+            return 0.0
+        from .flops import detector_head_macs  # config sections load with the spec, before any model code
+
+        det = self.detection_config(self.planned_classes())
+        return detector_head_macs(self.model_config(), det, rois=self.roi_samples,
+                                  masks=self.roi_samples // 4)["total"]
+
     def layout(self, workers: int) -> tuple[int, ...]:
-        """Ranks per branch: as configured, else proportional to each branch's FLOPs."""
+        """Ranks per branch: as configured, else proportional to each branch's FLOPs, the
+        detector's heads counted on the first branch's."""
         from .flops import propose_layout  # config sections load with the spec, before any model code
 
         if self.ranks_per_branch:
             return tuple(self.ranks_per_branch)
-        return propose_layout(self.model_config(), workers)
+        return propose_layout(self.model_config(), workers, first_branch_extra=self.head_macs())
 
 
 @functools.lru_cache(maxsize=16)

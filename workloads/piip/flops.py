@@ -88,9 +88,10 @@ def detector_head_macs(cfg: PIIPConfig, det, rois: int | None = None, masks: int
     return {**parts, "total": sum(parts.values())}
 
 
-def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
+def propose_layout(cfg: PIIPConfig, world_size: int, first_branch_extra: float = 0.0) -> tuple[int, ...]:
     """Ranks per branch, proportional to each branch's FLOPs (its blocks and its sides
-    of the interaction units), at least one each, so the groups finish a stage together.
+    of the interaction units; `first_branch_extra`: the merge and task heads, which run
+    on the first branch's group), at least one each, so the groups finish a step together.
 
     Largest-remainder rounding of world_size x share, then, while a rank is left, it goes
     to the branch with the most FLOPs per rank.
@@ -99,6 +100,7 @@ def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
     if world_size < n:
         raise ValueError(f"{n} branches need at least {n} ranks, got world_size={world_size}")
     work = [branch_macs(b) for b in cfg.branches]
+    work[0] += first_branch_extra
     if n > 1:
         for k, (a, b) in enumerate(zip(cfg.branches[:-1], cfg.branches[1:])):
             na, nb = a.grid**2, b.grid**2
@@ -109,47 +111,6 @@ def propose_layout(cfg: PIIPConfig, world_size: int) -> tuple[int, ...]:
         k = max(range(n), key=lambda i: work[i] / ranks[i])
         ranks[k] += 1
     return tuple(ranks)
-
-
-def plan_job(cfg, hw, tiles: int | None = None, budget=None) -> dict:
-    """Branch FLOPs and ranks per branch of a PIIP job (`longview plan`); `tiles` is V2PE's."""
-    m = cfg.piip.model_config()
-    gpus = hw.gpus or cfg.resources.max_workers
-    f = backbone_flops(m)
-    return {"workload": "piip", "variant": cfg.piip.variant, "resolutions": list(cfg.piip.resolutions),
-            "gflops": f["total"] / 1e9, "branch_gflops": [b / 1e9 for b in f["branches"]],
-            "configured_ranks_per_branch": list(cfg.piip.ranks_per_branch) or None,
-            "recommended_ranks_per_branch": list(propose_layout(m, gpus)), "gpus": gpus,
-            **(_detection_plan(cfg.piip) if cfg.piip.task == "detection" else {})}
-
-
-def _detection_plan(section) -> dict:
-    """The detector's parts beside the backbone, at the most proposals and detections it
-    keeps in evaluation. The class count is the generated shapes' or COCO's 80: `plan`
-    reads no annotations, and the class-sized layers are a sliver of the heads."""
-    from .coco import SHAPES
-
-    classes = len(SHAPES) if section.data == "synthetic" else 80
-    det = section.detection_config(classes)
-    heads = detector_head_macs(section.model_config(), det)
-    return {"head_gflops": {k: v / 1e9 for k, v in heads.items()},
-            "head_assumes": {"classes": classes, "rois": det.rpn_proposals[1], "masks": det.detections_per_image}}
-
-
-def format_plan(plan: dict) -> str:
-    lines = [f"PIIP {plan['variant']} @ {'/'.join(map(str, plan['resolutions']))}: "
-             f"{plan['gflops']:.4g} GFLOPs per image"]
-    lines.append("branch GFLOPs: " + ", ".join(f"{g:.4g}" for g in plan["branch_gflops"]))
-    lines.append(f"ranks per branch on {plan['gpus']} GPUs: {plan['recommended_ranks_per_branch']} "
-                 "(proportional to each branch's FLOPs)")
-    if "head_gflops" in plan:
-        h, a = plan["head_gflops"], plan["head_assumes"]
-        lines.append(f"detector heads: {h['total']:.4g} GFLOPs per image beside the backbone (merge {h['merge']:.3g}, "
-                     f"pyramid {h['pyramid']:.3g}, RPN {h['rpn']:.3g}, box {h['box']:.3g}, mask {h['mask']:.3g}; "
-                     f"at {a['rois']} proposals, {a['masks']} masks, {a['classes']} classes)")
-    if plan["configured_ranks_per_branch"]:
-        lines.append(f"configured: {plan['configured_ranks_per_branch']}")
-    return "\n".join(lines)
 
 
 def add_flops_arguments(p) -> None:

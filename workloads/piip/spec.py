@@ -74,7 +74,7 @@ SPEC = register(WorkloadSpec(
     evaluation=lazy("workloads.piip.evaluate:PIIPEvaluation"),
     unused_keys=("parallelism.cp", "parallelism.cp_a2a", "training.loss_chunk_tokens",
                  "training.activation_checkpointing"),
-    plan=lazy("workloads.piip.flops:plan_job"), format_plan=lazy("workloads.piip.flops:format_plan"),
+    plan=lazy("workloads.piip.plan:plan_job"), format_plan=lazy("workloads.piip.plan:format_plan"),
     commands=(Command("flops", "backbone GFLOPs of a PIIP variant or ViT baseline",
                       lazy("workloads.piip.flops:add_flops_arguments"), lazy("workloads.piip.flops:flops_command")),),
 ))
