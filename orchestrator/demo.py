@@ -88,9 +88,8 @@ def main(argv: list[str]) -> int:
                         else (PIIP_EXPERIMENT, f"piip-det-{stamp}"))
         # Into a folder of its own, not over the tracked docs/ unless asked (`make experiment OUT=docs`).
         folder = argv[1] if len(argv) > 1 else f"out/{what}"
-        out = run(env, "experiment", config, "--set", f"name={name}", "--out", folder)
+        run(env, "experiment", config, "--set", f"name={name}", "--out", folder)  # its table is printed as it ends
         print(f"\nexperiment finished in {(time.time() - t0) / 60:.1f} min; figure and table in {folder}/")
-        print("\n".join("    " + ln for ln in out.splitlines() if ln.startswith("|")))
         if what == "experiment":
             where_to_click(env, f"{name}-v2pe_rnd")
         return 0

@@ -21,7 +21,7 @@ from .config import JobConfig, from_dict, to_dict
 from .evaluate import run_evaluation
 from .launch import run_training
 from .storage import run_uri
-from .tracking import experiment_id, mlflow_client, not_fatal, png_image, run_tags
+from .tracking import experiment_id, mlflow_client, not_fatal, png_image, run_tags, run_url
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +95,4 @@ def _log_experiment(cfg: JobConfig, comparison, results: dict, figure: bytes | N
         if figure:
             client.log_image(rid, png_image(figure), f"{comparison.name}.png")
         client.set_terminated(rid, "FINISHED")
+        log.info("MLflow run of the comparison (joint figure and table): %s", run_url(cfg.tracking.uri, rid))

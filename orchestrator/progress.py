@@ -3,7 +3,8 @@
 The job's own record is the source: the steps its MLflow run has logged (the `loss`
 metric's last step) against `training.steps`, the last loss, and an ETA from the rate
 since the first step seen. On a terminal a rich progress bar; otherwise (logs, CI) one
-line whenever the status changes or another tenth of the steps is done.
+line whenever the status changes or another tenth of the steps is done, and at least
+every 15 s (`longview logs JOB_ID` has what the job itself says).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from .tracking import RUN_NAME_TAG, mlflow_client
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 15.0
+
 
 class JobProgress:
     def __init__(self, cfg, *, poll_s: float = 5.0):
@@ -24,6 +27,7 @@ class JobProgress:
         self.status, self.step, self.loss = None, 0, None
         self._run_id, self._last_poll, self._first = None, 0.0, None  # first: (time, step) seen
         self._logged_tenth = -1
+        self._last_line = 0.0
         self._bar = self._task = None
 
     def __enter__(self):
@@ -84,8 +88,10 @@ class JobProgress:
                              description=f"{self.cfg.name} [{status}]")
             return
         tenth = 10 * self.step // max(self.total, 1)
-        if changed or tenth > self._logged_tenth:
-            self._logged_tenth = tenth
+        # A line on each change of status, each tenth of the steps, and at least every
+        # HEARTBEAT_S while nothing changes (a job starting: placing workers, reading data).
+        if changed or tenth > self._logged_tenth or time.time() - self._last_line >= HEARTBEAT_S:
+            self._logged_tenth, self._last_line = tenth, time.time()
             eta = self.eta()
             loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
             left = f", ETA {int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None and status == "RUNNING" else ""

@@ -164,3 +164,35 @@ def test_a_failed_jobs_reason_is_found_in_its_log():
     assert _reason_in_log("stopped: training x stopped (SIGTERM); it resumes from s3://b/x/step-2\n").startswith(
         "training x stopped (SIGTERM)")
     assert _reason_in_log("nothing of ours\n") is None
+
+
+def test_submit_wait_says_something_at_least_every_15_s(monkeypatch):
+    """A job that is starting (no step yet, status unchanged) still gets a line every
+    HEARTBEAT_S seconds; nothing more often than that while nothing changes."""
+    import logging
+    from types import SimpleNamespace
+
+    from orchestrator import progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    progress.log.addHandler(handler)
+    level = progress.log.level
+    progress.log.setLevel(logging.INFO)
+    try:
+        cfg = SimpleNamespace(name="job", training=SimpleNamespace(steps=10), tracking=SimpleNamespace(uri=None))
+        p = progress.JobProgress(cfg)
+        p.update("RUNNING")  # a new status: said
+        for dt in (5, 5, 4.9):  # 14.9 s of nothing new: quiet
+            clock[0] += dt
+            p.update("RUNNING")
+        assert len(lines) == 1
+        clock[0] += 0.1  # 15 s since the last line
+        p.update("RUNNING")
+        assert len(lines) == 2 and "RUNNING: step 0/10" in lines[-1] and "[   15s]" in lines[-1], lines
+    finally:
+        progress.log.removeHandler(handler)
+        progress.log.setLevel(level)
