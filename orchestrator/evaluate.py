@@ -30,10 +30,11 @@ EXPORT = "export"  # the model written at the end of training
 
 
 def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address: str | None = None,
-                   data_root: str | None = None) -> dict:
+                   data_root: str | None = None, shown_as: str | None = None) -> dict:
     """Evaluates the run's exported model (or `checkpoint`); returns the result
-    ({"table", "records", "metrics", "curves"}). data_root: where the evaluation data is
-    written once (default: the run's folder; an experiment shares one between its runs)."""
+    ({"table", "records", "metrics", "curves", "files", "mlflow_run_id"}). data_root:
+    where the evaluation data is written once (default: the run's folder; an experiment
+    shares one between its runs); shown_as: the MLflow run's name (default `<name>-eval`)."""
     if cfg.spec.evaluation is None:
         raise ConfigError(f"workload: {cfg.workload!r} has no evaluation")
     evaluation = cfg.spec.evaluation()
@@ -42,7 +43,7 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     fs, path = storage_fs(model, cfg)  # also points the workload's plain fsspec calls at the job's S3
     if not fs.exists(path):  # before anything starts: no data written, no MLflow run, no Ray job
         raise FileNotFoundError(f"no trained model at {model}: train {cfg.name} first, or pass --checkpoint")
-    mlflow_run = EvalRun(cfg, model, evaluation.params(cfg))
+    mlflow_run = EvalRun(cfg, model, evaluation.params(cfg), shown_as=shown_as or f"{cfg.name}-eval")
     try:
         log.info("preparing evaluation data ...")
         prepared = evaluation.prepare(cfg, data_root or run_uri(cfg), model)
@@ -82,7 +83,7 @@ class EvalRun:
     the model evaluated and its training step; ended FINISHED with the result, or FAILED
     with the reason. Never fatal: the result is in storage whatever MLflow does."""
 
-    def __init__(self, cfg: JobConfig, model: str, params: dict[str, str]):
+    def __init__(self, cfg: JobConfig, model: str, params: dict[str, str], *, shown_as: str):
         self.cfg, self.model, self.run_id, self.client = cfg, model, None, None
         if not cfg.tracking.uri:
             return
@@ -96,7 +97,7 @@ class EvalRun:
                     "mlflow.note.content": f"Evaluation of {model} ({cfg.workload}, run {cfg.name})."}
             if parent:
                 tags["mlflow.parentRunId"] = parent
-            self.run_id = self.client.create_run(exp_id, run_name=f"{cfg.name}-eval", tags=tags).info.run_id
+            self.run_id = self.client.create_run(exp_id, run_name=shown_as, tags=tags).info.run_id
             from mlflow.entities import Param
 
             params = {"model": model, "trained_steps": str(_trained_steps(model, cfg)), **params}

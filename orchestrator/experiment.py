@@ -44,10 +44,11 @@ def run_experiment(cfg: JobConfig, *, ray_address: str | None = None, out_dir: s
         arm = arm_config(cfg, label, overrides)
         t0 = time.time()
         log.info("[%s] training %s: %d steps", label, arm.name, arm.training.steps)
-        run_training(arm, ray_address=ray_address, tags={"longview.experiment": cfg.name})
+        run_training(arm, ray_address=ray_address, tags={"longview.experiment": cfg.name, "longview.arm": label})
         t1 = time.time()
         log.info("[%s] evaluating %s", label, arm.name)
-        results[label] = run_evaluation(arm, ray_address=ray_address, data_root=run_uri(cfg))
+        results[label] = run_evaluation(arm, ray_address=ray_address, data_root=run_uri(cfg),
+                                        shown_as=f"{label} eval · {cfg.name}")
         timings[label] = (t1 - t0, time.time() - t1)
     table, figure = evaluation.compare(cfg, results)
     report = f"{table}\n\n{_timing_lines(timings, time.time() - started)}\n"
@@ -79,7 +80,7 @@ def _log_experiment(cfg: JobConfig, comparison, results: dict, figure: bytes | N
     with not_fatal("the experiment's figure and table"):
         client = mlflow_client(cfg.tracking.uri)
         exp = experiment_id(client, cfg.experiment)
-        run = client.create_run(exp, run_name=cfg.name, start_time=int((time.time() - seconds) * 1000),
+        run = client.create_run(exp, run_name=f"comparison · {cfg.name}", start_time=int((time.time() - seconds) * 1000),
                                 tags={**run_tags(cfg, kind="experiment"), "longview.experiment": cfg.name,
                                       "mlflow.note.content": comparison.description})
         rid = run.info.run_id

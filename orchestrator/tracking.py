@@ -162,7 +162,10 @@ def job_run(cfg, tags: dict[str, str], *, bound: str | None = None, by_name: boo
         if earlier:
             log.info("MLflow has an earlier run named %s (%s, other storage); this run is a new one", cfg.name,
                      earlier)
-        run_id, created = client.create_run(exp_id, run_name=cfg.name,
+        # An experiment's arms lead with their label: MLflow's runs table cuts long names,
+        # and `<experiment>-<label>` would read the same in every row.
+        shown = f"{tags['longview.arm']} · {tags['longview.experiment']}" if "longview.arm" in tags else cfg.name
+        run_id, created = client.create_run(exp_id, run_name=shown,
                                             tags={RUN_NAME_TAG: cfg.name, **tags}).info.run_id, True
     if created:
         import yaml

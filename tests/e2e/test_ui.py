@@ -23,6 +23,10 @@ def test_mlflow_ui_shows_the_run_its_metrics_and_its_figure(services, reference,
     page = render(f"{base}/runs/{run.info.run_id}{view}", screenshot=shot)
     assert name in page and f"v2pe training job {name}" in page  # name and description
     assert "loss" in page and "tokens_per_s" in page and "system/" in page  # model and system metrics
+    # The headline (the last loss) is in the description, above the metrics table, whose
+    # first group MLflow fixes as the system metrics.
+    assert f"Finished at step {len(reference[1])}: loss " in page
+    assert page.index("Finished at step") < page.index("System metrics"), page[:3000]
     assert os.path.getsize(shot) > 20_000  # a rendered page, not a blank one
 
     art = render(f"{base}/runs/{run.info.run_id}/artifacts/loss.png{view}")
