@@ -6,7 +6,9 @@ Two questions, asked of the cluster itself once the driver is connected to it:
   have — its live nodes (their total resources, not what is free now) and, on an
   autoscaling cluster, the node types its autoscaler reported to the GCS — must hold at
   least `resources.workers` (the minimum of an elastic range) workers of the job's
-  resources. A job no node can ever hold is refused in one line naming the resource it
+  resources. Ray's v1 autoscaler (a head started with `--autoscaling-config`) publishes
+  no node types: on such a cluster a job the live nodes cannot hold is not refused, and
+  waits as below. A job no node can ever hold is refused in one line naming the resource it
   lacks; it would otherwise wait for ever while only the run's log repeats Ray's
   "no node can hold it". `--cluster-yaml` asks the same question of a cluster YAML's
   node types (`cluster.check_job_fits`).
@@ -33,6 +35,8 @@ from .ray_output import ROUTER
 log = logging.getLogger(__name__)
 
 REPORT_S = 15.0  # a line at least this often while a run waits for its workers
+AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # Ray's v1 monitor writes its status there each round
+AUTOSCALER_GRACE_S = 10.0  # a monitor started with the head has written it by then
 POLL_S = 1.0
 # Set while a run's workers are not placed: a stop then needs no graceful abort (nothing
 # runs, no save is in flight) and must not wait for one (Ray Train's controller takes its
@@ -114,11 +118,41 @@ def live_node_kinds() -> tuple[list[NodeKind], bool]:
     return kinds, autoscaled
 
 
+def _autoscaler_without_node_types(grace_s: float) -> bool:
+    """Whether the cluster runs an autoscaler that publishes no node types (Ray's v1
+    monitor, as `ray start --autoscaling-config` and the fake multi-node cluster start
+    it): its status record is in the GCS from its first round on, looked for up to
+    `grace_s` seconds."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            if _internal_kv_get(AUTOSCALER_STATUS_KEY):
+                return True
+        except Exception as e:  # noqa: BLE001 - unreadable: treated as no autoscaler
+            log.debug("autoscaler status unreadable (%s)", e)
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+
+
 def check_placement(cfg: JobConfig, address: str) -> None:
-    """`check_fits` against the cluster the driver is connected to."""
+    """`check_fits` against the cluster the driver is connected to: its live nodes and
+    the node types its autoscaler publishes. An autoscaler that publishes none (Ray's v1
+    monitor) may still add a node that fits: then the run is not refused here, and the
+    placement watch says what it waits for."""
     kinds, autoscaled = live_node_kinds()
     what = "the autoscaling cluster" if autoscaled else "the cluster"
-    check_fits(cfg, kinds, f"{what} at {address}")
+    try:
+        check_fits(cfg, kinds, f"{what} at {address}")
+    except PlacementRefused as e:
+        if autoscaled or not _autoscaler_without_node_types(AUTOSCALER_GRACE_S):
+            raise
+        log.info("no node of the cluster holds a worker now (%s); its autoscaler publishes no node types, so the "
+                 "run waits for one it may add (resources.placement_timeout_s=%g)", str(e).split("; ", 1)[-1],
+                 cfg.resources.placement_timeout_s)
 
 
 def _ours(table: dict, job_hex: str) -> list[dict]:

@@ -331,3 +331,26 @@ def test_missing_inputs_stop_before_anything_starts(services):
     exp = MlflowClient(fs["started"]["mlflow"].url).get_experiment_by_name("longview-v2pe")
     assert exp is None or not MlflowClient(fs["started"]["mlflow"].url).search_runs(
         [exp.experiment_id], filter_string=f"tags.`longview.run_name` = '{name}'")
+
+
+def test_an_experiment_writes_its_own_folder_and_names_its_runs_apart(services, tmp_path):
+    """`longview experiment` as `make experiment` runs it, shortened: both arms trained and
+    evaluated, the joint table printed once, the figure and table in --out, and MLflow
+    names that lead with each arm (the runs table cuts long names)."""
+    name, out = unique("exp"), tmp_path / "out"
+    proc = cli(services["env"], "experiment", "configs/v2pe-length.yaml", "--set", f"name={name}", *BASE[:2],
+               "--set", "training.steps=2", "--set", "data.synthetic.samples=4", "--set", "evaluation.lengths=[512]",
+               "--set", "evaluation.strides=[256]", "--set", "evaluation.samples_per_length=1", "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["length-generalisation.md", "length-generalisation.png"]
+    assert proc.stdout.count("| 512 (1x) | 1 |") == 1, proc.stdout[-3000:]  # the table, once
+    assert "MLflow run of the comparison (joint figure and table): " in proc.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(services["started"]["mlflow"].url)
+    exp = client.get_experiment_by_name("longview-v2pe")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`longview.experiment` = '{name}'")
+    assert sorted(r.info.run_name for r in runs) == sorted([f"comparison · {name}", f"v2pe_rnd · {name}",
+                                                            f"default · {name}"]), [r.info.run_name for r in runs]
+    evals = client.search_runs([exp.experiment_id], filter_string="tags.`longview.kind` = 'evaluation'")
+    shown = {r.info.run_name for r in evals}
+    assert {f"v2pe_rnd eval · {name}", f"default eval · {name}"} <= shown
