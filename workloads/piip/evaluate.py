@@ -77,7 +77,8 @@ class HeldOutAccuracy(Evaluation):
         acc = right / seen
         low, high = wilson_interval(right, seen)
         chance = 1 / len(data.classes)
-        log.info("held-out accuracy %.3f over %d samples (chance %.3f)", acc, seen, chance)
+        if ctx.rank == 0:  # every rank holds the same figure: said once
+            log.info("held-out accuracy %.3f over %d samples (chance %.3f)", acc, seen, chance)
         table = ("| samples | classes | accuracy | 95% interval | chance |\n|---|---|---|---|---|\n"
                  f"| {seen} | {len(data.classes)} | {acc:.3f} | {low:.2f}–{high:.2f} | {chance:.3f} |")
         record = {"samples": seen, "accuracy": acc, "low": low, "high": high, "chance": chance}

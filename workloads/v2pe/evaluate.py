@@ -132,8 +132,10 @@ def accuracy_table(
     count = replicas[1]
     scores: dict[tuple[int, int], list[tuple[bool, float]]] = {}
     seen = []
+    # Every rank walks the same cells: the job's first rank says each line, once.
+    say = not dist.is_initialized() or dist.get_rank() == 0
     for s in samples:
-        if len(s) not in seen:
+        if len(s) not in seen and say:
             seen.append(len(s))
             log.info("evaluating %d-token samples under δ = %s", len(s), ", ".join(_delta_name(x) for x in strides))
         visual = None
@@ -163,8 +165,9 @@ def accuracy_table(
                                     accuracy=correct / len(group),
                                     mean_log_likelihood=sum(ll for _, ll in group) / len(group), low=low, high=high))
             r = rows[-1]
-            log.info("evaluated %d tokens, δ = %s: accuracy %.3f over %d samples (%d of %d cells)", n, r.delta,
-                     r.accuracy, r.samples, len(rows), len(strides) * len(lengths))
+            if say:
+                log.info("evaluated %d tokens, δ = %s: accuracy %.3f over %d samples (%d of %d cells)", n,
+                         r.delta, r.accuracy, r.samples, len(rows), len(strides) * len(lengths))
     return rows
 
 
