@@ -8,10 +8,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable
 
 from .faults import ENV_KEYS as FAULT_ENV_KEYS
 from .log import LEVEL_ENV
+from .placement import UNPLACED, check_placement
 from .ray_output import ROUTER, run_log_path
 from .storage import backend_for, resolved, run_uri, storage_fs
 
@@ -62,8 +64,6 @@ def connect_checked(cfg, address: str | None) -> None:
     before anything starts); SIGTERM then stops the run as Ctrl-C does (`ray.init`
     installs a SIGTERM handler of its own, which only ends the process)."""
     import ray
-
-    from .placement import check_placement
 
     connect_ray(cfg, address)
     stop_on_sigterm()
@@ -157,10 +157,6 @@ def stop_on_sigterm() -> None:
     Train's SIGINT handler aborts the worker group while the driver waits in `fit`. While
     the workers are not placed (`placement.UNPLACED`) the stop is immediate: nothing runs
     that an abort would wind down, and the driver's exit ends Ray Train's controller."""
-    import signal
-
-    from .placement import UNPLACED
-
     def forward(signum, frame):
         _STOP_SIGNAL[0] = "SIGTERM"
         if UNPLACED.is_set():
@@ -178,6 +174,4 @@ def stop_signal() -> str:
 def stopped_exit_code() -> int:
     """What a stopped run exits with, as shells report a process ended by the signal:
     128 + its number (SIGINT 130, SIGTERM 143)."""
-    import signal
-
     return 128 + (signal.SIGTERM if _STOP_SIGNAL[0] == "SIGTERM" else signal.SIGINT)

@@ -40,6 +40,10 @@ def services(tmp_path_factory):
     services_mod.LOCAL_CREDENTIALS.update(creds)  # what the local services hand to their clients
     svc = LocalServices(home)
     started = svc.up(ray_cpus=2, bucket=BUCKET)
+    # Ray clients in this process and its helpers (the job API, a driver that lists the
+    # nodes) authenticate as the CLI does where this machine has a Ray token.
+    saved_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ.update(services_mod.ray_env())
     control = str(home / "s3-down")
     port = free_port()
     upstream = started["s3"].url.split("//", 1)[1]
@@ -60,6 +64,10 @@ def services(tmp_path_factory):
     svc.down(keep_objects=False)  # the suite's objects are not worth writing out (test_services: they are kept)
     services_mod.LOCAL_CREDENTIALS.clear()
     services_mod.LOCAL_CREDENTIALS.update(old)
+    if saved_auth is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved_auth
     for s in started.values():  # every PID is gone
         with pytest.raises(ProcessLookupError):
             os.kill(s.pid, 0)
