@@ -35,8 +35,8 @@ from .ray_output import ROUTER
 log = logging.getLogger(__name__)
 
 REPORT_S = 15.0  # a line at least this often while a run waits for its workers
-AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # Ray's v1 monitor writes its status there each round
-AUTOSCALER_GRACE_S = 10.0  # a monitor started with the head has written it by then
+AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # Ray's monitor writes its status there each round
+AUTOSCALER_GRACE_S = 20.0  # a monitor started with the head has reported by then (a round is 5 s)
 POLL_S = 1.0
 # Set while a run's workers are not placed: a stop then needs no graceful abort (nothing
 # runs, no save is in flight) and must not wait for one (Ray Train's controller takes its
@@ -119,20 +119,28 @@ def live_node_kinds() -> tuple[list[NodeKind], bool]:
 
 
 def _autoscaler_without_node_types(grace_s: float) -> bool:
-    """Whether the cluster runs an autoscaler that publishes no node types (Ray's v1
-    monitor, as `ray start --autoscaling-config` and the fake multi-node cluster start
-    it): its status record is in the GCS from its first round on, looked for up to
-    `grace_s` seconds."""
+    """Whether the cluster runs an autoscaler that can add nodes but publishes no node
+    types (Ray's v1 monitor with an autoscaling config, as `ray start --autoscaling-config`
+    and the fake multi-node cluster start it). Every head runs a monitor that writes a
+    status record to the GCS each round; without an autoscaling config its node provider
+    is read-only and names each node's type `node_<node id>`, with one its types are the
+    config's names. Looked for up to `grace_s` seconds (the first rounds of a new head
+    carry no report yet)."""
+    import json
+
     from ray.experimental.internal_kv import _internal_kv_get
 
     deadline = time.monotonic() + grace_s
     while True:
         try:
-            if _internal_kv_get(AUTOSCALER_STATUS_KEY):
-                return True
+            raw = _internal_kv_get(AUTOSCALER_STATUS_KEY)
+            report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
         except Exception as e:  # noqa: BLE001 - unreadable: treated as no autoscaler
             log.debug("autoscaler status unreadable (%s)", e)
             return False
+        mapping = report.get("node_type_mapping") or {}
+        if mapping:
+            return any(kind != f"node_{node}" for node, kind in mapping.items())
         if time.monotonic() >= deadline:
             return False
         time.sleep(1.0)

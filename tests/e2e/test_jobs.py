@@ -342,7 +342,7 @@ def test_an_experiment_writes_its_own_folder_and_names_its_runs_apart(services, 
                "--set", "training.steps=2", "--set", "data.synthetic.samples=4", "--set", "evaluation.lengths=[512]",
                "--set", "evaluation.strides=[256]", "--set", "evaluation.samples_per_length=1", "--out", str(out))
     assert sorted(p.name for p in out.iterdir()) == ["length-generalisation.md", "length-generalisation.png"]
-    assert proc.stdout.count("| 512 (1x) | 1 |") == 1, proc.stdout[-3000:]  # the table, once
+    assert proc.stdout.count("| 512 | 1 | 1 |") == 1, proc.stdout[-3000:]  # the table's row (tokens, x train, δ), once
     assert "MLflow run of the comparison (joint figure and table): " in proc.stdout
     from mlflow.tracking import MlflowClient
 
