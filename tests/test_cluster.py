@@ -2,6 +2,7 @@
 
 import copy
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,10 @@ import sys
 import pytest
 import yaml
 
+from orchestrator import placement
 from orchestrator.cluster import check_job_fits, check_kuberay, load_cluster_yaml
 from orchestrator.config import ConfigError, load_config
+from orchestrator.placement import NodeKind, PlacementRefused, check_fits
 
 RAY_YAMLS = ["cluster/aws.yaml", "cluster/gcp.yaml", "cluster/local-fake-multinode.yaml"]
 
@@ -67,3 +70,32 @@ def test_submit_refuses_before_contacting_any_cluster(tmp_path):
     assert proc.returncode != 0
     assert "refused: cluster/local-fake-multinode.yaml: no node can hold one worker" in proc.stderr
     assert "GPU (a worker needs 1" in proc.stderr
+
+
+def test_an_autoscaler_is_told_from_the_read_only_monitor_every_head_runs(monkeypatch):
+    """Ray's monitor status on a plain head names each node's type `node_<id>`; with an
+    autoscaling config the types are the config's: only then may a node be added, and a
+    job the live nodes cannot hold is not refused."""
+    import ray.experimental.internal_kv as kv
+
+    def status(mapping):
+        return json.dumps({"autoscaler_report": {"node_type_mapping": mapping}}).encode()
+
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: status({"abc": "node_abc"}))
+    assert placement._autoscaler_without_node_types(0) is False
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: status({"abc": "ray.head.default"}))
+    assert placement._autoscaler_without_node_types(0) is True
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: None)  # no monitor record within the grace
+    assert placement._autoscaler_without_node_types(0) is False
+
+
+def test_a_live_cluster_is_checked_with_the_same_rule_as_a_yaml():
+    cfg = load_config("configs/v2pe-demo.yaml")  # 2 workers of 1 CPU
+    check_fits(cfg, [NodeKind("node a", {"CPU": 2.0}, 1)], "the cluster")
+    with pytest.raises(PlacementRefused, match=r"at most 1 workers .* resources.workers=2"):
+        check_fits(cfg, [NodeKind("node a", {"CPU": 1.0}, 1)], "the cluster")
+    gpu = load_config("configs/v2pe-demo.yaml", overrides={"resources.gpus_per_worker": 1})
+    with pytest.raises(PlacementRefused, match=r"missing: GPU \(a worker needs 1, node a has 0\)"):
+        check_fits(gpu, [NodeKind("node a", {"CPU": 8.0}, 1)], "the cluster")
+    check_fits(gpu, [NodeKind("node a", {"CPU": 8.0}, 1), NodeKind("node type gpu", {"CPU": 8.0, "GPU": 8.0}, 2)],
+               "the cluster")
