@@ -349,7 +349,7 @@ def cmd_eval(args) -> int:
     except (KeyboardInterrupt, SystemExit) as e:
         if isinstance(e, SystemExit) and isinstance(e.code, str):
             raise
-        print(f"stopped: evaluation of {cfg.name} stopped ({stop_signal()}); nothing of it was kept",
+        print(f"stopped: evaluation of {cfg.name} stopped ({stop_signal()}); its MLflow run ends KILLED",
               file=sys.stderr, flush=True)
         return stopped_exit_code()
     except PlacementRefused as e:
