@@ -88,6 +88,19 @@ def detector_head_macs(cfg: PIIPConfig, det, rois: int | None = None, masks: int
     return {**parts, "total": sum(parts.values())}
 
 
+def branch_work(cfg: PIIPConfig, first_branch_extra: float = 0.0) -> list[float]:
+    """Multiply-adds per image each branch's group computes: its blocks, its side of each
+    neighbouring interaction unit, and for the first branch `first_branch_extra` (the
+    merge and task heads, which run there)."""
+    work = [branch_macs(b) for b in cfg.branches]
+    work[0] += first_branch_extra
+    for k, (a, b) in enumerate(zip(cfg.branches[:-1], cfg.branches[1:])):
+        na, nb = a.grid**2, b.grid**2
+        work[k] += cfg.interactions * (na * a.dim * b.dim + injector_macs(a.dim, na, nb, cfg))
+        work[k + 1] += cfg.interactions * (nb * b.dim * a.dim + injector_macs(b.dim, nb, na, cfg))
+    return work
+
+
 def propose_layout(cfg: PIIPConfig, world_size: int, first_branch_extra: float = 0.0) -> tuple[int, ...]:
     """Ranks per branch, proportional to each branch's FLOPs (its blocks and its sides
     of the interaction units; `first_branch_extra`: the merge and task heads, which run
@@ -99,13 +112,7 @@ def propose_layout(cfg: PIIPConfig, world_size: int, first_branch_extra: float =
     n = len(cfg.branches)
     if world_size < n:
         raise ValueError(f"{n} branches need at least {n} ranks, got world_size={world_size}")
-    work = [branch_macs(b) for b in cfg.branches]
-    work[0] += first_branch_extra
-    if n > 1:
-        for k, (a, b) in enumerate(zip(cfg.branches[:-1], cfg.branches[1:])):
-            na, nb = a.grid**2, b.grid**2
-            work[k] += cfg.interactions * (na * a.dim * b.dim + injector_macs(a.dim, na, nb, cfg))
-            work[k + 1] += cfg.interactions * (nb * b.dim * a.dim + injector_macs(b.dim, nb, na, cfg))
+    work = branch_work(cfg, first_branch_extra)
     ranks = [1] * n
     while sum(ranks) < world_size:
         k = max(range(n), key=lambda i: work[i] / ranks[i])

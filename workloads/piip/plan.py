@@ -25,7 +25,7 @@ import math
 from collections import Counter
 
 from ..spec import Budget, Hardware
-from .flops import backbone_flops, branch_macs, detector_head_macs, injector_macs, propose_layout
+from .flops import backbone_flops, branch_work, detector_head_macs, propose_layout
 from .parallel import owner_branch
 
 GIB = 1 << 30
@@ -87,11 +87,7 @@ def plan_job(cfg, hw: Hardware, tiles: int | None = None, budget: Budget | None 
         list(propose_layout(m, gpus, first_branch_extra=heads))
     owned, total_params = owned_parameter_counts(s)
     f = backbone_flops(m)
-    work = [branch_macs(b) for b in m.branches]
-    for k, (a, b) in enumerate(zip(m.branches[:-1], m.branches[1:])):  # each side of unit k
-        work[k] += m.interactions * (a.grid**2 * a.dim * b.dim + injector_macs(a.dim, a.grid**2, b.grid**2, m))
-        work[k + 1] += m.interactions * (b.grid**2 * b.dim * a.dim + injector_macs(b.dim, b.grid**2, a.grid**2, m))
-    work[0] += heads
+    work = branch_work(m, heads)
     rate = PEAK_TFLOPS * 1e12 * ASSUMED_MFU
     per_branch = []
     for k, b in enumerate(m.branches):
