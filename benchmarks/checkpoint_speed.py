@@ -5,7 +5,7 @@ the current one (DCP: each rank writes its share in the background, reads by ran
 
     .venv/bin/python benchmarks/checkpoint_speed.py --workers 2 4 --width 2048 --layers 6
 
-Starts its own S3-protocol endpoint (moto) on 127.0.0.1. The model is a stack of
+Starts its own S3-protocol endpoint (rclone) on 127.0.0.1. The model is a stack of
 width x width linear layers (AdamW: the checkpoint is 3x the weights), the same on
 every engine; ranks are local processes over gloo (one thread each).
 """

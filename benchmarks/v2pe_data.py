@@ -3,7 +3,7 @@ for a large JSONL against a small one, and whether reading data hides behind a s
 
     .venv/bin/python benchmarks/v2pe_data.py --samples 20000 200 --images 2
 
-Starts its own S3-protocol endpoint (moto) on 127.0.0.1, writes each dataset there (a
+Starts its own S3-protocol endpoint (rclone) on 127.0.0.1, writes each dataset there (a
 chat JSONL, every sample with its own PNG and JPEG images), then for each size:
 - index: `ensure_index` (the driver's once-per-run pass over text and image headers);
 - per rank (a fresh process per CP rank, as a Ray worker): loading the index, building

@@ -20,7 +20,7 @@ from .config import ConfigError, JobConfig, to_dict
 from .errors import failure_reason
 from .identity import read_run_record
 from .placement import PlacementTimeout, PlacementWatch
-from .ray_job import build_trainer, connect_checked, connect_ray, run_output
+from .ray_job import HeadWatch, build_trainer, connect_checked, connect_ray, run_output
 from .storage import read_export_meta, run_uri, storage_fs
 from .tracking import find_run, mlflow_client, not_fatal, png_image, run_tags
 from .worker import eval_loop
@@ -38,7 +38,8 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
     if cfg.spec.evaluation is None:
         raise ConfigError(f"workload: {cfg.workload!r} has no evaluation")
     evaluation = cfg.spec.evaluation()
-    connect_checked(cfg, ray_address)  # a cluster that can never hold the workers: refused before anything starts
+    # A cluster that can never hold the workers: refused before anything starts.
+    connect_checked(cfg, ray_address, f"evaluation of {cfg.name}")
     model = checkpoint or run_uri(cfg, EXPORT)
     fs, path = storage_fs(model, cfg)  # also points the workload's plain fsspec calls at the job's S3
     if not fs.exists(path):  # before anything starts: no data written, no MLflow run, no Ray job
@@ -54,7 +55,8 @@ def run_evaluation(cfg: JobConfig, *, checkpoint: str | None = None, ray_address
             trainer = build_trainer(cfg, eval_loop, {"job": to_dict(cfg), "model": model,
                                                      "prepared": prepared, "out": out},
                                     run_name=f"{cfg.name}-eval-{os.getpid()}")
-            with PlacementWatch(cfg, f"evaluation of {cfg.name}", timeout_s=cfg.resources.placement_timeout_s) as watch:
+            with PlacementWatch(cfg, f"evaluation of {cfg.name}", timeout_s=cfg.resources.placement_timeout_s) as watch, \
+                    HeadWatch.on_lost(mlflow_run.failed_because):
                 try:
                     trainer.fit()
                 except (KeyboardInterrupt, SystemExit):
@@ -126,13 +128,16 @@ class EvalRun:
             self.client.log_artifact(self.run_id, local, os.path.dirname(path) or None)
 
     def failed(self, e: BaseException) -> None:
+        self.failed_because(failure_reason(e) if isinstance(e, Exception) else type(e).__name__,
+                            "FAILED" if isinstance(e, Exception) else "KILLED")
+
+    def failed_because(self, reason: str, status: str = "FAILED") -> None:
         if self.run_id is None:
             return
-        reason = failure_reason(e) if isinstance(e, Exception) else type(e).__name__
         with self._not_fatal():
             self.client.set_tag(self.run_id, "longview.failure", reason[:5000])
             self.client.set_tag(self.run_id, "mlflow.note.content", f"Evaluation failed: {reason}"[:5000])
-            self.client.set_terminated(self.run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
+            self.client.set_terminated(self.run_id, status)
 
     def finished(self, result: dict, figure: bytes | None, figure_name: str) -> None:
         if self.run_id is None:

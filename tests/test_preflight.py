@@ -1,5 +1,5 @@
 """The checks before a job starts: one line each, naming what is missing and what to do,
-against a real S3-protocol endpoint (moto on 127.0.0.1)."""
+against a real S3-protocol endpoint (rclone on 127.0.0.1)."""
 
 import subprocess
 import sys

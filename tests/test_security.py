@@ -40,7 +40,7 @@ def test_a_failed_start_leaves_no_process(tmp_path):
         start_s3(tmp_path, ["B"])  # upper case: not a valid bucket name
     left = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in before]
     cmdlines = [open(f"/proc/{p}/cmdline", "rb").read() for p in left if os.path.exists(f"/proc/{p}/cmdline")]
-    assert not [c for c in cmdlines if b"moto.server" in c]
+    assert not [c for c in cmdlines if b"rclone" in c]
 
 
 def test_exposing_the_services_takes_a_flag_and_warns(capsys, tmp_path):

@@ -1,12 +1,14 @@
-"""`longview up` twice: healthy services are reused (a second `make demo` finds them),
-and a set where one died is restarted whole. S3 only: the logic is the same for all
-three, and moto starts in a second or two."""
+"""`longview up` never disturbs what runs: a service that answers is kept, a dead one is
+started again on its old address, with what it held. Against the real processes: the
+S3 endpoint killed with SIGKILL, MLflow's recorded process killed while its child still
+serves."""
 
 import os
+import signal
 
 import pytest
 
-from orchestrator.services import LocalServices
+from orchestrator.services import LocalServices, _s3_client
 
 
 def _alive(pid: int) -> bool:
@@ -17,64 +19,63 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_up_reuses_what_answers_and_restarts_what_died(tmp_path):
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+
+def test_up_keeps_what_answers_and_restarts_only_what_died(tmp_path):
     svc = LocalServices(tmp_path)
-    first = svc.up(bucket="lv-one", ray=False, mlflow=False)
+    first = svc.up(bucket="lv-one", ray=False)
     try:
-        again = svc.up(bucket="lv-two", ray=False, mlflow=False)
-        assert again["s3"].pid == first["s3"].pid and again["s3"].extra["reused"]
-        import boto3
-
-        from orchestrator.services import LOCAL_CREDENTIALS
-
-        s3 = boto3.client("s3", endpoint_url=again["s3"].url, region_name="us-east-1",
-                          aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        s3 = _s3_client(first["s3"].url)
+        s3.put_object(Bucket="lv-one", Key="runs/a/step-0000002/manifest.json", Body=b'{"step": 2}')
+        big = os.urandom(9 << 20)  # above boto3's multipart threshold: a multipart upload
+        s3.upload_fileobj(__import__("io").BytesIO(big), "lv-one", "runs/a/state.distcp")
+        # A second `up` (another terminal, `make demo`) while all answer: nothing restarts.
+        again = svc.up(bucket="lv-two", ray=False)
+        assert {k: v.pid for k, v in again.items()} == {k: v.pid for k, v in first.items()}
+        assert all(v.extra["reused"] for v in again.values())
         assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == {"lv-one", "lv-two"}  # the new bucket is made
-        os.killpg(first["s3"].pid, 9)  # the endpoint dies behind the state file's back
+
+        # The endpoint is killed: what it acknowledged is on disk, and `up` brings it back
+        # on the same address, MLflow left as it is.
+        os.kill(first["s3"].pid, signal.SIGKILL)
         os.waitpid(first["s3"].pid, 0)
         assert not svc.answers(first["s3"])
-        third = svc.up(bucket="lv-one", ray=False, mlflow=False)
+        assert (svc.objects_dir / "lv-one" / "runs/a/state.distcp").read_bytes() == big
+        third = svc.up(bucket="lv-one", ray=False)
         assert third["s3"].pid != first["s3"].pid and "reused" not in third["s3"].extra
-        assert svc.answers(third["s3"]) and svc.read()["s3"].pid == third["s3"].pid
+        assert third["s3"].url == first["s3"].url and third["mlflow"].pid == first["mlflow"].pid
+        s3 = _s3_client(third["s3"].url)
+        assert s3.get_object(Bucket="lv-one", Key="runs/a/state.distcp")["Body"].read() == big
+        assert s3.get_object(Bucket="lv-one", Key="runs/a/step-0000002/manifest.json")["Body"].read() == b'{"step": 2}'
+
+        # MLflow's recorded process dies while a child of it still serves: it does not
+        # count as running; `up` stops the child with its group and starts MLflow again.
+        mlflow_pid = first["mlflow"].pid
+        orphans = _children(mlflow_pid)
+        os.kill(mlflow_pid, signal.SIGKILL)
+        os.waitpid(mlflow_pid, 0)
+        assert not svc.answers(first["mlflow"])
+        fourth = svc.up(bucket="lv-one", ray=False)
+        assert fourth["mlflow"].pid != mlflow_pid and fourth["mlflow"].url == first["mlflow"].url
+        assert fourth["s3"].pid == third["s3"].pid and svc.answers(fourth["mlflow"])
+        assert not [p for p in orphans if _alive(p)], orphans
     finally:
         stopped = svc.down()
-    assert stopped == ["s3"] and not _alive(svc_pid := third["s3"].pid), svc_pid
+    assert stopped == ["mlflow", "s3"]
+    assert not [p for p in (fourth["s3"].pid, fourth["mlflow"].pid) if _alive(p)]
     with pytest.raises(FileNotFoundError):
         open(svc.state_file)
-
-
-def test_the_local_s3_keeps_its_objects_across_down_and_up(tmp_path):
-    """moto holds objects in memory: `down` writes them under LONGVIEW_HOME and `up` puts
-    them back, so a local run's checkpoints survive a restart of the services."""
-    from orchestrator.services import _s3_client
-
-    svc = LocalServices(tmp_path)
-    url = svc.up(bucket="lv-keep", ray=False, mlflow=False)["s3"].url
-    try:
-        s3 = _s3_client(url)
-        s3.put_object(Bucket="lv-keep", Key="runs/a/step-0000002/manifest.json", Body=b'{"step": 2}')
-        s3.put_object(Bucket="lv-keep", Key="runs/a/gone.bin", Body=b"x" * 10)
-        big = os.urandom(9 << 20)  # above boto3's multipart threshold: another kind of ETag
-        s3.put_object(Bucket="lv-keep", Key="runs/a/state.distcp", Body=big)
-    finally:
-        svc.down()
-    assert (svc.objects_dir / "lv-keep" / "runs/a/step-0000002/manifest.json").read_bytes() == b'{"step": 2}'
-    url = svc.up(bucket="lv-keep", ray=False, mlflow=False)["s3"].url
-    try:
-        s3 = _s3_client(url)
-        assert s3.get_object(Bucket="lv-keep", Key="runs/a/step-0000002/manifest.json")["Body"].read() == b'{"step": 2}'
-        assert s3.get_object(Bucket="lv-keep", Key="runs/a/state.distcp")["Body"].read() == big
-        s3.delete_object(Bucket="lv-keep", Key="runs/a/gone.bin")  # deleted while up: gone after the next down
-    finally:
-        svc.down()
-    assert not (svc.objects_dir / "lv-keep" / "runs/a/gone.bin").exists()
-    url = svc.up(bucket="lv-keep", ray=False, mlflow=False)["s3"].url
-    try:
-        keys = {o["Key"] for o in _s3_client(url).list_objects_v2(Bucket="lv-keep")["Contents"]}
-        assert keys == {"runs/a/step-0000002/manifest.json", "runs/a/state.distcp"}
-    finally:
-        svc.down(keep_objects=False)
+    # `down` saves nothing (there is nothing only in memory): the objects stay as files.
+    assert (svc.objects_dir / "lv-one" / "runs/a/step-0000002/manifest.json").read_bytes() == b'{"step": 2}'
 
 
 def test_a_ray_head_whose_dashboard_never_answers_is_started_again(monkeypatch, tmp_path):
@@ -84,7 +85,7 @@ def test_a_ray_head_whose_dashboard_never_answers_is_started_again(monkeypatch, 
 
     tries = []
 
-    def once(state_dir, num_cpus, host, autoscaling_yaml):
+    def once(state_dir, num_cpus, host, autoscaling_yaml, ports):
         tries.append(num_cpus)
         if len(tries) == 1:
             raise services.NotAnswering("http://127.0.0.1:1/api/version did not answer within 120s")

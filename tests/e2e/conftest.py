@@ -1,6 +1,6 @@
 """The services every end-to-end test shares, the reference run, and the fault record.
 
-One Ray head, one S3-protocol endpoint (moto) with a TCP proxy in front of it (the
+One Ray head, one S3-protocol endpoint (rclone) with a TCP proxy in front of it (the
 training storage goes through the proxy, so a test can take S3 "down"), one MLflow
 server; all on 127.0.0.1, started once for the whole package and stopped by PID after
 its last test. Credentials are random per session, so the security test can look for
@@ -61,7 +61,7 @@ def services(tmp_path_factory):
     yield {"started": started, "env": env, "home": home, "control": control, "creds": creds,
            "direct_s3": started["s3"].url, "svc": svc}
     stop_pid(proxy.pid)
-    svc.down(keep_objects=False)  # the suite's objects are not worth writing out (test_services: they are kept)
+    svc.down()
     services_mod.LOCAL_CREDENTIALS.clear()
     services_mod.LOCAL_CREDENTIALS.update(old)
     if saved_auth is None:

@@ -1,0 +1,61 @@
+"""Outages as an operator meets them, against the real processes: the Ray head killed
+under a running job, `longview up` typed while a job runs, the S3 endpoint killed.
+Each ends in seconds with one line, and loses nothing that was acknowledged."""
+
+import subprocess
+import sys
+
+from orchestrator.services import start_ray, stop_pid
+from tests.e2e.conftest import BASE, cli, history, unique
+from tests.e2e.test_faults import wait_for_steps
+
+# The driver gives a silent head ray_job.HEAD_LOST_AFTER_S (20 s): its line must come
+# well within this, which only bounds a hang.
+LOST_HEAD_LINE_WITHIN_S = 180
+
+
+def test_up_during_a_run_keeps_every_service_and_the_run_goes_on(services):
+    fs = services
+    name = unique("up")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
+                             "--set", f"name={name}", *BASE, "--set", "training.steps=12"],
+                            env=dict(fs["env"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_steps(fs, name, 2)
+        up = cli(dict(fs["env"]), "up")
+        for svc in ("s3", "mlflow", "ray"):
+            assert any(ln.strip().startswith(svc) and "(already running)" in ln for ln in up.stdout.splitlines()), \
+                up.stdout
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    got, run = history(fs, name)
+    assert [s for s, _ in got] == list(range(1, 13)) and run.info.status == "FINISHED"
+
+
+def test_a_lost_ray_head_ends_the_run_in_one_line_and_fails_its_mlflow_run(services, tmp_path):
+    fs = services
+    head = start_ray(tmp_path, 2)  # a head of this test's own: the shared one stays up
+    name = unique("headlost")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
+                             "--address", head.extra["address"], "--set", f"name={name}", *BASE,
+                             "--set", "training.steps=200"],
+                            env=dict(fs["env"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_steps(fs, name, 2)
+        stop_pid(head.pid)  # the head's whole process group: GCS, raylet, dashboard, the workers
+        out, err = proc.communicate(timeout=LOST_HEAD_LINE_WITHIN_S)
+    finally:
+        stop_pid(head.pid)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    port = head.extra["address"].rsplit(":", 1)[1]  # the host as Ray reports it: the node's own address
+    assert last.startswith(f"error: training {name} failed: HeadLost: the Ray head at ") and f":{port} " in last, \
+        err[-3000:]
+    assert "Traceback" not in err and "Failed to connect to GCS" not in err, err[-3000:]
+    _, run = history(fs, name)
+    assert run.info.status == "FAILED" and "HeadLost" in run.data.tags["longview.failure"]
