@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from workloads.spec import scrub_credentials
+
 log = logging.getLogger(__name__)
 
 OUR_PREFIX = "[longview]"
@@ -106,8 +108,8 @@ class RayOutput:
         if any(line.startswith(OUR_PREFIX) for line in lines):
             self.last_ours = time.monotonic()
         with self._lock:
-            if self._file is not None:
-                self._file.writelines(f"{prefix}{line}\n" for line in lines)
+            if self._file is not None:  # the run's log: stored with the run and logged to MLflow
+                self._file.writelines(scrub_credentials(f"{prefix}{line}\n") for line in lines)
                 self._file.flush()
             if self._muted:
                 return
@@ -124,7 +126,7 @@ class RayOutput:
         """File-like, for the `ray` logger's handler."""
         with self._lock:
             if self._file is not None:
-                self._file.write(text)
+                self._file.write(scrub_credentials(text))
                 self._file.flush()
         return len(text)
 

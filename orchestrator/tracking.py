@@ -47,12 +47,39 @@ def mlflow_client(uri: str):
     keep what failed (Tracker.pending) or warn."""
     import os
 
-    from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    return MlflowClient(tracking_uri=uri)
+    return _scrubbing_client_class()(tracking_uri=uri)
+
+
+def _scrubbing_client_class():
+    """MlflowClient whose every tag and param value goes through `scrub_credentials` (a
+    model URL given with a presigned signature, a reason quoting a URL with a token):
+    what a run's page shows is scrubbed in one place, whoever sets it."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from workloads.spec import scrub_credentials as clean
+
+    class ScrubbingClient(MlflowClient):
+        def set_tag(self, run_id, key, value, *args, **kwargs):
+            return super().set_tag(run_id, key, clean(str(value)), *args, **kwargs)
+
+        def log_param(self, run_id, key, value, *args, **kwargs):
+            return super().log_param(run_id, key, clean(str(value)), *args, **kwargs)
+
+        def log_batch(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
+            params = [Param(p.key, clean(str(p.value))) for p in params or ()]
+            tags = [RunTag(t.key, clean(str(t.value))) for t in tags or ()]
+            return super().log_batch(run_id, metrics, params, tags, *args, **kwargs)
+
+        def create_run(self, experiment_id, start_time=None, tags=None, run_name=None):
+            tags = {k: clean(str(v)) for k, v in (tags or {}).items()}
+            return super().create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+
+    return ScrubbingClient
 
 
 # MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and shows a

@@ -101,6 +101,19 @@ def test_one_scrub_for_uri_credentials():
     assert scrub_credentials("http://alice@host:5000/x and https://b:c@d/e") == "http://***@host:5000/x and https://***@d/e"
     assert scrub_credentials("s3://bucket/key@v2 and user@example.com") == "s3://bucket/key@v2 and user@example.com"
     assert scrub_credentials("s3://u:p@ss@bucket/x") == "s3://***@bucket/x"  # an unencoded @ in the password
+    # Secrets in a query: named tokens and keys, a presigned URL's signature, credential
+    # and session token; other parameters are left as they are.
+    assert scrub_credentials("tracking at http://h:5000/?token=abc123&x=1 down") == \
+        "tracking at http://h:5000/?token=***&x=1 down"
+    presigned = ("https://b.s3.amazonaws.com/w.pt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAX%2F2026"
+                 "&X-Amz-Date=20261207T000000Z&X-Amz-Signature=deadbeef&X-Amz-Security-Token=FwoGZX")
+    assert scrub_credentials(presigned) == ("https://b.s3.amazonaws.com/w.pt?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+                                            "&X-Amz-Credential=***&X-Amz-Date=20261207T000000Z&X-Amz-Signature=***"
+                                            "&X-Amz-Security-Token=***")
+    assert scrub_credentials("'https://a.blob/c?sv=1&sig=Zm9v' and http://h/?api_key=k;secret=s#top") == \
+        "'https://a.blob/c?sv=1&sig=***' and http://h/?api_key=***;secret=***#top"
+    assert scrub_credentials("http://h/x?password=p&Auth=q&page=2") == "http://h/x?password=***&Auth=***&page=2"
+    assert scrub_credentials("s3://bucket/key?versionId=3") == "s3://bucket/key?versionId=3"
     e = RuntimeError("Ray wrapped it\nDataError: data.train: s3://k:secret@b/x is not a file")
     assert failure_reason(e) == "DataError: data.train: s3://***@b/x is not a file"
     assert first_line(ValueError("http://a:secret@h/ down")) == "http://***@h/ down"
@@ -118,9 +131,27 @@ def test_one_scrub_for_uri_credentials():
     logger.addHandler(keep)
     try:
         logger.info("uploading to %s", "s3://key:secret@bucket/run")
+        logger.info("MLflow at %s does not answer", "http://h:5000/?token=t0ken")
     finally:
         logger.removeHandler(keep)
-    assert records == ["uploading to s3://***@bucket/run"]
+    assert records == ["uploading to s3://***@bucket/run", "MLflow at http://h:5000/?token=*** does not answer"]
+
+
+def test_the_runs_log_file_is_scrubbed(tmp_path):
+    """What the workers print (a URL with a token in a library's error) reaches the run's
+    log file, stored with the run and logged to MLflow, scrubbed."""
+    from orchestrator.ray_output import RayOutput
+
+    out = RayOutput()
+    out.to_file(tmp_path / "train.log", stream_all=False)
+    out.mute()
+    try:
+        out._on_batch(_batch(["GET https://h/w.pt?X-Amz-Signature=s1gn failed", "[longview] step 1/4"]))
+        out.write("ray: fetching http://alice:pw@h/x?token=t0k\n")
+    finally:
+        data = out.close().decode()
+    assert "s1gn" not in data and "t0k" not in data and "pw@" not in data, data
+    assert "X-Amz-Signature=***" in data and "http://***@h/x?token=***" in data
 
 
 def _cli(*args, env=None):

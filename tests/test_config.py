@@ -202,6 +202,14 @@ def test_uris_with_credentials_are_refused_without_echoing_them(key):
     assert "s3cret" not in str(e.value)
 
 
+@pytest.mark.parametrize("key", ["tracking.uri", "storage.endpoint_url", "model.pretrained"])
+def test_uris_with_a_secret_in_their_query_are_refused_without_echoing_it(key):
+    with pytest.raises(ConfigError) as e:
+        load_config(BASE, overrides={key: "http://host:5000/?token=t0ps3cret&x=1"})
+    assert str(e.value).startswith(f"{key}: http://host:5000/?token=***&x=1 is given with credentials"), str(e.value)
+    assert "t0ps3cret" not in str(e.value) and "MLFLOW_TRACKING_TOKEN" in str(e.value)
+
+
 def test_hostile_yaml_is_one_config_error_quickly(tmp_path):
     # Nested aliases: 9 levels of 9 would expand to 9^9 items in anything that walks them.
     lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [

@@ -360,11 +360,20 @@ def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: 
 _URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/'\"]+@")
 
 
+# A query parameter whose name says it holds a secret (?token=, &api_key=, a presigned
+# URL's X-Amz-Signature / X-Amz-Credential / X-Amz-Security-Token, Azure's sig=, ...):
+# its value, up to the next parameter, fragment, quote or space.
+_QUERY_SECRET = re.compile(
+    r"(?P<name>[?&;][A-Za-z0-9_.\-]*(?:token|key|secret|signature|passw(?:or)?d|pwd|credential|sig|auth)"
+    r"[A-Za-z0-9_.\-]*)=(?P<value>[^&;#\s'\"]+)", re.IGNORECASE)
+
+
 def scrub_credentials(text: str) -> str:
-    """`text` with the user and password of every URI in it replaced by `***`: the one
-    scrub that config errors, failure reasons and longview's log lines go through before
-    they are printed, logged or tagged."""
-    return _URI_CREDENTIALS.sub(r"\g<scheme>***@", text)
+    """`text` with the user and password of every URI in it, and the value of every query
+    parameter named as a secret, replaced by `***`: the one scrub that config errors,
+    failure reasons, longview's log lines, the run's log file and every MLflow tag and
+    param go through before they are printed, logged or tagged."""
+    return _QUERY_SECRET.sub(r"\g<name>=***", _URI_CREDENTIALS.sub(r"\g<scheme>***@", text))
 
 
 def no_credentials(key: str, uri: str | None) -> None:
@@ -374,9 +383,11 @@ def no_credentials(key: str, uri: str | None) -> None:
         return
     if scrub_credentials(uri) != uri:
         safe = scrub_credentials(uri)
-        raise FieldError(key, f"{safe} is given with credentials in it (user:password@), which would be printed "
-                              "and stored with the run: give them in the environment (MLFLOW_TRACKING_USERNAME / "
-                              "MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        raise FieldError(key, f"{safe} is given with credentials in it (user:password@, or a token, key or "
+                              "signature in its query), which the config would carry into every record of the run (MLflow "
+                              "params, the checkpoints' manifests): give them in the environment "
+                              "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
 
 
 class FieldError(ValueError):

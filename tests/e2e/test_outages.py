@@ -59,3 +59,25 @@ def test_a_lost_ray_head_ends_the_run_in_one_line_and_fails_its_mlflow_run(servi
     assert "Traceback" not in err and "Failed to connect to GCS" not in err, err[-3000:]
     _, run = history(fs, name)
     assert run.info.status == "FAILED" and "HeadLost" in run.data.tags["longview.failure"]
+
+
+def test_every_tag_and_param_on_mlflow_is_scrubbed(services):
+    """Whoever sets them (a failure reason quoting a presigned URL, a model given with a
+    token): what the run's page shows on the real server holds no secret."""
+    from mlflow.entities import Param, RunTag
+
+    from orchestrator.tracking import experiment_id, mlflow_client
+
+    client = mlflow_client(services["started"]["mlflow"].url)
+    url = "https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=AKIAX&X-Amz-Signature=s1gn&v=2"
+    run = client.create_run(experiment_id(client, "longview-scrub"), tags={"longview.model": url},
+                            run_name=unique("scrub"))
+    rid = run.info.run_id
+    client.set_tag(rid, "longview.failure", f"DataError: {url} is not a checkpoint")
+    client.log_param(rid, "model", "http://alice:pw@h/x?token=t0k")
+    client.log_batch(rid, params=[Param("pretrained", url)], tags=[RunTag("mlflow.note.content", url)])
+    data = client.get_run(rid).data
+    shown = " ".join([*data.tags.values(), *data.params.values()])
+    assert "s1gn" not in shown and "AKIAX" not in shown and "t0k" not in shown and "pw@" not in shown, shown
+    assert data.params["model"] == "http://***@h/x?token=***"
+    assert data.tags["longview.model"] == "https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=***&X-Amz-Signature=***&v=2"
