@@ -10,13 +10,19 @@ from workloads.spec import scrub_credentials
 
 # longview's own errors, by class name: Ray nests a worker's exception in its own text,
 # so the name is looked for in the lines, not the type in the chain.
-OUR_ERRORS = ("CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ResumeRefused",
+OUR_ERRORS = ("StorageUnreachable", "HeadLost",
+              "CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ResumeRefused",
               "RunBusy", "PlacementTimeout", "ConfigError", "KernelUnavailable", "TokenizerError", "DivergenceError")
 
 
 class InputError(RuntimeError):
     """Something a job needs is missing or unreachable (found before it starts); the
     message says what to do."""
+
+
+class StorageUnreachable(RuntimeError):
+    """The run's storage stopped answering for longer than its retries: the run ends
+    rather than restart its workers into it."""
 
 
 def first_line(e: BaseException) -> str:
@@ -39,6 +45,9 @@ def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> s
                 return scrub_credentials(ln[ln.index(f"{name}: "):])
     for ln in lines:  # storage unreachable, met by Ray's own code (its controller's records)
         if "Could not connect to the endpoint URL" in ln:
-            return scrub_credentials(f"S3 endpoint unreachable after storage.retries={storage_retries} attempts: "
+            from .storage.s3 import retry_window_s
+
+            window = f" ({retry_window_s(storage_retries):.0f} s)" if storage_retries else ""
+            return scrub_credentials(f"S3 endpoint unreachable after storage.retries={storage_retries} attempts{window}: "
                                      + ln[ln.index("Could not connect"):])
     return scrub_credentials(lines[-1]) if lines else "unknown error"

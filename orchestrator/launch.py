@@ -19,12 +19,12 @@ import time
 
 from .checkpoint import checkpoint_store
 from .config import JobConfig, to_dict
-from .errors import failure_reason, first_line
+from .errors import InputError, StorageUnreachable, failure_reason, first_line
 from .identity import RunLease, bind_run, deliver_outbox, outbox, run_tags_of
 from .placement import PlacementTimeout, PlacementWatch
 from .ray_job import HeadWatch, RunStopped, build_trainer, connect_checked, connect_ray, run_output, stop_signal
 from .resume import check, describe
-from .storage import read_export_meta, run_uri, storage_fs
+from .storage import backend_for, read_export_meta, resolved, run_uri, storage_fs
 from .tracking import Tracker, log_dataset, log_exported_model, not_fatal, run_description
 from .worker import train_loop
 
@@ -200,6 +200,7 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
             except Exception as e:
                 if attempt == cfg.training.max_failures or not retriable(e):
                     raise
+                _storage_answers(cfg, e)
                 log.warning("attempt %d of %s failed (%s); restarting from its last checkpoint (retry %d of "
                             "training.max_failures=%d)", attempt + 1, cfg.name,
                             failure_reason(e, storage_retries=cfg.storage.retries), attempt + 1,
@@ -223,6 +224,24 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
         _record_failure(tracker, failure_reason(e, storage_retries=cfg.storage.retries))
         raise
     return result
+
+
+def _storage_answers(cfg: JobConfig, e: BaseException) -> None:
+    """Before the workers are started again: their storage answers, else the run ends
+    (StorageUnreachable) instead of restarting into an outage that outlasted their
+    retries: a restart would only wait out the same window again, max_failures times."""
+    from .storage.s3 import OUTAGE, retry_window_s
+
+    uri = resolved(cfg.storage.uri)
+    try:
+        backend_for(uri).check_reachable(uri, cfg.storage)
+    except InputError as down:
+        OUTAGE.confirmed_down()  # the driver's own last records fail at once, not after another window
+        raise StorageUnreachable(
+            f"{down}; the workers failed after retrying it for {retry_window_s(cfg.storage.retries):.0f} s "
+            f"(storage.retries={cfg.storage.retries}) and are not restarted into it: run the same command when it "
+            f"answers, the run resumes from its last checkpoint (first failure: "
+            f"{failure_reason(e, storage_retries=cfg.storage.retries)})") from None
 
 
 def _record_failure(tracker, reason: str) -> None:

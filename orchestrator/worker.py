@@ -88,6 +88,7 @@ def train_loop(config: dict) -> None:
 
     ctx, device = _worker_context()
     cfg = from_dict(config["job"])
+    storage_fs(run_uri(cfg), cfg)  # the job's storage retry policy for every S3 read of this worker, data included
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     if world % cfg.parallelism.cp:
@@ -256,6 +257,7 @@ def eval_loop(config: dict) -> None:
     """The workload's evaluation on every worker; rank 0 writes the result to storage."""
     ctx, device = _worker_context()
     cfg = from_dict(config["job"])
+    storage_fs(run_uri(cfg), cfg)  # the job's storage retry policy for every S3 read of this worker, data included
     rank = ctx.get_world_rank()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     run_ctx = RunContext(rank=rank, world_size=ctx.get_world_size(), device=device, run_root=run_uri(cfg))

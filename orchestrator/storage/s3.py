@@ -1,12 +1,21 @@
-"""S3 storage (AWS or any S3-protocol endpoint), with retries that ride out an
-unreachable endpoint.
+"""S3 storage (AWS or any S3-protocol endpoint), with one retry policy for an unreachable
+endpoint.
 
-`RetryingS3FileSystem` is s3fs with one change: a request that cannot reach the endpoint
-at all (connection refused or reset: S3 or the network is down) is retried with s3fs's
-backoff, 0.1 s x 1.7^i capped at 15 s, up to `retries` attempts (storage.retries), and
-the first failure of an outage is reported. Plain s3fs gives up at the first connection
-error. It is a class of its own, with `retries` among its constructor arguments, because
-Ray sends the storage filesystem to its train controller and workers by pickling, which
+The policy (`RetryingS3FileSystem`, the only S3 client class of a job: registered as
+fsspec's "s3", so the workloads' plain `fsspec.open("s3://...")` data reads use it too):
+
+- a request that cannot reach the endpoint (connection refused, reset or timed out) is
+  retried with s3fs's backoff, 0.1 s x 1.7^i capped at 15 s, up to `storage.retries`
+  attempts; botocore's own retries are off (they would multiply the attempts);
+- an outage has a deadline per process, `retry_window_s(storage.retries)` (about 29 s
+  for 10): once the endpoint has failed every request for that long, every further
+  request fails at once instead of starting its own round of retries. So a run whose
+  endpoint is gone ends within the window, whatever number of reads, uploads and Ray
+  Train records were waiting on it, and the driver does not restart the workers into an
+  endpoint that still does not answer (`launch`).
+
+It is a class of its own, with `retries` among its constructor arguments, because Ray
+sends the storage filesystem to its train controller and workers by pickling, which
 rebuilds it from those arguments in processes that run none of our code otherwise.
 """
 
@@ -15,8 +24,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 
+import fsspec
+import fsspec.config
 import s3fs
 import s3fs.core
 
@@ -25,36 +37,98 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 RETRIES = [0]  # requests of this process retried after a connection error (for the metrics)
 BYTES_READ = [0]  # bytes this process read from S3 through cat_file/cat_ranges (checkpoint restores)
-_last_report = [0.0]
+BACKOFF_S, BACKOFF_BASE, BACKOFF_CAP_S = 0.1, 1.7, 15.0  # s3fs's schedule
+CONNECT_TIMEOUT_S = 5  # an endpoint whose address drops packets costs this per attempt, not botocore's 60 s
+
+
+def retry_window_s(retries: int) -> float:
+    """The time `retries` attempts take with the backoff: the deadline of an outage."""
+    return sum(min(BACKOFF_S * BACKOFF_BASE**i, BACKOFF_CAP_S) for i in range(retries))
+
+
+class _Outage:
+    """This process's view of the endpoint: since when every request failed to reach it.
+    Failures further apart than the window are separate outages."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.since: float | None = None
+        self.last = 0.0
+        self.window_s = retry_window_s(10)
+
+    def failed(self, e: BaseException) -> bool:
+        """Whether to retry after `e`, a connection failure."""
+        now = time.monotonic()
+        with self.lock:
+            if self.since is None or now - self.last > self.window_s:
+                self.since = now
+                log.warning("S3 request failed (%s: %s); retrying with backoff for up to %.0f s", type(e).__name__,
+                            e, self.window_s)
+            self.last = now
+            if now - self.since > self.window_s:
+                return False  # the endpoint has been gone for the whole window: fail now
+            RETRIES[0] += 1
+            return True
+
+    def confirmed_down(self) -> None:
+        """The endpoint was found down after a whole window of failures elsewhere (the
+        workers'): this process's further requests fail at once rather than wait again."""
+        with self.lock:
+            self.last = time.monotonic()
+            self.since = self.last - self.window_s - 1
+
+    def answered(self) -> None:
+        if self.since is not None:
+            with self.lock:
+                if self.since is not None:
+                    log.info("S3 answers again after %.0f s", time.monotonic() - self.since)
+                self.since = None
+
+
+OUTAGE = _Outage()
 
 
 def _retry_connection_errors(e: BaseException) -> bool:
-    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+    from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError
 
-    if not isinstance(e, (EndpointConnectionError, ConnectionClosedError, ConnectionError)):
+    if not isinstance(e, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ConnectionError)):
         return False
-    if time.monotonic() - _last_report[0] > 30:  # once per outage, not once per request
-        log.warning("S3 request failed (%s: %s); retrying with backoff", type(e).__name__, e)
-    _last_report[0] = time.monotonic()
-    RETRIES[0] += 1
-    return True
+    return OUTAGE.failed(e)
 
 
 class RetryingS3FileSystem(s3fs.S3FileSystem):
     def __init__(self, *args, retries: int = 10, **kwargs):
-        # One layer of retries, s3fs's, with the schedule above; botocore's own would
+        # One layer of retries, s3fs's, with the policy above; botocore's own would
         # multiply it.
-        kwargs.setdefault("config_kwargs", {"retries": {"max_attempts": 1, "mode": "standard"}})
+        kwargs.setdefault("config_kwargs", {"retries": {"max_attempts": 1, "mode": "standard"},
+                                            "connect_timeout": CONNECT_TIMEOUT_S})
         super().__init__(*args, **kwargs)
-        self.retries = retries
+        self.retries = int(retries)
+        OUTAGE.window_s = retry_window_s(retries)
         # s3fs asks one process-wide hook whether an unknown error is worth a retry.
         s3fs.core.CUSTOM_ERROR_HANDLER = _retry_connection_errors
+
+    async def _call_s3(self, method, *akwarglist, **kwargs):
+        out = await super()._call_s3(method, *akwarglist, **kwargs)
+        OUTAGE.answered()
+        return out
 
     async def _cat_file(self, path, version_id=None, start=None, end=None, **kwargs):
         # cat_ranges goes through here too, one call per range.
         data = await super()._cat_file(path, version_id=version_id, start=start, end=end, **kwargs)
+        OUTAGE.answered()
         BYTES_READ[0] += len(data)
         return data
+
+
+def use_for_plain_fsspec(retries: int) -> None:
+    """`fsspec.open("s3://...")` and `fsspec.filesystem("s3")` in this process (the
+    workloads' data reads and writes) get the job's policy too."""
+    fsspec.register_implementation("s3", RetryingS3FileSystem, clobber=True)
+    # fsspec passes its "s3" config as constructor arguments. Not through FSSPEC_S3_RETRIES
+    # in the environment: a process that has not registered this class would hand it to
+    # plain s3fs, which has no such argument.
+    fsspec.config.conf.setdefault("s3", {})["retries"] = retries
 
 
 def s3_endpoint(endpoint_url: str | None) -> str | None:
@@ -79,6 +153,7 @@ class S3Backend:
         endpoint = s3_endpoint(endpoint_url)
         if endpoint:  # later plain fsspec calls in this process (dataset writers) use it too
             os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", endpoint)
+        use_for_plain_fsspec(retries)
         return RetryingS3FileSystem(endpoint_url=endpoint, retries=retries), uri[len("s3://"):]
 
     def worker_env(self, storage) -> dict[str, str]:

@@ -2,11 +2,16 @@
 under a running job, `longview up` typed while a job runs, the S3 endpoint killed.
 Each ends in seconds with one line, and loses nothing that was acknowledged."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
+from orchestrator.checkpoint import CheckpointStore
 from orchestrator.services import start_ray, stop_pid
-from tests.e2e.conftest import BASE, cli, history, unique
+from orchestrator.storage.s3 import retry_window_s
+from tests.e2e.conftest import BASE, BUCKET, cli, history, s3fs_direct, unique
 from tests.e2e.test_faults import wait_for_steps
 
 # The driver gives a silent head ray_job.HEAD_LOST_AFTER_S (20 s): its line must come
@@ -59,6 +64,55 @@ def test_a_lost_ray_head_ends_the_run_in_one_line_and_fails_its_mlflow_run(servi
     assert "Traceback" not in err and "Failed to connect to GCS" not in err, err[-3000:]
     _, run = history(fs, name)
     assert run.info.status == "FAILED" and "HeadLost" in run.data.tags["longview.failure"]
+
+
+# Bounds a hang only: the run must end within its retry window (about 29 s for the
+# default storage.retries=10) plus the time to notice and report; the figure is recorded.
+KILLED_S3_LINE_WITHIN_S = 300
+
+
+def test_a_killed_s3_endpoint_ends_the_run_within_its_retry_window_and_loses_nothing(services, record):
+    """`kill -9` of the real endpoint mid-run: one line naming the storage, no restart into
+    the outage; what it acknowledged (the checkpoints) is there when it is back, and the
+    same command resumes the same run."""
+    fs = services
+    name = unique("s3kill")
+    args = [sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml", "--set", f"name={name}",
+            *BASE]
+    proc = subprocess.Popen([*args, "--set", "training.steps=60"], env=dict(fs["env"]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    svc = fs["svc"]
+    endpoint = svc.read()["s3"]
+    try:
+        wait_for_steps(fs, name, 3)  # the step-2 checkpoint is written
+        killed = time.monotonic()
+        os.kill(endpoint.pid, signal.SIGKILL)
+        os.waitpid(endpoint.pid, 0)
+        out, err = proc.communicate(timeout=KILLED_S3_LINE_WITHIN_S)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        back = svc.up(bucket=BUCKET)  # the endpoint again, on its address; MLflow and Ray are kept
+    assert back["s3"].url == endpoint.url and back["mlflow"].extra.get("reused") and back["ray"].extra.get("reused")
+    assert proc.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: training {name} failed: ") and "Traceback" not in err, err[-3000:]
+    assert "StorageUnreachable" in last or "S3 endpoint unreachable" in last, last
+    assert "restarting from its last checkpoint" not in err, err[-3000:]  # no restart into the outage
+    # Nothing acknowledged is lost: the newest complete checkpoint is there and verifies.
+    store = CheckpointStore(s3fs_direct(fs), f"{BUCKET}/runs/{name}", f"s3://{BUCKET}/runs/{name}")
+    newest = store.latest_complete()
+    assert newest is not None
+    store.verify(newest)
+    step = store.manifest(newest)["state"]["step"]
+    rerun = cli(dict(fs["env"]), *args[3:], "--set", f"training.steps={step + 2}")
+    assert "other storage" not in rerun.stdout + rerun.stderr
+    got, run = history(fs, name)  # one MLflow run for the job, resumed
+    assert {s for s, _ in got} == set(range(1, step + 3)) and run.info.status == "FINISHED"
+    record("S3 endpoint killed (SIGKILL) mid-run", injected=1, survived=1, steps_lost=0, data_lost=0,
+           note=f"the run ended in {took:.0f} s with one line (retry window {retry_window_s(10):.0f} s); "
+                f"resumed from step {step} once the endpoint was back")
 
 
 def test_every_tag_and_param_on_mlflow_is_scrubbed(services):
