@@ -72,6 +72,12 @@ class RayOutput:
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
         ray_logger.handlers[:] = [to_file, *(self._ray_handlers if self._stream_all else [])]
         ray_logger.propagate = False
+        # asyncio's reports of the storage client's dropped connections while S3 is down
+        # ("Task exception was never retrieved" with a traceback): the file's, as Ray's
+        # are; the run's own line says what happened.
+        loop_logger = logging.getLogger("asyncio")
+        loop_logger.handlers[:] = [to_file, *([logging.StreamHandler()] if self._stream_all else [])]
+        loop_logger.propagate = False
 
     def install(self) -> None:
         """After `ray.init` (again after each): Ray's printer of the workers' lines replaced
