@@ -222,6 +222,7 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
     except BaseException as e:
         # The run says why it failed (its description in the UI), and is never left RUNNING.
         _record_failure(tracker, failure_reason(e, storage_retries=cfg.storage.retries))
+        _drop_cut_saves(store)
         raise
     return result
 
@@ -242,6 +243,18 @@ def _storage_answers(cfg: JobConfig, e: BaseException) -> None:
             f"(storage.retries={cfg.storage.retries}) and are not restarted into it: run the same command when it "
             f"answers, the run resumes from its last checkpoint (first failure: "
             f"{failure_reason(e, storage_retries=cfg.storage.retries)})") from None
+
+
+def _drop_cut_saves(store) -> None:
+    """After a failure: no worker writes any more, so a save the failure cut short (a
+    full disk, a dead worker) goes now rather than at the next start."""
+    try:
+        dropped = store.drop_incomplete()
+    except Exception as e:  # noqa: BLE001 - storage down: the next start drops them
+        log.info("incomplete checkpoints not looked for (%s); the next start removes them", type(e).__name__)
+        return
+    if dropped:
+        log.info("removed %s: incomplete (the save the failure cut short)", ", ".join(dropped))
 
 
 def _record_failure(tracker, reason: str) -> None:

@@ -1,6 +1,8 @@
 """What a resume may change: the rules of the config sections, the driver's check, and
 the schedule taking a changed learning rate."""
 
+import os
+
 import pytest
 import torch
 
@@ -217,3 +219,14 @@ def test_the_run_record_binds_storage_to_its_mlflow_run(s3_env):
     identity.write_run_record(cfg, "abc123")
     assert identity.read_run_record(cfg) == {"mlflow_run_id": "abc123", "experiment": "longview-v2pe",
                                              "tracking_uri": None}
+
+
+def test_a_new_run_on_a_local_folder_takes_its_lease_without_its_folder_made(tmp_path):
+    """storage.uri a local folder that holds nothing of the run yet: its first write (the
+    lease) makes <uri>/<name>/, as a write to an object store would."""
+    from orchestrator import identity
+
+    cfg = load_config(DEMO, overrides={"name": "fresh", "storage.uri": str(tmp_path / "runs")})
+    with identity.RunLease(cfg) as lease:
+        assert (tmp_path / "runs" / "fresh" / "lease.json").is_file() and lease._read()["pid"] == os.getpid()
+    assert not (tmp_path / "runs" / "fresh" / "lease.json").exists()

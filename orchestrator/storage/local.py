@@ -17,9 +17,11 @@ class LocalBackend:
         return None
 
     def filesystem(self, uri: str, *, endpoint_url: str | None = None, retries: int = 10):
-        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
 
-        return fsspec.core.url_to_fs(uri)
+        # As on an object store, writing a file makes its folders: a new run's first
+        # write (its lease) goes to <uri>/<name>/, which nothing has made yet.
+        return LocalFileSystem(auto_mkdir=True), os.path.abspath(uri)
 
     def worker_env(self, storage) -> dict[str, str]:
         return {}

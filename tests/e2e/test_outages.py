@@ -135,3 +135,30 @@ def test_every_tag_and_param_on_mlflow_is_scrubbed(services):
     assert "s1gn" not in shown and "AKIAX" not in shown and "t0k" not in shown and "pw@" not in shown, shown
     assert data.params["model"] == "http://***@h/x?token=***"
     assert data.tags["longview.model"] == "https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=***&X-Amz-Signature=***&v=2"
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_partial_checkpoint(services, tmp_path):
+    """storage.uri a local folder on a real 3 MiB file system (tmpfs, mounted here as root,
+    as CI runs): the first checkpoint fits, the second does not. The run's folder is made
+    by its first write (nothing made by hand), the run ends at once in one line, and the
+    save the full disk cut short is removed; the one before it verifies."""
+    fs = services
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
+    try:
+        name = unique("full")
+        proc = cli(dict(fs["env"]), "train", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE,
+                   "--set", f"storage.uri={disk}/runs", check=False)
+        assert proc.returncode == 1
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: training {name} failed: CheckpointUploadError: checkpoint step-0000004 "
+                               "could not be written") and "No space left on device" in last, proc.stderr[-3000:]
+        assert "retry 1 of" not in proc.stderr and "Traceback" not in proc.stderr  # not retried: it would fail again
+        import fsspec
+
+        store = CheckpointStore(fsspec.filesystem("file"), f"{disk}/runs/{name}", f"{disk}/runs/{name}")
+        assert store.names() == ["step-0000002"]  # no partial step-0000004/
+        store.verify("step-0000002")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
