@@ -10,7 +10,7 @@ from workloads.spec import scrub_credentials
 
 # longview's own errors, by class name: Ray nests a worker's exception in its own text,
 # so the name is looked for in the lines, not the type in the chain.
-OUR_ERRORS = ("StorageUnreachable", "HeadLost",
+OUR_ERRORS = ("StorageUnreachable", "HeadLost", "PretrainedError",
               "CheckpointUploadError", "CollectiveTimeout", "CheckpointError", "DataError", "ResumeRefused",
               "RunBusy", "PlacementTimeout", "ConfigError", "KernelUnavailable", "TokenizerError", "DivergenceError")
 

@@ -40,7 +40,9 @@ def prepare_data(cfg: JobConfig) -> None:
 # Failures a restart would meet again: the run ends on the first (by class name, as the
 # workers' errors reach the driver as copies inside Ray's own errors).
 NOT_RETRIED = ("ConfigError", "KernelUnavailable", "DataError", "TokenizerError", "CheckpointMismatch", "DivergenceError",
-               "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError")
+               "PretrainedError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError",
+               # the code itself is wrong (an API it was not written for): the same again on restart
+               "TypeError", "AttributeError", "NameError", "ImportError")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -63,6 +63,12 @@ def test_an_untrained_detector_is_evaluated_end_to_end(shapes):
     assert all(-1.0 <= v <= 1.0 for v in ap.values())
 
 
+def _rle_counts(mask) -> str:
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
+
+
 def _write(tmp_path, doc):
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(doc))
@@ -77,6 +83,20 @@ def _write(tmp_path, doc):
     # an annotation of no image: dropped and counted, every image stays
     (lambda d: d["annotations"][0].update(image_id=77), r"annotation 1: image_id 77 is not among the images", 6),
     (lambda d: d.pop("categories"), r"'categories' must be a list", None),
+    # masks pycocotools would refuse only when a worker decodes them ("Invalid RLE mask
+    # representation", naming nothing): refused at load, naming file and annotation
+    (lambda d: d["annotations"][0]["segmentation"].update(size=[32, 64]),
+     r"instances.json: annotation 1 \(image images/00000.png\): RLE size \[32, 64\] is not its image's \[height, "
+     r"width\] \[64, 64\]", 5),
+    (lambda d: d["annotations"][0].update(segmentation={"size": [64, 64], "counts": [1, 2, 3]}),
+     r"annotation 1 .*RLE counts are not run lengths adding up to 64 x 64 pixels", 5),
+    (lambda d: d["annotations"][0]["segmentation"].update(counts=_rle_counts(np.eye(128, 64, dtype=np.uint8))),
+     r"annotation 1 .*RLE counts do not decode to a 64 x 64 mask \(Invalid RLE mask representation\)", 5),
+    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 30, 4, 5, 60, 7]]),
+     r"annotation 1 .*a polygon must be x, y pairs, at least 3 of them \(numbers\); got 7 value\(s\)", 5),
+    # two images under one id: whose annotations would they be? (skip: the second is left out)
+    (lambda d: d["images"].append({**d["images"][0], "file_name": "images/dup.png"}),
+     r"instances.json: image id 0 is given twice \(images/00000.png and images/dup.png\)", 6),
 ])
 def test_bad_annotations_are_named_or_counted(shapes, tmp_path, change, message, kept):
     doc = json.loads(open(shapes).read())
@@ -101,3 +121,16 @@ def test_images_outside_the_root_and_unreadable_ones_are_named(shapes, tmp_path)
     ds = CocoDataset(_write(tmp_path, doc), image_root=str(tmp_path))
     with pytest.raises(DataError, match=r"image file .*broken.png cannot be read"):
         ds[0]
+
+
+def test_a_missing_image_met_in_training_is_named_or_skipped_and_counted(shapes, tmp_path):
+    doc = json.loads(open(shapes).read())
+    root = shapes.rsplit("/", 1)[0]
+    doc["images"][1]["file_name"] = "images/gone.png"
+    path = _write(tmp_path, doc)
+    with pytest.raises(DataError, match=r"sample image 1 \(images/gone.png\): image file .*images/gone.png does not "
+                                        r"exist"):
+        CocoDataset(path, image_root=root).sample(1)
+    ds = CocoDataset(path, image_root=root, on_bad_sample="skip")
+    assert ds.sample(1).image_id == ds.ids[2] and ds.report.skipped == {"image": 1}  # the next one, counted
+    assert ds.sample(0).image_id == ds.ids[0] and ds.report.total_skipped == 1

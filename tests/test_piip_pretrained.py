@@ -65,15 +65,22 @@ def test_the_position_grid_is_resized_to_the_branch(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda sd: sd.pop("blocks.3.mlp.fc2.weight"), r"lacks 1 tensor\(s\) of branch m: \['blocks.3.fc2.weight'\]"),
+    (lambda sd: sd.pop("blocks.3.mlp.fc2.weight"), r"lacks 1 tensor\(s\) of branch m: blocks.3.fc2.weight$"),
     (lambda sd: sd.update({"blocks.0.attn.q_norm.weight": torch.ones(64)}), r"no part of a ViT branch: "
-                                                                             r"\['blocks.0.attn.q_norm.weight'\]"),
+                                                                             r"blocks.0.attn.q_norm.weight$"),
     (lambda sd: sd.update({"blocks.4.norm1.weight": torch.ones(64)}), r"beyond branch m's 4 blocks"),
-    (lambda sd: sd.update({"blocks.0.mlp.fc1.weight": torch.ones(128, 64)}), r"blocks.0.fc1.weight is \(128, 64\)"),
+    (lambda sd: sd.update({"blocks.0.mlp.fc1.weight": torch.ones(128, 64)}),
+     r"vit.pth is not branch m's shape: 1 tensor\(s\) differ \(blocks.0.fc1.weight is \(128, 64\), wants \(256, 64\)"),
+    # a checkpoint of another model size: every tensor at fault is named, not the first one met
+    (lambda sd: sd.update({k: torch.ones(*[2 * d for d in v.shape]) for k, v in sd.items() if "blocks.1." in k}),
+     r"vit.pth is not branch m's shape: 14 tensor\(s\) differ \(.*; all of them: blocks.1.norm1.weight, "
+     r"blocks.1.norm1.bias, blocks.1.qkv.weight, .*blocks.1.fc2.bias, blocks.1.gamma1, blocks.1.gamma2\)$"),
 ])
 def test_a_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path, change, message):
+    from workloads.piip.pretrained import PretrainedError
+
     sd = published()
     change(sd)
     torch.save(sd, tmp_path / "vit.pth")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(PretrainedError, match=message):  # by its class: the driver does not restart into it
         load_branch(Branch(CFG), str(tmp_path / "vit.pth"))

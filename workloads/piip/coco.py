@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import posixpath
 import random
@@ -36,6 +37,8 @@ import torch
 from ..data_errors import DataError, LoadReport, printable
 from ..files import FileCache, resolve_image
 from ..images import MAX_IMAGE_PIXELS, open_image
+
+log = logging.getLogger(__name__)
 
 SHAPES = ("disc", "square", "triangle")
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -93,6 +96,14 @@ class CocoDataset:
             if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
                 raise DataError(f"{annotations}: an image entry needs an integer 'id' and a 'file_name': "
                                 f"{printable(im, 100)}", "record")
+            if im["id"] in images:  # which one would its annotations belong to? (skip: the first)
+                first = printable(images[im["id"]]["file_name"])
+                e = DataError(f"{annotations}: image id {im['id']} is given twice ({first} and "
+                              f"{printable(im['file_name'])})", "duplicate_id")
+                if not self.skip:
+                    raise e
+                self.report.skip(e)
+                continue
             images[im["id"]] = im
         by_image: dict[int, list] = {i: [] for i in images}
         bad: set[int] = set()
@@ -129,13 +140,36 @@ class CocoDataset:
             raise DataError(f"{where} (image {im['file_name']}): category_id {printable(a.get('category_id'), 20)} "
                             "is not among the categories", "bad_category")
         seg = a.get("segmentation")
-        if not (isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 for p in seg)
-                or isinstance(seg, dict) and "counts" in seg and "size" in seg):
-            raise DataError(f"{where} (image {im['file_name']}): segmentation is neither polygons nor RLE", "bad_mask")
+        where = f"{where} (image {printable(im['file_name'])})"
+        if isinstance(seg, list) and seg and all(isinstance(p, list) for p in seg):
+            for p in seg:
+                if len(p) < 6 or len(p) % 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in p):
+                    raise DataError(f"{where}: a polygon must be x, y pairs, at least 3 of them (numbers); got "
+                                    f"{len(p)} value(s): {printable(p, 60)}", "bad_mask")
+        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+            _check_rle(seg, im, where)
+        else:
+            raise DataError(f"{where}: segmentation is neither polygons nor RLE", "bad_mask")
         return a["image_id"]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def sample(self, i: int) -> Sample:
+        """self[i]; with on_bad_sample "skip", a sample that cannot be read when it is met
+        (its image file missing or broken) is counted in `report` and the next readable
+        one taken in its place, so every rank that meets it takes the same one."""
+        n = len(self.ids)
+        for k in range(n):
+            try:
+                return self[(i + k) % n]
+            except DataError as e:
+                if not self.skip:
+                    raise
+                self.report.skip(e)
+                log.warning("skipped (data.on_bad_sample: skip): %s; %d sample(s) skipped in all", e,
+                            self.report.total_skipped)
+        raise DataError(f"{self.annotations}: no sample can be read ({self.report.summary()})", "empty")
 
     def __getitem__(self, i: int) -> Sample:
         image_id = self.ids[i]
@@ -149,7 +183,7 @@ class CocoDataset:
         anns = [a for a in self.by_image[image_id] if not a.get("iscrowd", 0)]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in anns], dtype=torch.float32).reshape(-1, 4)
-        masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+        masks = np.stack([_mask(self.coco, a, name) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
         if masks.shape[1:] != (h, w):
             raise DataError(f"{name}: its masks are {masks.shape[1:]}, the image is {(h, w)} (height, width)",
                             "bad_mask")
@@ -157,6 +191,40 @@ class CocoDataset:
                                                          dtype=torch.int64),
                   "masks": torch.from_numpy(masks)}
         return Sample(image_id=image_id, name=name, image=image, target=target)
+
+
+def _check_rle(seg: dict, im: dict, where: str) -> None:
+    """An RLE mask (COCO's `{"size": [h, w], "counts": ...}`) that pycocotools can decode
+    and that covers its image: DataError otherwise, naming the annotation (pycocotools
+    itself says only "Invalid RLE mask representation", when a worker meets it)."""
+    from pycocotools import mask as mask_utils
+
+    size, counts = seg["size"], seg["counts"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise DataError(f"{where}: RLE size {printable(size, 40)} is not [height, width]", "bad_mask")
+    h, w = im.get("height"), im.get("width")
+    if isinstance(h, int) and isinstance(w, int) and size != [h, w]:
+        raise DataError(f"{where}: RLE size {size} is not its image's [height, width] [{h}, {w}]", "bad_mask")
+    if isinstance(counts, list):  # uncompressed: run lengths that add up to the mask's pixels
+        if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != size[0] * size[1]:
+            raise DataError(f"{where}: RLE counts are not run lengths adding up to {size[0]} x {size[1]} pixels",
+                            "bad_mask")
+    elif isinstance(counts, str):
+        try:
+            mask_utils.decode({"size": size, "counts": counts.encode("ascii")})
+        except (ValueError, UnicodeEncodeError) as e:
+            raise DataError(f"{where}: RLE counts do not decode to a {size[0]} x {size[1]} mask ({e})",
+                            "bad_mask") from None
+    else:
+        raise DataError(f"{where}: RLE counts must be a string or a list of run lengths", "bad_mask")
+
+
+def _mask(coco, a: dict, name: str) -> np.ndarray:
+    try:
+        return coco.annToMask(a)
+    except ValueError as e:  # pycocotools' own words name neither the file nor the annotation
+        raise DataError(f"{name}: annotation {printable(a.get('id', '?'), 20)}: its mask cannot be decoded ({e})",
+                        "bad_mask") from None
 
 
 def hflip(sample: Sample) -> Sample:

@@ -40,12 +40,17 @@ _CLASSIFIER = re.compile(r"(head|head_dist|norm|fc_norm|pre_logits)\..*|dist_tok
 _OPTIONAL = re.compile(r"blocks\.\d+\.gamma[12]")  # layer scale: DeiT III has it, DeiT and AugReg do not
 
 
+class PretrainedError(ValueError):
+    """A piip.pretrained file that cannot seed its branch (not there, not a checkpoint, or
+    of another shape): a restart would meet it again, so the run ends at once."""
+
+
 def read_checkpoint(url: str) -> dict[str, torch.Tensor]:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.isfile(path):
-        raise ValueError(f"piip.pretrained: {url} is not a file")
+        raise PretrainedError(f"piip.pretrained: {url} is not a file")
     data = fs.cat_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load
@@ -54,12 +59,12 @@ def read_checkpoint(url: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle and zip errors of many kinds: one line naming the file
-        raise ValueError(f"piip.pretrained: {url} is not a weights-only torch checkpoint ({e})") from None
+        raise PretrainedError(f"piip.pretrained: {url} is not a weights-only torch checkpoint ({e})") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"piip.pretrained: {url} holds no state dict of tensors")
+        raise PretrainedError(f"piip.pretrained: {url} holds no state dict of tensors")
     return obj
 
 
@@ -72,7 +77,7 @@ def load_branch(branch: Branch, url: str) -> list[str]:
     unknown, skipped = [], []
     for name, t in state.items():
         if name == "pos_embed":
-            got["pos_embed"] = _position_embedding(t, state, branch)
+            got["pos_embed"] = _position_embedding(t, state, branch, url)
             continue
         for pattern, target in _NAMES:
             if re.fullmatch(pattern, name):
@@ -81,29 +86,31 @@ def load_branch(branch: Branch, url: str) -> list[str]:
         else:
             (skipped if _CLASSIFIER.fullmatch(name) else unknown).append(name)
     if unknown:
-        raise ValueError(f"piip.pretrained: {url}: {len(unknown)} key(s) that are no part of a ViT branch: "
-                         f"{sorted(unknown)[:5]}")
+        raise PretrainedError(f"piip.pretrained: {url}: {len(unknown)} key(s) that are no part of a ViT branch: "
+                              f"{', '.join(sorted(unknown))}")
     missing = sorted(n for n in ours if n not in got and not _OPTIONAL.fullmatch(n))
     if missing:
-        raise ValueError(f"piip.pretrained: {url} lacks {len(missing)} tensor(s) of branch {branch.cfg.size}: "
-                         f"{missing[:5]}")
+        raise PretrainedError(f"piip.pretrained: {url} lacks {len(missing)} tensor(s) of branch {branch.cfg.size}: "
+                              f"{', '.join(missing)}")
     extra = sorted(n for n in got if n not in ours)
     if extra:
-        raise ValueError(f"piip.pretrained: {url} has {len(extra)} tensor(s) beyond branch {branch.cfg.size}'s "
-                         f"{branch.cfg.depth} blocks: {extra[:5]}")
+        raise PretrainedError(f"piip.pretrained: {url} has {len(extra)} tensor(s) beyond branch {branch.cfg.size}'s "
+                              f"{branch.cfg.depth} blocks: {', '.join(extra)}")
+    for name, t in got.items():
+        if name == "cls_token" and t.numel() == ours[name].numel():
+            got[name] = t.reshape(ours[name].shape)
+    wrong = [(n, tuple(t.shape), tuple(ours[n].shape)) for n, t in got.items() if t.shape != ours[n].shape]
+    if wrong:  # every one named: a checkpoint of another model size is wrong everywhere, not in one key
+        shapes = "; ".join(f"{n} is {have}, wants {want}" for n, have, want in wrong[:3])
+        raise PretrainedError(f"piip.pretrained: {url} is not branch {branch.cfg.size}'s shape: {len(wrong)} "
+                              f"tensor(s) differ ({shapes}; all of them: {', '.join(n for n, _, _ in wrong)})")
     with torch.no_grad():
         for name, t in got.items():
-            p = ours[name]
-            if name == "cls_token":
-                t = t.reshape(p.shape) if t.numel() == p.numel() else t
-            if t.shape != p.shape:
-                raise ValueError(f"piip.pretrained: {url}: {name} is {tuple(t.shape)}, branch {branch.cfg.size} "
-                                 f"wants {tuple(p.shape)}")
-            p.copy_(t.to(p.dtype))
+            ours[name].copy_(t.to(ours[name].dtype))
     return skipped
 
 
-def _position_embedding(t: torch.Tensor, state: dict, branch: Branch) -> torch.Tensor:
+def _position_embedding(t: torch.Tensor, state: dict, branch: Branch, url: str) -> torch.Tensor:
     """(1, prefix + n², C) -> (1, g², C): the token slots dropped, the grid resized."""
     prefix = 1 + ("dist_token" in state)
     n = t.shape[1] - prefix
@@ -111,7 +118,7 @@ def _position_embedding(t: torch.Tensor, state: dict, branch: Branch) -> torch.T
     if side * side != n:
         side, prefix = int(round(t.shape[1] ** 0.5)), 0  # no token slots (some checkpoints keep none)
         if side * side != t.shape[1]:
-            raise ValueError(f"piip.pretrained: pos_embed of {t.shape[1]} positions is not a square grid")
+            raise PretrainedError(f"piip.pretrained: {url}: pos_embed of {t.shape[1]} positions is not a square grid")
     grid = t[:, prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # (1, C, s, s)
     g = branch.cfg.grid
     if g != side:

@@ -130,7 +130,7 @@ class PIIPRunner(Runner):
 
         samples = []
         for j in range(lo, hi):
-            s = self.data[rows[j]]
+            s = self.data.sample(rows[j])
             draw = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + micro * 1009 + j)
             if self.cfg.piip.flip and torch.rand((), generator=draw) < 0.5:
                 s = hflip(s)
