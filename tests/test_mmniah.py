@@ -3,6 +3,7 @@ do, and `MMNIAHEvaluation` end to end on a split in the released layout (one pro
 a context-parallel group of two)."""
 
 import json
+import os
 
 import fsspec
 import pytest
@@ -96,6 +97,10 @@ def test_the_released_layout_reads_and_questions_are_built_as_the_authors(tmp_pa
     (lambda r: r["meta"].update(context_length="long"), r"meta.context_length must be a token count, got long"),
     (lambda r: r["meta"].update(placed_depth=1.5), r"meta.placed_depth must be a number in \[0, 1\]"),
     (lambda r: r.pop("question"), r"'question' must be a string"),
+    (lambda r: r["meta"].update(needles="7421"), r"f.jsonl:1\): meta.needles must be a list of strings, got 7421"),
+    # an option's index without the options: said so, not "a wrong answer type"
+    (lambda r: r.update(answer=2), r"f.jsonl:1\): answer 2 is an option's index but the sample has no options "
+                                   r"\(meta.choices or meta.choices_image_path\)"),
 ])
 def test_a_bad_sample_is_named(change, message):
     from tests.mmniah_fixture import samples
@@ -136,6 +141,44 @@ def test_wrong_layout_missing_image_and_too_long_stop_prepare_naming_them(tmp_pa
         ev.prepare(job(tmp_path, root, **{"data.max_tokens": 8192}), str(tmp_path / "run"), model)
     with pytest.raises(DataError, match=r"has no reasoning-text.jsonl"):
         ev.prepare(job(tmp_path, root, **{"evaluation.tasks": ["reasoning-text"]}), str(tmp_path / "run"), model)
+
+
+def test_every_input_problem_stops_prepare_before_the_job_naming_file_line_and_field(tmp_path):
+    """What the workers met mid-generation, or never: all found by `prepare`, on the driver,
+    before any worker starts, each naming the file, the line and the field."""
+    ev, model = MMNIAHEvaluation(), exported_model(tmp_path)
+
+    def split(name, **kw):
+        root = write_split(str(tmp_path / name), **kw)
+        return root, tmp_path / name / "annotations"
+
+    root, ann = split("empty", tasks=["retrieval-text", "counting-text"])
+    (ann / "counting-text.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"counting-text \(.*empty/annotations/counting-text.jsonl\): no samples "
+                                        r"\(an empty annotations file\)"):
+        ev.prepare(job(tmp_path, root), str(tmp_path / "run"), model)
+
+    root, ann = split("long", tasks=["retrieval-text"])
+    first = (ann / "retrieval-text.jsonl").read_text().splitlines()[0]
+    with open(ann / "retrieval-text.jsonl", "a") as f:  # line 4: 20 MB, past data.max_line_bytes (16 MiB)
+        f.write(json.dumps({**json.loads(first), "context": "x" * (20 << 20)}) + "\n")
+    with pytest.raises(DataError, match=r"retrieval-text line 4 \(.*retrieval-text.jsonl:4\): longer than "
+                                        r"data.max_line_bytes=16777216"):
+        ev.prepare(job(tmp_path, root), str(tmp_path / "run"), model)
+
+    root, ann = split("link", tasks=["retrieval-text"])
+    secret = tmp_path / "outside.png"
+    (tmp_path / "link" / "images" / "ret" / "0_a.png").rename(secret)
+    os.symlink(secret, tmp_path / "link" / "images" / "ret" / "0_a.png")  # a link out of the split
+    with pytest.raises(DataError, match=r"images_list: sample retrieval-text sample 0 \(.*retrieval-text.jsonl:1\): "
+                                        r"image ret/0_a.png is outside the dataset's root"):
+        ev.prepare(job(tmp_path, root), str(tmp_path / "run"), model)
+
+    root, ann = split("typo", tasks=["retrieval-text"])
+    (ann / "retreival-image.jsonl").write_text(first + "\n")  # misspelt: would go unscored
+    with pytest.raises(DataError, match=r"annotations has annotation file\(s\) of no MM-NIAH task: "
+                                        r"retreival-image.jsonl"):
+        ev.prepare(job(tmp_path, root), str(tmp_path / "run"), model)
 
 
 def test_an_evaluation_run_generates_scores_and_writes_the_authors_output(gloo_world, tmp_path):

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..data_errors import DataError, printable
+from ..files import MAX_LINE_BYTES, iter_lines
 from .chat import IMAGE_PLACEHOLDER
 
 TASKS = ("retrieval-text", "retrieval-image", "counting-text", "counting-image", "reasoning-text",
@@ -67,6 +68,12 @@ def find_tasks(fs, root: str, tasks: list[str] | None = None) -> dict[str, str]:
     if not fs.isdir(posixpath.join(root, "images")):
         raise DataError(f"evaluation.data: {root} has no images/ folder (MM-NIAH's released layout)", "layout")
     found = {t: posixpath.join(ann, f"{t}.jsonl") for t in TASKS if fs.isfile(posixpath.join(ann, f"{t}.jsonl"))}
+    unknown = sorted(posixpath.basename(p) for p in fs.ls(ann, detail=False)
+                     if p.endswith(".jsonl") and posixpath.basename(p)[:-len(".jsonl")] not in TASKS)
+    if unknown and not tasks:  # a renamed or misspelt task would go unscored without a word
+        raise DataError(f"evaluation.data: {ann} has annotation file(s) of no MM-NIAH task: {', '.join(unknown)} "
+                        f"(the tasks: {', '.join(f'{t}.jsonl' for t in TASKS)}); rename them, or name the tasks to "
+                        "score in evaluation.tasks", "layout")
     wanted = tasks or list(found)
     missing = [t for t in wanted if t not in found]
     if missing or not wanted:
@@ -120,6 +127,9 @@ def parse_item(rec, task: str, where: str) -> Item:
             raise bad(f"meta.{key} must be a list of strings or null")
     if choices and choice_images:
         raise bad("meta.choices and meta.choices_image_path are both set")
+    needles = meta.get("needles")
+    if needles is not None and (not isinstance(needles, list) or not all(isinstance(x, str) for x in needles)):
+        raise bad(f"meta.needles must be a list of strings, got {printable(needles, 40)}")
     answer = rec.get("answer")
     if task.startswith("counting") and isinstance(answer, str):
         try:
@@ -132,6 +142,9 @@ def parse_item(rec, task: str, where: str) -> Item:
     elif task.startswith("counting"):
         if not isinstance(answer, list):
             raise bad(f"a counting answer must be a list, got {printable(answer, 40)}")
+    elif isinstance(answer, int) and not isinstance(answer, bool):  # an option's index, without the options
+        raise bad(f"answer {answer} is an option's index but the sample has no options (meta.choices or "
+                  "meta.choices_image_path)")
     elif not isinstance(answer, (str, list)):
         raise bad(f"an open answer must be a string or a list of strings, got {printable(answer, 40)}")
     length = meta.get("context_length")
@@ -166,16 +179,21 @@ def record_of(item: Item) -> dict:
     return {"id": f"{item.task}/{item.id}", "image": images, "conversations": [{"from": "human", "value": text}]}
 
 
-def read_items(fs, path: str, task: str, url: str | None = None) -> Iterator[Item]:
-    """The task's samples in file order; `url`: how messages name the file (else path)."""
+def read_items(fs, path: str, task: str, url: str | None = None, *,
+               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Item]:
+    """The task's samples in file order; `url`: how messages name the file (else path).
+    A line over `max_line_bytes` (data.max_line_bytes) is refused without being held."""
     with fs.open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
+        for _, n, line in iter_lines(f, max_line_bytes):
+            if line is None:
+                raise DataError(f"{task} line {n} ({url or path}:{n}): longer than data.max_line_bytes="
+                                f"{max_line_bytes}", "too_large")
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{task} line {n} ({url or path}): not JSON ({e})", "record") from None
+                raise DataError(f"{task} line {n} ({url or path}:{n}): not JSON ({e})", "record") from None
             yield parse_item(rec, task, f"{url or path}:{n}")
 
 

@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from parallelism.dims import ParallelDims
 
-from ..data_errors import DataError
-from ..files import FileCache
+from ..data_errors import DataError, printable
+from ..files import FileCache, resolve_image
 from ..spec import EvalResult, Evaluation, FieldError
 from .config import Positions
 from .data import encode_prompt
@@ -72,21 +72,31 @@ class MMNIAHEvaluation(Evaluation):
         scheme = e.data.split("://")[0] + "://" if "://" in e.data else ""
         urls = {task: scheme + path for task, path in tasks.items()}  # as the user named them
         images = {posixpath.relpath(p, posixpath.join(root, "images")) for p in fs.find(posixpath.join(root, "images"))}
+        image_root = f"{e.data.rstrip('/')}/images"
         limit = cfg.data.max_tokens
         counts = {}
         for task, path in tasks.items():
             n = 0
-            for item in _first(read_items(fs, path, task, urls[task]), e.max_samples):  # one at a time: 1M-token
-                n += 1                                                                  # contexts are MBs each
-                for name in [*item.images, *(item.choice_images or [])]:
-                    if name not in images:
-                        raise DataError(f"{task} sample {item.id} ({item.where}): image {name} is not in "
-                                        f"{e.data.rstrip('/')}/images", "missing_file")
+            for item in _first(read_items(fs, path, task, urls[task], max_line_bytes=cfg.data.max_line_bytes),
+                               e.max_samples):  # one at a time: 1M-token contexts are MBs each
+                n += 1
+                for field, names in (("images_list", item.images), ("meta.choices_image_path", item.choice_images)):
+                    for name in names or ():
+                        sample = f"{task} sample {item.id} ({item.where})"
+                        if name not in images:
+                            raise DataError(f"{sample}: {field}: image {printable(name)} is not in {image_root}",
+                                            "missing_file")
+                        try:  # what the workers would refuse mid-generation (a link out of the split): now
+                            resolve_image(name, image_root, sample=sample, allowed=tuple(cfg.data.allowed_roots))
+                        except DataError as bad:
+                            raise DataError(f"{field}: {bad}", bad.reason) from None
                 if item.context_length > limit:
                     raise DataError(f"{task} sample {item.id} ({item.where}): meta.context_length "
                                     f"{item.context_length} exceeds data.max_tokens={limit}; raise it (and the "
                                     "layout: `longview plan`) or leave the sample out (evaluation.max_samples)",
                                     "too_long")
+            if n == 0:  # an empty table would be scored as if the model had answered nothing
+                raise DataError(f"{task} ({urls[task]}): no samples (an empty annotations file)", "empty")
             counts[task] = n
         log.info("MM-NIAH %s: %s", e.data, ", ".join(f"{t} {n} samples" for t, n in counts.items()))
         return {**urls, "_images": f"{e.data.rstrip('/')}/images"}
@@ -112,7 +122,8 @@ class MMNIAHEvaluation(Evaluation):
         responses: dict[str, list[dict]] = {}
         for task in (t for t in TASKS if t in prepared):
             fs, path = fsspec.core.url_to_fs(prepared[task])
-            items = _first(read_items(fs, path, task, prepared[task]), e.max_samples)
+            items = _first(read_items(fs, path, task, prepared[task], max_line_bytes=cfg.data.max_line_bytes),
+                           e.max_samples)
             if ctx.rank == 0:
                 log.info("MM-NIAH %s: generating answers (%s)", task, "; ".join(map(str, positions)))
             for i, item in enumerate(items):
