@@ -134,7 +134,10 @@ class HeadWatch:
             if self._answers():
                 last_ok = time.monotonic()
             elif time.monotonic() - last_ok >= HEAD_LOST_AFTER_S:
-                self._lost(time.monotonic() - last_ok)
+                import ray
+
+                if ray.is_initialized():  # not a driver that let go of its cluster itself (ray.shutdown)
+                    self._lost(time.monotonic() - last_ok)
                 return
 
     def _lost(self, for_s: float) -> None:
