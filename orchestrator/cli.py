@@ -36,7 +36,7 @@ from .config import ConfigError, from_dict, load_config, to_dict, yaml_value
 from .errors import failure_reason
 from .evaluate import run_evaluation
 from .experiment import run_experiment
-from .identity import deliver_outbox, outbox
+from .identity import deliver_outbox, deliver_pending, outbox
 from .launch import run_training
 from .placement import PlacementRefused
 from .preflight import InputError, check_inputs, check_resume_rules, check_storage, check_tracking
@@ -325,6 +325,10 @@ def cmd_runs(args) -> int:
             log.info("sent %d MLflow records run %s had kept in %s", sent, cfg.name, outbox(cfg).uri)
     except Exception as e:  # noqa: BLE001 - the listing below says whether the server answers
         log.warning("records kept in %s not sent (%s: %s)", outbox(cfg).uri, type(e).__name__, e)
+    # and what other runs of this machine kept for this server, whatever their name
+    for name, sent in deliver_pending(cfg.tracking.uri).items():
+        if sent:
+            log.info("sent %d MLflow records run %s had kept in its storage", sent, name)
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:

@@ -87,6 +87,47 @@ def deliver_outbox(cfg) -> int:
     return box.deliver(cfg.tracking.uri, bind_run(cfg, run_tags_of(cfg)))
 
 
+PENDING_FILE = "pending-mlflow.json"  # in $LONGVIEW_HOME: {run storage: job config} of runs with records kept
+
+
+def remember_pending(cfg) -> None:
+    """Notes on this machine that run `cfg` left records for MLflow in its storage, so
+    that `longview runs` sends them whatever run it is asked about."""
+    from .config import to_dict
+    from .services import home
+
+    path = home() / PENDING_FILE
+    pending = json.loads(path.read_text()) if path.exists() else {}
+    pending[run_uri(cfg)] = to_dict(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(pending))
+
+
+def deliver_pending(tracking_uri: str) -> dict[str, int]:
+    """Sends the records every run noted by `remember_pending` kept for the MLflow server
+    at `tracking_uri`; returns {run name: records sent}. A run whose records are all
+    sent is no longer noted; one whose delivery fails stays for the next call."""
+    from .config import from_dict
+    from .services import home
+
+    path = home() / PENDING_FILE
+    if not path.exists():
+        return {}
+    pending, sent = json.loads(path.read_text()), {}
+    for uri, job in list(pending.items()):
+        cfg = from_dict(job)
+        if cfg.tracking.uri != tracking_uri:
+            continue
+        try:
+            sent[cfg.name] = deliver_outbox(cfg)
+        except Exception as e:  # noqa: BLE001 - the server or the storage: the next call tries again
+            log.warning("records kept by run %s (%s) not sent (%s: %s)", cfg.name, uri, type(e).__name__, e)
+            continue
+        del pending[uri]
+    path.write_text(json.dumps(pending))
+    return sent
+
+
 def _holder() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "ray_job": submitted_job_id() or "",
             "token": uuid.uuid4().hex}

@@ -20,7 +20,7 @@ import time
 from .checkpoint import checkpoint_store
 from .config import JobConfig, to_dict
 from .errors import InputError, StorageUnreachable, failure_reason, first_line
-from .identity import RunLease, bind_run, deliver_outbox, outbox, run_tags_of
+from .identity import RunLease, bind_run, deliver_outbox, outbox, remember_pending, run_tags_of
 from .placement import PlacementTimeout, PlacementWatch
 from .ray_job import HeadWatch, RunStopped, build_trainer, connect_checked, connect_ray, run_output, stop_signal
 from .resume import check, describe
@@ -170,6 +170,7 @@ def _run_training(cfg: JobConfig, *, ray_address: str | None, tags: dict | None)
     tracker.call("set_terminated", "FINISHED", wait_s=cfg.tracking.wait_s)
     kept = len(tracker.outbox.names()) if cfg.tracking.uri else 0
     if kept:
+        remember_pending(cfg)
         log.warning("MLflow at %s did not answer: %d records of this run (metrics, tags, its status) are kept in "
                     "%s; the next start or `longview runs` sends them", cfg.tracking.uri, kept, tracker.outbox.uri)
     return result, run_id, final
