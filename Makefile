@@ -35,7 +35,7 @@ lint: $(STAMP)
 # The fault-injection suite alone (it also runs within `make test`), then its table.
 faults: $(STAMP)
 	mkdir -p out
-	LONGVIEW_FAULT_REPORT=$(CURDIR)/out/faults.json $(VPY) -m pytest -q tests/e2e/test_faults.py tests/e2e/test_elastic.py tests/e2e/test_security_scan.py
+	LONGVIEW_FAULT_REPORT=$(CURDIR)/out/faults.json $(VPY) -m pytest -q tests/e2e/test_faults.py tests/e2e/test_outages.py tests/e2e/test_elastic.py tests/e2e/test_security_scan.py
 	$(VPY) -m tests.e2e.report out/faults.json
 
 # The services it starts stay up for browsing the run: `make down` stops them.
