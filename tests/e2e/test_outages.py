@@ -19,7 +19,7 @@ from tests.e2e.test_faults import wait_for_steps
 LOST_HEAD_LINE_WITHIN_S = 180
 
 
-def test_up_during_a_run_keeps_every_service_and_the_run_goes_on(services):
+def test_up_during_a_run_keeps_every_service_and_the_run_goes_on(services, record):
     fs = services
     name = unique("up")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "configs/v2pe-demo.yaml",
@@ -38,9 +38,11 @@ def test_up_during_a_run_keeps_every_service_and_the_run_goes_on(services):
     assert proc.returncode == 0, err[-3000:]
     got, run = history(fs, name)
     assert [s for s, _ in got] == list(range(1, 13)) and run.info.status == "FINISHED"
+    record("`longview up` typed during a run", injected=1, survived=1, steps_lost=0, data_lost=0,
+           note="every service kept as it was; the run finished")
 
 
-def test_a_lost_ray_head_ends_the_run_in_one_line_and_fails_its_mlflow_run(services, tmp_path):
+def test_a_lost_ray_head_ends_the_run_in_one_line_and_fails_its_mlflow_run(services, tmp_path, record):
     fs = services
     head = start_ray(tmp_path, 2)  # a head of this test's own: the shared one stays up
     name = unique("headlost")
@@ -50,8 +52,10 @@ def test_a_lost_ray_head_ends_the_run_in_one_line_and_fails_its_mlflow_run(servi
                             env=dict(fs["env"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_steps(fs, name, 2)
+        killed = time.monotonic()
         stop_pid(head.pid)  # the head's whole process group: GCS, raylet, dashboard, the workers
         out, err = proc.communicate(timeout=LOST_HEAD_LINE_WITHIN_S)
+        took = time.monotonic() - killed
     finally:
         stop_pid(head.pid)
         if proc.poll() is None:
@@ -64,6 +68,8 @@ def test_a_lost_ray_head_ends_the_run_in_one_line_and_fails_its_mlflow_run(servi
     assert "Traceback" not in err and "Failed to connect to GCS" not in err, err[-3000:]
     _, run = history(fs, name)
     assert run.info.status == "FAILED" and "HeadLost" in run.data.tags["longview.failure"]
+    record("Ray head stopped under a run", injected=1, survived=0, steps_lost=0, data_lost=0,
+           note=f"one line (HeadLost) {took:.0f} s after the stop, exit 1, MLflow run FAILED with the reason")
 
 
 # Bounds a hang only: the run must end within its retry window (about 29 s for the
@@ -106,11 +112,13 @@ def test_a_killed_s3_endpoint_ends_the_run_within_its_retry_window_and_loses_not
     assert newest is not None
     store.verify(newest)
     step = store.manifest(newest)["state"]["step"]
+    done_before = max(s for s, _ in history(fs, name)[0])  # steps the first attempt finished
     rerun = cli(dict(fs["env"]), *args[3:], "--set", f"training.steps={step + 2}")
     assert "other storage" not in rerun.stdout + rerun.stderr
     got, run = history(fs, name)  # one MLflow run for the job, resumed
     assert {s for s, _ in got} == set(range(1, step + 3)) and run.info.status == "FINISHED"
-    record("S3 endpoint killed (SIGKILL) mid-run", injected=1, survived=1, steps_lost=0, data_lost=0,
+    record("S3 endpoint killed (SIGKILL) mid-run", injected=1, survived=1, steps_lost=done_before - step,
+           data_lost=0,
            note=f"the run ended in {took:.0f} s with one line (retry window {retry_window_s(10):.0f} s); "
                 f"resumed from step {step} once the endpoint was back")
 
@@ -137,7 +145,7 @@ def test_every_tag_and_param_on_mlflow_is_scrubbed(services):
     assert data.tags["longview.model"] == "https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=***&X-Amz-Signature=***&v=2"
 
 
-def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_partial_checkpoint(services, tmp_path):
+def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_partial_checkpoint(services, tmp_path, record):
     """storage.uri a local folder on a real 3 MiB file system (tmpfs, mounted here as root,
     as CI runs): the first checkpoint fits, the second does not. The run's folder is made
     by its first write (nothing made by hand), the run ends at once in one line, and the
@@ -160,5 +168,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_partial_checkpoint(s
         store = CheckpointStore(fsspec.filesystem("file"), f"{disk}/runs/{name}", f"{disk}/runs/{name}")
         assert store.names() == ["step-0000002"]  # no partial step-0000004/
         store.verify("step-0000002")
+        record("storage disk full (a 3 MiB tmpfs)", injected=1, survived=0, steps_lost=0, data_lost=0,
+               note="one line naming the checkpoint, not retried; the save it cut short removed, step 2 verifies")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
