@@ -113,10 +113,12 @@ def test_a_killed_s3_endpoint_ends_the_run_within_its_retry_window_and_loses_not
     store.verify(newest)
     step = store.manifest(newest)["state"]["step"]
     done_before = max(s for s, _ in history(fs, name)[0])  # steps the first attempt finished
-    rerun = cli(dict(fs["env"]), *args[3:], "--set", f"training.steps={step + 2}")
+    until = max(step, done_before) + 2  # past what the first attempt logged: every step has a value
+    rerun = cli(dict(fs["env"]), *args[3:], "--set", f"training.steps={until}")
+    assert f"resumed from s3://{BUCKET}/runs/{name}/step-{step:07d} at step {step}" in rerun.stdout, rerun.stdout[-3000:]
     assert "other storage" not in rerun.stdout + rerun.stderr
     got, run = history(fs, name)  # one MLflow run for the job, resumed
-    assert {s for s, _ in got} == set(range(1, step + 3)) and run.info.status == "FINISHED"
+    assert {s for s, _ in got} == set(range(1, until + 1)) and run.info.status == "FINISHED"
     record("S3 endpoint killed (SIGKILL) mid-run", injected=1, survived=1, steps_lost=done_before - step,
            data_lost=0,
            note=f"the run ended in {took:.0f} s with one line (retry window {retry_window_s(10):.0f} s); "
