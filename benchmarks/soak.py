@@ -14,7 +14,7 @@ Per recovery: detection (the kill to the driver's "attempt N failed" line), rest
 restore (that line to the workers' "resumed from ... at step S"), the first step after
 it, and the steps recomputed (the last step done before the kill minus S). The effective
 training time ratio is the time the kept steps took at the run's undisturbed step time
-over the wall time: (final step x median step time) / wall. With the mean time a failure
+over the wall time: (steps kept x mean undisturbed step time) / wall. With the mean time a failure
 costs, L (measured here), the ratio at one failure per T minutes is T / (T + L): the
 figures README gives for 10 and 30 minutes come from the measured L, and the ratio of
 the run itself (its own interval) is printed beside them for comparison.
@@ -186,8 +186,10 @@ def main(argv=None) -> int:
         if proc.poll() is None:
             proc.kill()
         svc.down()
+    # The undisturbed step time: the mean over consecutive steps (saves included, as a run
+    # pays them), not the median, so that steps x step_s is the time they took in all.
     steady = [t2 - t1 for (t1, s1), (t2, s2) in zip(run.steps, run.steps[1:]) if s2 == s1 + 1]
-    step_s = statistics.median(steady) if steady else float("nan")
+    step_s = statistics.mean(steady) if steady else float("nan")
     done = max((s for _, s in run.steps), default=0)
     first_step = run.steps[0][1] if run.steps else 0
     rows = recoveries(kills, run)
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
               "ettr_measured": (done - first_step) * step_s / wall if wall else None,
               "mean_cost_per_failure_s": mean_lost,
               "ettr_one_failure_per_10_min": 600 / (600 + mean_lost), "ettr_one_failure_per_30_min": 1800 / (1800 + mean_lost),
-              "recoveries": rows}
+              "recoveries": rows, "step_times": [[round(t - run.t0, 3), st] for t, st in run.steps]}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"| fault | faults | wall s | step s | ETTR measured (every {args.every:.0f} s) | cost per failure s | "
           "ETTR at 1 per 10 min | ETTR at 1 per 30 min |")
