@@ -28,7 +28,6 @@ import threading
 import time
 
 import fsspec
-import fsspec.config
 import s3fs
 import s3fs.core
 
@@ -97,14 +96,16 @@ def _retry_connection_errors(e: BaseException) -> bool:
 
 
 class RetryingS3FileSystem(s3fs.S3FileSystem):
-    def __init__(self, *args, retries: int = 10, **kwargs):
+    default_retries = 10  # for instances fsspec makes (`use_for_plain_fsspec`): the job's storage.retries
+
+    def __init__(self, *args, retries: int | None = None, **kwargs):
         # One layer of retries, s3fs's, with the policy above; botocore's own would
         # multiply it.
         kwargs.setdefault("config_kwargs", {"retries": {"max_attempts": 1, "mode": "standard"},
                                             "connect_timeout": CONNECT_TIMEOUT_S})
         super().__init__(*args, **kwargs)
-        self.retries = int(retries)
-        OUTAGE.window_s = retry_window_s(retries)
+        self.retries = int(self.default_retries if retries is None else retries)
+        OUTAGE.window_s = retry_window_s(self.retries)
         # s3fs asks one process-wide hook whether an unknown error is worth a retry.
         s3fs.core.CUSTOM_ERROR_HANDLER = _retry_connection_errors
 
@@ -125,10 +126,9 @@ def use_for_plain_fsspec(retries: int) -> None:
     """`fsspec.open("s3://...")` and `fsspec.filesystem("s3")` in this process (the
     workloads' data reads and writes) get the job's policy too."""
     fsspec.register_implementation("s3", RetryingS3FileSystem, clobber=True)
-    # fsspec passes its "s3" config as constructor arguments. Not through FSSPEC_S3_RETRIES
-    # in the environment: a process that has not registered this class would hand it to
-    # plain s3fs, which has no such argument.
-    fsspec.config.conf.setdefault("s3", {})["retries"] = retries
+    # Not through fsspec's "s3" config (FSSPEC_S3_RETRIES): fsspec hands that to every
+    # s3fs instance, plain s3fs among them, which has no such argument.
+    RetryingS3FileSystem.default_retries = retries
 
 
 def s3_endpoint(endpoint_url: str | None) -> str | None:
