@@ -299,7 +299,7 @@ def test_eval_on_mm_niah_from_s3_generates_answers_and_logs_a_curve_per_task(ser
     proc = cli(fs["env"], *args, check=False, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(
-        f"retrieval-text sample 1 (s3://{split}/annotations/retrieval-text.jsonl:2): image ret/1_b.png is not in "
+        f"retrieval-text sample 1 (s3://{split}/annotations/retrieval-text.jsonl:2): images_list: image ret/1_b.png is not in "
         f"s3://{split}/images")
 
 
