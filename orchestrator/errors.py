@@ -45,9 +45,6 @@ def failure_reason(e: BaseException, *, storage_retries: int | None = None) -> s
                 return scrub_credentials(ln[ln.index(f"{name}: "):])
     for ln in lines:  # storage unreachable, met by Ray's own code (its controller's records)
         if "Could not connect to the endpoint URL" in ln:
-            from .storage.s3 import retry_window_s
-
-            window = f" ({retry_window_s(storage_retries):.0f} s)" if storage_retries else ""
-            return scrub_credentials(f"S3 endpoint unreachable after storage.retries={storage_retries} attempts{window}: "
+            return scrub_credentials(f"S3 endpoint unreachable after storage.retries={storage_retries} attempts: "
                                      + ln[ln.index("Could not connect"):])
     return scrub_credentials(lines[-1]) if lines else "unknown error"

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -54,6 +55,7 @@ def mlflow_client(uri: str):
     return _scrubbing_client_class()(tracking_uri=uri)
 
 
+@functools.cache  # one class, made on the first client
 def _scrubbing_client_class():
     """MlflowClient whose every tag and param value goes through `scrub_credentials` (a
     model URL given with a presigned signature, a reason quoting a URL with a token):

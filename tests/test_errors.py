@@ -17,7 +17,7 @@ def test_failure_reason_finds_our_error_inside_rays():
     ray_own = RuntimeError('botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: '
                            '"http://s3/b/run/snapshot.json"')
     assert failure_reason(ray_own, storage_retries=3) == (
-        'S3 endpoint unreachable after storage.retries=3 attempts (1 s): Could not connect to the endpoint URL: '
+        'S3 endpoint unreachable after storage.retries=3 attempts: Could not connect to the endpoint URL: '
         '"http://s3/b/run/snapshot.json"')
     assert failure_reason(ValueError("plain\nlast line")) == "last line"
 
