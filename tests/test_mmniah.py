@@ -1,6 +1,6 @@
-"""MM-NIAH: its released format read, questions built and answers scored as its authors
-do, and `MMNIAHEvaluation` end to end on a split in the released layout (one process and
-a context-parallel group of two)."""
+"""MM-NIAH: its released format read, and `MMNIAHEvaluation` end to end on a split in the
+released layout (one process and a context-parallel group of two), under both protocols.
+How a protocol asks and scores: tests/test_mmniah_protocol.py."""
 
 import json
 import os
@@ -14,59 +14,11 @@ from tests.mmniah_fixture import write_split
 from tests.test_v2pe_generate import decisive_model
 from tests.v2pe_helpers import tiny_model
 from workloads.data_errors import DataError
+from workloads.spec import FieldError
 from workloads.v2pe.hf_checkpoint import save_pretrained
-from workloads.v2pe.mmniah import (
-    BINS,
-    bucket_of,
-    bucket_scores,
-    find_tasks,
-    normalise,
-    parse_item,
-    question_of,
-    read_items,
-    score,
-)
+from workloads.v2pe.mmniah import find_tasks, parse_item, read_items
 from workloads.v2pe.mmniah_eval import MMNIAHEvaluation, eval_positions
-
-# --- scoring: the authors' rules, case by case ----------------------------------------------
-
-
-@pytest.mark.parametrize("answer,response,want", [
-    # multiple choice (answer = option index): the letter, however it is dressed
-    (1, "B", 1), (1, "b.", 1), (2, "The answer is C.", 1), (0, "**A**", 1), (1, "A", 0), (1, "B, because", 0),
-    (2, "2", 1),  # a bare number is compared with the index itself, as the reference does
-    (0, "None", 0), (0, "The camera is moving left.", 1),
-    # counting: positionwise matches over the answer's length
-    ([3, 5], "[3, 5]", 1.0), ([3, 5], "[3, 4]", 0.5), ([3, 5], "[3]", 0.5), ([3, 5], "```json\n[3, 5]\n```", 1.0),
-    ([3, 5], '{"image 1": [3], "image 2": [5]}', 1.0), ([3, 5], "three and five", 0.0), ([3, 5], "7", 0.0),
-    # open answers: VQA normalisation, then a whole-word match
-    ("7421", "The code is 7421.", 1), ("Ada", "ada", 1), ("green", "It is green!", 1), ("car", "cars", 0),
-    ("2 apples", "Two apples", 1), ("red car", "the red car", 1), ("don't", "dont", 1), ("blue", "green", 0),
-])
-def test_answers_are_scored_as_the_authors_score_them(answer, response, want):
-    assert score(answer, response) == want
-
-
-def test_normalisation_follows_the_vqa_rules():
-    assert normalise("The  Two dogs, a cat.") == "2 dogs cat"
-    assert normalise("1,000 people") == "1000 people"  # a comma inside a number joins it
-    assert normalise("yes-no") == "yes no"
-
-
-def test_buckets_and_depth_bins_are_the_authors():
-    assert bucket_of(999) == -1 and bucket_of(1000) == 0 and bucket_of(63999) == BINS.index(48000)
-    assert bucket_of(64000) == BINS.index(64000) and bucket_of(1_048_576) == BINS.index(1000000)
-    # One bucket, two depth bins filled (score 1 and 0), three empty: the authors' mean
-    # over the five bins counts the empty ones as 0.
-    entries = [{"context_length": 1500, "depth": 0.1, "score": 1.0}, {"context_length": 1500, "depth": 1.0, "score": 0.0},
-               {"context_length": 500, "depth": 0.5, "score": 1.0}]  # under 1k: left out
-    (row,) = bucket_scores(entries)
-    assert (row["bucket"], row["samples"], row["score"], row["mean"]) == ("1k", 2, 0.2, 0.5)
-    # 0.6 / 0.2 is 2.999…: the reference puts depth 0.6 in bin 2, and so do we
-    two = bucket_scores([{"context_length": 1500, "depth": 0.6, "score": 1.0},
-                         {"context_length": 1500, "depth": 0.5, "score": 1.0}])
-    assert two[0]["score"] == pytest.approx(1 / 5)  # both in one bin
-
+from workloads.v2pe.mmniah_protocol import MMNIAH, V2PE, task_buckets
 
 # --- the released layout ------------------------------------------------------------------
 
@@ -80,16 +32,15 @@ def test_the_released_layout_reads_and_questions_are_built_as_the_authors(tmp_pa
     items = {t: list(read_items(fs, p, t)) for t, p in tasks.items()}
     assert items["counting-text"][1].answer == [2]  # released as JSON text
     assert items["counting-text"][0].depth == pytest.approx(0.5)  # two needles: their mean depth
-    text, images = question_of(items["reasoning-text"][0])
-    assert text.endswith("Who is the youngest?\nA. Ada\nB. Bob\nC. Cy\n"
+    assert items["counting-text"][1].raw_answer == "[2]" and items["counting-text"][0].raw_answer == [3, 5]
+    text, images = MMNIAH.message(items["reasoning-text"][0])
+    assert text.endswith(" \nWho is the youngest?\nA. Ada\nB. Bob\nC. Cy\n"
                          "Answer with the option's letter from the given choices directly.")
     assert images == ["ret/0_a.png"]
-    text, images = question_of(items["retrieval-image"][0])
-    assert text.endswith("\nA. <image>\nB. <image>\nC. <image>\n"
-                         "Answer with the option's letter from the given choices directly.")
+    text, images = V2PE.message(items["retrieval-image"][0])
+    assert text.endswith(" Which of the following images appears in the document?\nA. <image>\nB. <image>\n"
+                         "C. <image>\nAnswer with the option's letter from the given choices directly.")
     assert images == ["ret/0_a.png", "opt/a.png", "opt/b.png", "opt/c.png"]  # options after the haystack's
-    text, _ = question_of(items["retrieval-text"][0])
-    assert text.endswith("What is the secret code?\nAnswer the question using a single word or phrase.")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -116,6 +67,7 @@ def test_a_bad_sample_is_named(change, message):
 
 def job(tmp_path, data, **extra):
     sets = {"evaluation.benchmark": "mm-niah", "evaluation.data": data, "data.max_tokens": 20000,
+            "evaluation.model_name": "tiny",
             "model.overrides": {"vision_image_size": 56}, **extra}
     return load_config("name: mm\nworkload: v2pe\n", overrides=sets)
 
@@ -181,40 +133,118 @@ def test_every_input_problem_stops_prepare_before_the_job_naming_file_line_and_f
         ev.prepare(job(tmp_path, root), str(tmp_path / "run"), model)
 
 
+AUTHORS_FIELDS = {"question_id", "question", "answer", "response", "context_length", "placed_depth"}
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_an_evaluation_run_generates_scores_and_writes_the_authors_output(gloo_world, tmp_path):
     root = write_split(str(tmp_path / "mm_niah_val"))
-    sets = {"evaluation.max_new_tokens": 4}
+    sets = {"evaluation.max_new_tokens": 4, "evaluation.model_name": "tiny"}
     cfg = job(tmp_path, root, **sets)
     model = exported_model(tmp_path)
     prepared = MMNIAHEvaluation().prepare(cfg, str(tmp_path / "run"), model)
+    assert (prepared["_split"], prepared["_model"]) == ("val", "tiny")  # the split from the folder's name
     (res,) = gloo_world(1).run(v2pe_cases.mmniah_run, root, sets, model, prepared, str(tmp_path / "run"))
-    # Every task has a curve against context length; the sample under 1000 tokens is not scored.
-    assert {r["task"] for r in res.records} == {"retrieval-text", "retrieval-image", "counting-text",
-                                                 "counting-image", "reasoning-text", "reasoning-image"}
-    assert sorted(res.curves["mmniah_retrieval_text"]) == [1000, 4000]
-    assert sorted(res.curves["mmniah_counting_text"]) == [1000, 2000]
-    assert "| retrieval-text |" in res.table and "overall" not in res.table.split("\n")[-3]  # buckets differ per task
-    # The responses in the authors' output format; re-scoring them gives the same curves.
-    out = tmp_path / "run" / "eval" / "mm-niah" / "retrieval-text.jsonl"
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["question_id"] for r in rows] == ["0", "1", "2"]
-    assert set(rows[0]) == {"question_id", "question", "answer", "response", "context_length", "placed_depth"}
-    rescored = bucket_scores([{"context_length": r["context_length"], "depth": r["placed_depth"],
-                               "score": score(r["answer"], r["response"])} for r in rows])
-    assert {r["tokens"]: r["score"] for r in rescored} == res.curves["mmniah_retrieval_text"]
+    # Every task has its eleven buckets (empty ones 0, as the authors count them); the
+    # sample under 1000 tokens is not scored.
+    by_task = {}
+    for r in res.records:
+        by_task.setdefault(r["task"], []).append(r)
+    assert list(by_task) == ["retrieval-text", "retrieval-image", "counting-text", "counting-image",
+                             "reasoning-text", "reasoning-image"]
+    assert all(len(rows) == 11 for rows in by_task.values())
+    assert [r["tokens"] for r in by_task["retrieval-text"] if r["samples"]] == [1000, 4000]
+    assert [r["tokens"] for r in by_task["counting-text"] if r["samples"]] == [1000, 2000]
+    assert res.table.startswith("Protocol: mm-niah (as OpenGVLab/MM-NIAH@2fd03dd")
+    assert "| overall |" in res.table and "mmniah_overall_mean" in res.metrics  # all six tasks ran
+    # The responses in the authors' files (<model>_<task>-<split>.jsonl): the question as
+    # asked, id and answer as released; re-scoring them gives the same figures.
+    out = tmp_path / "run" / "eval" / "mm-niah"
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"tiny_{t}-val.jsonl" for t in by_task)
+    rows = read_rows(out / "tiny_retrieval-text-val.jsonl")
+    assert [r["question_id"] for r in rows] == [0, 1, 2] and set(rows[0]) == AUTHORS_FIELDS
+    assert rows[0]["question"] == "What is the secret code?\nAnswer the question using a single word or phrase."
+    assert read_rows(out / "tiny_counting-text-val.jsonl")[1]["answer"] == "[2]"  # as released: the list's JSON text
+    for task, rows in by_task.items():
+        got = read_rows(out / f"tiny_{task}-val.jsonl")
+        answers = [json.loads(r["answer"]) if "counting" in task and isinstance(r["answer"], str) else r["answer"]
+                   for r in got]
+        rescored = task_buckets([{"context_length": r["context_length"], "depth": _depth(r["placed_depth"]),
+                                  "score": MMNIAH.score(a, r["response"])} for r, a in zip(got, answers)])
+        assert [r["score"] for r in rescored] == [r["score"] for r in rows]
+        assert res.metrics[f"mmniah_{task.replace('-', '_')}_mean"] == pytest.approx(
+            sum(r["score"] for r in rescored) / 11)
     assert eval_positions(cfg, tiny_model().cfg)[0].stride == 64  # v2pe_rnd trained: the authors' stride
+
+
+def _depth(d):
+    return sum(d) / len(d) if isinstance(d, list) else d
+
+
+def test_the_split_name_comes_from_the_folder_or_the_config(tmp_path):
+    ev, model = MMNIAHEvaluation(), exported_model(tmp_path)
+    root = write_split(str(tmp_path / "my-copy"), tasks=["retrieval-text"])
+    with pytest.raises(FieldError, match=r"evaluation.split: the folder 'my-copy' does not say whether it is "
+                                         r"MM-NIAH's val or test split"):
+        ev.prepare(job(tmp_path, root), str(tmp_path / "run"), model)
+    got = ev.prepare(job(tmp_path, root, **{"evaluation.split": "test", "evaluation.model_name": None}),
+                     str(tmp_path / "run"), model)
+    # the model: the checkpoint folder's name, its parent's for a longview export
+    assert (got["_split"], got["_model"]) == ("test", os.path.basename(tmp_path))
+
+
+def test_a_repeated_id_stops_prepare_naming_both_lines(tmp_path):
+    ev, model = MMNIAHEvaluation(), exported_model(tmp_path)
+    root = write_split(str(tmp_path / "mm_niah_val"), tasks=["retrieval-text"])
+    ann = tmp_path / "mm_niah_val" / "annotations" / "retrieval-text.jsonl"
+    first = ann.read_text().splitlines()[0]
+    with open(ann, "a") as f:
+        f.write(first + "\n")  # line 4: id 0 again (the authors' scripts key answers by id)
+    with pytest.raises(DataError, match=r"retrieval-text sample 0 \(.*retrieval-text.jsonl:4\): id 0 is also the "
+                                        r"id of the sample at .*retrieval-text.jsonl:1"):
+        ev.prepare(job(tmp_path, root), str(tmp_path / "run"), model)
 
 
 def test_answers_over_a_context_parallel_group_equal_one_process(gloo_world, tmp_path):
     root = write_split(str(tmp_path / "mm_niah_val"), tasks=["retrieval-text", "retrieval-image"])
     model = exported_model(tmp_path)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    sets = {"evaluation.max_new_tokens": 4, "evaluation.strides": [64]}
+    sets = {"evaluation.max_new_tokens": 4, "evaluation.strides": [64], "evaluation.model_name": "tiny"}
     cfg = job(tmp_path, root, **sets)
     prepared = MMNIAHEvaluation().prepare(cfg, one, model)
     (want,) = gloo_world(1).run(v2pe_cases.mmniah_run, root, sets, model, prepared, one)
     got = gloo_world(2).run(v2pe_cases.mmniah_run, root, sets, model, prepared, two)
     assert got[0].records == got[1].records == want.records
     for task in ("retrieval-text", "retrieval-image"):
-        assert (tmp_path / "two" / "eval" / "mm-niah" / f"{task}.jsonl").read_text() == \
-            (tmp_path / "one" / "eval" / "mm-niah" / f"{task}.jsonl").read_text()
+        assert (tmp_path / "two" / "eval" / "mm-niah" / f"tiny_{task}-val.jsonl").read_text() == \
+            (tmp_path / "one" / "eval" / "mm-niah" / f"tiny_{task}-val.jsonl").read_text()
+
+
+def test_the_v2pe_teacher_forced_check_beside_greedy_answers_over_the_group(gloo_world, tmp_path):
+    """V2PE's protocol with its teacher-forced check: the same verdicts from a group of two
+    as from one process, written as the authors' long evaluation writes them. (That the
+    check passes the model's own greedy answer: test_v2pe_generate.)"""
+    root = write_split(str(tmp_path / "mm_niah_val"), tasks=["retrieval-text", "retrieval-image"])
+    model = exported_model(tmp_path)
+    sets = {"evaluation.protocol": "v2pe", "evaluation.teacher_forced": True, "evaluation.model_name": "tiny",
+            "evaluation.max_new_tokens": 6, "evaluation.strides": [64]}
+    cfg = job(tmp_path, root, **sets)
+    prepared = MMNIAHEvaluation().prepare(cfg, str(tmp_path / "one"), model)
+    (want,) = gloo_world(1).run(v2pe_cases.mmniah_run, root, sets, model, prepared, str(tmp_path / "one"))
+    got = gloo_world(2).run(v2pe_cases.mmniah_run, root, sets, model, prepared, str(tmp_path / "two"))
+    assert got[0].records == got[1].records == want.records
+    assert got[0].curves == want.curves and "mmniah_forced_retrieval_text" in want.curves
+    assert "V2PE's teacher-forced check" in want.table and want.table.startswith("Protocol: v2pe")
+    forced = tmp_path / "one" / "eval" / "mm-niah" / "teacher-forced" / "tiny_retrieval-text-val.jsonl"
+    rows = read_rows(forced)
+    assert set(rows[0]) == AUTHORS_FIELDS | {"correct"}
+    assert (tmp_path / "two" / "eval" / "mm-niah" / "teacher-forced" / forced.name).read_text() == forced.read_text()
+    greedy = read_rows(tmp_path / "one" / "eval" / "mm-niah" / "tiny_retrieval-text-val.jsonl")
+    assert greedy[0]["question"] == "What is the secret code?\nAnswer the question using a single word or phrase."
+    # eval_mm_niah_long.py:358-361: right only when the argmax text is the answer
+    for r in read_rows(forced):
+        assert r["correct"] == (r["response"] == (chr(65 + r["answer"]) if isinstance(r["answer"], int)
+                                                  else str(r["answer"])))

@@ -112,9 +112,11 @@ def test_generation_stops_at_im_end_and_agrees_with_teacher_forced_exact_match(t
         targets = torch.full_like(ids, -100)
         targets[len(prompt) - 1: -1] = ids[len(prompt):]
         s = EncodedSample(sample_id="t", input_ids=ids, targets=targets, pixels=prompt.pixels)
-        return score_sample(model, s, tokenizer=tok, mode="v2pe_fix", stride=64)
+        return score_sample(model, s, tokenizer=tok, mode="v2pe_fix", stride=64, argmax=True)
 
     assert scored(got.tokens).exact_match  # what greedy generation answered, teacher forcing agrees with
+    # ... token for token at the answer's positions (the V2PE authors' MM-NIAH check)
+    assert scored(got.tokens).chosen[:-1] == got.tokens
     wrong = [*got.tokens[:-1], (got.tokens[-1] + 1) % 256]
     assert not scored(wrong).exact_match
 

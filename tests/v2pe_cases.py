@@ -47,7 +47,7 @@ def cp_score(state, samples, stride, a2a=1):
     model.load_state_dict(state)
     groups = _cp_groups(a2a)
     return [score_sample(model, s, tokenizer=ByteTokenizer(), mode="v2pe_fix", stride=stride,
-                         cp_group=groups.cp_group, hybrid=groups.hybrid) for s in samples]
+                         cp_group=groups.cp_group, hybrid=groups.hybrid, argmax=True) for s in samples]
 
 
 def cp_engine_step(state, batch, zero_stage, steps):

@@ -170,7 +170,20 @@ class EvaluationSection:
     data: str | None = None
     tasks: list[str] = field(default_factory=list)  # mm-niah: a subset of its six tasks (empty: those found)
     max_samples: int | None = bounded(None, gt=0)  # mm-niah: the first N samples of each task (unset: all)
-    max_new_tokens: int | None = bounded(None, gt=0)  # mm-niah: answer budget (unset: the authors', 16 / 320)
+    max_new_tokens: int | None = bounded(None, gt=0)  # mm-niah: answer budget (unset: the protocol's)
+    # mm-niah: whose evaluation to reproduce (question, tiles, budget, scoring;
+    # mmniah_protocol.py): the benchmark authors' ("mm-niah") or the V2PE authors' ("v2pe").
+    protocol: Literal["mm-niah", "v2pe"] = "mm-niah"
+    # mm-niah: the split named in the responses files (<model>_<task>-<split>.jsonl, as the
+    # authors' scoring script wants them). Unset: from the folder's name (mm_niah_val, mm_niah_test).
+    split: Literal["val", "test"] | None = None
+    # mm-niah: the model named in the responses files. Unset: the checkpoint's folder name
+    # (its parent's for a longview export, whose folder is `export`), as the authors'.
+    model_name: str | None = None
+    # mm-niah with protocol v2pe: V2PE's long-context check beside greedy answers: one
+    # forward pass with the answer in the input, correct when the argmax tokens at the
+    # answer's positions are the answer (eval_mm_niah_long.py).
+    teacher_forced: bool = False
     lengths: list[int] = bounded(ge=1, default_factory=list)  # token lengths of synthetic eval samples
     # δ = stride/256, one evaluation pass each. Unset: needle [256, 64]; mm-niah the run's
     # positions (data.position_*, else the checkpoint's, else stride 64 as the V2PE
@@ -204,6 +217,11 @@ class EvaluationSection:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise FieldError("tasks", f"{', '.join(map(repr, unknown))} not among {', '.join(TASKS)}")
+        if self.teacher_forced and (self.benchmark != "mm-niah" or self.protocol != "v2pe"):
+            raise FieldError("teacher_forced", "the V2PE authors' check of MM-NIAH: needs benchmark 'mm-niah' and "
+                                               "protocol 'v2pe'")
+        if self.model_name is not None and (not self.model_name or "/" in self.model_name):
+            raise FieldError("model_name", f"{self.model_name!r}: a file-name part (no '/', not empty)")
 
     def images_at(self, tokens: int) -> int:
         """Images per sample of `tokens` tokens."""

@@ -18,20 +18,18 @@ import torch
 import torch.distributed as dist
 
 from parallelism.dims import ParallelDims
-from parallelism.ring_attention import prepare_documents
 from parallelism.zigzag import IGNORE_INDEX
 
 from ..files import FileCache, read_jsonl
 from ..spec import Comparison, EvalResult, Evaluation, EvaluationByConfig, FieldError
 from ..stats import wilson_interval
 from .data import EncodedSample, encode_sample
+from .generate import ShardedSample
 from .hf_checkpoint import load_pretrained, read_config
 from .inputs import job_model_config, job_tokenizer
-from .model import AttentionSpec, V2PEModel
-from .packing import pack, shard_batch
+from .model import V2PEModel
 from .synth import SynthConfig, write_dataset
 from .tokenizer import Tokenizer
-from .train import encode_visual
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +42,9 @@ class SampleScore:
     log_likelihood: float
     exact_match: bool
     visual: torch.Tensor | None = field(default=None, repr=False)  # for the next δ of the same sample
+    # With argmax=True: the argmax token at each answer position (the answer's tokens
+    # and its `<|im_end|>`), in sequence order, the same on every rank.
+    chosen: list[int] | None = None
 
 
 @torch.no_grad()
@@ -59,45 +60,43 @@ def score_sample(
     kernel: str = "auto",
     chunk: int = 4096,
     visual: torch.Tensor | None = None,
+    argmax: bool = False,
 ) -> SampleScore:
     """Teacher-forced score of one sample's supervised (answer) tokens.
 
     hybrid: (a2a_group, ring_group) to lay the sample out for hybrid context
     parallelism over cp_group (see `forward_loss`); None: cp_group is one ring.
     visual: the sample's visual tokens from an earlier call (the result's `visual`):
-    positions change with δ, the image encodings do not."""
-    W = 1 if cp_group is None else dist.get_world_size(cp_group)
-    r = 0 if cp_group is None else dist.get_rank(cp_group)
-    a2a_group, ring_group = hybrid or (None, None)
-    a2a = 1 if a2a_group is None else dist.get_world_size(a2a_group)
-    batch = pack([sample], tokenizer=tokenizer, tokens_per_tile=model.cfg.tokens_per_tile, multiple=2 * W,
-                 mode=mode, stride=stride)
-    device = next(model.parameters()).device
-    local = shard_batch(batch, W, r, a2a=a2a) if W > 1 else batch
-    local.pixels = local.pixels.to(device, next(model.parameters()).dtype)
-    if visual is None:
-        visual = encode_visual(model, local, cp_group)
-    spec = AttentionSpec(group=cp_group if W > 1 else None, a2a_group=a2a_group, ring_group=ring_group,
-                         cu_seqlens=prepare_documents(local.cu_seqlens.to(device), group=cp_group if W > 1 else None),
-                         kernel=kernel)
-    hidden = model.forward_hidden(local.input_ids.to(device), local.positions.to(device), visual,
-                                  local.visual_index.to(device), spec, local.rope_len)[0]  # (S_local, C)
-    targets = local.targets[0].to(device)
+    positions change with δ, the image encodings do not. argmax: also say which token
+    the model ranks first at each answer position (the V2PE authors' MM-NIAH check)."""
+    lay = ShardedSample(model, sample, tokenizer=tokenizer, mode=mode, stride=stride, cp_group=cp_group,
+                        hybrid=hybrid)
+    hidden, visual = lay.hidden(kernel, visual=visual)  # (S_local, C)
+    device = lay.device
+    targets = lay.local.targets[0].to(device)
     keep = (targets != IGNORE_INDEX).nonzero().flatten()
     loglik = torch.zeros((), dtype=torch.float64, device=device)
     wrong = torch.zeros((), dtype=torch.float64, device=device)
+    # + 1: 0 means "another rank's" in the sum below
+    chosen = torch.zeros(lay.total if argmax else 0, dtype=torch.long, device=device)
     for i in range(0, keep.numel(), chunk):  # logits for answer tokens only, a chunk at a time
         idx = keep[i : i + chunk]
         logp = torch.log_softmax(model.decoder.lm_head(hidden[idx]), dim=-1)
         t = targets[idx]
         loglik += logp.gather(1, t[:, None]).sum().double()
         wrong += (logp.argmax(-1) != t).sum().double()
+        if argmax:
+            chosen[lay.index[idx.cpu()].to(device)] = logp.argmax(-1) + 1
     n = torch.tensor(float(keep.numel()), dtype=torch.float64, device=device)
     stats = torch.stack([loglik, wrong, n])
-    if W > 1:  # answer tokens may sit on any rank
-        dist.all_reduce(stats, group=cp_group)
+    if lay.group is not None:  # answer tokens may sit on any rank
+        dist.all_reduce(stats, group=lay.group)
+        if argmax:
+            dist.all_reduce(chosen, group=lay.group)  # each position is held by exactly one rank
     loglik, wrong, n = stats.tolist()
-    return SampleScore(sample.sample_id, len(sample), int(n), loglik, wrong == 0 and n > 0, visual)
+    answer = (lay.batch.targets[0] != IGNORE_INDEX).nonzero().flatten()
+    said = (chosen[answer.to(device)] - 1).tolist() if argmax else None
+    return SampleScore(sample.sample_id, len(sample), int(n), loglik, wrong == 0 and n > 0, visual, said)
 
 
 @dataclass

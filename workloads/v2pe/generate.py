@@ -57,6 +57,42 @@ def _local_index(total: int, world: int, rank: int, a2a: int) -> torch.Tensor:
     return hybrid_shard(torch.arange(total)[None], ring, a2a, ring_rank, a2a_rank, dim=1)[0]
 
 
+class ShardedSample:
+    """A sample packed and sharded over the context-parallel group exactly as in training
+    (zigzag, or the hybrid layout): what a prefill and a teacher-forced pass share."""
+
+    def __init__(self, model: V2PEModel, sample: EncodedSample, *, tokenizer: Tokenizer, mode: str,
+                 stride: int | None, cp_group, hybrid: tuple | None):
+        self.model = model
+        self.W = 1 if cp_group is None else dist.get_world_size(cp_group)
+        self.r = 0 if cp_group is None else dist.get_rank(cp_group)
+        self.a2a_group, self.ring_group = hybrid or (None, None)
+        a2a = 1 if self.a2a_group is None else dist.get_world_size(self.a2a_group)
+        self.group = cp_group if self.W > 1 else None
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.batch = pack([sample], tokenizer=tokenizer, tokens_per_tile=model.cfg.tokens_per_tile,
+                          multiple=2 * self.W, mode=mode, stride=stride)
+        self.total = self.batch.input_ids.shape[1]
+        self.local = shard_batch(self.batch, self.W, self.r, a2a=a2a) if self.W > 1 else self.batch
+        # (S_local,) global positions in the padded row of this rank's tokens
+        self.index = _local_index(self.total, self.W, self.r, a2a) if self.W > 1 else torch.arange(self.total)
+
+    def hidden(self, kernel: str, cache: KVCache | None = None,
+               visual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """((S_local, C) the decoder's last hidden states of this rank's tokens, the visual
+        tokens); visual: from an earlier call on the same sample (positions change with δ,
+        the image encodings do not)."""
+        local, device = self.local, self.device
+        if visual is None:
+            visual = encode_visual(self.model, local.to(device, self.dtype), self.group)
+        spec = AttentionSpec(group=self.group, a2a_group=self.a2a_group, ring_group=self.ring_group, kernel=kernel,
+                             cache=cache, cu_seqlens=prepare_documents(local.cu_seqlens.to(device), group=self.group))
+        hidden = self.model.forward_hidden(local.input_ids.to(device), local.positions.to(device), visual,
+                                           local.visual_index.to(device), spec, local.rope_len)[0]
+        return hidden, visual
+
+
 @torch.no_grad()
 def generate(
     model: V2PEModel,
@@ -74,27 +110,13 @@ def generate(
     """Greedy answer to `prompt` (its ids end with `<|im_start|>assistant\\n`; targets are
     not used). cp_group: the group the prompt is spread over (None: this process);
     hybrid: (a2a_group, ring_group) for the hybrid layout. The same result on every rank."""
-    W = 1 if cp_group is None else dist.get_world_size(cp_group)
-    r = 0 if cp_group is None else dist.get_rank(cp_group)
-    a2a_group, ring_group = hybrid or (None, None)
-    a2a = 1 if a2a_group is None else dist.get_world_size(a2a_group)
-    group = cp_group if W > 1 else None
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    L = len(prompt)
     t0 = time.perf_counter()
-    batch = pack([prompt], tokenizer=tokenizer, tokens_per_tile=model.cfg.tokens_per_tile, multiple=2 * W,
-                 mode=mode, stride=stride)
-    total = batch.input_ids.shape[1]
-    local = shard_batch(batch, W, r, a2a=a2a) if W > 1 else batch
-    index = _local_index(total, W, r, a2a) if W > 1 else torch.arange(total)  # (S_local,)
-    visual = encode_visual(model, local.to(device, dtype), group)
+    lay = ShardedSample(model, prompt, tokenizer=tokenizer, mode=mode, stride=stride, cp_group=cp_group, hybrid=hybrid)
+    W, r, group, device, L, batch, local, index, total = (lay.W, lay.r, lay.group, lay.device, len(prompt), lay.batch,
+                                                          lay.local, lay.index, lay.total)
     # Room for this rank's turns at keeping new tokens (token t goes to rank t mod W).
     cache = KVCache(model.cfg.llm.num_layers, keep=(index < L).to(device), room=-(-max_new_tokens // W) + 1)
-    spec = AttentionSpec(group=group, a2a_group=a2a_group, ring_group=ring_group, kernel=kernel, cache=cache,
-                         cu_seqlens=prepare_documents(local.cu_seqlens.to(device), group=group))
-    hidden = model.forward_hidden(local.input_ids.to(device), local.positions.to(device), visual,
-                                  local.visual_index.to(device), spec, local.rope_len)[0]  # (S_local, C)
+    hidden, _ = lay.hidden(kernel, cache)  # (S_local, C)
     cache.keep = None
 
     logits = None
@@ -117,7 +139,7 @@ def generate(
     stops = {tokenizer.token_id(EOS): "eos", tokenizer.token_id(IM_END): "im_end"}
     position = float(batch.positions[0, L - 1])
     out: list[int] = []
-    empty = visual[:0]
+    empty = hidden[:0]  # (0, C): no image in a new token
     stopped = "max_new_tokens"
     while True:
         if token in stops:

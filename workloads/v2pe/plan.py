@@ -403,6 +403,10 @@ def plan_job(cfg, hw, tiles: int | None = None, budget=None) -> dict:
         new_tokens = (cfg.evaluation.max_new_tokens or 16) if evaluation and shape.kv_cache else 0
         entry["renting"] = renting(m, shape, hw, budget, samples=_budget_samples(cfg, evaluation, budget), gpus=gpus,
                                    new_tokens=new_tokens)
+        if evaluation and cfg.evaluation.teacher_forced:
+            # V2PE's check: the prompt and its answer through the model once, no KV cache kept
+            # (it runs after each greedy answer, whose cache is freed by then).
+            entry["teacher_forced"] = plan_for(m, replace(shape, kv_cache=False), hw).to_json()
         out[part] = entry
     return out
 
@@ -435,6 +439,10 @@ def format_plan(plan: dict) -> str:
         elif rec:
             lines.append(f"  to use it: longview eval ... --set resources.workers={rec['gpus']} "
                          f"--set parallelism.cp_a2a={rec['cp_a2a']}")
+        if "teacher_forced" in e:
+            t = e["teacher_forced"]
+            lines.append(f"  teacher-forced check (one forward pass, no KV cache) on the configured layout: "
+                         f"{t['memory_gib']['total']:.1f} GiB per GPU{'' if t['fits'] else ' (DOES NOT FIT)'}")
         lines += format_renting(part, e["renting"])
     return "\n".join(lines)
 
