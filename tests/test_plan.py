@@ -148,6 +148,15 @@ def test_plan_json_for_the_long_configs(config, size):
     assert ev["seq_len"] == max(cfg.evaluation.lengths or [cfg.data.max_tokens]) and ev["recommended"]["fits"]
     if cfg.evaluation.benchmark == "mm-niah":  # answers generated: the KV cache is planned
         assert ev["configured"]["memory_gib"]["kv_cache"] > 0
+        # V2PE's teacher-forced check: one forward pass, the KV cache not kept; its time
+        # is a second pass over each sample
+        forced = ev["teacher_forced"]["memory_gib"]
+        assert "kv_cache" not in forced and forced["total"] < ev["configured"]["memory_gib"]["total"]
+        plain = json.loads(_cli("plan", config, "--set", f"model.size={size}", "--set",
+                                "evaluation.teacher_forced=false", "--json").stdout)["evaluation"]
+        assert "teacher_forced" not in plain
+        for a, b in zip(ev["renting"]["rows"], plain["renting"]["rows"]):
+            assert (a["gpus"], a["cp"]) == (b["gpus"], b["cp"]) and a["step_s"] > b["step_s"]
 
 
 def test_plan_text_and_piip_and_errors():

@@ -282,18 +282,27 @@ def test_eval_on_mm_niah_from_s3_generates_answers_and_logs_a_curve_per_task(ser
            recursive=True)
     args = ["eval", "configs/v2pe-demo.yaml", "--set", f"name={name}", *BASE[:2], "--set",
             "evaluation.benchmark=mm-niah", "--set", f"evaluation.data=s3://{split}", "--set",
-            "evaluation.max_new_tokens=4", "--set", "data.max_tokens=8192", "--set", "evaluation.strides=[64]"]
+            "evaluation.max_new_tokens=4", "--set", "data.max_tokens=8192", "--set", "evaluation.strides=[64]",
+            "--set", "evaluation.protocol=v2pe", "--set", "evaluation.teacher_forced=true"]
     proc = cli(fs["env"], *args)
     assert "| retrieval-text |" in proc.stdout and "| reasoning-text |" in proc.stdout, proc.stdout[-3000:]
+    assert "Protocol: v2pe" in proc.stdout and "V2PE's teacher-forced check" in proc.stdout
     client, parent = mlflow_run(fs, name)
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                                             "and params.`eval.benchmark` = 'mm-niah'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["eval.protocol"] == "v2pe" and runs[0].data.params["eval.teacher_forced"] == "true"
     curve = client.get_metric_history(runs[0].info.run_id, "mmniah_retrieval_text")
-    assert sorted(m.step for m in curve) == [1000, 4000]  # the buckets of 1500 and 5000 tokens; 600 unscored
-    rows = [json.loads(x) for x in s3.cat_file(f"{BUCKET}/runs/{name}/eval/mm-niah/retrieval-text.jsonl").splitlines()]
-    assert [r["question_id"] for r in rows] == ["0", "1", "2"] and all("response" in r for r in rows)
+    assert sorted(m.step for m in curve) == [1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000, 40000, 48000,
+                                             64000]  # the authors' eleven buckets, empty ones 0 as they count them
+    forced = client.get_metric_history(runs[0].info.run_id, "mmniah_forced_retrieval_text")
+    assert sorted(m.step for m in forced) == [1000, 4000]  # the buckets of 1500 and 5000 tokens; 600 unscored
+    # The authors' file names: <model>_<task>-<split>.jsonl, the model the checkpoint's run
+    out = f"{BUCKET}/runs/{name}/eval/mm-niah"
+    rows = [json.loads(x) for x in s3.cat_file(f"{out}/{name}_retrieval-text-val.jsonl").splitlines()]
+    assert [r["question_id"] for r in rows] == [0, 1, 2] and all("response" in r for r in rows)
+    assert s3.exists(f"{out}/teacher-forced/{name}_retrieval-text-val.jsonl")
 
     s3.rm(f"{split}/images/ret/1_b.png")
     proc = cli(fs["env"], *args, check=False, timeout=300)

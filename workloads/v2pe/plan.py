@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 from parallelism.ring_attention import MERGE_BUDGET_BYTES
 
 from ..spec import Hardware
+from .mmniah import TASKS
+from .mmniah_protocol import PROTOCOLS
 from .model import V2PEModelConfig
 
 GIB = 1 << 30
@@ -399,11 +401,15 @@ def plan_job(cfg, hw, tiles: int | None = None, budget=None) -> dict:
         except PlanError as e:
             entry["recommended"] = None
             entry["error"] = str(e)
-        # Generation (MM-NIAH) decodes each answer after the prefill; the needle task is teacher-forced.
-        new_tokens = (cfg.evaluation.max_new_tokens or 16) if evaluation and shape.kv_cache else 0
+        # Generation (MM-NIAH) decodes each answer after the prefill, at most the protocol's
+        # budget of the tasks evaluated (an upper bound); the needle task is teacher-forced.
+        e = cfg.evaluation
+        new_tokens = (e.max_new_tokens or max(PROTOCOLS[e.protocol].budget(t) for t in e.tasks or TASKS)
+                      if evaluation and shape.kv_cache else 0)
+        forced = evaluation and cfg.evaluation.teacher_forced  # a second pass over each sample
         entry["renting"] = renting(m, shape, hw, budget, samples=_budget_samples(cfg, evaluation, budget), gpus=gpus,
-                                   new_tokens=new_tokens)
-        if evaluation and cfg.evaluation.teacher_forced:
+                                   new_tokens=new_tokens, passes=2 if forced else 1)
+        if forced:
             # V2PE's check: the prompt and its answer through the model once, no KV cache kept
             # (it runs after each greedy answer, whose cache is freed by then).
             entry["teacher_forced"] = plan_for(m, replace(shape, kv_cache=False), hw).to_json()

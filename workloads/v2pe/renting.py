@@ -66,18 +66,20 @@ def _grad_sync_s(m: V2PEModelConfig, shape: RunShape, hw: Hardware) -> float:
 
 
 def _row(m: V2PEModelConfig, shape: RunShape, hw: Hardware, gpus: int, samples: float | None,
-         new_tokens: int) -> dict | None:
+         new_tokens: int, passes: int = 1) -> dict | None:
     """The recommended layout on `gpus` GPUs with its time per step and for the budget."""
     try:
         p = recommend(m, shape, replace(hw, gpus=gpus))
     except PlanError:
         return None
-    return _timed(m, p, shape, hw, samples, new_tokens)
+    return _timed(m, p, shape, hw, samples, new_tokens, passes)
 
 
-def _timed(m, p, shape: RunShape, hw: Hardware, samples: float | None, new_tokens: int) -> dict:
+def _timed(m, p, shape: RunShape, hw: Hardware, samples: float | None, new_tokens: int, passes: int = 1) -> dict:
+    """passes: forward passes over the whole sample per step (2 with MM-NIAH's teacher-forced
+    check beside the prefill)."""
     run = RunShape(**{**asdict(shape), "cp": p.cp, "cp_a2a": p.cp_a2a, "dp": p.dp})
-    step_s = p.step["step_s"] + _grad_sync_s(m, run, hw)
+    step_s = p.step["step_s"] * passes + _grad_sync_s(m, run, hw)
     if not shape.training:  # one sample: its prefill, then each new token over the rank's cache shard
         step_s += new_tokens * decode_ms(shape.seq_len / p.cp) / 1e3
     per_step = p.dp  # one sample per data-parallel replica per step (a packed row of seq_len tokens)
@@ -91,7 +93,7 @@ def _timed(m, p, shape: RunShape, hw: Hardware, samples: float | None, new_token
 
 
 def renting(m: V2PEModelConfig, shape: RunShape, hw: Hardware, budget: Budget, *, samples: int | None,
-            gpus: int | None, new_tokens: int = 0) -> dict:
+            gpus: int | None, new_tokens: int = 0, passes: int = 1) -> dict:
     """GPU counts from the smallest that fits, each with its layout, memory per GPU, step
     time, tokens/s, hours and GPU-hours for `samples` x budget.epochs; the recommendation
     at `gpus` (the count asked for) with the other layouts of that count beside it."""
@@ -112,7 +114,7 @@ def renting(m: V2PEModelConfig, shape: RunShape, hw: Hardware, budget: Budget, *
     else:
         counts = counts[:3]  # one sample at a time: more GPUs only shorten the prefill
     for c in counts:
-        row = _row(m, shape, hw, c, total, new_tokens)
+        row = _row(m, shape, hw, c, total, new_tokens, passes)
         if row:
             out["rows"].append(row)
     target = gpus if shape.training and gpus else smallest.gpus
@@ -122,7 +124,7 @@ def renting(m: V2PEModelConfig, shape: RunShape, hw: Hardware, budget: Budget, *
         for cp in (c for c in range(1, target + 1) if target % c == 0 and c > rec["cp"]):
             p = plan_for(m, RunShape(**{**asdict(shape), "cp": cp, "dp": target // cp, "cp_a2a": 1}), hw)
             if p.fits:
-                others.append(_timed(m, p, shape, hw, total, new_tokens))
+                others.append(_timed(m, p, shape, hw, total, new_tokens, passes))
         out["recommended"] = rec
         out["alternatives"] = others[:3]
     return out
