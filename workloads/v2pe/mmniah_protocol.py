@@ -144,10 +144,7 @@ def _choice(response: str, answer: int, spelt_directions: bool) -> int:
             return int(int(response) == answer)
         except ValueError:  # a digit int() cannot read ("²"), or more than Python's 4300
             return 0
-    r = response.lower().replace("the answer is", "").replace("*", "")
-    if "." in r:
-        r = r.split(".")[0].replace(",", "").strip()
-    r = r.strip()
+    r = _cut(response).strip()
     if r == "none":
         return 0
     # answers of the authors' camera-motion questions, spelt out
@@ -173,7 +170,7 @@ def _counting(response: str, answer: list) -> float:
 
 
 def _cut(text: str) -> str:
-    """V2PE's calculate_scores.py: lower-cased, "the answer is" and "*" dropped, up to the
+    """calculate_scores.py (a choice; V2PE's exact match too): lower-cased, "the answer is" and "*" dropped, up to the
     first period (commas dropped then)."""
     t = text.lower().replace("the answer is", "").replace("*", "")
     if "." in t:
