@@ -66,6 +66,17 @@ def test_added_tokens_are_cut_out_first_keeping_spaces(tok, sp):
     assert tok.decode(tok.encode(rare)) == rare
 
 
+def test_decoding_without_special_tokens_leaves_out_the_special_tokens_map(tok):
+    """As Hugging Face's skip_special_tokens (how the MM-NIAH authors decode answers): bos,
+    eos, unk, pad and additional_special_tokens go; the text around them stays."""
+    ids = [tok.bos_id, *tok.encode("an <img>answer</img>"), tok.token_id("<|im_end|>"), tok.token_id("</s>"),
+           *tok.encode(" more")]
+    assert tok.decode(ids, skip_special=True) == "an answer more"
+    assert tok.decode(ids) == "<s>an <img>answer</img><|im_end|></s> more"
+    byte = ByteTokenizer()
+    assert byte.decode([*byte.encode("a<img>b"), byte.token_id("<|im_end|>")], skip_special=True) == "ab"
+
+
 def test_template_is_the_authors_internlm2_chat(tok):
     convs = [("user", "  <image>\nWhat is it? "), ("assistant", " a cat\n"), ("user", "And <image>?"),
              ("assistant", "a dog")]

@@ -106,10 +106,13 @@ def generate(
     hybrid: tuple | None = None,
     kernel: str = "auto",
     return_prompt_logits: bool = False,
+    stop_at: tuple[str, ...] = (IM_END, EOS),
 ) -> Generation:
     """Greedy answer to `prompt` (its ids end with `<|im_start|>assistant\\n`; targets are
     not used). cp_group: the group the prompt is spread over (None: this process);
-    hybrid: (a2a_group, ring_group) for the hybrid layout. The same result on every rank."""
+    hybrid: (a2a_group, ring_group) for the hybrid layout. stop_at: the tokens that end the
+    answer (the authors' MM-NIAH evaluation stops at `<|im_end|>` only). The same result
+    on every rank."""
     t0 = time.perf_counter()
     lay = ShardedSample(model, prompt, tokenizer=tokenizer, mode=mode, stride=stride, cp_group=cp_group, hybrid=hybrid)
     W, r, group, device, L, batch, local, index, total = (lay.W, lay.r, lay.group, lay.device, len(prompt), lay.batch,
@@ -136,7 +139,7 @@ def generate(
     token = int(first) - 1
     t1 = time.perf_counter()
 
-    stops = {tokenizer.token_id(EOS): "eos", tokenizer.token_id(IM_END): "im_end"}
+    stops = {tokenizer.token_id(t): {EOS: "eos", IM_END: "im_end"}.get(t, t) for t in stop_at}
     position = float(batch.positions[0, L - 1])
     out: list[int] = []
     empty = hidden[:0]  # (0, C): no image in a new token

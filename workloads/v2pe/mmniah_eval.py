@@ -54,6 +54,7 @@ from .mmniah_protocol import (
     task_buckets,
     task_figure,
 )
+from .tokenizer import IM_END
 
 log = logging.getLogger(__name__)
 DEFAULT_STRIDE = 64  # the V2PE authors' evaluation scripts: --rope_pos_id_stride 64
@@ -187,8 +188,9 @@ class MMNIAHEvaluation(Evaluation):
                 for pos in positions:
                     setting = _setting(pos, len(positions) > 1)
                     g = generate(model, prompt, tokenizer=tok, mode=pos.mode, stride=pos.stride,
-                                 max_new_tokens=e.max_new_tokens or protocol.budget(task), **parallel)
-                    text = tok.decode(g.tokens).strip()
+                                 max_new_tokens=e.max_new_tokens or protocol.budget(task), stop_at=(IM_END,),
+                                 **parallel)  # the authors' eos_token_id: <|im_end|> alone
+                    text = tok.decode(g.tokens, skip_special=True).strip()  # as the authors decode
                     row = _response(protocol, item, text, order=i, prompt_tokens=g.prompt_tokens)
                     responses.setdefault(("greedy", task, setting), []).append(row)
                     if forced is not None:
@@ -257,7 +259,7 @@ def _forced(protocol: Protocol, item: Item, chosen: list[int], truth: list[int],
     """eval_mm_niah_long.py's verdict: the argmax tokens at the answer's positions (its
     `<|im_end|>` left out) equal the answer; for an option index, their text is the
     option's letter."""
-    said = tok.decode(chosen[:-1]).strip()
+    said = tok.decode(chosen[:-1]).strip()  # eval_mm_niah_long.py:356 keeps special tokens
     if isinstance(item.answer, int):
         correct = chr(ord("A") + item.answer) == said
     else:

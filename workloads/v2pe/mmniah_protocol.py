@@ -19,7 +19,8 @@ code does it, so that a figure can sit beside the paper it comes from.
 
 Both: options appended as "A. ..." lines (image options as `<image>` lines, their
 images after the haystack's) and "Answer with the option's letter from the given
-choices directly."; greedy decoding, one beam, `<|im_end|>` ends the answer; a counting
+choices directly."; greedy decoding, one beam, `<|im_end|>` alone ends the answer, which
+is decoded without special tokens; a counting
 answer is a JSON list scored by positionwise soft accuracy. Their calculate_scores.py
 (the same in both repositories) aggregates: a sample's context length falls in one of
 eleven buckets by `np.digitize` over 1k ... 64k (under 1k: left out; 64k and longer:

@@ -55,7 +55,10 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Iterable[int]) -> str: ...
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """The text of `ids`; skip_special: without the special tokens (Hugging Face's
+        skip_special_tokens, as the authors decode answers)."""
+        ...
 
     def token_id(self, token: str) -> int: ...
 
@@ -89,13 +92,13 @@ class ByteTokenizer:
             out.extend([self.special_ids[part]] if i % 2 else part.encode("utf-8"))
         return out
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         inv = {v: k for k, v in self.special_ids.items()}
         buf, parts = bytearray(), []
         for t in ids:
             if t < 256:
                 buf.append(t)
-            else:
+            elif not skip_special:
                 parts.append(buf.decode("utf-8", errors="replace"))
                 buf = bytearray()
                 parts.append(inv.get(t, f"<{t}>"))
@@ -114,13 +117,17 @@ class AddedToken:
 class SentencePieceTokenizer:
     """A published InternLM2 tokenizer: sentencepiece plus added tokens cut out first."""
 
-    def __init__(self, model_proto: bytes, added: list[AddedToken], *, bos: str, pad: str, name: str):
+    def __init__(self, model_proto: bytes, added: list[AddedToken], *, bos: str, pad: str, name: str,
+                 specials: Iterable[str] = ()):
         import sentencepiece as spm
 
         self.name = name
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.added = {t.content: t for t in added}
         self._by_id = {t.id: t.content for t in added}
+        # the special-tokens map (bos, eos, unk, pad, additional_special_tokens): what
+        # Hugging Face's skip_special_tokens leaves out of a decoded text
+        self._special = {self.added[t].id for t in specials if t in self.added}
         # Python's regex takes the first alternative that matches at the leftmost
         # position; longest first makes that the longest match (as the authors' trie).
         alternatives = sorted(self.added, key=len, reverse=True)
@@ -160,10 +167,13 @@ class SentencePieceTokenizer:
                 out.extend(self.sp.encode(part))
         return out
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         out, run = [], []
         for t in ids:
-            if t in self._by_id:
+            if skip_special and t in self._special:
+                out.append(self.sp.decode(run))
+                run = []
+            elif t in self._by_id:
                 out.append(self.sp.decode(run))
                 run = []
                 out.append(self._by_id[t])
@@ -247,7 +257,7 @@ def load_tokenizer(path: str) -> SentencePieceTokenizer:
             pid = sp.piece_to_id(content)
             if pid != sp.unk_id() or content == sp.id_to_piece(pid):
                 added[content] = AddedToken(content, pid)
-    return SentencePieceTokenizer(proto, list(added.values()), bos=bos, pad=pad, name=path)
+    return SentencePieceTokenizer(proto, list(added.values()), bos=bos, pad=pad, name=path, specials=specials)
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
