@@ -327,16 +327,17 @@ def _result(responses: dict, protocol: Protocol) -> EvalResult:
         if forced:
             tables.append(format_forced(forced, setting))
             for task, rows in forced.items():
+                buckets = _long_buckets(rows)
+                scored = [r for got in buckets.values() for r in got]  # under 1k tokens: left out, as above
                 for kind, key in (("forced", "correct"), ("greedy", "greedy_score")):
-                    curve = {b: sum(float(r[key]) for r in got) / len(got) for b, got in _long_buckets(rows).items()}
-                    curves[_curve_name(f"mmniah_{kind}", task, setting)] = curve
-                    metrics[_curve_name(f"mmniah_{kind}", task, setting) + "_mean"] = \
-                        sum(float(r[key]) for r in rows) / len(rows)
+                    name = _curve_name(f"mmniah_{kind}", task, setting)
+                    curves[name] = {b: sum(float(r[key]) for r in got) / len(got) for b, got in buckets.items()}
+                    if scored:
+                        metrics[f"{name}_mean"] = sum(float(r[key]) for r in scored) / len(scored)
                 records += [{"task": f"{task}{f' ({setting})' if setting else ''}: teacher-forced", "bucket":
                              bucket_label(b), "tokens": b, "samples": len(got),
-                             "score": sum(r["correct"] for r in got) / len(got)}
-                            for b, got in _long_buckets(rows).items()]
-    head = (f"Protocol: {protocol.name} (as {protocol.source}).")
+                             "score": sum(r["correct"] for r in got) / len(got)} for b, got in buckets.items()]
+    head = f"Protocol: {protocol.name} (as {protocol.source})."
     return EvalResult(table="\n\n".join([head, *tables]), records=records, metrics=metrics, curves=curves)
 
 
