@@ -14,7 +14,7 @@ import sentencepiece as spm
 
 from tests.v2pe_tokenizer_folder import ADDED_AFTER_MODEL, write_tokenizer_folder
 from workloads.data_errors import DataError
-from workloads.v2pe.chat import SYSTEM_MESSAGE, render_tokens
+from workloads.v2pe.chat import SYSTEM_MESSAGE, render_prompt, render_tokens
 from workloads.v2pe.tokenizer import ByteTokenizer, TokenizerError, check_fits, load_tokenizer, resolve_tokenizer
 
 
@@ -89,6 +89,12 @@ def test_template_is_the_authors_internlm2_chat(tok):
     assert ids == [tok.bos_id, *tok.encode(whole)]
     learned = [i for i, s in zip(ids, sup) if s]
     assert learned == tok.encode("a cat<|im_end|>a dog<|im_end|>")
+    # A query to answer is rendered as the authors' model.chat renders it: the question
+    # as given (training's preprocessing strips it, chat does not), the assistant turn open.
+    prompt = render_prompt([("user", "  <image>\nWhat is it? ")], [1], tokenizer=tok, tokens_per_tile=3)
+    assert prompt == [tok.bos_id, *tok.encode("<|im_start|>system\n" + SYSTEM_MESSAGE + "<|im_end|><|im_start|>user\n"
+                                              "  <img>" + "<IMG_CONTEXT>" * 3 + "</img>\nWhat is it? <|im_end|>"
+                                              "<|im_start|>assistant\n")]
 
 
 def test_a_system_turn_replaces_the_default_and_turns_must_alternate(tok):

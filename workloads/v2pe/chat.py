@@ -30,7 +30,8 @@ def parse_turns(conversations, sample: str) -> list[tuple[str, str]]:
     return out
 
 
-def _chat_turns(convs: Sequence[tuple[str, str]], sample: str) -> tuple[str, list[tuple[str, str]]]:
+def _chat_turns(convs: Sequence[tuple[str, str]], sample: str,
+                strip: bool = True) -> tuple[str, list[tuple[str, str]]]:
     """(system message, alternating user/assistant turns) as the authors' preprocessing takes them."""
     turns = list(convs)
     system = SYSTEM_MESSAGE
@@ -48,12 +49,12 @@ def _chat_turns(convs: Sequence[tuple[str, str]], sample: str) -> tuple[str, lis
     if not turns or turns[-1][0] != "assistant":
         raise DataError(f"sample {sample}: the chat must end with an answer ('gpt' turn) to learn from",
                         "conversation")
-    return system, [(role, text.strip()) for role, text in turns]
+    return system, [(role, text.strip() if strip else text) for role, text in turns]
 
 
 def render_tokens(
     convs: Sequence[tuple[str, str]], tiles_per_image: Sequence[int], *, tokenizer: Tokenizer, tokens_per_tile: int,
-    sample: str = "?",
+    sample: str = "?", strip: bool = True,
 ) -> tuple[list[int], list[bool]]:
     """Token ids of a chat in the authors' `internlm2-chat` template, and which are learned.
 
@@ -63,7 +64,7 @@ def render_tokens(
 
         <s><|im_start|>system\n{system}<|im_end|><|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n{a}<|im_end|>...
 
-    every text stripped, nothing after `<|im_end|>`, each `<image>` in order becoming
+    every text stripped (unless `strip` is false), nothing after `<|im_end|>`, each `<image>` in order becoming
     `<img>` + `<IMG_CONTEXT>` x (tokens_per_tile x that image's tiles) + `</img>`. The
     answers and their `<|im_end|>` are learned; BOS, the system turn, the user turns and
     each `<|im_start|>assistant\n` are not.
@@ -73,7 +74,7 @@ def render_tokens(
     `assistant\n` header share a piece; the header's length is counted the authors' way
     (encoded alone) and a sample where that would cut a token in two is refused.
     """
-    system, turns = _chat_turns(convs, sample)
+    system, turns = _chat_turns(convs, sample, strip)
     im_start, im_end = tokenizer.token_id(IM_START), tokenizer.token_id(IM_END)
     ids: list[int] = [tokenizer.bos_id, im_start, *tokenizer.encode(f"system\n{system}"), im_end]
     supervised: list[bool] = [False] * len(ids)
@@ -103,9 +104,10 @@ def render_prompt(
 ) -> list[int]:
     """Token ids of a chat that asks for the next answer: `convs` ends with a user turn,
     and the ids end with `<|im_start|>assistant\n`, as the authors' `model.chat` renders
-    its query (the template's open assistant turn, one encode of the whole string)."""
+    its query (the template's open assistant turn, one encode of the whole string; the
+    texts as given: `model.chat` strips nothing, training's preprocessing strips them)."""
     ids, _ = render_tokens([*convs, ("assistant", "?")], tiles_per_image, tokenizer=tokenizer,
-                           tokens_per_tile=tokens_per_tile, sample=sample)
+                           tokens_per_tile=tokens_per_tile, sample=sample, strip=False)
     # Cut the placeholder answer: keep up to its <|im_start|>, then the header encoded
     # alone (at the end of the string it is its own piece).
     last = len(ids) - 1 - ids[::-1].index(tokenizer.token_id(IM_START))
