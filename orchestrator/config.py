@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from parallelism.ring_attention import KERNEL_CHOICES
+from parallelism.attention_kernels import KERNEL_CHOICES
 from workloads import spec as registry
 from workloads.engine import TrainingConfig
 from workloads.spec import (

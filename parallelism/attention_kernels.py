@@ -9,6 +9,10 @@ fused ops that do exactly that:
 - `cudnn`, `flash`, `efficient`: the CUDA SDPA ops of the same names.
 - `flash_attn`: the flash-attn package's `_flash_attn_forward/_backward` (`gpu` extra).
 
+Beside them, whole-ring kernels (`RING_KERNELS`) run the ring themselves (transfers
+included) and replace longview's: `ring_flash_attn`, ring-flash-attn's zigzag ring.
+`check_kernel` and `KERNEL_CHOICES` cover both kinds: a name is one or the other.
+
 All kernels use the (B, S, H, D) layout on both sides; the aten ops want (B, H, S, D),
 which is a transposed view (no copy). LSE is always (B, H, S) float32.
 
@@ -23,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from . import ring_flash_attn
 
 aten = torch.ops.aten
 
@@ -252,3 +258,36 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim
             f"supported here: {possible or 'none'}"
         )
     return KERNELS[name]
+
+
+@dataclass(frozen=True)
+class RingKernel:
+    """A kernel that runs the whole zigzag ring itself (it replaces longview's ring).
+
+    unsupported(device, dtype, head_dim): why it cannot run here, or None.
+    attention(q, k, v, *, group, causal, docs, softmax_scale): q (B, S_local, H_q, D),
+    k, v (B, S_local, H_kv, D) zigzag-sharded over `group`; docs: each packed document's
+    local (offset, length). Returns (B, S_local, H_q, D)."""
+
+    name: str
+    unsupported: Callable[[torch.device, torch.dtype, int], str | None]
+    attention: Callable[..., torch.Tensor]
+
+
+RING_KERNELS: dict[str, RingKernel] = {
+    ring_flash_attn.NAME: RingKernel(ring_flash_attn.NAME, ring_flash_attn.unsupported,
+                                     ring_flash_attn.ring_flash_attention),
+}
+KERNEL_CHOICES = ("auto", *KERNELS, *RING_KERNELS)  # what `kernel=` (parallelism.kernel) may name
+
+
+def check_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """KernelUnavailable, naming what can run, when `name` (a block kernel, "auto", or a
+    whole-ring kernel) cannot run on this device, dtype and head dim."""
+    if name in RING_KERNELS:
+        why = RING_KERNELS[name].unsupported(device, dtype, head_dim)
+        if why:
+            raise KernelUnavailable(f"kernel={name!r} cannot run here: {why}; block kernels supported here: "
+                                    f"{supported_kernels(device, dtype, head_dim) or 'none'}")
+        return
+    resolve_kernel(name, device, dtype, head_dim)

@@ -25,8 +25,12 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from . import ring_flash_attn
-from .attention_kernels import KERNELS, BlockKernel, KernelUnavailable, resolve_kernel, supported_kernels
+from .attention_kernels import (
+    RING_KERNELS,
+    BlockKernel,
+    check_kernel,
+    resolve_kernel,
+)
 from .dims import named_collectives
 from .ring_comm import Pending, RingComm, SimulatedRing
 
@@ -347,10 +351,10 @@ def ring_attention(
             # prepared documents were compared across ranks once; the shapes follow from them
             _check_ranks_agree(group, q, k, cu_seqlens)
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        if kernel == ring_flash_attn.NAME:  # the whole ring is ring-flash-attn's
+        if kernel in RING_KERNELS:  # a kernel that runs the whole ring itself
             check_kernel(kernel, q.device, q.dtype, q.shape[-1])
-            return ring_flash_attn.ring_flash_attention(q, k, v, group=group, causal=causal, docs=docs,
-                                                        softmax_scale=scale)
+            return RING_KERNELS[kernel].attention(q, k, v, group=group, causal=causal, docs=docs,
+                                                  softmax_scale=scale)
         blk = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
         ring: Ring = RingComm(group) if world_size > 1 else _SingleRank()
         return _RingAttention.apply(q, k, v, ring, causal, scale, blk, docs)
@@ -367,21 +371,6 @@ class _SingleRank:
 
     def start_grad(self, tensors):  # pragma: no cover
         raise AssertionError("a single rank never exchanges dK/dV")
-
-
-KERNEL_CHOICES = ("auto", *KERNELS, ring_flash_attn.NAME)  # what `kernel=` (parallelism.kernel) may name
-
-
-def check_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
-    """KernelUnavailable, naming what can run, when `name` (a block kernel, "auto", or
-    ring-flash-attn's whole ring) cannot run on this device, dtype and head dim."""
-    if name == ring_flash_attn.NAME:
-        why = ring_flash_attn.unsupported(device, dtype, head_dim)
-        if why:
-            raise KernelUnavailable(f"kernel={name!r} cannot run here: {why}; block kernels supported here: "
-                                    f"{supported_kernels(device, dtype, head_dim) or 'none'}")
-        return
-    resolve_kernel(name, device, dtype, head_dim)
 
 
 def local_attention(

@@ -9,8 +9,7 @@ longview's ring's output. The package itself runs in the GPU-marked test below.
 import pytest
 import torch
 
-from parallelism.attention_kernels import KernelUnavailable
-from parallelism.ring_attention import check_kernel
+from parallelism.attention_kernels import KernelUnavailable, check_kernel
 from tests import ring_cases
 from tests.test_ring_attention import make_inputs
 

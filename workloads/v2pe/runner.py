@@ -14,8 +14,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from parallelism.attention_kernels import check_kernel
 from parallelism.dims import ParallelDims, shard_mesh
-from parallelism.ring_attention import check_kernel
 
 from ..engine import build_engine
 from ..spec import RunContext, Runner, StepResult, sample_at
