@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 from parallelism.ring_demo import main as ring_demo
-from workloads.spec import Budget, Hardware, commands, scrub_credentials
+from workloads.registry import commands
+from workloads.scrub import scrub_credentials
+from workloads.spec import Budget, Hardware
 
 from . import log as logsetup
 from .cluster import check_job_fits, load_cluster_yaml

@@ -10,7 +10,7 @@ Credentials are never part of the config: they come from the environment
 
 Why dataclasses and not pydantic: the sections live in `workloads/`, which must import
 with nothing but torch (GPU machines that run the kernels have no pydantic); bounds ride
-on the fields as metadata (`workloads.spec.bounded`) and this module checks them.
+on the fields as metadata (`workloads.fields.bounded`) and this module checks them.
 """
 
 from __future__ import annotations
@@ -26,18 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from parallelism.attention_kernels import KERNEL_CHOICES
-from workloads import spec as registry
+from workloads import registry
 from workloads.engine import TrainingConfig
-from workloads.spec import (
-    APPLY,
-    NEW_RUN,
-    FieldError,
-    WorkloadSpec,
-    bound_error,
-    bounded,
-    no_credentials,
-    scrub_credentials,
-)
+from workloads.fields import APPLY, NEW_RUN, FieldError, bound_error, bounded, no_credentials
+from workloads.scrub import scrub_credentials
+from workloads.spec import WorkloadSpec
 
 from .storage import backend_for
 

@@ -6,7 +6,7 @@ The CLI prints these lines, and the driver loops (training, evaluation) record t
 
 from __future__ import annotations
 
-from workloads.spec import scrub_credentials
+from workloads.scrub import scrub_credentials
 
 # longview's own errors, by class name: Ray nests a worker's exception in its own text,
 # so the name is looked for in the lines, not the type in the chain.

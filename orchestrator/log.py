@@ -38,7 +38,7 @@ class _Scrubbed(logging.Filter):
     """Every line with URI credentials scrubbed (`scrub_credentials`), whatever logged it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from workloads.spec import scrub_credentials
+        from workloads.scrub import scrub_credentials
 
         message = record.getMessage()
         clean = scrub_credentials(message)

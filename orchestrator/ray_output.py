@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from workloads.spec import scrub_credentials
+from workloads.scrub import scrub_credentials
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from workloads.spec import APPLY, NEW_RUN, REFUSE
+from workloads.fields import APPLY, NEW_RUN, REFUSE
 
 from .config import ConfigError, to_dict
 

@@ -63,7 +63,7 @@ def _scrubbing_client_class():
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from workloads.spec import scrub_credentials as clean
+    from workloads.scrub import scrub_credentials as clean
 
     class ScrubbingClient(MlflowClient):
         def set_tag(self, run_id, key, value, *args, **kwargs):

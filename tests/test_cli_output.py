@@ -94,7 +94,7 @@ def test_a_failed_run_mutes_the_workers_and_keeps_its_log(tmp_path, capsys, monk
 def test_one_scrub_for_uri_credentials():
     from orchestrator.errors import failure_reason, first_line
     from orchestrator.log import setup
-    from workloads.spec import scrub_credentials
+    from workloads.scrub import scrub_credentials
 
     assert scrub_credentials("storage.uri: 's3://user:secret@longview/runs' bad") == \
         "storage.uri: 's3://***@longview/runs' bad"

@@ -123,17 +123,17 @@ def test_numbers_in_exponent_notation_are_numbers():
 
 
 def test_workload_plugins_are_named_when_they_cannot_load(monkeypatch):
-    from workloads import spec
+    from workloads import registry
 
-    monkeypatch.setenv(spec.WORKLOADS_ENV, "no_such_module_x")
-    spec._load_plugins.cache_clear()
+    monkeypatch.setenv(registry.WORKLOADS_ENV, "no_such_module_x")
+    registry._load_plugins.cache_clear()
     try:
         with pytest.raises(ConfigError, match=r"workload: LONGVIEW_WORKLOADS: cannot import workload module "
                                               r"'no_such_module_x'"):
             load_config(BASE)
     finally:
-        monkeypatch.delenv(spec.WORKLOADS_ENV)
-        spec._load_plugins.cache_clear()
+        monkeypatch.delenv(registry.WORKLOADS_ENV)
+        registry._load_plugins.cache_clear()
 
 
 def test_a_config_path_that_is_not_a_file_is_named(tmp_path):

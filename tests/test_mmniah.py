@@ -14,7 +14,7 @@ from tests.mmniah_fixture import write_split
 from tests.test_v2pe_generate import decisive_model
 from tests.v2pe_helpers import tiny_model
 from workloads.data_errors import DataError
-from workloads.spec import FieldError
+from workloads.fields import FieldError
 from workloads.v2pe.hf_checkpoint import save_pretrained
 from workloads.v2pe.mmniah import find_tasks, parse_item, read_items
 from workloads.v2pe.mmniah_eval import MMNIAHEvaluation, eval_positions

@@ -219,7 +219,7 @@ def test_prepare_checks_the_checkpoints_own_heads(tmp_path):
     """At config load only the named size is known; once prepare_data has read the
     checkpoint's config.json, its heads decide whether the all-to-all degree fits."""
     from orchestrator.config import load_config
-    from workloads.spec import FieldError
+    from workloads.fields import FieldError
     from workloads.v2pe.inputs import prepare_data
 
     cfg = hf_config()

@@ -83,7 +83,7 @@ def test_experiment_table_and_figure_put_the_two_modes_side_by_side():
 
     from orchestrator.config import load_config
     from orchestrator.experiment import arm_config
-    from workloads.spec import FieldError
+    from workloads.fields import FieldError
 
     cfg = load_config("configs/v2pe-length.yaml")
     evaluation = cfg.spec.evaluation()

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from parallelism.dims import named_collectives
 
-from .spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded
+from .fields import APPLY, NEW_RUN, REFUSE, FieldError, bounded
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -1,6 +1,7 @@
 """The workload interface: what the orchestrator may ask of a workload, and nothing more.
 
-A workload (V2PE, PIIP, or one of yours) is a `WorkloadSpec` in the registry below. The
+A workload (V2PE, PIIP, or one of yours) is a `WorkloadSpec` in the registry
+(`workloads/registry.py`). The
 orchestrator looks a job's `workload:` name up here and from then on speaks only this
 interface: it never imports a workload's model or data code, and never branches on a
 workload's name.
@@ -14,9 +15,8 @@ workload's name.
   returning a `StepResult`. Its optional parts have defaults in `Runner` itself, so the
   orchestrator calls them unconditionally; `None` means "this workload has none".
 
-Workloads outside this package register themselves when imported: list their modules in
-`LONGVIEW_WORKLOADS` (comma-separated; the variable travels to the Ray workers) or in the
-`longview.workloads` entry-point group of an installed package.
+Beside it: `workloads/fields.py` (config field helpers, `FieldError`, resume rules),
+`workloads/scrub.py` (the credential scrub), `workloads/sampling.py` (sample order).
 
 This module imports nothing but the standard library and torch: workloads run on GPU
 machines that have only PyTorch.
@@ -24,26 +24,13 @@ machines that have only PyTorch.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-WORKLOADS_ENV = "LONGVIEW_WORKLOADS"
-
-# What a resumed run may change, field by field (`orchestrator.resume`). A config section
-# lists its rules in a class attribute `RESUME = {"field": APPLY | NEW_RUN | REFUSE}`;
-# a field it leaves out is NEW_RUN, so a section nobody classified never lets a change
-# slip into a checkpoint's run unseen.
-APPLY = "apply"  # takes effect from the resumed step (learning rate, steps, logging, workers)
-NEW_RUN = "new_run"  # fixed for the run's life (data order, its MLflow experiment): start a new run
-REFUSE = "refuse"  # the checkpoint cannot hold it (model shape, tokenizer, the data itself)
+from .fields import FieldError
 
 
 @dataclass
@@ -275,139 +262,3 @@ class WorkloadSpec:
     # `longview eval`: a function returning the workload's `Evaluation` (imported lazily), or None
     evaluation: Callable[[], Evaluation] | None = None
     commands: tuple[Command, ...] = ()  # extra `longview` subcommands
-
-
-def commands() -> list[Command]:
-    """Every registered workload's subcommands."""
-    _load_plugins()
-    return [c for spec in _REGISTRY.values() for c in spec.commands]
-
-
-def lazy(target: str) -> Callable:
-    """"package.module:name", imported when first called and then called with the same
-    arguments: a spec registers without importing its model, data or planner."""
-    module, name = target.split(":")
-
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__qualname__ = call.__name__ = name
-    return call
-
-
-_REGISTRY: dict[str, WorkloadSpec] = {}
-BUILTIN = ("workloads.v2pe.spec", "workloads.piip.spec")
-
-
-def register(spec: WorkloadSpec) -> WorkloadSpec:
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
-        raise ValueError(f"workload {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-@functools.cache
-def _load_plugins() -> None:
-    for module in BUILTIN:
-        importlib.import_module(module)
-    for module in filter(None, (m.strip() for m in os.environ.get(WORKLOADS_ENV, "").split(","))):
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ValueError(f"{WORKLOADS_ENV}: cannot import workload module {module!r} ({e})") from None
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="longview.workloads"):
-        ep.load()
-
-
-def get(name: str) -> WorkloadSpec:
-    _load_plugins()
-    if name not in _REGISTRY:
-        raise KeyError(name)
-    return _REGISTRY[name]
-
-
-def names() -> list[str]:
-    _load_plugins()
-    return sorted(_REGISTRY)
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
-
-
-def sample_at(i: int, n: int, seed: int) -> int:
-    """Index of the i-th sample drawn from n: a fresh permutation per epoch, a function
-    of (seed, epoch) only, so a resumed run draws exactly what the uninterrupted one did.
-    One permutation per epoch is computed (and kept), not one per draw."""
-    epoch, j = divmod(i, n)
-    return _epoch_order(n, seed, epoch)[j]
-
-
-def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, default_factory: Any = dataclasses.MISSING):
-    """A config field with bounds on itself (`ge`, `gt`, `le`; for a list, on each item).
-    The config loader checks them and names the key; code that builds a section directly
-    gets them from `check_bounds`."""
-    meta = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
-    return field(default=default, default_factory=default_factory, metadata=meta)
-
-
-# user[:password]@ right after a URI's scheme, up to the authority's last @ (a password
-# may hold an unencoded @ of its own)
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/'\"]+@")
-
-
-# A query parameter whose name says it holds a secret (?token=, &api_key=, a presigned
-# URL's X-Amz-Signature / X-Amz-Credential / X-Amz-Security-Token, Azure's sig=, ...):
-# its value, up to the next parameter, fragment, quote or space.
-_QUERY_SECRET = re.compile(
-    r"(?P<name>[?&;][A-Za-z0-9_.\-]*(?:token|key|secret|signature|passw(?:or)?d|pwd|credential|sig|auth)"
-    r"[A-Za-z0-9_.\-]*)=(?P<value>[^&;#\s'\"]+)", re.IGNORECASE)
-
-
-def scrub_credentials(text: str) -> str:
-    """`text` with the user and password of every URI in it, and the value of every query
-    parameter named as a secret, replaced by `***`: the one scrub that config errors,
-    failure reasons, longview's log lines, the run's log file and every MLflow tag and
-    param go through before they are printed, logged or tagged."""
-    return _QUERY_SECRET.sub(r"\g<name>=***", _URI_CREDENTIALS.sub(r"\g<scheme>***@", text))
-
-
-def no_credentials(key: str, uri: str | None) -> None:
-    """A URI field must not carry a user or password (`http://alice:secret@host`): the
-    config is printed, logged as MLflow params and stored with the run. FieldError if it does."""
-    if not uri or "://" not in uri:
-        return
-    if scrub_credentials(uri) != uri:
-        safe = scrub_credentials(uri)
-        raise FieldError(key, f"{safe} is given with credentials in it (user:password@, or a token, key or "
-                              "signature in its query), which the config would carry into every record of the run (MLflow "
-                              "params, the checkpoints' manifests): give them in the environment "
-                              "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
-                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
-
-
-class FieldError(ValueError):
-    """A config section's own rule was broken; `key` is the field inside the section
-    ("" for the section as a whole). The config loader adds the section's path."""
-
-    def __init__(self, key: str, message: str):
-        message = scrub_credentials(message)
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key, self.message = key, message
-
-
-def bound_error(value: Any, meta: dict) -> str | None:
-    """Why `value` breaks the bounds in `meta` ("must be > 0, got 0"), or None."""
-    if "ge" in meta and "le" in meta and not meta["ge"] <= value <= meta["le"]:
-        return f"{value!r} is not in {meta['ge']:g}..{meta['le']:g}"
-    if "gt" in meta and not value > meta["gt"]:
-        return f"must be > {meta['gt']:g}, got {value!r}"
-    if "ge" in meta and not value >= meta["ge"]:
-        return f"must be >= {meta['ge']:g}, got {value!r}"
-    if "le" in meta and not value <= meta["le"]:
-        return f"must be <= {meta['le']:g}, got {value!r}"
-    return None

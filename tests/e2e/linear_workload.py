@@ -11,7 +11,9 @@ import torch
 import torch.distributed as dist
 
 from workloads.engine import build_engine
-from workloads.spec import FieldError, RunContext, Runner, StepResult, WorkloadSpec, bounded, register
+from workloads.fields import FieldError, bounded
+from workloads.registry import register
+from workloads.spec import RunContext, Runner, StepResult, WorkloadSpec
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -16,7 +16,8 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ..spec import Comparison, EvalResult, Evaluation, EvaluationByConfig, FieldError
+from ..fields import FieldError
+from ..spec import Comparison, EvalResult, Evaluation, EvaluationByConfig
 from ..stats import wilson_interval
 from .config import PIIPSection
 from .data import ImageFolder, batch, write_shapes

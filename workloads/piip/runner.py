@@ -16,7 +16,8 @@ from parallelism.branch import batch_slice
 from parallelism.dims import BranchLayout
 
 from ..engine import build_engine
-from ..spec import RunContext, Runner, StepResult, sample_at
+from ..sampling import sample_at
+from ..spec import RunContext, Runner, StepResult
 from .data import ImageFolder, batch
 from .model import PIIP, make_pyramid
 from .parallel import classification_loss, full_state, owned_parameters, segmentation_loss

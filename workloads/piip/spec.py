@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..spec import Command, FieldError, WorkloadSpec, lazy, register
+from ..fields import FieldError
+from ..registry import lazy, register
+from ..spec import Command, WorkloadSpec
 from .config import SECTIONS
 
 

@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..spec import APPLY, NEW_RUN, REFUSE, FieldError, bounded, no_credentials
+from ..fields import APPLY, NEW_RUN, REFUSE, FieldError, bounded, no_credentials
 from .data import DataConfig
 
 Task = Literal["marked", "count", "colour", "needle"]

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from parallelism.dims import ParallelDims
 from parallelism.zigzag import IGNORE_INDEX
 
+from ..fields import FieldError
 from ..files import FileCache, read_jsonl
-from ..spec import Comparison, EvalResult, Evaluation, EvaluationByConfig, FieldError
+from ..spec import Comparison, EvalResult, Evaluation, EvaluationByConfig
 from ..stats import wilson_interval
 from .data import EncodedSample, encode_sample
 from .generate import ShardedSample

@@ -35,8 +35,9 @@ from parallelism.dims import ParallelDims
 from parallelism.zigzag import IGNORE_INDEX
 
 from ..data_errors import DataError, printable
+from ..fields import FieldError
 from ..files import FileCache, resolve_image
-from ..spec import EvalResult, Evaluation, FieldError
+from ..spec import EvalResult, Evaluation
 from .config import Positions
 from .data import encode_prompt, encode_sample
 from .evaluate import score_sample

@@ -18,7 +18,8 @@ from parallelism.attention_kernels import check_kernel
 from parallelism.dims import ParallelDims, shard_mesh
 
 from ..engine import build_engine
-from ..spec import RunContext, Runner, StepResult, sample_at
+from ..sampling import sample_at
+from ..spec import RunContext, Runner, StepResult
 from .hf_checkpoint import load_pretrained, save_pretrained
 from .inputs import job_tokenizer, train_path
 from .model import V2PEModel

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..spec import FieldError, WorkloadSpec, lazy, register
+from ..fields import FieldError
+from ..registry import lazy, register
+from ..spec import WorkloadSpec
 from .config import SECTIONS
 
 
