@@ -23,7 +23,9 @@ import threading
 import time
 import uuid
 
+from .config import from_dict, to_dict
 from .ray_job import submitted_job_id
+from .services import home
 from .storage import run_uri, storage_fs
 from .tracking import Outbox, job_run
 
@@ -93,9 +95,6 @@ PENDING_FILE = "pending-mlflow.json"  # in $LONGVIEW_HOME: {run storage: job con
 def remember_pending(cfg) -> None:
     """Notes on this machine that run `cfg` left records for MLflow in its storage, so
     that `longview runs` sends them whatever run it is asked about."""
-    from .config import to_dict
-    from .services import home
-
     path = home() / PENDING_FILE
     pending = json.loads(path.read_text()) if path.exists() else {}
     pending[run_uri(cfg)] = to_dict(cfg)
@@ -107,9 +106,6 @@ def deliver_pending(tracking_uri: str) -> dict[str, int]:
     """Sends the records every run noted by `remember_pending` kept for the MLflow server
     at `tracking_uri`; returns {run name: records sent}. A run whose records are all
     sent is no longer noted; one whose delivery fails stays for the next call."""
-    from .config import from_dict
-    from .services import home
-
     path = home() / PENDING_FILE
     if not path.exists():
         return {}

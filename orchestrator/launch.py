@@ -25,6 +25,7 @@ from .placement import PlacementTimeout, PlacementWatch
 from .ray_job import HeadWatch, RunStopped, build_trainer, connect_checked, connect_ray, run_output, stop_signal
 from .resume import check, describe
 from .storage import backend_for, read_export_meta, resolved, run_uri, storage_fs
+from .storage.s3 import OUTAGE, retry_window_s
 from .tracking import Tracker, log_dataset, log_exported_model, not_fatal, run_description
 from .worker import train_loop
 
@@ -234,8 +235,6 @@ def _storage_answers(cfg: JobConfig, e: BaseException) -> None:
     """Before the workers are started again: their storage answers, else the run ends
     (StorageUnreachable) instead of restarting into an outage that outlasted their
     retries: a restart would only wait out the same window again, max_failures times."""
-    from .storage.s3 import OUTAGE, retry_window_s
-
     uri = resolved(cfg.storage.uri)
     try:
         backend_for(uri).check_reachable(uri, cfg.storage)

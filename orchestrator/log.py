@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from workloads.scrub import scrub_credentials
+
 LEVEL_ENV = "LONGVIEW_LOG_LEVEL"  # travels to Ray workers, so -v / -q reach them too
 _ROOTS = ("longview", "orchestrator", "workloads", "parallelism", "tests")
 _CHATTY = ("ray.train", "mlflow", "botocore", "s3fs", "aiobotocore")
@@ -38,8 +40,6 @@ class _Scrubbed(logging.Filter):
     """Every line with URI credentials scrubbed (`scrub_credentials`), whatever logged it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from workloads.scrub import scrub_credentials
-
         message = record.getMessage()
         clean = scrub_credentials(message)
         if clean != message:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 
+from .checkpoint import checkpoint_store
 from .config import ConfigError
 from .errors import InputError
+from .launch import check_resume
+from .resume import ResumeRefused
 from .storage import backend_for, resolved
 
 log = logging.getLogger(__name__)
@@ -44,10 +47,6 @@ def check_resume_rules(cfg) -> None:
     """A start that would resume: the resume rules speak before the inputs are checked,
     so a change the checkpoint cannot take (a model size, a tokenizer) is refused as that,
     naming every such key with its old and new value, not as the first input it breaks."""
-    from .checkpoint import checkpoint_store
-    from .launch import check_resume
-    from .resume import ResumeRefused
-
     try:
         check_resume(cfg, checkpoint_store(cfg))
     except ResumeRefused as e:

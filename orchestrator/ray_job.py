@@ -19,7 +19,9 @@ from .faults import ENV_KEYS as FAULT_ENV_KEYS
 from .log import LEVEL_ENV
 from .placement import UNPLACED, check_placement
 from .ray_output import ROUTER, run_log_path
+from .services import home
 from .storage import backend_for, resolved, run_uri, storage_fs
+from .tracking import not_fatal
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,6 @@ def run_output(cfg, what: str, keep: Callable[[bytes, str], object]):
     $LONGVIEW_HOME/logs/<run>/ (its path said once), the terminal getting longview's lines
     only unless everything streams. At the end the log is copied to <run>/logs/ in the
     run's storage and handed to `keep(data, "logs/<file>")` (the MLflow run's artifact)."""
-    from .services import home
-
     path = run_log_path(home(), cfg.name, what)
     ROUTER.to_file(path, stream_all=streams_everything())
     log.info("Ray's output (workers, Train controller): %s%s", path,
@@ -182,8 +182,6 @@ def run_output(cfg, what: str, keep: Callable[[bytes, str], object]):
     finally:
         data = ROUTER.close()
         if data:
-            from .tracking import not_fatal
-
             where = run_uri(cfg, f"logs/{path.name}")
             try:
                 fs, target = storage_fs(where, cfg)

@@ -21,6 +21,9 @@ import logging
 import time
 from typing import Any
 
+from workloads.figures import png_bytes, pyplot
+from workloads.scrub import scrub_credentials as clean
+
 from .config import flatten, to_dict
 from .errors import first_line
 from .storage import run_uri
@@ -62,8 +65,6 @@ def _scrubbing_client_class():
     what a run's page shows is scrubbed in one place, whoever sets it."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
-
-    from workloads.scrub import scrub_credentials as clean
 
     class ScrubbingClient(MlflowClient):
         def set_tag(self, run_id, key, value, *args, **kwargs):
@@ -449,8 +450,6 @@ def png_image(data: bytes):
 
 def loss_curve_png(losses: list, title: str) -> bytes:
     """A PNG of loss against step (steps and losses as recorded in TrainState)."""
-    from workloads.figures import png_bytes, pyplot
-
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
