@@ -94,9 +94,9 @@ class Checkpointer:
     Collective: every rank calls `save` for the same steps, and `wait` at the same points."""
 
     def __init__(self, store: CheckpointStore, *, rank: int, world: int, group, engine, keep: int,
-                 layout: dict, upload_hook=None, job: dict | None = None):
+                 layout: dict, upload_hook=None, job: dict | None = None, checkpoint_format: str = "auto"):
         self.store, self.rank, self.world, self.group, self.engine = store, rank, world, group, engine
-        self.format = format_for(engine.kind)
+        self.format = format_for(engine.kind, checkpoint_format)
         self.keep, self.layout = keep, layout  # layout: the writers' parallel degrees, for the manifest
         self.job = job  # the job config that writes it, for the manifest (`orchestrator.resume`)
         self.upload_hook = upload_hook  # (step, rank) -> None, the fault suite's
@@ -203,7 +203,8 @@ class Checkpointer:
             files.update(m["files"])
             items.update(m["items"])
         manifest = {"format": FORMAT, **record, "world_size": self.world, "layout": self.layout,
-                    "engine": self.engine.kind, "files": files, "items": items}
+                    "engine": self.engine.kind, "checkpoint_format": self.format.name, "files": files,
+                    "items": items}
         self.store.fs.pipe_file(posixpath.join(self.store.root, name, MANIFEST), json.dumps(manifest).encode())
         self.store.rotate(self.keep)
 
@@ -302,7 +303,10 @@ class CheckpointStore:
         if manifest["engine"] != engine.kind:
             raise CheckpointMismatch(f"it was written with training.sharding={manifest['engine']!r}, "
                                      f"this job uses {engine.kind!r}")
-        format_for(engine.kind).restore(self, name, manifest, rank=rank, world=world, engine=engine, group=group)
+        # read back with the format that wrote it (checkpoints from before formats were
+        # recorded: the engine's own)
+        fmt = format_for(engine.kind, manifest.get("checkpoint_format", "auto"))
+        fmt.restore(self, name, manifest, rank=rank, world=world, engine=engine, group=group)
         rng = f"rng-rank{rank}.pt"
         if manifest["world_size"] == world and rng in manifest["files"]:
             # Same ranks: each goes on with its own random stream. A resharded run draws

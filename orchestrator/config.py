@@ -32,6 +32,7 @@ from workloads.fields import APPLY, NEW_RUN, FieldError, bound_error, bounded, n
 from workloads.scrub import scrub_credentials
 from workloads.spec import WorkloadSpec
 
+from .checkpoint_formats import CheckpointError, format_for
 from .storage import backend_for
 
 
@@ -183,6 +184,10 @@ class JobConfig:
                 raise FieldError("training.global_batch", f"{self.training.global_batch} is not a multiple of "
                                  f"data-parallel degree {bad[0]} (one of {degrees} that resources.workers="
                                  f"{self.resources.workers} allows); use a multiple of {lcm}")
+        try:  # the format must hold this engine's state (engine kind = training.sharding)
+            format_for(self.training.sharding, self.training.checkpoint_format)
+        except CheckpointError as e:
+            raise FieldError("training.checkpoint_format", str(e)) from None
         if self.resources.elastic and self.training.sharding == "deepspeed":
             raise FieldError("training.sharding", "'deepspeed' checkpoints resume only on as many workers as "
                                                   "wrote them; an elastic run needs 'fsdp' or 'none'")

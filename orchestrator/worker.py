@@ -135,7 +135,7 @@ def train_loop(config: dict) -> None:
 
     saver = Checkpointer(store, rank=rank, world=world, group=group, engine=runner.engine,
                          keep=t.keep_checkpoints, layout=runner.layout(), upload_hook=before_checkpoint_upload,
-                         job=config["job"])
+                         job=config["job"], checkpoint_format=t.checkpoint_format)
     first, started, start_step = True, time.perf_counter(), state.step
     nonfinite = NonFiniteSteps(t)
     try:

@@ -53,6 +53,17 @@ def test_restore_takes_the_newest_and_continues_from_its_weights(gloo_world, sav
     step, name, skipped, w = gloo_world(2).run(checkpoint_cases.restore, str(folder))[0]
     assert (step, name, skipped) == (3, "step-0000003", [])
     assert w == weights[3]
+    # each checkpoint says which format wrote it (training.checkpoint_format), and is read with it
+    assert json.loads(_manifest(folder, 3).read_text())["checkpoint_format"] == "dcp"
+
+
+def test_a_checkpoint_from_before_formats_were_recorded_restores_with_the_engines(gloo_world, saved):
+    folder, weights = saved
+    m = json.loads(_manifest(folder, 3).read_text())
+    del m["checkpoint_format"]
+    _manifest(folder, 3).write_text(json.dumps(m))
+    step, name, skipped, w = gloo_world(2).run(checkpoint_cases.restore, str(folder))[0]
+    assert (step, name, skipped, w) == (3, "step-0000003", [], weights[3])
 
 
 def test_incomplete_and_corrupted_checkpoints_are_passed_over(gloo_world, saved):

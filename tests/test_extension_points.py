@@ -68,3 +68,17 @@ def test_every_engine_kind_has_one_checkpoint_format():
     assert format_for("fsdp").name == "dcp" and format_for("deepspeed").name == "deepspeed"
     with pytest.raises(CheckpointError, match="no checkpoint format holds the state of engine 'tensor-parallel'"):
         format_for("tensor-parallel")
+
+
+def test_the_checkpoint_format_is_a_config_choice_checked_against_the_engine():
+    """training.checkpoint_format names a format ("auto": the engine's); one that cannot
+    hold the engine's state is refused when the config loads, naming the key and what can."""
+    assert format_for("none", "dcp").name == "dcp" and format_for("deepspeed", "auto").name == "deepspeed"
+    cfg = load_config("configs/v2pe-demo.yaml", overrides={"training.checkpoint_format": "dcp"})
+    assert cfg.training.checkpoint_format == "dcp"
+    with pytest.raises(ConfigError, match=r"training.checkpoint_format: checkpoint format 'deepspeed' holds the state "
+                                          r"of engines deepspeed, not 'none' \(for it: dcp\)"):
+        load_config("configs/v2pe-demo.yaml", overrides={"training.checkpoint_format": "deepspeed"})
+    with pytest.raises(ConfigError, match=r"training.checkpoint_format: checkpoint format 'zarr' is unknown; the "
+                                          r"formats: dcp, deepspeed"):
+        load_config("configs/v2pe-demo.yaml", overrides={"training.checkpoint_format": "zarr"})

@@ -55,7 +55,8 @@ class TrainingConfig:
     RESUME: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("steps", "lr", "weight_decay", "beta1", "beta2", "eps", "warmup_steps", "min_lr_ratio",
                          "grad_clip", "checkpoint_every", "keep_checkpoints", "max_failures", "on_nonfinite",
-                         "max_nonfinite_steps", "loss_chunk_tokens", "activation_checkpointing"), APPLY),
+                         "max_nonfinite_steps", "loss_chunk_tokens", "activation_checkpointing",
+                         "checkpoint_format"), APPLY),
         **dict.fromkeys(("grad_accum", "global_batch", "seed", "bf16"), NEW_RUN),
         **dict.fromkeys(("sharding", "zero_stage"), REFUSE),
     }
@@ -79,6 +80,10 @@ class TrainingConfig:
     bf16: bool = False
     checkpoint_every: int = bounded(5, gt=0)
     keep_checkpoints: int = bounded(2, gt=0)
+    # How checkpoints are written (the orchestrator's checkpoint formats: "dcp",
+    # "deepspeed"); "auto": the one that holds this engine's state. Each checkpoint records
+    # its format and is read back with it, so a resumed run may change this.
+    checkpoint_format: str = "auto"
     max_failures: int = bounded(3, ge=0)  # worker failures Ray Train recovers from (resuming the last checkpoint)
     # A step whose gradient norm (or loss) is not finite is never applied; "stop" ends the
     # run on it, "skip" goes on unless max_nonfinite_steps of them come in a row. Either

@@ -1,7 +1,8 @@
 """Checkpoint formats: how an engine's tensors become files in a checkpoint folder, and back.
 
 A format is one class with the methods of `CheckpointFormat`, in a file of its own,
-and one line in `FORMATS`. `orchestrator.checkpoint` owns everything around it: the
+and one line in `FORMATS`. A job picks one with `training.checkpoint_format`; "auto"
+is the one that holds its engine's state. `orchestrator.checkpoint` owns everything around it: the
 local temp folder, the upload of every file with its checksum, the verdict exchange,
 the manifest, the fallback past a bad checkpoint, the RNG states.
 """
@@ -37,7 +38,18 @@ class CheckpointFormat(Protocol):
 FORMATS: dict[str, CheckpointFormat] = {f.name: f for f in (DCPFormat(), DeepSpeedFormat())}
 
 
-def format_for(engine_kind: str) -> CheckpointFormat:
+def format_for(engine_kind: str, name: str = "auto") -> CheckpointFormat:
+    """The format `name` ("auto": the first that holds `engine_kind`); CheckpointError
+    when it is unknown or cannot hold that engine's state."""
+    if name != "auto":
+        f = FORMATS.get(name)
+        if f is None:
+            raise CheckpointError(f"checkpoint format {name!r} is unknown; the formats: {', '.join(FORMATS)}")
+        if engine_kind not in f.engines:
+            holds = [n for n, g in FORMATS.items() if engine_kind in g.engines]
+            raise CheckpointError(f"checkpoint format {name!r} holds the state of engines {', '.join(f.engines)}, not "
+                                  f"{engine_kind!r} (for it: {', '.join(holds) or 'none'})")
+        return f
     for f in FORMATS.values():
         if engine_kind in f.engines:
             return f
