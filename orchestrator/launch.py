@@ -203,6 +203,8 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
                 break
             except Exception as e:
                 if attempt == cfg.training.max_failures or not retriable(e):
+                    if _met_storage_outage(e):  # the outage is the cause to name, whatever else failed with it
+                        _storage_answers(cfg, e)
                     raise
                 _storage_answers(cfg, e)
                 log.warning("attempt %d of %s failed (%s); restarting from its last checkpoint (retry %d of "
@@ -229,6 +231,16 @@ def _fit(cfg: JobConfig, store, tracker, run_id: str | None, run_tags: dict):
         _drop_cut_saves(store)
         raise
     return result
+
+
+# What a request to an endpoint that does not answer raises (botocore), as it reaches the
+# driver: the error's class, or its text inside ours (a checkpoint that could not be written).
+STORAGE_OUTAGE_SIGNS = ("EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError",
+                        "Could not connect to the endpoint URL")
+
+
+def _met_storage_outage(e: BaseException) -> bool:
+    return any(sign in f"{type(x).__name__}: {x}" for x in _errors(e) for sign in STORAGE_OUTAGE_SIGNS)
 
 
 def _storage_answers(cfg: JobConfig, e: BaseException) -> None:

@@ -119,6 +119,26 @@ def test_failures_a_restart_would_meet_again_are_not_retried():
         assert not retriable(e)
 
 
+def test_a_failure_that_met_the_storage_down_is_named_as_the_outage():
+    """A run that ends on a failure its storage outage caused (a checkpoint whose upload
+    met the endpoint gone, next to an error that is not retried) is checked against the
+    storage first, so its line names the outage (StorageUnreachable), not the symptom."""
+    from orchestrator.launch import _met_storage_outage
+    from workloads.data_errors import DataError
+
+    class WorkerGroupError(RuntimeError):
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    cut = RuntimeError("checkpoint step-0000002 could not be written to s3://b/r/step-0000002 (rank 0 writing "
+                       "manifest.json: ConnectionClosedError: Connection was closed before we received a valid "
+                       "response from endpoint URL: \"http://127.0.0.1:9/b\")")
+    assert _met_storage_outage(WorkerGroupError({0: cut, 1: FileNotFoundError("s3://b/r/x")}))
+    assert not _met_storage_outage(WorkerGroupError({0: DataError("data.jsonl line 3: not JSON")}))
+    assert not _met_storage_outage(OSError(28, "No space left on device"))
+
+
 # --- one run, one identity: the lease and the run record on a real S3 endpoint ---------------
 
 
