@@ -104,7 +104,12 @@ def test_a_killed_s3_endpoint_ends_the_run_within_its_retry_window_and_loses_not
     assert proc.returncode == 1, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: training {name} failed: ") and "Traceback" not in err, err[-3000:]
-    assert "StorageUnreachable" in last or "S3 endpoint unreachable" in last, last
+    # The line names the outage: StorageUnreachable once the driver found the endpoint gone, or,
+    # where the workers' checkpoint upload met the endpoint closing first and the run ended on
+    # it (seen in 2 of 4 full-suite runs, under load), that upload's error naming the endpoint.
+    host = endpoint.url.split("//", 1)[1]
+    assert ("StorageUnreachable" in last or "S3 endpoint unreachable" in last
+            or ("CheckpointUploadError" in last and "Connection" in last and host in last)), last
     assert "restarting from its last checkpoint" not in err, err[-3000:]  # no restart into the outage
     # Nothing acknowledged is lost: the newest complete checkpoint is there and verifies.
     store = CheckpointStore(s3fs_direct(fs), f"{BUCKET}/runs/{name}", f"s3://{BUCKET}/runs/{name}")
